@@ -1,0 +1,30 @@
+//! The pure fencing core of fencepost.
+//!
+//! Everything here is deterministic and does no I/O: the runtime (`proxy`)
+//! feeds it requests, the clock and the results of store calls, and it answers
+//! with verdicts. That is what lets the property tests drive it through
+//! millions of interleavings, and why both proxies (HTTP and Postgres) call
+//! the same [`fence::Slot::admit`] rather than each carrying its own copy of
+//! the rules.
+//!
+//! - [`resource`]: validated resource names.
+//! - [`token`]: parsing presented tokens, plain and signed.
+//! - [`signing`]: Ed25519 signing and verification of tokens.
+//! - [`fence`]: the per-resource high-water mark, compare-and-advance and the
+//!   in-flight accounting behind the drain of guarantee 2.
+//! - [`lease`]: the elector's lease state machine.
+//! - [`audit`]: the shape of an audit record for a refused write.
+
+pub mod audit;
+pub mod fence;
+pub mod lease;
+pub mod resource;
+pub mod signing;
+pub mod token;
+
+pub use audit::{AuditRecord, Protocol, Reason};
+pub use fence::{Admitted, FenceTable, InflightGuard, Persist, Slot, Verdict};
+pub use lease::{LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord};
+pub use resource::{ResourceError, ResourceName};
+pub use signing::{KeyError, Signer, Verifier};
+pub use token::{Presented, TokenError, TokenPolicy, TokenRejection};
