@@ -128,7 +128,16 @@ mod tests {
     #[test]
     fn detail_is_bounded_on_a_char_boundary() {
         let long = "é".repeat(400);
-        let r = AuditRecord::new(0, None, Protocol::Http, Reason::Invalid, None, None, String::new(), &long);
+        let r = AuditRecord::new(
+            0,
+            None,
+            Protocol::Http,
+            Reason::Invalid,
+            None,
+            None,
+            String::new(),
+            &long,
+        );
         assert!(r.detail.len() <= MAX_DETAIL);
         assert!(long.starts_with(&r.detail));
     }

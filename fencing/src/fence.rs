@@ -330,7 +330,11 @@ impl Slot {
     /// Raises the mark to `token` without a write (a grant seen on the
     /// elector's watch stream), so the old leader is refused before the new
     /// one writes anything. Returns the mark afterwards.
-    pub async fn fence_to<P: Persist>(self: &Arc<Self>, token: u64, store: &P) -> Result<u64, P::Error> {
+    pub async fn fence_to<P: Persist>(
+        self: &Arc<Self>,
+        token: u64,
+        store: &P,
+    ) -> Result<u64, P::Error> {
         match self.admit(token, store).await? {
             Verdict::Accepted(_guard) => Ok(token),
             Verdict::Stale { current } => Ok(current),

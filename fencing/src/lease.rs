@@ -37,9 +37,19 @@ impl LeaseRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseOp {
-    Acquire { holder: String, ttl_ms: i64 },
-    Renew { holder: String, token: u64, ttl_ms: Option<i64> },
-    Release { holder: String, token: u64 },
+    Acquire {
+        holder: String,
+        ttl_ms: i64,
+    },
+    Renew {
+        holder: String,
+        token: u64,
+        ttl_ms: Option<i64>,
+    },
+    Release {
+        holder: String,
+        token: u64,
+    },
 }
 
 impl LeaseOp {
@@ -77,21 +87,41 @@ impl Default for LeaseConfig {
 pub enum LeaseOutcome {
     /// A new token was issued. `previous` is the holder whose lease this
     /// replaced after it expired, if any.
-    Granted { lease: LeaseRecord, previous: Option<(String, u64)> },
+    Granted {
+        lease: LeaseRecord,
+        previous: Option<(String, u64)>,
+    },
     /// The live holder asked again: same token, fresh expiry.
-    Reacquired { lease: LeaseRecord },
-    Renewed { lease: LeaseRecord },
-    Released { lease: LeaseRecord },
+    Reacquired {
+        lease: LeaseRecord,
+    },
+    Renewed {
+        lease: LeaseRecord,
+    },
+    Released {
+        lease: LeaseRecord,
+    },
     /// Another holder's lease is live.
-    Held { lease: LeaseRecord },
+    Held {
+        lease: LeaseRecord,
+    },
     /// Free, but inside the lock delay after an expiry.
-    LockDelay { until_ms: i64, lease: LeaseRecord },
+    LockDelay {
+        until_ms: i64,
+        lease: LeaseRecord,
+    },
     /// Renew or release by someone who does not hold this token's lease.
-    NotHolder { lease: Option<LeaseRecord> },
+    NotHolder {
+        lease: Option<LeaseRecord>,
+    },
     /// Every token has been issued for this resource.
     Exhausted,
     /// The request itself is out of bounds.
-    BadTtl { ttl_ms: i64, min_ms: i64, max_ms: i64 },
+    BadTtl {
+        ttl_ms: i64,
+        min_ms: i64,
+        max_ms: i64,
+    },
 }
 
 impl LeaseOutcome {
@@ -193,9 +223,9 @@ pub fn decide(
             token,
             ttl_ms,
         } => {
-            let Some(cur) = stored.filter(|c| {
-                c.live_holder(now_ms) == Some(holder.as_str()) && c.token == *token
-            }) else {
+            let Some(cur) = stored
+                .filter(|c| c.live_holder(now_ms) == Some(holder.as_str()) && c.token == *token)
+            else {
                 return LeaseOutcome::NotHolder {
                     lease: stored.cloned(),
                 };
@@ -252,7 +282,12 @@ mod tests {
         }
     }
 
-    fn apply(stored: &mut Option<LeaseRecord>, op: &LeaseOp, now: i64, cfg: &LeaseConfig) -> LeaseOutcome {
+    fn apply(
+        stored: &mut Option<LeaseRecord>,
+        op: &LeaseOp,
+        now: i64,
+        cfg: &LeaseConfig,
+    ) -> LeaseOutcome {
         let out = decide("r", stored.as_ref(), op, now, cfg);
         if let Some(rec) = out.to_store() {
             *stored = Some(rec.clone());
@@ -263,36 +298,76 @@ mod tests {
     #[test]
     fn grant_hold_expire_regrant() {
         let mut s = None;
-        let LeaseOutcome::Granted { lease: a, .. } = apply(&mut s, &acquire("a", 100), 0, &CFG) else { panic!() };
+        let LeaseOutcome::Granted { lease: a, .. } = apply(&mut s, &acquire("a", 100), 0, &CFG)
+        else {
+            panic!()
+        };
         assert_eq!(a.token, 1);
-        assert!(matches!(apply(&mut s, &acquire("b", 100), 50, &CFG), LeaseOutcome::Held { .. }));
-        let LeaseOutcome::Reacquired { lease } = apply(&mut s, &acquire("a", 100), 60, &CFG) else { panic!() };
+        assert!(matches!(
+            apply(&mut s, &acquire("b", 100), 50, &CFG),
+            LeaseOutcome::Held { .. }
+        ));
+        let LeaseOutcome::Reacquired { lease } = apply(&mut s, &acquire("a", 100), 60, &CFG) else {
+            panic!()
+        };
         assert_eq!(lease.token, 1);
-        let LeaseOutcome::Granted { lease: b, previous } = apply(&mut s, &acquire("b", 100), 160, &CFG) else { panic!() };
+        let LeaseOutcome::Granted { lease: b, previous } =
+            apply(&mut s, &acquire("b", 100), 160, &CFG)
+        else {
+            panic!()
+        };
         assert_eq!(b.token, 2);
         assert_eq!(previous, Some(("a".into(), 1)));
-        let renew = LeaseOp::Renew { holder: "a".into(), token: 1, ttl_ms: None };
-        assert!(matches!(apply(&mut s, &renew, 170, &CFG), LeaseOutcome::NotHolder { .. }));
+        let renew = LeaseOp::Renew {
+            holder: "a".into(),
+            token: 1,
+            ttl_ms: None,
+        };
+        assert!(matches!(
+            apply(&mut s, &renew, 170, &CFG),
+            LeaseOutcome::NotHolder { .. }
+        ));
     }
 
     #[test]
     fn lock_delay_applies_after_expiry_not_release() {
-        let cfg = LeaseConfig { lock_delay_ms: 500, ..CFG };
+        let cfg = LeaseConfig {
+            lock_delay_ms: 500,
+            ..CFG
+        };
         let mut s = None;
         apply(&mut s, &acquire("a", 100), 0, &cfg);
         let out = apply(&mut s, &acquire("b", 100), 200, &cfg);
-        assert_eq!(matches!(out, LeaseOutcome::LockDelay { until_ms: 600, .. }), true, "{out:?}");
-        assert!(matches!(apply(&mut s, &acquire("b", 100), 600, &cfg), LeaseOutcome::Granted { .. }));
-        let rel = LeaseOp::Release { holder: "b".into(), token: 2 };
-        assert!(matches!(apply(&mut s, &rel, 610, &cfg), LeaseOutcome::Released { .. }));
-        assert!(matches!(apply(&mut s, &acquire("c", 100), 611, &cfg), LeaseOutcome::Granted { .. }));
+        assert!(
+            matches!(out, LeaseOutcome::LockDelay { until_ms: 600, .. }),
+            "{out:?}"
+        );
+        assert!(matches!(
+            apply(&mut s, &acquire("b", 100), 600, &cfg),
+            LeaseOutcome::Granted { .. }
+        ));
+        let rel = LeaseOp::Release {
+            holder: "b".into(),
+            token: 2,
+        };
+        assert!(matches!(
+            apply(&mut s, &rel, 610, &cfg),
+            LeaseOutcome::Released { .. }
+        ));
+        assert!(matches!(
+            apply(&mut s, &acquire("c", 100), 611, &cfg),
+            LeaseOutcome::Granted { .. }
+        ));
     }
 
     #[test]
     fn bad_ttls_are_refused() {
         let mut s = None;
         for ttl in [0, -1, 9, 10_001, i64::MAX] {
-            assert!(matches!(apply(&mut s, &acquire("a", ttl), 0, &CFG), LeaseOutcome::BadTtl { .. }));
+            assert!(matches!(
+                apply(&mut s, &acquire("a", ttl), 0, &CFG),
+                LeaseOutcome::BadTtl { .. }
+            ));
         }
         assert!(s.is_none());
     }
@@ -308,15 +383,24 @@ mod tests {
             ttl_ms: 10,
             free_after_ms: 0,
         });
-        assert_eq!(apply(&mut s, &acquire("a", 100), 1, &CFG), LeaseOutcome::Exhausted);
+        assert_eq!(
+            apply(&mut s, &acquire("a", 100), 1, &CFG),
+            LeaseOutcome::Exhausted
+        );
     }
 
     fn op_strategy() -> impl Strategy<Value = LeaseOp> {
         let holder = prop_oneof![Just("a"), Just("b"), Just("c")].prop_map(String::from);
         prop_oneof![
-            (holder.clone(), 0i64..300).prop_map(|(holder, ttl_ms)| LeaseOp::Acquire { holder, ttl_ms }),
-            (holder.clone(), 0u64..6, proptest::option::of(0i64..300))
-                .prop_map(|(holder, token, ttl_ms)| LeaseOp::Renew { holder, token, ttl_ms }),
+            (holder.clone(), 0i64..300)
+                .prop_map(|(holder, ttl_ms)| LeaseOp::Acquire { holder, ttl_ms }),
+            (holder.clone(), 0u64..6, proptest::option::of(0i64..300)).prop_map(
+                |(holder, token, ttl_ms)| LeaseOp::Renew {
+                    holder,
+                    token,
+                    ttl_ms
+                }
+            ),
             (holder, 0u64..6).prop_map(|(holder, token)| LeaseOp::Release { holder, token }),
         ]
     }
@@ -342,7 +426,7 @@ mod tests {
                     if let Some(b) = &before {
                         prop_assert!(b.live_holder(now).is_none(), "granted over a live lease");
                     }
-                    prop_assert!(issued.last().map_or(true, |&l| lease.token > l));
+                    prop_assert!(issued.last().is_none_or(|&l| lease.token > l));
                     issued.push(lease.token);
                 }
                 if let (Some(b), Some(a)) = (&before, &s) {

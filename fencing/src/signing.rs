@@ -195,6 +195,9 @@ mod tests {
         let (n, sig) = tok.split_once('.').unwrap();
         assert_eq!(n, u64::MAX.to_string());
         assert!(v.verify("r", u64::MAX, &decode_signature(sig).unwrap()));
-        assert!(matches!(Verifier::from_text("not base64!"), Err(KeyError::Encoding)));
+        assert!(matches!(
+            Verifier::from_text("not base64!"),
+            Err(KeyError::Encoding)
+        ));
     }
 }

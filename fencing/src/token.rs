@@ -145,14 +145,20 @@ mod tests {
     fn strict_decimal() {
         assert_eq!(parse_decimal("0"), Ok(0));
         assert_eq!(parse_decimal("18446744073709551615"), Ok(u64::MAX));
-        assert_eq!(parse_decimal("18446744073709551616"), Err(TokenError::Overflow));
+        assert_eq!(
+            parse_decimal("18446744073709551616"),
+            Err(TokenError::Overflow)
+        );
         assert_eq!(parse_decimal("-1"), Err(TokenError::NotDecimal));
         assert_eq!(parse_decimal("+1"), Err(TokenError::NotDecimal));
         assert_eq!(parse_decimal("0x10"), Err(TokenError::NotDecimal));
         assert_eq!(parse_decimal("1 2"), Err(TokenError::NotDecimal));
         assert_eq!(parse_decimal(""), Err(TokenError::Empty));
         assert_eq!(Presented::parse(" 7 "), Ok(Presented::Plain(7)));
-        assert_eq!(Presented::parse("7."), Err(TokenError::BadSignatureEncoding));
+        assert_eq!(
+            Presented::parse("7."),
+            Err(TokenError::BadSignatureEncoding)
+        );
     }
 
     proptest! {

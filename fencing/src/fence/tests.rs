@@ -64,7 +64,8 @@ fn on_forward(world: &World, token: u64) {
     let mut s = world.state.lock().unwrap();
     if let Some((&lowest, _)) = s.inflight.iter().next() {
         if lowest < token {
-            s.violations.push(format!("{token} forwarded while {lowest} still in flight"));
+            s.violations
+                .push(format!("{token} forwarded while {lowest} still in flight"));
         }
     }
     if let Some(max) = s.max_forwarded {
@@ -73,7 +74,8 @@ fn on_forward(world: &World, token: u64) {
         }
     }
     if world.durable.load(Ordering::SeqCst) < token {
-        s.violations.push(format!("{token} forwarded before it was durable"));
+        s.violations
+            .push(format!("{token} forwarded before it was durable"));
     }
     s.max_forwarded = Some(s.max_forwarded.map_or(token, |m| m.max(token)));
     *s.inflight.entry(token).or_default() += 1;
@@ -100,15 +102,22 @@ struct Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    (0u64..12, 0usize..6, 0usize..4, prop::bool::weighted(0.1), 0usize..6).prop_map(
-        |(token, start_yields, persist_yields, persist_fails, hold_yields)| Op {
-            token,
-            start_yields,
-            persist_yields,
-            persist_fails,
-            hold_yields,
-        },
+    (
+        0u64..12,
+        0usize..6,
+        0usize..4,
+        prop::bool::weighted(0.1),
+        0usize..6,
     )
+        .prop_map(
+            |(token, start_yields, persist_yields, persist_fails, hold_yields)| Op {
+                token,
+                start_yields,
+                persist_yields,
+                persist_fails,
+                hold_yields,
+            },
+        )
 }
 
 async fn writer(slot: Arc<Slot>, world: Arc<World>, op: Op) {
@@ -134,25 +143,37 @@ async fn writer(slot: Arc<Slot>, world: Arc<World>, op: Op) {
             let mut s = world.state.lock().unwrap();
             s.refused += 1;
             if current <= op.token {
-                s.violations.push(format!("{} refused as stale against {current}", op.token));
+                s.violations
+                    .push(format!("{} refused as stale against {current}", op.token));
             }
         }
         Err(Down) => {}
     }
     if slot.mark() < before {
-        world.state.lock().unwrap().violations.push("mark decreased".into());
+        world
+            .state
+            .lock()
+            .unwrap()
+            .violations
+            .push("mark decreased".into());
     }
 }
 
 fn run_schedule(initial: u64, ops: Vec<Op>) -> WorldState {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let world = Arc::new(World::default());
     world.durable.store(initial, Ordering::SeqCst);
     let slot = Arc::new(Slot::new(initial));
     rt.block_on(async {
         let mut handles = vec![];
         for op in ops {
-            handles.push(tokio::spawn(writer(Arc::clone(&slot), Arc::clone(&world), op)));
+            handles.push(tokio::spawn(writer(
+                Arc::clone(&slot),
+                Arc::clone(&world),
+                op,
+            )));
         }
         // A monitor samples the mark between every scheduling step.
         let monitor = {
@@ -163,7 +184,12 @@ fn run_schedule(initial: u64, ops: Vec<Op>) -> WorldState {
                 for _ in 0..10_000 {
                     let m = slot.mark();
                     if m < last {
-                        world.state.lock().unwrap().violations.push(format!("mark went {last} -> {m}"));
+                        world
+                            .state
+                            .lock()
+                            .unwrap()
+                            .violations
+                            .push(format!("mark went {last} -> {m}"));
                     }
                     last = m;
                     tokio::task::yield_now().await;
@@ -200,8 +226,20 @@ fn stale_token_is_refused_with_the_current_mark() {
     let s = run_schedule(
         0,
         vec![
-            Op { token: 5, start_yields: 0, persist_yields: 0, persist_fails: false, hold_yields: 0 },
-            Op { token: 3, start_yields: 3, persist_yields: 0, persist_fails: false, hold_yields: 0 },
+            Op {
+                token: 5,
+                start_yields: 0,
+                persist_yields: 0,
+                persist_fails: false,
+                hold_yields: 0,
+            },
+            Op {
+                token: 3,
+                start_yields: 3,
+                persist_yields: 0,
+                persist_fails: false,
+                hold_yields: 0,
+            },
         ],
     );
     assert_eq!((s.forwarded, s.refused), (1, 1));
@@ -211,40 +249,82 @@ fn stale_token_is_refused_with_the_current_mark() {
 async fn newer_token_waits_for_older_writes_to_complete() {
     let world = Arc::new(World::default());
     let slot = Arc::new(Slot::new(1));
-    let store = TestStore { world: Arc::clone(&world), yields: 0, fail: false };
-    let Verdict::Accepted(old) = slot.admit(1, &store).await.unwrap() else { panic!("token 1 refused") };
+    let store = TestStore {
+        world: Arc::clone(&world),
+        yields: 0,
+        fail: false,
+    };
+    let Verdict::Accepted(old) = slot.admit(1, &store).await.unwrap() else {
+        panic!("token 1 refused")
+    };
     let newer = tokio::spawn({
         let slot = Arc::clone(&slot);
         let world = Arc::clone(&world);
         async move {
-            let store = TestStore { world, yields: 0, fail: false };
-            slot.admit(2, &store).await.map(|v| matches!(v, Verdict::Accepted(_)))
+            let store = TestStore {
+                world,
+                yields: 0,
+                fail: false,
+            };
+            slot.admit(2, &store)
+                .await
+                .map(|v| matches!(v, Verdict::Accepted(_)))
         }
     });
     for _ in 0..50 {
         tokio::task::yield_now().await;
     }
-    assert!(!newer.is_finished(), "token 2 admitted while a token-1 write was in flight");
+    assert!(
+        !newer.is_finished(),
+        "token 2 admitted while a token-1 write was in flight"
+    );
     // Token 1 is refused from the moment 2 claimed the mark.
-    assert!(matches!(slot.admit(1, &store).await.unwrap(), Verdict::Stale { current: 2 }));
+    assert!(matches!(
+        slot.admit(1, &store).await.unwrap(),
+        Verdict::Stale { current: 2 }
+    ));
     drop(old.guard);
-    assert!(newer.await.unwrap().unwrap(), "token 2 never admitted after the drain");
+    assert!(
+        newer.await.unwrap().unwrap(),
+        "token 2 never admitted after the drain"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn failed_or_cancelled_claims_can_be_retried() {
     let world = Arc::new(World::default());
     let slot = Arc::new(Slot::new(0));
-    let failing = TestStore { world: Arc::clone(&world), yields: 0, fail: true };
-    assert!(slot.admit(4, &failing).await.is_err(), "store down must fail");
+    let failing = TestStore {
+        world: Arc::clone(&world),
+        yields: 0,
+        fail: true,
+    };
+    assert!(
+        slot.admit(4, &failing).await.is_err(),
+        "store down must fail"
+    );
     // Fail closed: the claim stands, older tokens are refused.
-    assert!(matches!(slot.admit(3, &failing).await.unwrap(), Verdict::Stale { current: 4 }));
+    assert!(matches!(
+        slot.admit(3, &failing).await.unwrap(),
+        Verdict::Stale { current: 4 }
+    ));
     // Cancel a claimant mid-persist.
-    let slow = TestStore { world: Arc::clone(&world), yields: 1000, fail: false };
+    let slow = TestStore {
+        world: Arc::clone(&world),
+        yields: 1000,
+        fail: false,
+    };
     let fut = slot.admit(4, &slow);
     let _ = tokio::time::timeout(std::time::Duration::from_millis(1), fut).await;
-    let ok = TestStore { world: Arc::clone(&world), yields: 0, fail: false };
-    assert!(matches!(slot.admit(4, &ok).await.unwrap(), Verdict::Accepted(_)));
+    let ok = TestStore {
+        world: Arc::clone(&world),
+        yields: 0,
+        fail: false,
+    };
+    assert!(matches!(
+        slot.admit(4, &ok).await.unwrap(),
+        Verdict::Accepted(_)
+    ));
     assert_eq!(world.durable.load(Ordering::SeqCst), 4);
 }
 
@@ -253,10 +333,20 @@ async fn a_store_ahead_of_us_makes_the_token_stale() {
     let world = Arc::new(World::default());
     world.durable.store(9, Ordering::SeqCst); // another replica got to 9
     let slot = Arc::new(Slot::new(2));
-    let store = TestStore { world, yields: 0, fail: false };
-    assert!(matches!(slot.admit(5, &store).await.unwrap(), Verdict::Stale { current: 9 }));
+    let store = TestStore {
+        world,
+        yields: 0,
+        fail: false,
+    };
+    assert!(matches!(
+        slot.admit(5, &store).await.unwrap(),
+        Verdict::Stale { current: 9 }
+    ));
     assert_eq!(slot.mark(), 9);
-    assert!(matches!(slot.admit(9, &store).await.unwrap(), Verdict::Accepted(_)));
+    assert!(matches!(
+        slot.admit(9, &store).await.unwrap(),
+        Verdict::Accepted(_)
+    ));
 }
 
 #[test]
@@ -274,14 +364,19 @@ fn fast_path_counts_and_releases() {
 /// advance under them.
 #[test]
 fn threads_racing_failovers_keep_every_guarantee() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
     let world = Arc::new(World::default());
     let slot = Arc::new(Slot::new(0));
     let leader = Arc::new(AtomicU64::new(1));
     rt.block_on(async {
         let mut tasks = vec![];
         for w in 0..16u64 {
-            let (slot, world, leader) = (Arc::clone(&slot), Arc::clone(&world), Arc::clone(&leader));
+            let (slot, world, leader) =
+                (Arc::clone(&slot), Arc::clone(&world), Arc::clone(&leader));
             tasks.push(tokio::spawn(async move {
                 for i in 0..2_000u64 {
                     if w == 0 && i % 100 == 0 {
@@ -289,7 +384,11 @@ fn threads_racing_failovers_keep_every_guarantee() {
                     }
                     // Writers see leadership late, as paused leaders do.
                     let token = leader.load(Ordering::SeqCst).saturating_sub((i + w) % 3);
-                    let store = TestStore { world: Arc::clone(&world), yields: (i % 3) as usize, fail: i % 97 == 0 };
+                    let store = TestStore {
+                        world: Arc::clone(&world),
+                        yields: (i % 3) as usize,
+                        fail: i % 97 == 0,
+                    };
                     if let Ok(Verdict::Accepted(a)) = slot.admit(token, &store).await {
                         on_forward(&world, token);
                         if i % 5 == 0 {
@@ -306,8 +405,16 @@ fn threads_racing_failovers_keep_every_guarantee() {
         }
     });
     let s = world.state.lock().unwrap();
-    assert!(s.violations.is_empty(), "{:?}", &s.violations[..s.violations.len().min(5)]);
-    assert!(s.forwarded > 1000, "too few writes admitted to mean anything: {}", s.forwarded);
+    assert!(
+        s.violations.is_empty(),
+        "{:?}",
+        &s.violations[..s.violations.len().min(5)]
+    );
+    assert!(
+        s.forwarded > 1000,
+        "too few writes admitted to mean anything: {}",
+        s.forwarded
+    );
     assert_eq!(slot.inflight(), 0);
 }
 
