@@ -1,0 +1,145 @@
+//! The durable store behind the fence table, the elector and the audit log.
+//!
+//! One trait, two implementations over sqlx: SQLite (embedded default, one
+//! file) and Postgres (shared by any number of proxy and elector replicas).
+//! The runtime only ever sees `Arc<dyn Store>`.
+//!
+//! Tokens are unsigned 64-bit, which neither database has; they are stored
+//! as 20-digit zero-padded text, which sorts and compares (`MAX`,
+//! `GREATEST`) exactly as the numbers do and stays readable to an operator.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use fencing::{AuditRecord, LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord};
+
+mod postgres;
+mod sqlite;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or did not answer in time. Decisions that
+    /// need it fail closed; it recovers on its own when the store is back.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered with an error.
+    #[error("store error: {0}")]
+    Failed(String),
+    /// The store URL or its settings are wrong.
+    #[error("bad store configuration: {0}")]
+    Config(String),
+    /// A stored row does not decode (hand-edited, or a newer schema).
+    #[error("corrupt store row: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        match e {
+            E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Tls(_) => {
+                StoreError::Unavailable(e.to_string())
+            }
+            E::Configuration(_) => StoreError::Config(e.to_string()),
+            E::ColumnDecode { .. } | E::Decode(_) => StoreError::Corrupt(e.to_string()),
+            _ => StoreError::Failed(e.to_string()),
+        }
+    }
+}
+
+/// A resource's durable high-water mark.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FenceRow {
+    pub resource: String,
+    pub token: u64,
+    pub updated_at_ms: i64,
+}
+
+/// Filter for reading the audit log, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub resource: Option<String>,
+    pub since_ms: Option<i64>,
+    pub limit: u32,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// "sqlite" or "postgres", for logs and `/readyz`.
+    fn kind(&self) -> &'static str;
+
+    /// Applies pending migrations (idempotent).
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// A cheap round trip, for readiness.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The durable mark of a resource, `None` if never fenced.
+    async fn load_fence(&self, resource: &str) -> Result<Option<u64>, StoreError>;
+
+    /// Atomically raises the mark to `max(stored, token)` and returns the
+    /// mark afterwards. Durable (committed) when it returns `Ok`.
+    async fn advance_fence(
+        &self,
+        resource: &str,
+        token: u64,
+        now_ms: i64,
+    ) -> Result<u64, StoreError>;
+
+    async fn get_fence(&self, resource: &str) -> Result<Option<FenceRow>, StoreError>;
+
+    /// All marks, ordered by resource.
+    async fn list_fences(&self) -> Result<Vec<FenceRow>, StoreError>;
+
+    /// Runs [`fencing::lease::decide`] on the resource's lease row inside one
+    /// transaction with the row locked, writes the result and commits before
+    /// returning: concurrent callers serialize, and a granted token is
+    /// durable before anyone sees it.
+    async fn lease_apply(
+        &self,
+        resource: &str,
+        op: &LeaseOp,
+        now_ms: i64,
+        cfg: &LeaseConfig,
+    ) -> Result<LeaseOutcome, StoreError>;
+
+    async fn get_lease(&self, resource: &str) -> Result<Option<LeaseRecord>, StoreError>;
+
+    /// All lease rows (held or not), ordered by resource.
+    async fn list_leases(&self) -> Result<Vec<LeaseRecord>, StoreError>;
+
+    /// Appends records in one transaction; ids are assigned by the store.
+    async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
+
+    /// Newest first, at most `limit` (capped at 10,000).
+    async fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
+}
+
+/// Opens the store a URL names: `sqlite://path` (created if missing) or
+/// `postgres://...`. Does not connect eagerly to Postgres, so a proxy can
+/// start (and fail closed) while its store is down.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::open(url).await?))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        Ok(Arc::new(PgStore::open(url)?))
+    } else {
+        Err(StoreError::Config(format!(
+            "store URL {url:?} must start with sqlite:// or postgres://"
+        )))
+    }
+}
+
+/// The text form of a token in both stores.
+pub fn token_text(token: u64) -> String {
+    format!("{token:020}")
+}
+
+/// Parses the stored text form back.
+pub fn token_from_text(text: &str) -> Result<u64, StoreError> {
+    fencing::token::parse_decimal(text)
+        .map_err(|e| StoreError::Corrupt(format!("token {text:?}: {e}")))
+}

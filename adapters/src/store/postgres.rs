@@ -1,0 +1,476 @@
+//! The shared store: the same schema on Postgres, for any number of proxy
+//! and elector replicas.
+//!
+//! Everything lives in the `fencepost_store` schema, selected through
+//! `search_path` at connect time, so neither our tables nor sqlx's
+//! `_sqlx_migrations` can collide with tables of the same name the user
+//! keeps in the same database. The pool connects lazily and gives up fast:
+//! a proxy must start, and refuse writes promptly (guarantee 4), while its
+//! store is down, and pick the store up again on its own when it returns.
+
+use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fencing::{AuditRecord, LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord, Protocol, Reason};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, QueryBuilder, Row};
+
+use super::{token_from_text, token_text, AuditQuery, FenceRow, Store, StoreError};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// The schema holding every fencepost table.
+pub const SCHEMA: &str = "fencepost_store";
+
+/// How long a call waits for a connection. With the store down every
+/// fenced write waits this long before it is refused, so it is short.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Upper bound on a whole call, for a server that accepts connections but
+/// stops answering (a hung host, a network partition without resets). The
+/// outcome of a call cut off this way is unknown, which is safe: the mark
+/// and the tokens only ever go up.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Audit flushes can carry thousands of records after an outage; they are
+/// off the write path, so they get longer.
+const AUDIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Enough for the elector and a few proxies' fence advances at once without
+/// making each replica a heavy Postgres client.
+const MAX_CONNECTIONS: u32 = 10;
+
+/// First grants racing on a missing row: the loser sees a unique violation
+/// and retries, and then finds the winner's row. More than a couple of
+/// rounds means something else is wrong.
+const LEASE_ATTEMPTS: u32 = 5;
+
+const AUDIT_CHUNK: usize = 1_000;
+const DEFAULT_AUDIT_LIMIT: u32 = 100;
+const MAX_AUDIT_LIMIT: u32 = 10_000;
+
+/// The Postgres store. Cloning shares the pool.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Builds the pool without connecting; the first call connects.
+    ///
+    /// `synchronous_commit` is forced on for our sessions: a database tuned
+    /// with it off would otherwise acknowledge an advance or a grant that a
+    /// crash can still take back, breaking guarantees 1 and 6.
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        // The pool spawns its maintenance tasks on the current runtime; say
+        // so instead of panicking when there is none.
+        tokio::runtime::Handle::try_current().map_err(|_| {
+            StoreError::Config("the Postgres store must be opened inside a tokio runtime".into())
+        })?;
+        let mut options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Config(format!("store URL: {e}")))?
+            .options([("search_path", SCHEMA), ("synchronous_commit", "on")]);
+        if options.get_application_name().is_none() {
+            options = options.application_name("fencepost");
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options);
+        Ok(PgStore { pool })
+    }
+
+    /// Waits for every connection to close, for a clean shutdown (and so a
+    /// test can drop its database).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+/// Maps errors, adding what `From<sqlx::Error>` cannot know about Postgres:
+/// a server shutting down, starting up, out of connections or out of disk,
+/// or a lost connection, is the store being unavailable, not a failed
+/// request.
+fn classify(e: sqlx::Error) -> StoreError {
+    let unavailable = match sqlstate(&e) {
+        Some(code) => {
+            code.starts_with("08") // connection exception
+                || code.starts_with("53") // insufficient resources
+                || matches!(code.as_str(), "57P01" | "57P02" | "57P03" | "57014" | "55P03")
+        }
+        None => false,
+    };
+    if unavailable {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::from(e)
+    }
+}
+
+fn classify_migrate(e: sqlx::migrate::MigrateError) -> StoreError {
+    use sqlx::migrate::MigrateError as M;
+    match e {
+        M::Execute(inner) | M::ExecuteMigration(inner, _) => classify(inner),
+        other => StoreError::Failed(format!("migration: {other}")),
+    }
+}
+
+/// Bounds a call; see [`CALL_TIMEOUT`].
+async fn bounded<T>(fut: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    bounded_for(CALL_TIMEOUT, fut).await
+}
+
+async fn bounded_for<T>(
+    limit: Duration,
+    fut: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+        Err(StoreError::Unavailable(format!(
+            "no answer from the store within {limit:?}"
+        )))
+    })
+}
+
+/// A lease transaction's failure: worth running again, or final.
+enum TxError {
+    Retry(sqlx::Error),
+    Fatal(StoreError),
+}
+
+impl From<sqlx::Error> for TxError {
+    fn from(e: sqlx::Error) -> Self {
+        match sqlstate(&e).as_deref() {
+            // unique violation (racing first grants), serialization failure,
+            // deadlock: the transaction was rolled back and can simply rerun.
+            Some("23505" | "40001" | "40P01") => TxError::Retry(e),
+            _ => TxError::Fatal(classify(e)),
+        }
+    }
+}
+
+impl From<StoreError> for TxError {
+    fn from(e: StoreError) -> Self {
+        TxError::Fatal(e)
+    }
+}
+
+fn opt_token_text(t: Option<u64>) -> Option<String> {
+    t.map(token_text)
+}
+
+fn opt_token_from_text(t: Option<String>) -> Result<Option<u64>, StoreError> {
+    t.as_deref().map(token_from_text).transpose()
+}
+
+fn fence_from_row(row: &PgRow) -> Result<FenceRow, StoreError> {
+    Ok(FenceRow {
+        resource: row.try_get("resource").map_err(classify)?,
+        token: token_from_text(row.try_get("token").map_err(classify)?)?,
+        updated_at_ms: row.try_get("updated_at_ms").map_err(classify)?,
+    })
+}
+
+fn lease_from_row(row: &PgRow) -> Result<LeaseRecord, StoreError> {
+    Ok(LeaseRecord {
+        resource: row.try_get("resource").map_err(classify)?,
+        holder: row.try_get("holder").map_err(classify)?,
+        token: token_from_text(row.try_get("token").map_err(classify)?)?,
+        granted_at_ms: row.try_get("granted_at_ms").map_err(classify)?,
+        expires_at_ms: row.try_get("expires_at_ms").map_err(classify)?,
+        ttl_ms: row.try_get("ttl_ms").map_err(classify)?,
+        free_after_ms: row.try_get("free_after_ms").map_err(classify)?,
+    })
+}
+
+fn audit_from_row(row: &PgRow) -> Result<AuditRecord, StoreError> {
+    let protocol: String = row.try_get("protocol").map_err(classify)?;
+    let reason: String = row.try_get("reason").map_err(classify)?;
+    Ok(AuditRecord {
+        id: Some(row.try_get("id").map_err(classify)?),
+        at_ms: row.try_get("at_ms").map_err(classify)?,
+        resource: row.try_get("resource").map_err(classify)?,
+        protocol: Protocol::parse(&protocol)
+            .ok_or_else(|| StoreError::Corrupt(format!("audit protocol {protocol:?}")))?,
+        reason: Reason::parse(&reason)
+            .ok_or_else(|| StoreError::Corrupt(format!("audit reason {reason:?}")))?,
+        presented_token: opt_token_from_text(row.try_get("presented_token").map_err(classify)?)?,
+        current_token: opt_token_from_text(row.try_get("current_token").map_err(classify)?)?,
+        client_addr: row.try_get("client_addr").map_err(classify)?,
+        detail: row.try_get("detail").map_err(classify)?,
+    })
+}
+
+const SELECT_LEASE_FOR_UPDATE: &str = "SELECT resource, holder, token, granted_at_ms, \
+     expires_at_ms, ttl_ms, free_after_ms FROM leases WHERE resource = $1 FOR UPDATE";
+const SELECT_LEASE: &str = "SELECT resource, holder, token, granted_at_ms, expires_at_ms, \
+     ttl_ms, free_after_ms FROM leases WHERE resource = $1";
+const LIST_LEASES: &str = "SELECT resource, holder, token, granted_at_ms, expires_at_ms, \
+     ttl_ms, free_after_ms FROM leases ORDER BY resource";
+
+impl PgStore {
+    /// One attempt at [`Store::lease_apply`]. `FOR UPDATE` serializes
+    /// callers on an existing row; for a missing row there is nothing to
+    /// lock, so racing first grants are left to the primary key: the loser
+    /// fails its INSERT, is rolled back, and retries to find the row.
+    async fn lease_once(
+        &self,
+        resource: &str,
+        op: &LeaseOp,
+        now_ms: i64,
+        cfg: &LeaseConfig,
+    ) -> Result<LeaseOutcome, TxError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(SELECT_LEASE_FOR_UPDATE)
+            .bind(resource)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let stored = row.as_ref().map(lease_from_row).transpose()?;
+        let outcome = fencing::lease::decide(resource, stored.as_ref(), op, now_ms, cfg);
+        if let Some(rec) = outcome.to_store() {
+            let sql = if stored.is_some() {
+                "UPDATE leases SET holder = $2, token = $3, granted_at_ms = $4, \
+                 expires_at_ms = $5, ttl_ms = $6, free_after_ms = $7 WHERE resource = $1"
+            } else {
+                "INSERT INTO leases (resource, holder, token, granted_at_ms, expires_at_ms, \
+                 ttl_ms, free_after_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            };
+            let done = sqlx::query(sql)
+                .bind(resource)
+                .bind(rec.holder.as_deref())
+                .bind(token_text(rec.token))
+                .bind(rec.granted_at_ms)
+                .bind(rec.expires_at_ms)
+                .bind(rec.ttl_ms)
+                .bind(rec.free_after_ms)
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() != 1 {
+                return Err(TxError::Fatal(StoreError::Failed(format!(
+                    "lease row of {resource:?} changed under its row lock"
+                ))));
+            }
+        }
+        tx.commit().await?;
+        Ok(outcome)
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        // Look before creating: CREATE SCHEMA IF NOT EXISTS still demands
+        // CREATE on the database, which a role given a ready-made schema
+        // may lack.
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                .bind(SCHEMA)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(classify)?;
+        if !exists {
+            let created = sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+                .execute(&self.pool)
+                .await;
+            match created {
+                Ok(_) => {}
+                // Another replica created it between our look and our create.
+                Err(e) if matches!(sqlstate(&e).as_deref(), Some("23505" | "42P06")) => {}
+                Err(e) => return Err(classify(e)),
+            }
+        }
+        MIGRATOR.run(&self.pool).await.map_err(classify_migrate)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        bounded(async {
+            sqlx::query("SELECT 1")
+                .execute(&self.pool)
+                .await
+                .map_err(classify)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn load_fence(&self, resource: &str) -> Result<Option<u64>, StoreError> {
+        bounded(async {
+            let token: Option<String> =
+                sqlx::query_scalar("SELECT token FROM fences WHERE resource = $1")
+                    .bind(resource)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(classify)?;
+            token.as_deref().map(token_from_text).transpose()
+        })
+        .await
+    }
+
+    async fn advance_fence(
+        &self,
+        resource: &str,
+        token: u64,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        // One statement: ON CONFLICT locks the existing row, so concurrent
+        // advances from any number of replicas serialize and the mark can
+        // only go up. Committed (autocommit) before the reply arrives.
+        bounded(async {
+            let after: String = sqlx::query_scalar(
+                "INSERT INTO fences (resource, token, updated_at_ms) VALUES ($1, $2, $3) \
+                 ON CONFLICT (resource) DO UPDATE SET \
+                   token = GREATEST(fences.token, EXCLUDED.token), \
+                   updated_at_ms = CASE WHEN EXCLUDED.token > fences.token \
+                                        THEN EXCLUDED.updated_at_ms \
+                                        ELSE fences.updated_at_ms END \
+                 RETURNING token",
+            )
+            .bind(resource)
+            .bind(token_text(token))
+            .bind(now_ms)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)?;
+            token_from_text(&after)
+        })
+        .await
+    }
+
+    async fn get_fence(&self, resource: &str) -> Result<Option<FenceRow>, StoreError> {
+        bounded(async {
+            let row = sqlx::query(
+                "SELECT resource, token, updated_at_ms FROM fences WHERE resource = $1",
+            )
+            .bind(resource)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+            row.as_ref().map(fence_from_row).transpose()
+        })
+        .await
+    }
+
+    async fn list_fences(&self) -> Result<Vec<FenceRow>, StoreError> {
+        bounded(async {
+            let rows =
+                sqlx::query("SELECT resource, token, updated_at_ms FROM fences ORDER BY resource")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(classify)?;
+            rows.iter().map(fence_from_row).collect()
+        })
+        .await
+    }
+
+    async fn lease_apply(
+        &self,
+        resource: &str,
+        op: &LeaseOp,
+        now_ms: i64,
+        cfg: &LeaseConfig,
+    ) -> Result<LeaseOutcome, StoreError> {
+        bounded(async {
+            let mut attempt = 1;
+            loop {
+                match self.lease_once(resource, op, now_ms, cfg).await {
+                    Ok(outcome) => return Ok(outcome),
+                    Err(TxError::Retry(e)) if attempt >= LEASE_ATTEMPTS => return Err(classify(e)),
+                    Err(TxError::Retry(e)) => {
+                        tracing::debug!(resource, attempt, error = %e, "lease transaction retried");
+                        attempt += 1;
+                    }
+                    Err(TxError::Fatal(e)) => return Err(e),
+                }
+            }
+        })
+        .await
+    }
+
+    async fn get_lease(&self, resource: &str) -> Result<Option<LeaseRecord>, StoreError> {
+        bounded(async {
+            let row = sqlx::query(SELECT_LEASE)
+                .bind(resource)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(classify)?;
+            row.as_ref().map(lease_from_row).transpose()
+        })
+        .await
+    }
+
+    async fn list_leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        bounded(async {
+            let rows = sqlx::query(LIST_LEASES)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?;
+            rows.iter().map(lease_from_row).collect()
+        })
+        .await
+    }
+
+    async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        bounded_for(AUDIT_TIMEOUT, async {
+            let mut tx = self.pool.begin().await.map_err(classify)?;
+            for chunk in records.chunks(AUDIT_CHUNK) {
+                let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+                    "INSERT INTO audit (at_ms, resource, protocol, reason, presented_token, \
+                     current_token, client_addr, detail) ",
+                );
+                qb.push_values(chunk, |mut b, r| {
+                    b.push_bind(r.at_ms)
+                        .push_bind(r.resource.as_deref())
+                        .push_bind(r.protocol.as_str())
+                        .push_bind(r.reason.as_str())
+                        .push_bind(opt_token_text(r.presented_token))
+                        .push_bind(opt_token_text(r.current_token))
+                        .push_bind(r.client_addr.as_str())
+                        .push_bind(r.detail.as_str());
+                });
+                qb.build().execute(&mut *tx).await.map_err(classify)?;
+            }
+            tx.commit().await.map_err(classify)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        let limit = match q.limit {
+            0 => DEFAULT_AUDIT_LIMIT,
+            n => n.min(MAX_AUDIT_LIMIT),
+        };
+        bounded(async {
+            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+                "SELECT id, at_ms, resource, protocol, reason, presented_token, current_token, \
+                 client_addr, detail FROM audit WHERE TRUE",
+            );
+            if let Some(resource) = &q.resource {
+                qb.push(" AND resource = ").push_bind(resource.as_str());
+            }
+            if let Some(since) = q.since_ms {
+                qb.push(" AND at_ms >= ").push_bind(since);
+            }
+            qb.push(" ORDER BY id DESC LIMIT ")
+                .push_bind(i64::from(limit));
+            let rows = qb.build().fetch_all(&self.pool).await.map_err(classify)?;
+            rows.iter().map(audit_from_row).collect()
+        })
+        .await
+    }
+}
