@@ -1,0 +1,288 @@
+//! The admin API: `/metrics`, `/healthz`, `/readyz`, `/v1/fences`,
+//! `/v1/audit`. With a token configured, everything but `/healthz` needs
+//! `Authorization: Bearer <token>` (liveness probes rarely carry secrets,
+//! and `/healthz` reveals nothing).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use adapters::{AuditQuery, Store, StoreError};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use fencing::AuditRecord;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::shutdown::Shutdown;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub store: Arc<dyn Store>,
+    pub prometheus: PrometheusHandle,
+    pub token: Option<String>,
+    /// HTTP upstream base URLs, checked by `/readyz`.
+    pub upstreams: Vec<String>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    let protected = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/readyz", get(readyz))
+        .route("/v1/fences", get(list_fences))
+        .route("/v1/fences/{*resource}", get(get_fence))
+        .route("/v1/audit", get(audit))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(protected)
+        .fallback(|| async {
+            problem(
+                StatusCode::NOT_FOUND,
+                "urn:fencepost:not-found",
+                "no such endpoint",
+            )
+        })
+        .with_state(state)
+}
+
+pub async fn serve(
+    state: AdminState,
+    listener: tokio::net::TcpListener,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.wait().await })
+        .await
+}
+
+pub fn problem(status: StatusCode, kind: &str, detail: impl Into<String>) -> Response {
+    let body = json!({
+        "type": kind,
+        "title": status.canonical_reason().unwrap_or("error"),
+        "status": status.as_u16(),
+        "detail": detail.into(),
+    });
+    let mut resp = (status, body.to_string()).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    resp
+}
+
+/// Constant-time comparison, so response timing does not reveal how much
+/// of a guessed token was right.
+pub fn token_matches(headers: &HeaderMap, expected: &str) -> bool {
+    let Some(got) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (got.as_bytes(), expected.as_bytes());
+    let mut diff = (a.len() ^ b.len()) as u8;
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
+    }
+    diff == 0
+}
+
+async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    if let Some(expected) = &state.token {
+        if !token_matches(req.headers(), expected) {
+            let mut resp = problem(
+                StatusCode::UNAUTHORIZED,
+                "urn:fencepost:unauthorized",
+                "this endpoint needs Authorization: Bearer <admin token>",
+            );
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return resp;
+        }
+    }
+    next.run(req).await
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let mut resp = state.prometheus.render().into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+fn store_error(e: StoreError) -> Response {
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "urn:fencepost:store-unavailable",
+        e.to_string(),
+    )
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let store = tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await;
+    let store_ok = matches!(store, Ok(Ok(())));
+    let mut upstreams = serde_json::Map::new();
+    let mut all_up = true;
+    for url in &state.upstreams {
+        let up = upstream_reachable(url).await;
+        all_up &= up;
+        upstreams.insert(url.clone(), Value::Bool(up));
+    }
+    let ready = store_ok && all_up;
+    let body = json!({
+        "ready": ready,
+        "store": { "kind": state.store.kind(), "reachable": store_ok },
+        "upstreams": upstreams,
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+/// A TCP connect to the upstream's host and port: enough to know it is
+/// there without sending it requests it would have to handle.
+async fn upstream_reachable(url: &str) -> bool {
+    let Ok(uri) = url.parse::<axum::http::Uri>() else {
+        return false;
+    };
+    let Some(host) = uri.host() else { return false };
+    let port = uri.port_u16().unwrap_or(80);
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect((host, port))
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
+fn fence_json(row: &adapters::FenceRow) -> Value {
+    json!({
+        "resource": row.resource,
+        "token": row.token,
+        "updated_at": format_ms(row.updated_at_ms),
+        "updated_at_ms": row.updated_at_ms,
+    })
+}
+
+async fn list_fences(State(state): State<AdminState>) -> Response {
+    match state.store.list_fences().await {
+        Ok(rows) => Json(Value::Array(rows.iter().map(fence_json).collect())).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn get_fence(State(state): State<AdminState>, Path(resource): Path<String>) -> Response {
+    if let Err(e) = fencing::resource::validate(&resource) {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "urn:fencepost:invalid-resource",
+            e.to_string(),
+        );
+    }
+    match state.store.get_fence(&resource).await {
+        Ok(Some(row)) => Json(fence_json(&row)).into_response(),
+        Ok(None) => problem(
+            StatusCode::NOT_FOUND,
+            "urn:fencepost:no-fence",
+            format!("no write has been fenced for resource {resource}"),
+        ),
+        Err(e) => store_error(e),
+    }
+}
+
+pub fn format_ms(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Parses `since`: RFC 3339, a duration ago ("1h"), or milliseconds since
+/// the epoch.
+pub fn parse_since(s: &str, now_ms: i64) -> Result<i64, String> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .map_err(|e| e.to_string());
+    }
+    humantime::parse_duration(s)
+        .map(|d| now_ms - d.as_millis() as i64)
+        .map_err(|_| format!("since={s:?} is neither an RFC 3339 time, a duration like 1h, nor epoch milliseconds"))
+}
+
+pub fn audit_json(r: &AuditRecord) -> Value {
+    json!({
+        "id": r.id,
+        "at": format_ms(r.at_ms),
+        "resource": r.resource,
+        "protocol": r.protocol,
+        "reason": r.reason,
+        "presented_token": r.presented_token,
+        "current_token": r.current_token,
+        "client_addr": r.client_addr,
+        "detail": r.detail,
+    })
+}
+
+#[derive(Deserialize)]
+struct AuditParams {
+    resource: Option<String>,
+    since: Option<String>,
+    limit: Option<String>,
+}
+
+async fn audit(State(state): State<AdminState>, Query(p): Query<AuditParams>) -> Response {
+    let limit = match p.limit.as_deref().map(str::parse::<u32>) {
+        None => 100,
+        Some(Ok(n)) if (1..=10_000).contains(&n) => n,
+        Some(_) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "urn:fencepost:bad-query",
+                "limit must be 1 to 10000",
+            )
+        }
+    };
+    let since_ms = match p
+        .since
+        .as_deref()
+        .map(|s| parse_since(s, crate::fencer::now_ms()))
+    {
+        None => None,
+        Some(Ok(ms)) => Some(ms),
+        Some(Err(e)) => return problem(StatusCode::BAD_REQUEST, "urn:fencepost:bad-query", e),
+    };
+    if let Some(r) = &p.resource {
+        if let Err(e) = fencing::resource::validate(r) {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "urn:fencepost:invalid-resource",
+                e.to_string(),
+            );
+        }
+    }
+    let q = AuditQuery {
+        resource: p.resource,
+        since_ms,
+        limit,
+    };
+    match state.store.query_audit(&q).await {
+        Ok(rows) => Json(Value::Array(rows.iter().map(audit_json).collect())).into_response(),
+        Err(e) => store_error(e),
+    }
+}

@@ -1,0 +1,202 @@
+//! The command line. Help texts are written for someone meeting fencepost
+//! for the first time: each says what the command is for, not only its
+//! flags.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+const ABOUT: &str = "\
+fencepost keeps a leader that has lost its lease from writing.
+
+A paused or partitioned old leader still believes it leads. fencepost sits in
+front of your storage (an HTTP service or PostgreSQL), tracks the highest
+fencing token seen per resource, and refuses every write that carries an
+older one. A companion elector grants leases and issues strictly increasing
+tokens.
+
+Start here:
+  fencepost demo                          watch a stale write get refused
+  fencepost keygen --out elector          make a key pair for signed tokens
+  fencepost serve --config fencepost.toml run elector, proxies and admin API
+  TOKEN=$(fencepost lease acquire --elector http://127.0.0.1:7070 \\
+            --resource orders --holder $(hostname))
+  curl -X PUT -H \"Fencing-Token: $TOKEN\" -H 'Fencing-Resource: orders' ...
+  fencepost audit                         see refused writes";
+
+#[derive(Debug, Parser)]
+#[command(name = "fencepost", version, about = ABOUT, long_about = ABOUT)]
+pub struct Cli {
+    /// Log format: text for people, json for log pipelines.
+    #[arg(long, global = true, env = "FENCEPOST_LOG_FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the showcase: elector, HTTP fencing proxy and a key-value
+    /// upstream in one process, two writers, a failover, a stale write
+    /// refused. Needs nothing else; exits 0 only if fencing held.
+    Demo(DemoArgs),
+    /// Run what the config names: elector API, HTTP proxies, admin API.
+    #[command(long_about = SERVE_HELP)]
+    Serve(ServeArgs),
+    /// Acquire, renew, release or show a lease from a shell.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+    /// Show refused writes, newest first.
+    Audit(AuditArgs),
+    /// Apply the store's schema migrations (serve also does this at start).
+    Migrate(MigrateArgs),
+    /// Generate an Ed25519 key pair for signed tokens: the elector signs
+    /// with the secret key, proxies verify with the public one.
+    Keygen(KeygenArgs),
+}
+
+const SERVE_HELP: &str = "\
+Run what the config file names: the elector API ([elector]), HTTP fencing
+proxies ([[http]]) and the admin API ([admin]: /metrics, /healthz, /readyz,
+/v1/fences, /v1/audit). The store (store = ...) holds fences, leases and the
+audit log; SQLite by default, Postgres to share it between replicas.
+
+Stop with SIGINT or SIGTERM: listeners close, in-flight requests finish
+(up to --shutdown-timeout), and the audit log is flushed before exit.
+
+See fencepost.example.toml for every setting. Each one can also be set from
+the environment (values are TOML when they parse, strings otherwise; for
+[[http]] lists, FENCEPOST_HTTP_<KEY> sets the first entry and
+FENCEPOST_HTTP_<N>_<KEY> entry N):
+";
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Lease length for the two writers in the story.
+    #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// Directory for the demo's SQLite store (default: a fresh temp dir).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The config file. Without one, settings come from FENCEPOST_*
+    /// variables alone.
+    #[arg(long, short, env = "FENCEPOST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// How long shutdown waits for in-flight requests before closing them.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct LeaseTarget {
+    /// The elector's base URL.
+    #[arg(
+        long,
+        env = "FENCEPOST_ELECTOR_URL",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    pub elector: String,
+    /// The resource the lease is for (1-128 of A-Z a-z 0-9 . _ : / -).
+    #[arg(long)]
+    pub resource: String,
+    /// Bearer token for the elector API, if it requires one.
+    #[arg(long, env = "FENCEPOST_ELECTOR_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Ask for the lease. Prints only the token, so
+    /// TOKEN=$(fencepost lease acquire ...) works. Exit 3 if another holder
+    /// has it.
+    Acquire {
+        #[command(flatten)]
+        target: LeaseTarget,
+        /// Who is asking: a stable name for this process (host:pid, pod name).
+        #[arg(long)]
+        holder: String,
+        /// Lease length; renew well before it runs out.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Extend a lease you hold. Exit 3 if it was lost: stop writing.
+    Renew {
+        #[command(flatten)]
+        target: LeaseTarget,
+        #[arg(long)]
+        holder: String,
+        /// The token acquire gave you.
+        #[arg(long)]
+        token: String,
+        /// New lease length (default: the one acquired with).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Give the lease up so the next candidate need not wait for expiry.
+    Release {
+        #[command(flatten)]
+        target: LeaseTarget,
+        #[arg(long)]
+        holder: String,
+        #[arg(long)]
+        token: String,
+    },
+    /// Print the lease as JSON. Exit 4 if there is none.
+    Show {
+        #[command(flatten)]
+        target: LeaseTarget,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Admin API base URL. Without it, the store of --config (or
+    /// ./fencepost.db) is read directly.
+    #[arg(long, env = "FENCEPOST_ADMIN_URL")]
+    pub admin: Option<String>,
+    /// Bearer token for the admin API.
+    #[arg(long, env = "FENCEPOST_ADMIN_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    #[arg(long, short, env = "FENCEPOST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Only this resource.
+    #[arg(long)]
+    pub resource: Option<String>,
+    /// Only records newer than this: a duration ago ("1h") or an RFC 3339
+    /// time ("2026-11-23T10:00:00Z").
+    #[arg(long)]
+    pub since: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[arg(long, short, env = "FENCEPOST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Store URL (overrides the config's `store`).
+    #[arg(long, env = "FENCEPOST_STORE")]
+    pub store: Option<String>,
+    /// Install the in-database guard into this protected Postgres database
+    /// (for enforce = "database").
+    #[arg(long)]
+    pub guard: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Write <OUT>.key (secret, mode 0600) and <OUT>.pub.
+    #[arg(long, default_value = "elector")]
+    pub out: PathBuf,
+    /// Overwrite existing files.
+    #[arg(long)]
+    pub force: bool,
+}

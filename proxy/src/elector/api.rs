@@ -1,0 +1,748 @@
+//! The elector's HTTP endpoints.
+//!
+//! Resource names may contain `/`, so everything under `/v1/leases/` is one
+//! wildcard route and the action (`acquire`, `renew`, `release`, `watch`)
+//! is split off the end here. The raw (undecoded) path is used: the name
+//! alphabet needs no percent-encoding, so an encoded byte can only be an
+//! invalid name, never a way to smuggle a `/` past the split. The one
+//! cost: `GET` of a resource whose last segment is itself an action word
+//! (`jobs/watch`) means the action, not the lease; such a lease is still
+//! acquired, renewed and released normally and listed by `GET /v1/leases`.
+//!
+//! Every error is `application/problem+json` (RFC 9457) with a
+//! `urn:fencepost:*` type, including axum's own extractor rejections, so a
+//! client never has to parse two error formats.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use adapters::StoreError;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use fencing::token::Presented;
+use fencing::{LeaseOp, LeaseOutcome, LeaseRecord, ResourceName};
+use serde::{Deserialize, Serialize};
+
+use super::{duration_ms, now_ms, rfc3339_ms, Elector, Source, MAX_BODY_BYTES, STORE_TIMEOUT};
+
+const PREFIX: &str = "/v1/leases/";
+/// Longest holder name, in characters.
+const MAX_HOLDER_CHARS: usize = 256;
+
+pub(super) fn router(el: Arc<Elector>) -> Router {
+    Router::new()
+        .route("/v1/leases", get(list).fallback(only_get))
+        .route(
+            "/v1/leases/{*rest}",
+            get(get_dispatch).post(post_dispatch).fallback(wrong_method),
+        )
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&el),
+            require_bearer,
+        ))
+        .with_state(el)
+}
+
+// ---------------------------------------------------------------- problems
+
+/// An `application/problem+json` error response.
+#[derive(Debug)]
+pub(super) struct Problem {
+    status: StatusCode,
+    kind: &'static str,
+    title: &'static str,
+    detail: String,
+    extra: serde_json::Map<String, serde_json::Value>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Problem {
+    pub(super) fn new(
+        status: StatusCode,
+        kind: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Problem {
+            status,
+            kind,
+            title,
+            detail: detail.into(),
+            extra: serde_json::Map::new(),
+            headers: Vec::new(),
+        }
+    }
+
+    fn with(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.extra.insert(key.to_owned(), value.into());
+        self
+    }
+
+    fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    fn bad_request(kind: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
+        Problem::new(StatusCode::BAD_REQUEST, kind, title, detail)
+    }
+
+    pub(super) fn store(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(m) => {
+                tracing::warn!(error = %m, "elector: store unavailable; refusing");
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "urn:fencepost:store-unavailable",
+                    "Store unavailable",
+                    "the lease store cannot be reached; no lease is granted without it",
+                )
+            }
+            other => {
+                tracing::error!(error = %other, "elector: store error; refusing");
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "urn:fencepost:store-error",
+                    "Store error",
+                    format!("the lease store failed: {other}"),
+                )
+            }
+        }
+        .header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let mut body = serde_json::Map::new();
+        body.insert("type".into(), self.kind.into());
+        body.insert("title".into(), self.title.into());
+        body.insert("status".into(), self.status.as_u16().into());
+        body.insert("detail".into(), self.detail.into());
+        body.extend(self.extra);
+        let text = serde_json::Value::Object(body).to_string();
+        let mut resp = (self.status, text).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        for (name, value) in self.headers {
+            h.insert(name, value);
+        }
+        resp
+    }
+}
+
+/// Runs a store call with the timeout, mapping failures to 503s.
+pub(super) async fn store_call<T>(
+    fut: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, Problem> {
+    match tokio::time::timeout(STORE_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Problem::store(e)),
+        Err(_) => Err(Problem::store(StoreError::Unavailable(format!(
+            "no answer within {}s",
+            STORE_TIMEOUT.as_secs()
+        )))),
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> Problem {
+    match r.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "urn:fencepost:body-too-large",
+            "Request body too large",
+            format!(
+                "request bodies are limited to {} KiB",
+                MAX_BODY_BYTES / 1024
+            ),
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "urn:fencepost:unsupported-media-type",
+            "Expected JSON",
+            "send the body as JSON with Content-Type: application/json",
+        ),
+        // Syntax errors (400) and shape errors (axum says 422): both are a
+        // malformed request from the client's side.
+        _ => Problem::bad_request(
+            "urn:fencepost:invalid-body",
+            "Malformed request body",
+            r.body_text(),
+        ),
+    }
+}
+
+// ------------------------------------------------------------------- auth
+
+/// Equal-length-independent comparison whose time depends only on the
+/// lengths, not on where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
+fn bearer(req: &Request) -> Option<&str> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+async fn require_bearer(State(el): State<Arc<Elector>>, req: Request, next: Next) -> Response {
+    if let Some(expected) = &el.settings.auth_token {
+        let ok = bearer(&req).is_some_and(|t| constant_time_eq(t.as_bytes(), expected.as_bytes()));
+        if !ok {
+            return Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "urn:fencepost:unauthorized",
+                "Unauthorized",
+                "this elector requires Authorization: Bearer <token>",
+            )
+            .header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+// ------------------------------------------------------------- routing
+
+async fn not_found(uri: Uri) -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "urn:fencepost:not-found",
+        "Not found",
+        format!("no endpoint at {}", uri.path()),
+    )
+}
+
+fn method_not_allowed(method: &Method, allow: &'static str) -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "urn:fencepost:method-not-allowed",
+        "Method not allowed",
+        format!("{method} is not allowed here; use {allow}"),
+    )
+    .header(header::ALLOW, HeaderValue::from_static(allow))
+}
+
+async fn only_get(method: Method) -> Problem {
+    method_not_allowed(&method, "GET")
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> Problem {
+    match split_action(rest_of(&uri)) {
+        (_, Some("watch")) | (_, None) => method_not_allowed(&method, "GET"),
+        _ => method_not_allowed(&method, "POST"),
+    }
+}
+
+/// The path after `/v1/leases/`, still percent-encoded.
+fn rest_of(uri: &Uri) -> &str {
+    uri.path().strip_prefix(PREFIX).unwrap_or("")
+}
+
+/// Splits `name/action` when the last segment is an action.
+fn split_action(rest: &str) -> (&str, Option<&str>) {
+    match rest.rsplit_once('/') {
+        Some((name, action @ ("acquire" | "renew" | "release" | "watch"))) => (name, Some(action)),
+        _ => (rest, None),
+    }
+}
+
+fn resource_name(raw: &str) -> Result<ResourceName, Problem> {
+    ResourceName::new(raw).map_err(|e| {
+        Problem::bad_request(
+            "urn:fencepost:invalid-resource",
+            "Invalid resource name",
+            e.to_string(),
+        )
+        .with("resource", raw)
+    })
+}
+
+async fn get_dispatch(State(el): State<Arc<Elector>>, method: Method, uri: Uri) -> Response {
+    match split_action(rest_of(&uri)) {
+        (name, Some("watch")) => match resource_name(name) {
+            Ok(r) => super::watch::watch(el, r).await,
+            Err(p) => p.into_response(),
+        },
+        (_, Some(_)) => method_not_allowed(&method, "POST").into_response(),
+        (name, None) => match resource_name(name) {
+            Ok(r) => show(&el, &r).await.into_response(),
+            Err(p) => p.into_response(),
+        },
+    }
+}
+
+async fn post_dispatch(
+    State(el): State<Arc<Elector>>,
+    method: Method,
+    uri: Uri,
+    body: Result<Json<LeaseBody>, JsonRejection>,
+) -> Response {
+    let (name, action) = split_action(rest_of(&uri));
+    let action = match action {
+        Some("watch") => return method_not_allowed(&method, "GET").into_response(),
+        Some(a) => a,
+        None => {
+            return Problem::new(
+                StatusCode::NOT_FOUND,
+                "urn:fencepost:not-found",
+                "Not found",
+                "POST to /v1/leases/{resource}/acquire, /renew or /release",
+            )
+            .into_response()
+        }
+    };
+    // The name first: a bad URL is the more basic mistake.
+    let resource = match resource_name(name) {
+        Ok(r) => r,
+        Err(p) => return p.into_response(),
+    };
+    let body = match body {
+        Ok(Json(b)) => b,
+        Err(r) => return json_rejection(r).into_response(),
+    };
+    let result = match action {
+        "acquire" => acquire(&el, &resource, body).await,
+        "renew" => renew(&el, &resource, body).await,
+        _ => release(&el, &resource, body).await,
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+// ---------------------------------------------------------------- bodies
+
+/// The request body of acquire, renew and release. Unknown fields are
+/// refused: a misspelt `ttl` silently falling back to the default TTL is
+/// the kind of surprise a lease API must not have.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeaseBody {
+    holder: String,
+    #[serde(default)]
+    token: Option<TokenField>,
+    #[serde(default)]
+    ttl_ms: Option<serde_json::Number>,
+}
+
+/// Tokens are strings on the wire; a bare number is accepted too.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TokenField {
+    Text(String),
+    Number(u64),
+}
+
+fn holder_name(h: &str) -> Result<(), Problem> {
+    let n = h.chars().count();
+    if n == 0 || n > MAX_HOLDER_CHARS || h.chars().any(char::is_control) {
+        return Err(Problem::bad_request(
+            "urn:fencepost:invalid-holder",
+            "Invalid holder name",
+            format!("holder must be 1-{MAX_HOLDER_CHARS} printable characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// `ttl_ms` as i64; values past i64 saturate so they are refused as out of
+/// range by `decide`, with the allowed range in the message.
+fn ttl_ms(n: Option<&serde_json::Number>) -> Result<Option<i64>, Problem> {
+    let Some(n) = n else { return Ok(None) };
+    if let Some(v) = n.as_i64() {
+        return Ok(Some(v));
+    }
+    if n.as_u64().is_some() {
+        return Ok(Some(i64::MAX));
+    }
+    Err(Problem::bad_request(
+        "urn:fencepost:invalid-body",
+        "Malformed request body",
+        "ttl_ms must be a whole number of milliseconds",
+    ))
+}
+
+/// The number in a presented token. A signed token must carry this
+/// elector's signature for this resource; a plain number is accepted (the
+/// holder name and the store's token are what decide).
+fn presented_token(
+    el: &Elector,
+    resource: &ResourceName,
+    t: Option<&TokenField>,
+) -> Result<u64, Problem> {
+    let raw = match t {
+        None => {
+            return Err(Problem::bad_request(
+                "urn:fencepost:invalid-body",
+                "Malformed request body",
+                "missing field `token`",
+            ))
+        }
+        Some(TokenField::Number(n)) => return Ok(*n),
+        Some(TokenField::Text(s)) => s,
+    };
+    let presented = Presented::parse(raw).map_err(|e| {
+        Problem::bad_request(
+            "urn:fencepost:invalid-token",
+            "Invalid token",
+            e.to_string(),
+        )
+    })?;
+    if let (Presented::Signed { n, sig }, Some(v)) = (presented, &el.verifier) {
+        if !v.verify(resource.as_str(), n, &sig) {
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                "urn:fencepost:not-holder",
+                "Not the holder",
+                format!("token {n} is not one this elector signed for {resource}"),
+            )
+            .with("resource", resource.as_str()));
+        }
+    }
+    Ok(presented.value())
+}
+
+// ------------------------------------------------------------- responses
+
+/// What a holder gets back from acquire and renew: its own token only.
+#[derive(Serialize)]
+struct Grant<'a> {
+    resource: &'a str,
+    holder: &'a str,
+    token: String,
+    expires_at: String,
+    expires_at_ms: i64,
+    ttl_ms: i64,
+}
+
+/// A lease as `GET` shows it: the token number without signature, so
+/// reading the lease table does not hand out a usable signed token.
+#[derive(Serialize)]
+struct View {
+    resource: String,
+    holder: Option<String>,
+    token: String,
+    expires_at: String,
+    expires_at_ms: i64,
+    ttl_ms: i64,
+    live: bool,
+}
+
+fn view(rec: &LeaseRecord, now: i64) -> View {
+    let holder = rec.live_holder(now).map(str::to_owned);
+    View {
+        resource: rec.resource.clone(),
+        live: holder.is_some(),
+        holder,
+        token: rec.token.to_string(),
+        expires_at: rfc3339_ms(rec.expires_at_ms),
+        expires_at_ms: rec.expires_at_ms,
+        ttl_ms: rec.ttl_ms,
+    }
+}
+
+fn grant_response(el: &Elector, lease: &LeaseRecord, holder: &str) -> Response {
+    Json(Grant {
+        resource: &lease.resource,
+        holder,
+        token: el.token_string(&lease.resource, lease.token),
+        expires_at: rfc3339_ms(lease.expires_at_ms),
+        expires_at_ms: lease.expires_at_ms,
+        ttl_ms: lease.ttl_ms,
+    })
+    .into_response()
+}
+
+/// 409 naming the live holder and its expiry, never its token.
+fn held(lease: &LeaseRecord, now: i64) -> Problem {
+    let holder = lease.live_holder(now).unwrap_or_default().to_owned();
+    Problem::new(
+        StatusCode::CONFLICT,
+        "urn:fencepost:lease-held",
+        "Lease held by another holder",
+        format!(
+            "{} is held by {holder:?} until {}",
+            lease.resource,
+            rfc3339_ms(lease.expires_at_ms)
+        ),
+    )
+    .with("resource", lease.resource.as_str())
+    .with("holder", holder)
+    .with("expires_at", rfc3339_ms(lease.expires_at_ms))
+    .with("expires_at_ms", lease.expires_at_ms)
+}
+
+/// Anything `decide` may answer that the calling operation cannot produce.
+/// A server bug, not the client's: the one place a 500 is honest.
+fn unexpected(outcome: &LeaseOutcome) -> Problem {
+    tracing::error!(?outcome, "elector: unexpected lease outcome");
+    Problem::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "urn:fencepost:internal",
+        "Internal error",
+        "unexpected lease outcome",
+    )
+}
+
+fn outcome_problem(outcome: &LeaseOutcome, resource: &ResourceName, now: i64) -> Problem {
+    match outcome {
+        LeaseOutcome::Held { lease } => held(lease, now),
+        LeaseOutcome::LockDelay { until_ms, lease } => {
+            let wait_ms = until_ms.saturating_sub(now).max(0);
+            let secs = (wait_ms + 999) / 1000;
+            let retry = HeaderValue::from_str(&secs.max(1).to_string())
+                .unwrap_or(HeaderValue::from_static("1"));
+            Problem::new(
+                StatusCode::CONFLICT,
+                "urn:fencepost:lock-delay",
+                "Lease in lock delay",
+                format!(
+                    "the lease on {} expired; no new grant before {} (lock delay)",
+                    lease.resource,
+                    rfc3339_ms(*until_ms)
+                ),
+            )
+            .with("resource", lease.resource.as_str())
+            .with("holder", serde_json::Value::Null)
+            .with("free_at", rfc3339_ms(*until_ms))
+            .with("free_at_ms", *until_ms)
+            .header(header::RETRY_AFTER, retry)
+        }
+        LeaseOutcome::BadTtl {
+            ttl_ms,
+            min_ms,
+            max_ms,
+        } => Problem::bad_request(
+            "urn:fencepost:invalid-ttl",
+            "TTL out of range",
+            format!("ttl_ms {ttl_ms} is outside the allowed {min_ms}..={max_ms}"),
+        )
+        .with("min_ttl_ms", *min_ms)
+        .with("max_ttl_ms", *max_ms),
+        LeaseOutcome::Exhausted => Problem::new(
+            StatusCode::CONFLICT,
+            "urn:fencepost:tokens-exhausted",
+            "Tokens exhausted",
+            format!("every token has been issued for {resource}; use another resource name"),
+        ),
+        other => unexpected(other),
+    }
+}
+
+// -------------------------------------------------------------- handlers
+
+async fn acquire(
+    el: &Elector,
+    resource: &ResourceName,
+    body: LeaseBody,
+) -> Result<Response, Problem> {
+    holder_name(&body.holder)?;
+    if body.token.is_some() {
+        return Err(Problem::bad_request(
+            "urn:fencepost:invalid-body",
+            "Malformed request body",
+            "acquire takes no token; renew does",
+        ));
+    }
+    let ttl = ttl_ms(body.ttl_ms.as_ref())?.unwrap_or_else(|| duration_ms(el.settings.default_ttl));
+    let op = LeaseOp::Acquire {
+        holder: body.holder,
+        ttl_ms: ttl,
+    };
+    let now = now_ms();
+    let outcome = store_call(
+        el.store
+            .lease_apply(resource.as_str(), &op, now, &el.settings.lease),
+    )
+    .await?;
+    match &outcome {
+        LeaseOutcome::Granted { lease, previous } => {
+            metrics::counter!(crate::metrics::GRANTS).increment(1);
+            tracing::info!(
+                resource = %resource,
+                holder = op.holder(),
+                token = lease.token,
+                ttl_ms = lease.ttl_ms,
+                previous_holder = previous.as_ref().map(|p| p.0.as_str()),
+                "lease granted"
+            );
+            el.observe(lease, Source::Granted, now);
+            Ok(grant_response(el, lease, op.holder()))
+        }
+        LeaseOutcome::Reacquired { lease } => {
+            metrics::counter!(crate::metrics::RENEWALS).increment(1);
+            tracing::debug!(resource = %resource, holder = op.holder(), token = lease.token, "lease re-acquired by its holder");
+            el.observe(lease, Source::Renewed, now);
+            Ok(grant_response(el, lease, op.holder()))
+        }
+        other => Err(outcome_problem(other, resource, now)),
+    }
+}
+
+async fn renew(
+    el: &Elector,
+    resource: &ResourceName,
+    body: LeaseBody,
+) -> Result<Response, Problem> {
+    holder_name(&body.holder)?;
+    let token = presented_token(el, resource, body.token.as_ref())?;
+    let op = LeaseOp::Renew {
+        holder: body.holder,
+        token,
+        ttl_ms: ttl_ms(body.ttl_ms.as_ref())?,
+    };
+    let now = now_ms();
+    let outcome = store_call(
+        el.store
+            .lease_apply(resource.as_str(), &op, now, &el.settings.lease),
+    )
+    .await?;
+    match &outcome {
+        LeaseOutcome::Renewed { lease } => {
+            metrics::counter!(crate::metrics::RENEWALS).increment(1);
+            tracing::debug!(resource = %resource, holder = op.holder(), token, "lease renewed");
+            el.observe(lease, Source::Renewed, now);
+            Ok(grant_response(el, lease, op.holder()))
+        }
+        LeaseOutcome::NotHolder { lease } => {
+            let mut p = Problem::new(
+                StatusCode::CONFLICT,
+                "urn:fencepost:lease-lost",
+                "Lease lost",
+                format!(
+                    "{:?} does not hold a live lease on {resource} with token {token}; stop writing",
+                    op.holder()
+                ),
+            )
+            .with("resource", resource.as_str());
+            if let Some(l) = lease {
+                if let Some(h) = l.live_holder(now) {
+                    p = p
+                        .with("holder", h)
+                        .with("expires_at", rfc3339_ms(l.expires_at_ms))
+                        .with("expires_at_ms", l.expires_at_ms);
+                }
+            }
+            Err(p)
+        }
+        other => Err(outcome_problem(other, resource, now)),
+    }
+}
+
+async fn release(
+    el: &Elector,
+    resource: &ResourceName,
+    body: LeaseBody,
+) -> Result<Response, Problem> {
+    holder_name(&body.holder)?;
+    let token = presented_token(el, resource, body.token.as_ref())?;
+    if body.ttl_ms.is_some() {
+        return Err(Problem::bad_request(
+            "urn:fencepost:invalid-body",
+            "Malformed request body",
+            "release takes no ttl_ms",
+        ));
+    }
+    let op = LeaseOp::Release {
+        holder: body.holder,
+        token,
+    };
+    let now = now_ms();
+    let outcome = store_call(
+        el.store
+            .lease_apply(resource.as_str(), &op, now, &el.settings.lease),
+    )
+    .await?;
+    match &outcome {
+        LeaseOutcome::Released { lease } => {
+            metrics::counter!(crate::metrics::RELEASES).increment(1);
+            tracing::info!(resource = %resource, holder = op.holder(), token, "lease released");
+            el.observe(lease, Source::Released, now);
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        LeaseOutcome::NotHolder { .. } => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "urn:fencepost:not-holder",
+            "Not the holder",
+            format!(
+                "{:?} does not hold the lease on {resource} with token {token}",
+                op.holder()
+            ),
+        )
+        .with("resource", resource.as_str())),
+        other => Err(outcome_problem(other, resource, now)),
+    }
+}
+
+async fn show(el: &Elector, resource: &ResourceName) -> Result<Response, Problem> {
+    let rec = store_call(el.store.get_lease(resource.as_str())).await?;
+    match rec {
+        Some(rec) => Ok(Json(view(&rec, now_ms())).into_response()),
+        None => Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "urn:fencepost:no-lease",
+            "No lease",
+            format!("no lease has ever been granted for {resource}"),
+        )
+        .with("resource", resource.as_str())),
+    }
+}
+
+async fn list(State(el): State<Arc<Elector>>) -> Result<Response, Problem> {
+    let rows = store_call(el.store.list_leases()).await?;
+    let now = now_ms();
+    let views: Vec<View> = rows.iter().map(|r| view(r, now)).collect();
+    Ok(Json(views).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actions_split_off_the_end_only() {
+        assert_eq!(split_action("orders/acquire"), ("orders", Some("acquire")));
+        assert_eq!(split_action("a/b/c/watch"), ("a/b/c", Some("watch")));
+        assert_eq!(split_action("a/b"), ("a/b", None));
+        assert_eq!(split_action("acquire"), ("acquire", None));
+        assert_eq!(
+            split_action("x/acquire/renew"),
+            ("x/acquire", Some("renew"))
+        );
+    }
+
+    #[test]
+    fn constant_time_eq_is_eq() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn holder_names() {
+        assert!(holder_name("host-1:4242").is_ok());
+        assert!(holder_name("ünïcode ok").is_ok());
+        assert!(holder_name("").is_err());
+        assert!(holder_name("a\nb").is_err());
+        assert!(holder_name(&"x".repeat(257)).is_err());
+        assert!(holder_name(&"x".repeat(256)).is_ok());
+    }
+}

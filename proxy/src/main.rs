@@ -1,0 +1,77 @@
+//! The `fencepost` binary: see `cli.rs` for the commands and ARCHITECTURE.md
+//! for how the pieces fit.
+
+use std::process::ExitCode;
+
+mod admin;
+mod audit_cmd;
+mod audit_sink;
+mod cli;
+mod client;
+mod config;
+mod demo;
+mod elector;
+mod error;
+mod fencer;
+mod http_proxy;
+mod keygen;
+mod kv_upstream;
+mod lease_cmd;
+mod logging;
+mod metrics;
+mod serve;
+mod shutdown;
+
+fn main() -> ExitCode {
+    // `serve --help` lists every FENCEPOST_* variable, generated from the
+    // config's own table so the two cannot drift apart.
+    let command = <cli::Cli as clap::CommandFactory>::command()
+        .mut_subcommand("serve", |c| c.after_long_help(config::env_help()));
+    let cli = match <cli::Cli as clap::FromArgMatches>::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fencepost: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: cli::Cli) -> ExitCode {
+    use cli::Command;
+    let json = cli.log_format.as_deref() == Some("json");
+    let result = match cli.command {
+        Command::Demo(args) => {
+            logging::init(json, "warn");
+            demo::run(args).await
+        }
+        Command::Serve(args) => serve::run(args, cli.log_format.as_deref()).await,
+        Command::Lease(cmd) => {
+            logging::init(json, "warn");
+            lease_cmd::run(cmd).await
+        }
+        Command::Audit(args) => {
+            logging::init(json, "warn");
+            audit_cmd::run(args).await
+        }
+        Command::Migrate(args) => {
+            logging::init(json, "info");
+            serve::migrate(args).await
+        }
+        Command::Keygen(args) => keygen::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("fencepost: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! Metric names and pre-registered handles.
+//!
+//! Handles are resolved once at start-up so the request path only bumps an
+//! atomic: no label hashing, no registry lookup, no allocation.
+
+use std::sync::OnceLock;
+
+use fencing::{Protocol, Reason};
+use metrics::{Counter, Histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const WRITES: &str = "fencepost_writes_total";
+pub const MARK: &str = "fencepost_high_water_mark";
+pub const REQUEST_SECONDS: &str = "fencepost_request_duration_seconds";
+pub const UPSTREAM_ERRORS: &str = "fencepost_upstream_errors_total";
+pub const GRANTS: &str = "fencepost_elector_grants_total";
+pub const RENEWALS: &str = "fencepost_elector_renewals_total";
+pub const EXPIRIES: &str = "fencepost_elector_expiries_total";
+pub const RELEASES: &str = "fencepost_elector_releases_total";
+pub const AUDIT_WRITTEN: &str = "fencepost_audit_records_written_total";
+pub const AUDIT_DROPPED: &str = "fencepost_audit_records_dropped_total";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process) and returns the
+/// handle `/metrics` renders from.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ])
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // A second recorder (tests embedding several servers) is harmless.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(
+        WRITES,
+        "Writes seen by the fencing proxies, by protocol and outcome."
+    );
+    metrics::describe_gauge!(
+        MARK,
+        "Current high-water mark (highest admitted token) per resource."
+    );
+    metrics::describe_histogram!(
+        REQUEST_SECONDS,
+        "Time from request to response through the proxy."
+    );
+    metrics::describe_counter!(
+        UPSTREAM_ERRORS,
+        "Requests that failed at or on the way to the upstream."
+    );
+    metrics::describe_counter!(GRANTS, "Leases granted by the elector (new tokens issued).");
+    metrics::describe_counter!(RENEWALS, "Leases renewed by the elector.");
+    metrics::describe_counter!(EXPIRIES, "Leases that expired without release.");
+    metrics::describe_counter!(RELEASES, "Leases released by their holder.");
+    metrics::describe_counter!(AUDIT_WRITTEN, "Audit records written to the store.");
+    metrics::describe_counter!(
+        AUDIT_DROPPED,
+        "Audit records lost because the store was down or the queue full."
+    );
+}
+
+/// Per-protocol write counters, resolved once.
+#[derive(Clone)]
+pub struct WriteCounters {
+    accepted: Counter,
+    refused: [Counter; 5],
+    pub latency: Histogram,
+    pub upstream_errors: Counter,
+}
+
+impl WriteCounters {
+    pub fn new(protocol: Protocol) -> Self {
+        let p = protocol.as_str();
+        WriteCounters {
+            accepted: metrics::counter!(WRITES, "protocol" => p, "outcome" => "accepted"),
+            refused: Reason::ALL
+                .map(|r| metrics::counter!(WRITES, "protocol" => p, "outcome" => r.as_str())),
+            latency: metrics::histogram!(REQUEST_SECONDS, "protocol" => p),
+            upstream_errors: metrics::counter!(UPSTREAM_ERRORS, "protocol" => p),
+        }
+    }
+
+    pub fn accepted(&self) {
+        self.accepted.increment(1);
+    }
+
+    pub fn refused(&self, reason: Reason) {
+        let i = Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.refused[i].increment(1);
+    }
+}

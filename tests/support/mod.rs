@@ -1,0 +1,437 @@
+//! Shared by the end-to-end tests: the real binary, real sockets, a real
+//! Postgres. Each test gets its own temp dir, ports and (where needed)
+//! database, so tests run in parallel.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fencepost"))
+}
+
+/// A port nobody is listening on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A fresh Postgres database for one test, dropped afterwards.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    admin_url: String,
+}
+
+impl TestDb {
+    pub async fn create(prefix: &str) -> TestDb {
+        let admin_url = database_url();
+        let name = format!("{prefix}_{}_{}", std::process::id(), rand::random::<u32>());
+        let (client, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to DATABASE_URL");
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        let base = admin_url
+            .rsplit_once('/')
+            .map(|(b, _)| b.to_string())
+            .unwrap_or(admin_url.clone());
+        TestDb {
+            url: format!("{base}/{name}"),
+            name,
+            admin_url,
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop runs outside any runtime guarantee; use a private thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                if let Ok((client, conn)) =
+                    tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+            Ok::<_, std::io::Error>(())
+        })
+        .join();
+    }
+}
+
+/// A temp dir removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `fencepost serve`, killed (SIGKILL) on drop.
+pub struct Server {
+    pub child: Option<Child>,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    envs: Vec<(String, String)>,
+}
+
+impl Server {
+    /// Writes `config_text` into `dir/fencepost.toml` and starts serve.
+    pub fn start(dir: &Path, config_text: &str) -> Server {
+        Self::start_with_env(dir, config_text, &[])
+    }
+
+    pub fn start_with_env(dir: &Path, config_text: &str, envs: &[(&str, &str)]) -> Server {
+        let config = dir.join("fencepost.toml");
+        std::fs::write(&config, config_text).expect("write config");
+        let mut s = Server {
+            child: None,
+            log: dir.join(format!("serve-{}.log", rand::random::<u32>())),
+            config,
+            envs: envs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(&self.log).expect("create log file");
+        let child = Command::new(bin())
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .current_dir(self.config.parent().unwrap_or(Path::new(".")))
+            .envs(self.envs.iter().map(|(a, b)| (a.as_str(), b.as_str())))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn fencepost serve");
+        self.child = Some(child);
+    }
+
+    /// kill -9, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for exit: the graceful path.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        c.wait().ok()
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Waits until `addr` accepts TCP connections.
+pub async fn wait_port(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("nothing listening on {addr} after 30s");
+}
+
+/// Runs the binary with `args` and returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .expect("run fencepost");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Reads lines of a child's stdout until `pred` matches one.
+pub fn read_until(reader: &mut impl BufRead, pred: impl Fn(&str) -> bool) -> Option<String> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if pred(&line) {
+            return Some(line.trim_end().to_string());
+        }
+    }
+}
+
+pub fn lines(child_stdout: std::process::ChildStdout) -> BufReader<std::process::ChildStdout> {
+    BufReader::new(child_stdout)
+}
+
+/// A plain HTTP upstream for tests: answers every request `200 ok` and
+/// records what arrived, in order, from its own point of view.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<Arrival>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    pub method: String,
+    pub path: String,
+    pub token: Option<String>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        use hyper::service::service_fn;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("upstream addr");
+        let log: std::sync::Arc<std::sync::Mutex<Vec<Arrival>>> = Default::default();
+        let log2 = log.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let log = log2.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            use http_body_util::BodyExt;
+                            let token = req
+                                .headers()
+                                .get("fencing-token")
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned);
+                            let (parts, body) = req.into_parts();
+                            let _ = body.collect().await;
+                            log.lock().unwrap().push(Arrival {
+                                method: parts.method.to_string(),
+                                path: parts.uri.path().to_string(),
+                                token,
+                            });
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                            ))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, log, task }
+    }
+
+    pub fn arrivals(&self) -> Vec<Arrival> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A TCP forwarder on loopback that a test can cut and restore, to take a
+/// dependency (the store) away and give it back without touching it.
+pub struct Shim {
+    pub addr: SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    generation: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Shim {
+    pub async fn start(target: SocketAddr) -> Shim {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind shim");
+        let addr = listener.local_addr().expect("shim addr");
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (gen_tx, _) = tokio::sync::watch::channel(0u64);
+        let generation = std::sync::Arc::new(gen_tx);
+        let (up2, gen2) = (up.clone(), generation.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let mut cut = gen2.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Shim {
+            addr,
+            up,
+            generation,
+            task,
+        }
+    }
+
+    /// Refuse new connections and sever the open ones.
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// GETs a URL and returns (status, body).
+pub async fn get(url: &str, bearer: Option<&str>) -> (u16, String) {
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(t) = bearer {
+        req = req.bearer_auth(t);
+    }
+    match req.send().await {
+        Ok(r) => {
+            let s = r.status().as_u16();
+            (s, r.text().await.unwrap_or_default())
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// PUTs through a fencing proxy with the given token and resource headers.
+pub async fn put(
+    url: &str,
+    token: Option<&str>,
+    resource: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let mut req = reqwest::Client::new().put(url).body(body.to_owned());
+    if let Some(t) = token {
+        req = req.header("Fencing-Token", t);
+    }
+    if let Some(r) = resource {
+        req = req.header("Fencing-Resource", r);
+    }
+    match req.send().await {
+        Ok(r) => {
+            let s = r.status().as_u16();
+            (s, r.text().await.unwrap_or_default())
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// Polls `f` until it returns Some or `secs` pass.
+pub async fn eventually<T, F, Fut>(secs: u64, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
