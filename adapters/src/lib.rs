@@ -3,6 +3,7 @@
 //! (SQLite embedded, Postgres shared); so does HTTP write detection.
 
 pub mod http;
+pub mod pg;
 pub mod store;
 
 pub use store::{open, AuditQuery, FenceRow, Store, StoreError};

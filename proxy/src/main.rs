@@ -19,6 +19,7 @@ mod kv_upstream;
 mod lease_cmd;
 mod logging;
 mod metrics;
+mod pg_proxy;
 mod serve;
 mod shutdown;
 

@@ -21,7 +21,7 @@ use crate::config::{Config, HttpProxyConfig};
 use crate::error::Error;
 use crate::fencer::{Fencer, FencerOptions, TokenChecker};
 use crate::shutdown::{self, Shutdown};
-use crate::{admin, elector, http_proxy, logging, metrics};
+use crate::{admin, elector, http_proxy, logging, metrics, pg_proxy};
 
 /// Reads a public key file for token verification.
 pub fn read_verifier(path: &Path) -> Result<Verifier, Error> {
@@ -91,10 +91,13 @@ pub async fn run(args: ServeArgs, log_format: Option<&str>) -> Result<ExitCode, 
                 .into(),
         ));
     }
-    if let Some(pg) = config.postgres.first() {
+    // The in-database guard (guarantee 3 across replicas) is not in this
+    // build: refuse to start rather than run with a weaker guarantee than
+    // the config asks for.
+    if let Some(pg) = config.postgres.iter().find(|p| p.enforce == "database") {
         return Err(Error::Usage(format!(
-            "[[postgres]] (listen {}, upstream {}): the Postgres proxy is not available in this build yet; remove it from the config",
-            pg.listen, pg.upstream
+            "[[postgres]] (listen {}): enforce = \"database\" (the in-database guard) is not available in this build yet; use enforce = \"proxy\"",
+            pg.listen
         )));
     }
     let prometheus = metrics::install();
@@ -160,6 +163,22 @@ pub async fn run(args: ServeArgs, log_format: Option<&str>) -> Result<ExitCode, 
                 .serve(listener, sd, drain)
                 .await
                 .map_err(|e| Error::io("HTTP proxy", e))
+        });
+    }
+    for pcfg in &config.postgres {
+        // [[postgres]] has no verify_key setting yet: plain tokens, as an
+        // [[http]] listener without one.
+        let checker = TokenChecker::plain();
+        let listener = bind(pcfg.listen, "a Postgres proxy").await?;
+        let proxy = pg_proxy::PgProxy::new(pcfg, Arc::clone(&fencer), checker)?;
+        let sd = shutdown.clone();
+        let drain = args.shutdown_timeout;
+        tracing::info!(listen = %pcfg.listen, upstream = %pcfg.upstream, "Postgres fencing proxy listening");
+        tasks.spawn(async move {
+            proxy
+                .serve(listener, sd, drain)
+                .await
+                .map_err(|e| Error::io("Postgres proxy", e))
         });
     }
     if let Some(acfg) = &config.admin {

@@ -1,0 +1,617 @@
+//! Which statements are writes, and what they say about the fencing token,
+//! decided with the real Postgres grammar (`pg_query`, libpg_query).
+//!
+//! # Failing closed
+//! A statement is a read only when it is *provably* read-only: its
+//! top-level kind is on a short allow-list (SELECT, SHOW, EXPLAIN without
+//! ANALYZE, transaction control, SET/RESET, cursors over reads, LISTEN, ...)
+//! and nothing anywhere in its tree writes: no INSERT/UPDATE/DELETE/MERGE
+//! (writable CTEs), no `SELECT ... INTO`, no `FOR UPDATE/SHARE`, no call to a
+//! function on the configured list (`nextval`, `setval`, ...). Everything
+//! else, including text that does not parse or is not UTF-8, is a write, so
+//! a classification bug can only cost a refusal, never an unfenced write.
+//!
+//! The tree walk goes over pg_query's serialized parse tree generically, so
+//! no node kind can be forgotten by a hand-written visitor.
+//!
+//! Results are cached by statement text: a leader repeating its statements
+//! pays for one parse each.
+
+use std::sync::Arc;
+
+use pg_query::protobuf::{
+    a_const, DiscardMode, TransactionStmtKind, VariableSetKind, VariableSetStmt,
+};
+use pg_query::NodeEnum;
+use serde_json::Value;
+
+/// Functions that write even when called from a SELECT, unless configured
+/// otherwise.
+pub const DEFAULT_WRITE_FUNCTIONS: &[&str] = &[
+    "nextval",
+    "setval",
+    "lo_create",
+    "lo_creat",
+    "lo_import",
+    "lo_unlink",
+    "lo_put",
+    "lo_from_bytea",
+    "lowrite",
+    "lo_truncate",
+    "lo_truncate64",
+    "pg_notify",
+    "dblink_exec",
+];
+
+/// Statements longer than this are classified but not cached: they are
+/// usually batches with literals that never repeat.
+const MAX_CACHED_TEXT: usize = 16 * 1024;
+
+/// One of the two session variables the proxy tracks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceVar {
+    Token,
+    Resource,
+}
+
+impl FenceVar {
+    fn from_name(name: &str) -> Option<FenceVar> {
+        match name.to_ascii_lowercase().as_str() {
+            "fencing.token" => Some(FenceVar::Token),
+            "fencing.resource" => Some(FenceVar::Resource),
+            _ => None,
+        }
+    }
+}
+
+/// A change a statement makes to the fencing variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FenceSetting {
+    /// `SET [LOCAL] fencing.x = 'v'`; `value: None` is `SET ... TO DEFAULT`.
+    Set {
+        var: FenceVar,
+        value: Option<String>,
+        local: bool,
+    },
+    /// `RESET fencing.x`.
+    Reset(FenceVar),
+    /// `RESET ALL` or `DISCARD ALL`.
+    ResetAll,
+}
+
+/// Token and resource from a leading `/* fencing.token=T fencing.resource=R */`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommentFence {
+    pub token: Option<String>,
+    pub resource: Option<String>,
+}
+
+/// What the proxy needs to know about one statement text (a simple Query
+/// may hold several statements; they are judged together).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Classification {
+    /// Not provably read-only.
+    pub write: bool,
+    /// Some statement ends a transaction keeping its writes (COMMIT, END,
+    /// PREPARE TRANSACTION).
+    pub commits: bool,
+    /// The text is exactly one COMMIT/END, which the proxy may answer by
+    /// rolling back instead.
+    pub single_commit: bool,
+    /// Changes to `fencing.token` / `fencing.resource`, in order.
+    pub settings: Vec<FenceSetting>,
+    pub comment: CommentFence,
+}
+
+/// Classifies statements, with a cache by text.
+pub struct Classifier {
+    write_functions: Vec<String>,
+    cache: moka::sync::Cache<Box<str>, Arc<Classification>>,
+}
+
+impl Classifier {
+    /// `write_functions`: function names (last component, case-insensitive)
+    /// that make a statement a write. `cache_bytes`: bound on cached text.
+    pub fn new<S: AsRef<str>>(write_functions: &[S], cache_bytes: u64) -> Classifier {
+        Classifier {
+            write_functions: write_functions
+                .iter()
+                .map(|s| s.as_ref().to_ascii_lowercase())
+                .collect(),
+            cache: moka::sync::Cache::builder()
+                .max_capacity(cache_bytes)
+                .weigher(weight)
+                .build(),
+        }
+    }
+
+    /// Classifies raw statement bytes as they came off the wire.
+    pub fn classify_bytes(&self, text: &[u8]) -> Arc<Classification> {
+        match std::str::from_utf8(text) {
+            Ok(t) => self.classify(t),
+            Err(_) => Arc::new(Classification {
+                write: true,
+                ..Classification::default()
+            }),
+        }
+    }
+
+    pub fn classify(&self, text: &str) -> Arc<Classification> {
+        if text.len() > MAX_CACHED_TEXT {
+            return Arc::new(self.classify_uncached(text));
+        }
+        if let Some(hit) = self.cache.get(text) {
+            return hit;
+        }
+        let c = Arc::new(self.classify_uncached(text));
+        self.cache.insert(text.into(), Arc::clone(&c));
+        c
+    }
+
+    fn classify_uncached(&self, text: &str) -> Classification {
+        let comment = leading_comment(text);
+        let parsed = match pg_query::parse(text) {
+            Ok(p) => p,
+            Err(_) => {
+                return Classification {
+                    write: true,
+                    comment,
+                    ..Classification::default()
+                }
+            }
+        };
+        let mut c = Classification {
+            comment,
+            ..Classification::default()
+        };
+        let stmts: Vec<Option<&NodeEnum>> = parsed
+            .protobuf
+            .stmts
+            .iter()
+            .map(|s| s.stmt.as_ref().and_then(|n| n.node.as_ref()))
+            .collect();
+        for node in &stmts {
+            let Some(node) = node else {
+                c.write = true;
+                continue;
+            };
+            if self.is_write(node) {
+                c.write = true;
+            }
+            match node {
+                NodeEnum::TransactionStmt(t) => {
+                    let k = t.kind;
+                    if k == TransactionStmtKind::TransStmtCommit as i32
+                        || k == TransactionStmtKind::TransStmtPrepare as i32
+                    {
+                        c.commits = true;
+                    }
+                }
+                NodeEnum::VariableSetStmt(s) => {
+                    if let Some(setting) = fence_setting(s) {
+                        c.settings.push(setting);
+                    }
+                }
+                NodeEnum::DiscardStmt(d) if d.target == DiscardMode::DiscardAll as i32 => {
+                    c.settings.push(FenceSetting::ResetAll);
+                }
+                _ => {}
+            }
+        }
+        c.single_commit = c.commits
+            && matches!(stmts.as_slice(), [Some(NodeEnum::TransactionStmt(t))]
+                if t.kind == TransactionStmtKind::TransStmtCommit as i32);
+        c
+    }
+
+    /// The fail-closed rule for one top-level statement.
+    fn is_write(&self, node: &NodeEnum) -> bool {
+        match node {
+            NodeEnum::SelectStmt(_) => self.writes_anywhere(node),
+            NodeEnum::VariableShowStmt(_)
+            | NodeEnum::VariableSetStmt(_)
+            | NodeEnum::DiscardStmt(_)
+            | NodeEnum::ListenStmt(_)
+            | NodeEnum::UnlistenStmt(_)
+            | NodeEnum::ClosePortalStmt(_)
+            | NodeEnum::FetchStmt(_)
+            | NodeEnum::DeallocateStmt(_)
+            // PREPARE only plans; EXECUTE (not listed) is a write.
+            | NodeEnum::PrepareStmt(_) => false,
+            NodeEnum::TransactionStmt(t) => {
+                t.kind == TransactionStmtKind::TransStmtCommitPrepared as i32
+            }
+            NodeEnum::ExplainStmt(e) => {
+                let analyze = e.options.iter().any(|o| {
+                    matches!(&o.node, Some(NodeEnum::DefElem(d)) if d.defname.eq_ignore_ascii_case("analyze"))
+                });
+                analyze
+                    && e
+                        .query
+                        .as_ref()
+                        .and_then(|q| q.node.as_ref())
+                        .is_none_or(|q| self.is_write(q))
+            }
+            NodeEnum::DeclareCursorStmt(d) => d
+                .query
+                .as_ref()
+                .and_then(|q| q.node.as_ref())
+                .is_none_or(|q| self.is_write(q)),
+            NodeEnum::CopyStmt(c) => {
+                // COPY TO a server file or program writes on the server.
+                c.is_from
+                    || c.is_program
+                    || !c.filename.is_empty()
+                    || c.query
+                        .as_ref()
+                        .and_then(|q| q.node.as_ref())
+                        .is_some_and(|q| self.is_write(q))
+            }
+            _ => true,
+        }
+    }
+
+    fn writes_anywhere(&self, node: &NodeEnum) -> bool {
+        match serde_json::to_value(node) {
+            Ok(v) => self.walk(&v),
+            Err(_) => true,
+        }
+    }
+
+    fn walk(&self, v: &Value) -> bool {
+        match v {
+            Value::Object(m) => m.iter().any(|(k, v)| {
+                let here = match k.as_str() {
+                    "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => true,
+                    "SelectStmt" => {
+                        !v.get("into_clause").is_none_or(Value::is_null)
+                            || v.get("locking_clause")
+                                .and_then(Value::as_array)
+                                .is_some_and(|a| !a.is_empty())
+                    }
+                    "FuncCall" => self.names_write_function(v),
+                    _ => false,
+                };
+                here || self.walk(v)
+            }),
+            Value::Array(a) => a.iter().any(|x| self.walk(x)),
+            _ => false,
+        }
+    }
+
+    fn names_write_function(&self, call: &Value) -> bool {
+        let last = call
+            .get("funcname")
+            .and_then(Value::as_array)
+            .and_then(|a| a.last())
+            .and_then(|n| n.pointer("/node/String/sval"))
+            .and_then(Value::as_str);
+        match last {
+            Some(name) => self
+                .write_functions
+                .iter()
+                .any(|w| w.eq_ignore_ascii_case(name)),
+            // A call we cannot name could be anything.
+            None => true,
+        }
+    }
+}
+
+/// A cache entry's cost: its text plus a rough allowance for the rest.
+#[allow(clippy::borrowed_box)] // moka hands the key as it stores it
+fn weight(k: &Box<str>, _: &Arc<Classification>) -> u32 {
+    u32::try_from(k.len() + 64).unwrap_or(u32::MAX)
+}
+
+fn fence_setting(s: &VariableSetStmt) -> Option<FenceSetting> {
+    let kind = s.kind;
+    if kind == VariableSetKind::VarResetAll as i32 {
+        return Some(FenceSetting::ResetAll);
+    }
+    let var = FenceVar::from_name(&s.name)?;
+    if kind == VariableSetKind::VarReset as i32 {
+        return Some(FenceSetting::Reset(var));
+    }
+    if kind == VariableSetKind::VarSetDefault as i32 {
+        return Some(FenceSetting::Set {
+            var,
+            value: None,
+            local: s.is_local,
+        });
+    }
+    if kind != VariableSetKind::VarSetValue as i32 {
+        return None;
+    }
+    let values: Vec<String> = s
+        .args
+        .iter()
+        .map(|a| match &a.node {
+            Some(NodeEnum::AConst(c)) => match &c.val {
+                Some(a_const::Val::Sval(v)) => v.sval.clone(),
+                Some(a_const::Val::Ival(v)) => v.ival.to_string(),
+                Some(a_const::Val::Fval(v)) => v.fval.clone(),
+                Some(a_const::Val::Boolval(v)) => v.boolval.to_string(),
+                Some(a_const::Val::Bsval(v)) => v.bsval.clone(),
+                None => String::new(),
+            },
+            // Not a constant: a value no token check will accept.
+            _ => "\u{fffd}".into(),
+        })
+        .collect();
+    Some(FenceSetting::Set {
+        var,
+        value: Some(values.join(", ")),
+        local: s.is_local,
+    })
+}
+
+/// Reads `fencing.token=T` and `fencing.resource=R` from a comment at the
+/// very start of the text (after whitespace).
+pub fn leading_comment(text: &str) -> CommentFence {
+    let mut out = CommentFence::default();
+    let Some(rest) = text.trim_start().strip_prefix("/*") else {
+        return out;
+    };
+    let Some((body, _)) = rest.split_once("*/") else {
+        return out;
+    };
+    for word in body.split(|c: char| c.is_whitespace() || c == ',') {
+        let Some((k, v)) = word.split_once('=') else {
+            continue;
+        };
+        let v = v.trim_matches(|c| c == '\'' || c == '"').to_owned();
+        match FenceVar::from_name(k) {
+            Some(FenceVar::Token) => out.token = Some(v),
+            Some(FenceVar::Resource) => out.resource = Some(v),
+            None => {}
+        }
+    }
+    out
+}
+
+/// A statement's audit form: normalized by the real parser, so literal
+/// values (and the leading fencing comment) never reach the audit log.
+pub fn fingerprint(text: &[u8]) -> String {
+    const MAX: usize = 1024;
+    let Ok(text) = std::str::from_utf8(text) else {
+        return format!("(statement of {} bytes, not UTF-8)", text.len());
+    };
+    let body = strip_leading_comment(text);
+    match pg_query::normalize(body) {
+        Ok(n) => {
+            let n = n.trim();
+            if n.len() > MAX {
+                let mut end = MAX;
+                while !n.is_char_boundary(end) {
+                    end -= 1;
+                }
+                format!("{}...", &n[..end])
+            } else {
+                n.to_owned()
+            }
+        }
+        Err(_) => format!("(unparsable statement of {} bytes)", text.len()),
+    }
+}
+
+fn strip_leading_comment(text: &str) -> &str {
+    let t = text.trim_start();
+    match t.strip_prefix("/*").and_then(|r| r.split_once("*/")) {
+        Some((_, rest)) => rest,
+        None => t,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classifier() -> Classifier {
+        Classifier::new(DEFAULT_WRITE_FUNCTIONS, 1 << 20)
+    }
+
+    #[test]
+    fn reads_and_writes() {
+        let c = classifier();
+        let table: &[(&str, bool)] = &[
+            ("SELECT 1", false),
+            ("select * from t where id = 3 order by 1", false),
+            ("SELECT count(*) FROM t JOIN u USING (id)", false),
+            ("WITH x AS (SELECT 1) SELECT * FROM x", false),
+            ("SELECT * FROM (SELECT now()) s UNION SELECT now()", false),
+            ("SHOW fencing.token", false),
+            ("EXPLAIN SELECT * FROM t", false),
+            ("EXPLAIN DELETE FROM t", false),
+            ("EXPLAIN ANALYZE SELECT * FROM t", false),
+            ("EXPLAIN ANALYZE DELETE FROM t", true),
+            ("EXPLAIN (ANALYZE) UPDATE t SET a = 1", true),
+            ("BEGIN", false),
+            ("BEGIN ISOLATION LEVEL SERIALIZABLE", false),
+            ("COMMIT", false),
+            ("ROLLBACK", false),
+            ("SAVEPOINT a", false),
+            ("PREPARE TRANSACTION 'x'", false),
+            ("COMMIT PREPARED 'x'", true),
+            ("SET search_path = public", false),
+            ("SET LOCAL fencing.token = '5'", false),
+            ("RESET ALL", false),
+            ("DISCARD ALL", false),
+            ("LISTEN ch", false),
+            ("DECLARE c CURSOR FOR SELECT * FROM t", false),
+            ("DECLARE c CURSOR FOR SELECT * FROM t FOR UPDATE", true),
+            ("FETCH 10 FROM c", false),
+            ("PREPARE p AS INSERT INTO t VALUES (1)", false),
+            ("EXECUTE p", true),
+            ("COPY t TO STDOUT", false),
+            ("COPY (SELECT * FROM t) TO STDOUT", false),
+            ("COPY t FROM STDIN", true),
+            ("COPY t TO '/tmp/out'", true),
+            ("COPY t TO PROGRAM 'cat'", true),
+            ("COPY (DELETE FROM t RETURNING *) TO STDOUT", true),
+            ("INSERT INTO t VALUES (1)", true),
+            ("UPDATE t SET a = 1", true),
+            ("DELETE FROM t", true),
+            (
+                "MERGE INTO t USING u ON t.id = u.id WHEN MATCHED THEN DELETE",
+                true,
+            ),
+            (
+                "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+                true,
+            ),
+            ("SELECT * FROM t FOR UPDATE", true),
+            ("SELECT * FROM t FOR SHARE SKIP LOCKED", true),
+            ("SELECT * FROM (SELECT * FROM t FOR UPDATE) s", true),
+            ("SELECT * INTO u FROM t", true),
+            ("SELECT nextval('s')", true),
+            ("SELECT pg_catalog.setval('s', 5)", true),
+            ("SELECT * FROM t WHERE id = nextval('s')", true),
+            ("SELECT lower('A')", false),
+            ("CALL p()", true),
+            ("DO $$ BEGIN END $$", true),
+            ("CREATE TABLE x (a int)", true),
+            ("TRUNCATE t", true),
+            ("LOCK TABLE t", true),
+            ("VACUUM t", true),
+            ("NOTIFY ch", true),
+            ("SELECT 1; INSERT INTO t VALUES (1)", true),
+            ("SELECT 1; SELECT 2", false),
+            ("this is not sql", true),
+            ("", false),
+        ];
+        for (sql, write) in table {
+            assert_eq!(c.classify(sql).write, *write, "{sql}");
+        }
+        assert!(c.classify_bytes(b"SELECT '\xff'").write);
+    }
+
+    #[test]
+    fn configured_functions() {
+        let c = Classifier::new(&["bump"], 1 << 20);
+        assert!(c.classify("SELECT bump()").write);
+        assert!(!c.classify("SELECT nextval('s')").write);
+    }
+
+    #[test]
+    fn commits() {
+        let c = classifier();
+        for (sql, commits, single) in [
+            ("COMMIT", true, true),
+            ("END", true, true),
+            ("commit and chain", true, true),
+            ("PREPARE TRANSACTION 'g'", true, false),
+            ("INSERT INTO t VALUES (1); COMMIT", true, false),
+            ("ROLLBACK", false, false),
+            ("BEGIN", false, false),
+        ] {
+            let k = c.classify(sql);
+            assert_eq!((k.commits, k.single_commit), (commits, single), "{sql}");
+        }
+    }
+
+    #[test]
+    fn fencing_settings() {
+        let c = classifier();
+        let set = |var, value: Option<&str>, local| FenceSetting::Set {
+            var,
+            value: value.map(str::to_owned),
+            local,
+        };
+        let table: Vec<(&str, Vec<FenceSetting>)> = vec![
+            (
+                "SET fencing.token = '5'",
+                vec![set(FenceVar::Token, Some("5"), false)],
+            ),
+            (
+                "set fencing.token to 7",
+                vec![set(FenceVar::Token, Some("7"), false)],
+            ),
+            (
+                "SET fencing.token = 18446744073709551615",
+                vec![set(FenceVar::Token, Some("18446744073709551615"), false)],
+            ),
+            (
+                "SET LOCAL fencing.resource = 'orders'",
+                vec![set(FenceVar::Resource, Some("orders"), true)],
+            ),
+            (
+                "SET SESSION fencing.token TO DEFAULT",
+                vec![set(FenceVar::Token, None, false)],
+            ),
+            (
+                "RESET fencing.token",
+                vec![FenceSetting::Reset(FenceVar::Token)],
+            ),
+            ("RESET ALL", vec![FenceSetting::ResetAll]),
+            ("DISCARD ALL", vec![FenceSetting::ResetAll]),
+            ("SET search_path = x", vec![]),
+            (
+                "SET fencing.token = '3'; SET fencing.resource = 'r'",
+                vec![
+                    set(FenceVar::Token, Some("3"), false),
+                    set(FenceVar::Resource, Some("r"), false),
+                ],
+            ),
+        ];
+        for (sql, want) in table {
+            assert_eq!(c.classify(sql).settings, want, "{sql}");
+        }
+    }
+
+    #[test]
+    fn comments() {
+        let c = classifier();
+        let k =
+            c.classify("/* fencing.token=9 fencing.resource=orders */ INSERT INTO t VALUES (1)");
+        assert!(k.write);
+        assert_eq!(k.comment.token.as_deref(), Some("9"));
+        assert_eq!(k.comment.resource.as_deref(), Some("orders"));
+        let k = c.classify("  /*fencing.token='10'*/UPDATE t SET a = 1");
+        assert_eq!(k.comment.token.as_deref(), Some("10"));
+        assert_eq!(k.comment.resource, None);
+        // Only a leading comment counts.
+        let k = c.classify("INSERT INTO t VALUES (1) /* fencing.token=9 */");
+        assert_eq!(k.comment, CommentFence::default());
+        let k = c.classify("/* unrelated */ INSERT INTO t VALUES (1)");
+        assert_eq!(k.comment, CommentFence::default());
+    }
+
+    #[test]
+    fn fingerprints_hide_values() {
+        let f = fingerprint(b"/* fencing.token=9 */ INSERT INTO t VALUES (42, 'secret')");
+        assert!(!f.contains("secret"), "{f}");
+        assert!(!f.contains("42"), "{f}");
+        assert!(!f.contains("fencing.token"), "{f}");
+        assert!(f.contains("INSERT INTO t"), "{f}");
+        assert!(fingerprint(b"\xff\xfe").contains("not UTF-8"));
+    }
+
+    proptest::proptest! {
+        /// Any text, however broken, gets an answer and a fingerprint.
+        #[test]
+        fn never_panics(text in ".{0,200}", bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let c = Classifier::new(DEFAULT_WRITE_FUNCTIONS, 1 << 16);
+            let _ = c.classify(&text);
+            let _ = c.classify_bytes(&bytes);
+            let _ = fingerprint(text.as_bytes());
+            let _ = fingerprint(&bytes);
+            let _ = leading_comment(&text);
+        }
+
+        /// Whatever follows a write, the text stays a write.
+        #[test]
+        fn a_write_anywhere_makes_a_write(prefix in "(SELECT 1; |SHOW x; |BEGIN; |)", suffix in "(; SELECT 2|; COMMIT|)") {
+            let c = Classifier::new(DEFAULT_WRITE_FUNCTIONS, 1 << 16);
+            let sql = format!("{prefix}INSERT INTO t VALUES (1){suffix}");
+            proptest::prop_assert!(c.classify(&sql).write, "{}", sql);
+        }
+    }
+
+    #[test]
+    fn cache_returns_same_answer() {
+        let c = classifier();
+        let a = c.classify("INSERT INTO t VALUES (1)");
+        let b = c.classify("INSERT INTO t VALUES (1)");
+        assert!(Arc::ptr_eq(&a, &b));
+    }
+}

@@ -1,0 +1,709 @@
+//! The Postgres wire protocol (v3) as frames over raw bytes, with no I/O.
+//!
+//! The proxy relays almost every byte unchanged, so a frame keeps the exact
+//! bytes it was cut from ([`Frame::raw`]) and only the few messages a
+//! fencing decision needs are decoded, borrowing from those bytes. Splitting
+//! a buffer never copies a body: `BytesMut::split_to` + `freeze` hands out
+//! the same allocation.
+//!
+//! Every length is checked before anything is allocated or sliced: a length
+//! below 4 (it counts itself) or above the configured maximum is a typed
+//! error, so a hostile peer costs its own connection and never the
+//! process's memory.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// Postgres refuses startup packets above this (`MAX_STARTUP_PACKET_LENGTH`).
+pub const MAX_STARTUP_LEN: usize = 10_000;
+
+/// The default ceiling for one regular message: Postgres's own limit for
+/// most messages is 1 GiB, but a proxy that buffers whole frames should not
+/// let one connection take that much.
+pub const DEFAULT_MAX_FRAME: usize = 256 * 1024 * 1024;
+
+const SSL_REQUEST: u32 = 80_877_103;
+const GSSENC_REQUEST: u32 = 80_877_104;
+const CANCEL_REQUEST: u32 = 80_877_102;
+/// Protocol major version 3, any minor.
+const PROTOCOL_3: u32 = 3 << 16;
+
+/// Why bytes could not be read as Postgres frames. Each one ends the
+/// connection that sent them, and only that one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("message length {len} is below the minimum of 4")]
+    TooShort { len: u32 },
+    #[error("message length {len} exceeds the maximum of {max}")]
+    TooLong { len: u64, max: usize },
+    #[error("startup packet: {0}")]
+    BadStartup(String),
+    #[error("malformed {what} message: {why}")]
+    Malformed {
+        what: &'static str,
+        why: &'static str,
+    },
+}
+
+/// The first packet of a connection, which has no type byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartupKind {
+    Ssl,
+    GssEnc,
+    /// Forwarded as is; the secret key's length is not fixed from protocol
+    /// 3.2 on, so it stays opaque.
+    Cancel,
+    Startup {
+        version: u32,
+        /// Name/value pairs in order (`user`, `database`, `options`, ...).
+        params: Vec<(String, String)>,
+    },
+}
+
+/// A startup packet and the exact bytes it came as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartupPacket {
+    pub raw: Bytes,
+    pub kind: StartupKind,
+}
+
+impl StartupPacket {
+    /// A startup parameter by name.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        match &self.kind {
+            StartupKind::Startup { params, .. } => params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str()),
+            _ => None,
+        }
+    }
+}
+
+/// Cuts a startup packet off the front of `buf`, or returns `None` until
+/// enough bytes have arrived.
+pub fn split_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, FrameError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    if len < 8 {
+        return Err(FrameError::BadStartup(format!(
+            "length {len} is below the minimum of 8"
+        )));
+    }
+    if len as usize > MAX_STARTUP_LEN {
+        return Err(FrameError::TooLong {
+            len: len.into(),
+            max: MAX_STARTUP_LEN,
+        });
+    }
+    if buf.len() < len as usize {
+        return Ok(None);
+    }
+    let raw = buf.split_to(len as usize).freeze();
+    let code = u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]]);
+    let kind = match code {
+        SSL_REQUEST if len == 8 => StartupKind::Ssl,
+        GSSENC_REQUEST if len == 8 => StartupKind::GssEnc,
+        CANCEL_REQUEST if len >= 16 => StartupKind::Cancel,
+        SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => {
+            return Err(FrameError::BadStartup(format!(
+                "request code {code} with length {len}"
+            )))
+        }
+        v if v >> 16 == PROTOCOL_3 >> 16 => StartupKind::Startup {
+            version: v,
+            params: startup_params(&raw[8..])?,
+        },
+        v => {
+            return Err(FrameError::BadStartup(format!(
+                "unsupported protocol version {}.{}",
+                v >> 16,
+                v & 0xffff
+            )))
+        }
+    };
+    Ok(Some(StartupPacket { raw, kind }))
+}
+
+fn startup_params(mut body: &[u8]) -> Result<Vec<(String, String)>, FrameError> {
+    let bad = |why: &str| FrameError::BadStartup(why.to_owned());
+    let mut params = Vec::new();
+    loop {
+        let name = take_cstr(&mut body).ok_or_else(|| bad("unterminated parameter name"))?;
+        if name.is_empty() {
+            break;
+        }
+        let value = take_cstr(&mut body).ok_or_else(|| bad("unterminated parameter value"))?;
+        let text = |b: &[u8]| {
+            std::str::from_utf8(b)
+                .map(str::to_owned)
+                .map_err(|_| bad("parameter is not UTF-8"))
+        };
+        params.push((text(name)?, text(value)?));
+    }
+    if !body.is_empty() {
+        return Err(bad("bytes after the terminating zero"));
+    }
+    Ok(params)
+}
+
+/// Like [`take_cstr`], for a message body where the string must be there.
+fn cstr<'a>(b: &mut &'a [u8], what: &'static str) -> Result<&'a [u8], FrameError> {
+    take_cstr(b).ok_or(FrameError::Malformed {
+        what,
+        why: "unterminated string",
+    })
+}
+
+/// Takes a zero-terminated string off the front of `b`.
+fn take_cstr<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let at = b.iter().position(|&c| c == 0)?;
+    let (s, rest) = b.split_at(at);
+    *b = &rest[1..];
+    Some(s)
+}
+
+/// One typed message, either direction: `tag`, a 4-byte length, the body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    raw: Bytes,
+}
+
+impl Frame {
+    /// Encodes a frame from its parts (copies the body once).
+    pub fn new(tag: u8, body: &[u8]) -> Frame {
+        let mut b = BytesMut::with_capacity(5 + body.len());
+        b.put_u8(tag);
+        b.put_u32((body.len() + 4) as u32);
+        b.put_slice(body);
+        Frame { raw: b.freeze() }
+    }
+
+    pub fn tag(&self) -> u8 {
+        self.raw[0]
+    }
+
+    /// The body, without tag and length; shares the frame's bytes.
+    pub fn body(&self) -> Bytes {
+        self.raw.slice(5..)
+    }
+
+    /// The exact bytes the frame was read from.
+    pub fn raw(&self) -> &Bytes {
+        &self.raw
+    }
+
+    pub fn into_raw(self) -> Bytes {
+        self.raw
+    }
+
+    /// Decodes the front-end messages the proxy acts on.
+    pub fn client(&self) -> Result<ClientMsg<'_>, FrameError> {
+        let mut b = &self.raw[5..];
+        Ok(match self.tag() {
+            b'Q' => ClientMsg::Query(cstr(&mut b, "Query")?),
+            b'P' => {
+                let name = cstr(&mut b, "Parse")?;
+                let query = cstr(&mut b, "Parse")?;
+                ClientMsg::Parse { name, query }
+            }
+            b'B' => {
+                let portal = cstr(&mut b, "Bind")?;
+                let statement = cstr(&mut b, "Bind")?;
+                ClientMsg::Bind { portal, statement }
+            }
+            b'E' => {
+                let portal = cstr(&mut b, "Execute")?;
+                if b.len() != 4 {
+                    return Err(FrameError::Malformed {
+                        what: "Execute",
+                        why: "row limit is not 4 bytes",
+                    });
+                }
+                ClientMsg::Execute {
+                    portal,
+                    max_rows: b.get_u32(),
+                }
+            }
+            b'C' => {
+                let Some((&kind, mut rest)) = b.split_first() else {
+                    return Err(FrameError::Malformed {
+                        what: "Close",
+                        why: "empty",
+                    });
+                };
+                ClientMsg::Close {
+                    kind,
+                    name: cstr(&mut rest, "Close")?,
+                }
+            }
+            b'S' => ClientMsg::Sync,
+            b'X' => ClientMsg::Terminate,
+            b'F' => ClientMsg::FunctionCall,
+            _ => ClientMsg::Other,
+        })
+    }
+
+    /// Decodes the back-end messages the proxy acts on.
+    pub fn backend(&self) -> Result<BackendMsg<'_>, FrameError> {
+        let b = &self.raw[5..];
+        Ok(match self.tag() {
+            b'Z' => match b {
+                [s @ (b'I' | b'T' | b'E')] => BackendMsg::ReadyForQuery(*s),
+                _ => {
+                    return Err(FrameError::Malformed {
+                        what: "ReadyForQuery",
+                        why: "bad status",
+                    })
+                }
+            },
+            b'E' => BackendMsg::ErrorResponse(ErrorFields(b)),
+            b'C' => {
+                let mut rest = b;
+                BackendMsg::CommandComplete(take_cstr(&mut rest).ok_or(FrameError::Malformed {
+                    what: "CommandComplete",
+                    why: "unterminated tag",
+                })?)
+            }
+            _ => BackendMsg::Other,
+        })
+    }
+}
+
+/// Front-end messages; strings borrow from the frame and are raw bytes
+/// because their encoding is the client's (usually, not always, UTF-8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMsg<'a> {
+    Query(&'a [u8]),
+    Parse {
+        name: &'a [u8],
+        query: &'a [u8],
+    },
+    Bind {
+        portal: &'a [u8],
+        statement: &'a [u8],
+    },
+    Execute {
+        portal: &'a [u8],
+        max_rows: u32,
+    },
+    /// `kind` is `S` (statement) or `P` (portal).
+    Close {
+        kind: u8,
+        name: &'a [u8],
+    },
+    Sync,
+    Terminate,
+    FunctionCall,
+    /// Everything relayed without a look: Describe, Flush, COPY data,
+    /// passwords and SASL.
+    Other,
+}
+
+/// Back-end messages the proxy acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendMsg<'a> {
+    ReadyForQuery(u8),
+    ErrorResponse(ErrorFields<'a>),
+    CommandComplete(&'a [u8]),
+    Other,
+}
+
+/// The fields of an ErrorResponse or NoticeResponse body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorFields<'a>(&'a [u8]);
+
+impl<'a> ErrorFields<'a> {
+    /// The value of field `code` (`C` SQLSTATE, `M` message, ...).
+    pub fn get(&self, code: u8) -> Option<&'a [u8]> {
+        let mut b = self.0;
+        while let Some((&c, mut rest)) = b.split_first() {
+            if c == 0 {
+                return None;
+            }
+            let v = take_cstr(&mut rest)?;
+            if c == code {
+                return Some(v);
+            }
+            b = rest;
+        }
+        None
+    }
+}
+
+/// Cuts one typed frame off the front of `buf`, or returns `None` until
+/// enough bytes have arrived. The length is checked before waiting for the
+/// body, so an oversized frame is refused without buffering it.
+pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    if len < 4 {
+        return Err(FrameError::TooShort { len });
+    }
+    if len as usize > max {
+        return Err(FrameError::TooLong {
+            len: len.into(),
+            max,
+        });
+    }
+    let total = 1 + len as usize;
+    if buf.len() < total {
+        // No reserve for the announced length: a peer's claim is not a
+        // reason to allocate, the read loop grows the buffer as bytes come.
+        return Ok(None);
+    }
+    Ok(Some(Frame {
+        raw: buf.split_to(total).freeze(),
+    }))
+}
+
+/// An ErrorResponse as Postgres sends one: severity (also as the
+/// non-localized `V` field), SQLSTATE and message.
+pub fn error_response(severity: &str, code: &str, message: &str) -> Bytes {
+    error_response_with(severity, code, message, None)
+}
+
+/// Like [`error_response`], with an optional `D` (detail) field.
+pub fn error_response_with(
+    severity: &str,
+    code: &str,
+    message: &str,
+    detail: Option<&str>,
+) -> Bytes {
+    let mut body = BytesMut::new();
+    let mut field = |c: u8, v: &str| {
+        body.put_u8(c);
+        // A NUL inside would end the field early; Postgres never sends one.
+        body.extend(v.bytes().filter(|&b| b != 0));
+        body.put_u8(0);
+    };
+    field(b'S', severity);
+    field(b'V', severity);
+    field(b'C', code);
+    field(b'M', message);
+    if let Some(d) = detail {
+        field(b'D', d);
+    }
+    body.put_u8(0);
+    Frame::new(b'E', &body).into_raw()
+}
+
+/// ReadyForQuery with transaction status `I`, `T` or `E`.
+pub fn ready_for_query(status: u8) -> Bytes {
+    Frame::new(b'Z', &[status]).into_raw()
+}
+
+/// A simple-protocol Query message.
+pub fn query(text: &str) -> Bytes {
+    let mut body = Vec::with_capacity(text.len() + 1);
+    body.extend(text.bytes().filter(|&b| b != 0));
+    body.push(0);
+    Frame::new(b'Q', &body).into_raw()
+}
+
+/// An Execute of `portal` with no row limit.
+pub fn execute(portal: &str) -> Bytes {
+    let mut body = Vec::with_capacity(portal.len() + 5);
+    body.extend(portal.bytes().filter(|&b| b != 0));
+    body.push(0);
+    body.put_u32(0);
+    Frame::new(b'E', &body).into_raw()
+}
+
+/// Terminate: the polite end of a session.
+pub fn terminate() -> Bytes {
+    Frame::new(b'X', &[]).into_raw()
+}
+
+/// The single byte that answers SSLRequest or GSSENCRequest with "no".
+pub const REFUSE_ENCRYPTION: &[u8] = b"N";
+
+/// Splits startup options (`-c a=b --c=d`, backslash escapes a space) into
+/// name/value settings, as the server's `pg_split_opts` does.
+pub fn option_settings(options: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut chars = options.chars();
+    let mut in_word = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+                in_word = true;
+            }
+            c if c.is_ascii_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(cur);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let setting = if w == "-c" {
+            it.next()
+        } else if let Some(s) = w.strip_prefix("-c") {
+            Some(s.to_owned())
+        } else {
+            w.strip_prefix("--").map(str::to_owned)
+        };
+        if let Some((k, v)) = setting.as_deref().and_then(|s| s.split_once('=')) {
+            // The server folds '-' to '_' in names given this way.
+            out.push((k.replace('-', "_").to_ascii_lowercase(), v.to_owned()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn startup_bytes(params: &[(&str, &str)]) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.put_u32(PROTOCOL_3);
+        for (k, v) in params {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut out = Vec::new();
+        out.put_u32(body.len() as u32 + 4);
+        out.extend(body);
+        out
+    }
+
+    #[test]
+    fn startup_packets() {
+        let raw = startup_bytes(&[("user", "postgres"), ("options", "-c fencing.token=5")]);
+        let mut buf = BytesMut::from(&raw[..3]);
+        assert_eq!(split_startup(&mut buf), Ok(None));
+        let mut buf = BytesMut::from(&raw[..]);
+        let p = split_startup(&mut buf).unwrap().unwrap();
+        assert_eq!(p.param("user"), Some("postgres"));
+        assert_eq!(p.param("options"), Some("-c fencing.token=5"));
+        assert_eq!(&p.raw[..], &raw[..]);
+        assert!(buf.is_empty());
+
+        let mut ssl = BytesMut::new();
+        ssl.put_u32(8);
+        ssl.put_u32(SSL_REQUEST);
+        assert_eq!(
+            split_startup(&mut ssl).unwrap().unwrap().kind,
+            StartupKind::Ssl
+        );
+        let mut gss = BytesMut::new();
+        gss.put_u32(8);
+        gss.put_u32(GSSENC_REQUEST);
+        assert_eq!(
+            split_startup(&mut gss).unwrap().unwrap().kind,
+            StartupKind::GssEnc
+        );
+        let mut cancel = BytesMut::new();
+        cancel.put_u32(16);
+        cancel.put_u32(CANCEL_REQUEST);
+        cancel.put_u64(42);
+        assert_eq!(
+            split_startup(&mut cancel).unwrap().unwrap().kind,
+            StartupKind::Cancel
+        );
+
+        let mut garbage = BytesMut::from(&b"GET / HTTP/1.1\r\n\r\n"[..]);
+        assert!(split_startup(&mut garbage).is_err());
+        let mut tiny = BytesMut::from(&[0u8, 0, 0, 3][..]);
+        assert!(split_startup(&mut tiny).is_err());
+    }
+
+    #[test]
+    fn typed_messages() {
+        let q = Frame::new(b'Q', b"select 1\0");
+        assert_eq!(q.client(), Ok(ClientMsg::Query(b"select 1")));
+        let p = Frame::new(b'P', b"s1\0insert into t values (1)\0\0\0");
+        assert_eq!(
+            p.client(),
+            Ok(ClientMsg::Parse {
+                name: b"s1",
+                query: b"insert into t values (1)"
+            })
+        );
+        let b = Frame::new(b'B', b"p\0s1\0\0\0\0\0\0\0");
+        assert_eq!(
+            b.client(),
+            Ok(ClientMsg::Bind {
+                portal: b"p",
+                statement: b"s1"
+            })
+        );
+        let e = Frame::new(b'E', b"p\0\0\0\0\0");
+        assert_eq!(
+            e.client(),
+            Ok(ClientMsg::Execute {
+                portal: b"p",
+                max_rows: 0
+            })
+        );
+        assert!(Frame::new(b'E', b"p\0\0").client().is_err());
+        assert!(Frame::new(b'Q', b"no terminator").client().is_err());
+        assert_eq!(
+            Frame::new(b'C', b"Sname\0").client(),
+            Ok(ClientMsg::Close {
+                kind: b'S',
+                name: b"name"
+            })
+        );
+
+        let z = Frame::new(b'Z', b"T");
+        assert_eq!(z.backend(), Ok(BackendMsg::ReadyForQuery(b'T')));
+        assert!(Frame::new(b'Z', b"x").backend().is_err());
+        let err = Frame {
+            raw: error_response("ERROR", "ZF001", "stale"),
+        };
+        let BackendMsg::ErrorResponse(f) = err.backend().unwrap() else {
+            panic!("not an error");
+        };
+        assert_eq!(f.get(b'C'), Some(&b"ZF001"[..]));
+        assert_eq!(f.get(b'M'), Some(&b"stale"[..]));
+        assert_eq!(f.get(b'D'), None);
+        assert_eq!(
+            Frame::new(b'C', b"INSERT 0 1\0").backend(),
+            Ok(BackendMsg::CommandComplete(b"INSERT 0 1"))
+        );
+    }
+
+    #[test]
+    fn bad_lengths() {
+        let mut b = BytesMut::from(&[b'Q', 0, 0, 0, 3][..]);
+        assert_eq!(
+            split_frame(&mut b, 100),
+            Err(FrameError::TooShort { len: 3 })
+        );
+        let mut b = BytesMut::from(&[b'Q', 0, 0, 1, 0][..]);
+        assert_eq!(
+            split_frame(&mut b, 100),
+            Err(FrameError::TooLong { len: 256, max: 100 })
+        );
+        let mut b = BytesMut::from(&[b'Q', 0xff, 0xff, 0xff, 0xff][..]);
+        assert!(matches!(
+            split_frame(&mut b, DEFAULT_MAX_FRAME),
+            Err(FrameError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn options_split_like_the_server() {
+        assert_eq!(
+            option_settings("-c fencing.token=5 -cfencing.resource=r --work-mem=4MB"),
+            vec![
+                ("fencing.token".into(), "5".into()),
+                ("fencing.resource".into(), "r".into()),
+                ("work_mem".into(), "4MB".into()),
+            ]
+        );
+        assert_eq!(
+            option_settings(r"-c application_name=a\ b"),
+            vec![("application_name".into(), "a b".into())]
+        );
+        assert!(option_settings("-c").is_empty());
+    }
+
+    /// Arbitrary well-formed frames, as one stream.
+    fn frames() -> impl Strategy<Value = Vec<(u8, Vec<u8>)>> {
+        prop::collection::vec(
+            (any::<u8>(), prop::collection::vec(any::<u8>(), 0..64)),
+            0..16,
+        )
+    }
+
+    proptest! {
+        /// Whatever the bytes and however they are chunked, splitting
+        /// never panics, and what it yields re-encodes to the input.
+        #[test]
+        fn arbitrary_bytes_split_anywhere(
+            data in prop::collection::vec(any::<u8>(), 0..512),
+            cuts in prop::collection::vec(any::<usize>(), 0..8),
+            max in 4usize..1024,
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (data.len() + 1)).collect();
+            cuts.push(data.len());
+            cuts.sort_unstable();
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            let mut from = 0;
+            'feed: for cut in cuts {
+                buf.extend_from_slice(&data[from..cut]);
+                from = cut;
+                loop {
+                    match split_frame(&mut buf, max) {
+                        Ok(Some(f)) => {
+                            let _ = f.client();
+                            let _ = f.backend();
+                            out.extend_from_slice(f.raw());
+                        }
+                        Ok(None) => break,
+                        Err(_) => break 'feed,
+                    }
+                }
+            }
+            prop_assert!(data.starts_with(&out));
+            let mut s = BytesMut::from(&data[..]);
+            let _ = split_startup(&mut s);
+        }
+
+        /// Well-formed frames round-trip through any chunking.
+        #[test]
+        fn frames_round_trip(fs in frames(), cuts in prop::collection::vec(any::<usize>(), 0..8)) {
+            let mut data = Vec::new();
+            for (tag, body) in &fs {
+                data.extend_from_slice(Frame::new(*tag, body).raw());
+            }
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (data.len() + 1)).collect();
+            cuts.push(data.len());
+            cuts.sort_unstable();
+            let (mut buf, mut from, mut got) = (BytesMut::new(), 0, Vec::new());
+            for cut in cuts {
+                buf.extend_from_slice(&data[from..cut]);
+                from = cut;
+                while let Some(f) = split_frame(&mut buf, 1024).unwrap() {
+                    got.push((f.tag(), f.body().to_vec()));
+                }
+            }
+            prop_assert!(buf.is_empty());
+            prop_assert_eq!(got, fs);
+        }
+
+        /// Lengths outside [4, max] are errors, never panics or waits.
+        #[test]
+        fn bad_lengths_are_errors(tag in any::<u8>(), len in any::<u32>(), max in 4usize..100_000) {
+            let mut b = BytesMut::new();
+            b.put_u8(tag);
+            b.put_u32(len);
+            let r = split_frame(&mut b, max);
+            if len < 4 {
+                prop_assert_eq!(r, Err(FrameError::TooShort { len }));
+            } else if len as usize > max {
+                prop_assert!(matches!(r, Err(FrameError::TooLong { .. })), "expected TooLong");
+            } else if len == 4 {
+                prop_assert!(matches!(r, Ok(Some(_))));
+            } else {
+                prop_assert_eq!(r, Ok(None));
+            }
+        }
+    }
+}

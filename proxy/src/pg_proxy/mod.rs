@@ -1,0 +1,171 @@
+//! The Postgres fencing proxy: a wire-protocol relay that asks the
+//! [`Fencer`] about every write before the server may run it.
+//!
+//! Like the HTTP proxy it decides nothing about fencing itself. It finds the
+//! resource and token a statement carries (startup options, `SET`, a leading
+//! comment), hands them to [`Fencer::decide`] (which audits and counts
+//! refusals), and either forwards the statement while holding the
+//! decision's in-flight guard until the server has finished with it, or
+//! makes the server fail in its place (see `session.rs` for why the
+//! refusal goes through the server instead of being answered here).
+//!
+//! Everything that needs no decision (authentication, results, COPY data,
+//! notices) passes through byte for byte, so any client and any
+//! authentication method works as it does against Postgres itself.
+
+mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use adapters::pg::{frame, Classifier, DEFAULT_WRITE_FUNCTIONS};
+use fencing::Protocol;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::config::{ConfigError, PgProxyConfig};
+use crate::error::Error;
+use crate::fencer::{Fencer, TokenChecker};
+use crate::metrics::WriteCounters;
+use crate::shutdown::Shutdown;
+
+/// How long a client may take to send its startup packet; Postgres's own
+/// `authentication_timeout` is a minute, a proxy in front need not be more
+/// patient with a silent socket.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connecting to the upstream server.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a vanished client's last statements may take at the server
+/// before the proxy stops waiting for them (their guards are held meanwhile,
+/// so a newer token's drain waits for them, as it must).
+const ORPHAN_WAIT: Duration = Duration::from_secs(30);
+/// Bound on the classification cache, in bytes of statement text.
+const CLASSIFY_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// One `[[postgres]]` listener.
+pub struct PgProxy {
+    fencer: Arc<Fencer>,
+    checker: TokenChecker,
+    counters: WriteCounters,
+    classifier: Classifier,
+    /// `host:port` of the one server every session is relayed to.
+    upstream: String,
+    /// Largest message accepted from either side.
+    max_frame: usize,
+}
+
+impl PgProxy {
+    pub fn new(
+        cfg: &PgProxyConfig,
+        fencer: Arc<Fencer>,
+        checker: TokenChecker,
+    ) -> Result<Arc<Self>, Error> {
+        let upstream = upstream_addr(&cfg.upstream)
+            .map_err(|m| Error::Config(ConfigError::Invalid(format!("postgres.upstream: {m}"))))?;
+        Ok(Arc::new(PgProxy {
+            fencer,
+            checker,
+            counters: WriteCounters::new(Protocol::Postgres),
+            classifier: Classifier::new(DEFAULT_WRITE_FUNCTIONS, CLASSIFY_CACHE_BYTES),
+            upstream,
+            max_frame: frame::DEFAULT_MAX_FRAME,
+        }))
+    }
+
+    /// Accepts until `shutdown` fires; then idle sessions are closed as
+    /// Postgres closes them on a fast shutdown, busy ones get up to `drain`
+    /// to finish what they started.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: Shutdown,
+        drain: Duration,
+    ) -> std::io::Result<()> {
+        let mut sessions = JoinSet::new();
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                () = shutdown.wait() => break,
+                Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                        () = shutdown.wait() => break,
+                    }
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let this = Arc::clone(&self);
+            let sd = shutdown.clone();
+            sessions.spawn(async move { session::run(this, stream, peer, sd).await });
+        }
+        drop(listener);
+        let drained = tokio::time::timeout(drain, async {
+            while sessions.join_next().await.is_some() {}
+        })
+        .await
+        .is_ok();
+        if !drained {
+            tracing::warn!(
+                ?drain,
+                "Postgres proxy: sessions still busy after the shutdown timeout"
+            );
+            sessions.shutdown().await;
+        }
+        Ok(())
+    }
+}
+
+/// `host:port`, defaulting the port to 5432; a `postgres://` URL is
+/// accepted for its host and port only (credentials come from clients).
+fn upstream_addr(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let hostport = match s.split_once("://") {
+        Some((scheme, rest)) if scheme == "postgres" || scheme == "postgresql" => {
+            let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+            rest.split(['/', '?']).next().unwrap_or(rest)
+        }
+        Some(_) => return Err(format!("{s:?} is neither host:port nor a postgres:// URL")),
+        None => s,
+    };
+    if hostport.is_empty() {
+        return Err("empty address".into());
+    }
+    if hostport.parse::<SocketAddr>().is_ok() {
+        return Ok(hostport.to_owned());
+    }
+    match hostport.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            Ok(hostport.to_owned())
+        }
+        _ if !hostport.contains(':') => Ok(format!("{hostport}:5432")),
+        _ if hostport.starts_with('[') && hostport.ends_with(']') => Ok(format!("{hostport}:5432")),
+        _ => Err(format!("{hostport:?} is not host:port")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::upstream_addr;
+
+    #[test]
+    fn upstream_forms() {
+        assert_eq!(upstream_addr("127.0.0.1:5432").unwrap(), "127.0.0.1:5432");
+        assert_eq!(upstream_addr("db").unwrap(), "db:5432");
+        assert_eq!(upstream_addr("db:6000").unwrap(), "db:6000");
+        assert_eq!(upstream_addr("[::1]:5433").unwrap(), "[::1]:5433");
+        assert_eq!(upstream_addr("[::1]").unwrap(), "[::1]:5432");
+        assert_eq!(
+            upstream_addr("postgres://u:p@db:5444/x?sslmode=disable").unwrap(),
+            "db:5444"
+        );
+        assert!(upstream_addr("http://db").is_err());
+        assert!(upstream_addr("db:notaport").is_err());
+        assert!(upstream_addr("").is_err());
+    }
+}
