@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use fencing::{AuditRecord, LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord};
+use fencing::{AuditRecord, LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord, Protocol, Reason};
 
 mod postgres;
 mod sqlite;
@@ -142,4 +142,58 @@ pub fn token_text(token: u64) -> String {
 pub fn token_from_text(text: &str) -> Result<u64, StoreError> {
     fencing::token::parse_decimal(text)
         .map_err(|e| StoreError::Corrupt(format!("token {text:?}: {e}")))
+}
+
+/// Column access the two backends share, so each row decoder below is
+/// written once. Each backend maps its own driver errors.
+pub(crate) trait Columns {
+    fn text(&self, col: &str) -> Result<String, StoreError>;
+    fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError>;
+    fn int(&self, col: &str) -> Result<i64, StoreError>;
+}
+
+pub(crate) fn opt_token_text(t: Option<u64>) -> Option<String> {
+    t.map(token_text)
+}
+
+fn opt_token_from_text(t: Option<String>) -> Result<Option<u64>, StoreError> {
+    t.as_deref().map(token_from_text).transpose()
+}
+
+pub(crate) fn fence_from_row(row: &impl Columns) -> Result<FenceRow, StoreError> {
+    Ok(FenceRow {
+        resource: row.text("resource")?,
+        token: token_from_text(&row.text("token")?)?,
+        updated_at_ms: row.int("updated_at_ms")?,
+    })
+}
+
+pub(crate) fn lease_from_row(row: &impl Columns) -> Result<LeaseRecord, StoreError> {
+    Ok(LeaseRecord {
+        resource: row.text("resource")?,
+        holder: row.opt_text("holder")?,
+        token: token_from_text(&row.text("token")?)?,
+        granted_at_ms: row.int("granted_at_ms")?,
+        expires_at_ms: row.int("expires_at_ms")?,
+        ttl_ms: row.int("ttl_ms")?,
+        free_after_ms: row.int("free_after_ms")?,
+    })
+}
+
+pub(crate) fn audit_from_row(row: &impl Columns) -> Result<AuditRecord, StoreError> {
+    let protocol = row.text("protocol")?;
+    let reason = row.text("reason")?;
+    Ok(AuditRecord {
+        id: Some(row.int("id")?),
+        at_ms: row.int("at_ms")?,
+        resource: row.opt_text("resource")?,
+        protocol: Protocol::parse(&protocol)
+            .ok_or_else(|| StoreError::Corrupt(format!("audit protocol {protocol:?}")))?,
+        reason: Reason::parse(&reason)
+            .ok_or_else(|| StoreError::Corrupt(format!("audit reason {reason:?}")))?,
+        presented_token: opt_token_from_text(row.opt_text("presented_token")?)?,
+        current_token: opt_token_from_text(row.opt_text("current_token")?)?,
+        client_addr: row.text("client_addr")?,
+        detail: row.text("detail")?,
+    })
 }

@@ -9,14 +9,17 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fencing::{AuditRecord, LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord, Protocol, Reason};
+use fencing::{AuditRecord, LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite};
 
-use super::{token_from_text, token_text, AuditQuery, FenceRow, Store, StoreError};
+use super::{
+    audit_from_row, fence_from_row, lease_from_row, opt_token_text, token_from_text, token_text,
+    AuditQuery, FenceRow, Store, StoreError,
+};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
@@ -94,50 +97,18 @@ fn classify_migrate(e: sqlx::migrate::MigrateError) -> StoreError {
     }
 }
 
-fn opt_token_text(t: Option<u64>) -> Option<String> {
-    t.map(token_text)
-}
+impl super::Columns for SqliteRow {
+    fn text(&self, col: &str) -> Result<String, StoreError> {
+        self.try_get(col).map_err(classify)
+    }
 
-fn opt_token_from_text(t: Option<String>) -> Result<Option<u64>, StoreError> {
-    t.as_deref().map(token_from_text).transpose()
-}
+    fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError> {
+        self.try_get(col).map_err(classify)
+    }
 
-fn fence_from_row(row: &SqliteRow) -> Result<FenceRow, StoreError> {
-    Ok(FenceRow {
-        resource: row.try_get("resource").map_err(classify)?,
-        token: token_from_text(row.try_get("token").map_err(classify)?)?,
-        updated_at_ms: row.try_get("updated_at_ms").map_err(classify)?,
-    })
-}
-
-fn lease_from_row(row: &SqliteRow) -> Result<LeaseRecord, StoreError> {
-    Ok(LeaseRecord {
-        resource: row.try_get("resource").map_err(classify)?,
-        holder: row.try_get("holder").map_err(classify)?,
-        token: token_from_text(row.try_get("token").map_err(classify)?)?,
-        granted_at_ms: row.try_get("granted_at_ms").map_err(classify)?,
-        expires_at_ms: row.try_get("expires_at_ms").map_err(classify)?,
-        ttl_ms: row.try_get("ttl_ms").map_err(classify)?,
-        free_after_ms: row.try_get("free_after_ms").map_err(classify)?,
-    })
-}
-
-fn audit_from_row(row: &SqliteRow) -> Result<AuditRecord, StoreError> {
-    let protocol: String = row.try_get("protocol").map_err(classify)?;
-    let reason: String = row.try_get("reason").map_err(classify)?;
-    Ok(AuditRecord {
-        id: Some(row.try_get("id").map_err(classify)?),
-        at_ms: row.try_get("at_ms").map_err(classify)?,
-        resource: row.try_get("resource").map_err(classify)?,
-        protocol: Protocol::parse(&protocol)
-            .ok_or_else(|| StoreError::Corrupt(format!("audit protocol {protocol:?}")))?,
-        reason: Reason::parse(&reason)
-            .ok_or_else(|| StoreError::Corrupt(format!("audit reason {reason:?}")))?,
-        presented_token: opt_token_from_text(row.try_get("presented_token").map_err(classify)?)?,
-        current_token: opt_token_from_text(row.try_get("current_token").map_err(classify)?)?,
-        client_addr: row.try_get("client_addr").map_err(classify)?,
-        detail: row.try_get("detail").map_err(classify)?,
-    })
+    fn int(&self, col: &str) -> Result<i64, StoreError> {
+        self.try_get(col).map_err(classify)
+    }
 }
 
 const SELECT_LEASE: &str = "SELECT resource, holder, token, granted_at_ms, expires_at_ms, \
