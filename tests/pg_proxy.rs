@@ -6,6 +6,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -23,6 +24,12 @@ struct Env {
 impl Env {
     /// A fresh database with table `t(v int)`, and a proxy in front of it.
     async fn start(prefix: &str) -> Env {
+        Env::start_with(prefix, |_| (String::new(), String::new())).await
+    }
+
+    /// As `start`, with config text from `extra(dir)`: (top-level
+    /// sections, keys of the `[[postgres]]` block).
+    async fn start_with(prefix: &str, extra: impl FnOnce(&Path) -> (String, String)) -> Env {
         let db = TestDb::create(prefix).await;
         let direct = direct(&db).await;
         direct
@@ -32,13 +39,16 @@ impl Env {
         let dir = TempDir::new(prefix);
         let proxy = free_addr();
         let admin = free_addr();
+        let (top, pg) = extra(dir.path());
         let config = format!(
             r#"store = "sqlite://{}/fencepost.db"
+{top}
 [admin]
 listen = "{admin}"
 [[postgres]]
 listen = "{proxy}"
 upstream = "127.0.0.1:5432"
+{pg}
 "#,
             dir.path().display()
         );
@@ -599,30 +609,6 @@ async fn graceful_shutdown_closes_idle_sessions_promptly() {
     assert_eq!(env.rows().await, vec![1]);
 }
 
-#[test]
-fn guard_mode_refuses_to_start_rather_than_run_weaker() {
-    let dir = TempDir::new("fp_pg_guard");
-    let config = dir.path().join("fencepost.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "store = \"sqlite://{}/fencepost.db\"\n[[postgres]]\nlisten = \"{}\"\nupstream = \"127.0.0.1:5432\"\nenforce = \"database\"\n",
-            dir.path().display(),
-            free_addr()
-        ),
-    )
-    .expect("write config");
-    let out = Command::new(support::bin())
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .expect("run serve");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("enforce"), "{err}");
-}
-
 /// Guarantee 2 from the table's own history: writers with ever newer
 /// tokens take over one after another while the older ones keep writing,
 /// in autocommit and in blocks. Every row gets its id from a sequence when
@@ -781,4 +767,719 @@ async fn newer_token_waits_for_older_write_still_running() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     assert_eq!(rows.iter().map(|r| r.1).collect::<Vec<_>>(), vec![1, 2]);
+}
+
+/// Signed tokens through `[[postgres]] verify_key`: the elector's genuine
+/// token in the startup options is admitted, a forged one (number raised,
+/// signature kept) gets ZF003 and an audit record saying "forged", and so
+/// does a plain number when plain tokens are not allowed.
+#[tokio::test]
+async fn signed_tokens_in_startup_options_are_verified() {
+    let el = free_addr();
+    let env = Env::start_with("fp_pg_signed", |dir| {
+        let key = dir.join("elector");
+        let (code, _, err) =
+            support::run_cli(&["keygen", "--out", &key.display().to_string()], &[]);
+        assert_eq!(code, 0, "keygen: {err}");
+        (
+            format!(
+                "[elector]\nlisten = \"{el}\"\nsigning_key = \"{}.key\"\n",
+                key.display()
+            ),
+            format!("verify_key = \"{}.pub\"\n", key.display()),
+        )
+    })
+    .await;
+    wait_port(el).await;
+    let resp = reqwest::Client::new()
+        .post(format!("http://{el}/v1/leases/signed/acquire"))
+        .json(&serde_json::json!({ "holder": "a", "ttl_ms": 60_000 }))
+        .send()
+        .await
+        .expect("elector reachable");
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    let token = body["token"].as_str().expect("token").to_owned();
+    let (n, sig) = token.split_once('.').expect("signed token");
+
+    let good = env
+        .client(Some(&format!(
+            "-c fencing.token={token} -c fencing.resource=signed"
+        )))
+        .await;
+    simple(&good, "INSERT INTO t VALUES (1)")
+        .await
+        .expect("genuine signed token admitted");
+
+    let raised: u64 = n.parse::<u64>().expect("number") + 1;
+    let forged = env
+        .client(Some(&format!(
+            "-c fencing.token={raised}.{sig} -c fencing.resource=signed"
+        )))
+        .await;
+    let err = simple(&forged, "INSERT INTO t VALUES (2)")
+        .await
+        .expect_err("forged token refused");
+    assert_eq!(code(&err), "ZF003", "{err:?}");
+
+    let plain = env.client(Some(&opts(raised + 10, "signed"))).await;
+    let err = simple(&plain, "INSERT INTO t VALUES (3)")
+        .await
+        .expect_err("unsigned token refused");
+    assert_eq!(code(&err), "ZF003", "{err:?}");
+    assert_eq!(env.rows().await, vec![1]);
+
+    let url = format!("http://{}/v1/audit?resource=signed", env.admin);
+    let audit = support::eventually(10, || {
+        let url = url.clone();
+        async move {
+            let (status, body) = support::get(&url, None).await;
+            (status == 200 && body.contains("forged")).then_some(body)
+        }
+    })
+    .await
+    .expect("audit record saying forged");
+    assert!(audit.contains("postgres"), "{audit}");
+}
+
+/// `strict = true`: inside a read-write block even a SELECT is a write,
+/// so it needs a current token; outside a block, and in a READ ONLY
+/// block, reads stay free.
+#[tokio::test]
+async fn strict_mode_makes_a_select_inside_begin_a_write() {
+    let env = Env::start_with("fp_pg_strict", |_| {
+        (String::new(), "strict = true\n".to_string())
+    })
+    .await;
+    let c = env.client(None).await;
+    simple(&c, "SELECT * FROM t")
+        .await
+        .expect("autocommit read");
+    simple(&c, "BEGIN READ ONLY; SELECT * FROM t; COMMIT")
+        .await
+        .expect("read-only block");
+    let err = simple(&c, "BEGIN; SELECT * FROM t")
+        .await
+        .expect_err("SELECT in a block is a write in strict mode");
+    assert_eq!(code(&err), "ZF002", "{err:?}");
+    simple(&c, "ROLLBACK").await.expect("rollback");
+    simple(&c, "BEGIN").await.expect("begin");
+    let err = simple(&c, "SELECT 1")
+        .await
+        .expect_err("a later SELECT in the block too");
+    assert_eq!(code(&err), "ZF002", "{err:?}");
+    simple(&c, "ROLLBACK").await.expect("rollback");
+
+    let leader = env.client(Some(&opts(3, "s"))).await;
+    simple(
+        &leader,
+        "BEGIN; SELECT * FROM t; INSERT INTO t VALUES (3); COMMIT",
+    )
+    .await
+    .expect("current token");
+    let old = env.client(Some(&opts(2, "s"))).await;
+    simple(&old, "BEGIN").await.expect("begin");
+    let err = simple(&old, "SELECT * FROM t")
+        .await
+        .expect_err("stale read in a block");
+    assert_eq!(code(&err), "ZF001", "{err:?}");
+    simple(&old, "ROLLBACK").await.expect("rollback");
+    simple(&old, "SELECT * FROM t")
+        .await
+        .expect("autocommit read");
+    assert_eq!(env.rows().await, vec![3]);
+}
+
+/// `fencepost migrate --guard URL`, twice (it is idempotent).
+fn install_guard(db: &TestDb) {
+    for _ in 0..2 {
+        let (code, out, err) = support::run_cli(&["migrate", "--guard", &db.url], &[]);
+        assert_eq!(code, 0, "migrate --guard: {out}{err}");
+    }
+}
+
+/// The shape of a simple query's answer, to compare with Postgres's own.
+fn shape(msgs: &[SimpleQueryMessage]) -> Vec<String> {
+    msgs.iter()
+        .map(|m| match m {
+            SimpleQueryMessage::Row(r) => format!("row {:?}", r.get(0)),
+            SimpleQueryMessage::CommandComplete(n) => format!("complete {n}"),
+            _ => "other".to_string(),
+        })
+        .collect()
+}
+
+async fn guard_mark(db: &TestDb, resource: &str) -> Option<String> {
+    direct(db)
+        .await
+        .query_opt(
+            "SELECT token FROM fencepost.marks WHERE resource = $1",
+            &[&resource],
+        )
+        .await
+        .expect("read guard marks")
+        .map(|r| r.get(0))
+}
+
+/// Guard mode: every admitted write runs `fencepost.advance` in its own
+/// transaction (simple, extended, in a block), the client sees exactly
+/// what Postgres alone would have answered, and when the database's mark
+/// is ahead of the proxy's (another proxy admitted a newer token) the
+/// write fails with ZF001 raised by Postgres itself and leaves no row.
+#[tokio::test]
+async fn guard_mode_fences_in_the_database_and_hides_the_guard() {
+    let env = Env::start_with("fp_pg_guard", |_| {
+        (String::new(), "enforce = \"database\"\n".to_string())
+    })
+    .await;
+    install_guard(&env.db);
+    let c = env.client(Some(&opts(5, "g"))).await;
+    let through = simple(&c, "INSERT INTO t VALUES (1) RETURNING v; SELECT 42")
+        .await
+        .expect("guarded write");
+    let alone = direct(&env.db)
+        .await
+        .simple_query("INSERT INTO t VALUES (1) RETURNING v; SELECT 42")
+        .await
+        .expect("same write without the proxy");
+    assert_eq!(shape(&through), shape(&alone), "the guard's answer leaked");
+    // An error position in the client's text ignores the prepended guard.
+    let bad = "INSERT INTO t VALUES (1,,2)";
+    let pos =
+        |e: tokio_postgres::Error| format!("{:?}", e.as_db_error().and_then(|d| d.position()));
+    let through = simple(&c, bad).await.expect_err("syntax error");
+    let alone = direct(&env.db)
+        .await
+        .simple_query(bad)
+        .await
+        .expect_err("syntax error");
+    let alone = pos(alone);
+    assert!(alone.contains("Original"), "{alone}");
+    assert_eq!(pos(through), alone);
+    let rows = c
+        .query("INSERT INTO t VALUES ($1) RETURNING v", &[&2i32])
+        .await
+        .expect("extended guarded write");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, i32>(0), 2);
+    let stmt = c
+        .prepare("INSERT INTO t VALUES ($1)")
+        .await
+        .expect("prepare");
+    simple(&c, "BEGIN").await.expect("begin");
+    assert_eq!(c.execute(&stmt, &[&3i32]).await.expect("in block"), 1);
+    assert_eq!(c.execute(&stmt, &[&4i32]).await.expect("in block"), 1);
+    simple(&c, "COMMIT").await.expect("commit");
+    assert_eq!(
+        guard_mark(&env.db, "g").await.as_deref(),
+        Some("00000000000000000005")
+    );
+
+    // Another proxy (simulated) has admitted token 9 in the database.
+    direct(&env.db)
+        .await
+        .batch_execute("UPDATE fencepost.marks SET token = '00000000000000000009'")
+        .await
+        .expect("raise the guard mark");
+    let err = simple(&c, "INSERT INTO t VALUES (50)")
+        .await
+        .expect_err("stale by the guard");
+    assert_eq!(code(&err), "ZF001", "{err:?}");
+    let m = message(&err);
+    assert!(m.contains("g") && m.contains('5') && m.contains('9'), "{m}");
+    let err = c
+        .execute(&stmt, &[&51i32])
+        .await
+        .expect_err("extended, stale by the guard");
+    assert_eq!(code(&err), "ZF001", "{err:?}");
+    let err = simple(&c, "BEGIN; INSERT INTO t VALUES (53); COMMIT")
+        .await
+        .expect_err("a whole block in one Query");
+    assert_eq!(code(&err), "ZF001", "{err:?}");
+    simple(&c, "ROLLBACK").await.expect("rollback");
+    simple(&c, "BEGIN").await.expect("begin");
+    let err = c.execute(&stmt, &[&52i32]).await.expect_err("in a block");
+    assert_eq!(code(&err), "ZF001", "{err:?}");
+    simple(&c, "ROLLBACK").await.expect("rollback");
+    simple(&c, "SELECT 1").await.expect("session still usable");
+    // The guard's refusals are audited too (the proxy had admitted them).
+    let url = format!("http://{}/v1/audit?resource=g", env.admin);
+    let audit = support::eventually(10, || {
+        let url = url.clone();
+        async move {
+            let (status, body) = support::get(&url, None).await;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let n = v.as_array().map_or(0, |a| a.len());
+            (status == 200 && n >= 4).then_some(v)
+        }
+    })
+    .await
+    .expect("four audit records of the guard's refusals");
+    let first = &audit[0];
+    assert_eq!(first["reason"], "stale", "{audit}");
+    assert_eq!(first["protocol"], "postgres", "{audit}");
+    assert_eq!(first["current_token"], 9, "{audit}");
+    assert_eq!(first["presented_token"], 5, "{audit}");
+    assert!(
+        first["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("INSERT")),
+        "{audit}"
+    );
+
+    let newer = env.client(Some(&opts(10, "g"))).await;
+    simple(&newer, "INSERT INTO t VALUES (10)")
+        .await
+        .expect("newer token");
+    assert_eq!(
+        guard_mark(&env.db, "g").await.as_deref(),
+        Some("00000000000000000010")
+    );
+    let mut expect = vec![1, 1, 2, 3, 4, 10];
+    expect.sort();
+    assert_eq!(env.rows().await, expect);
+}
+
+/// Guarantee 3: two `fencepost serve` processes with separate SQLite
+/// stores (so neither knows what the other admitted) in front of one
+/// database, in guard mode. Writers with ever newer tokens take over
+/// through alternating proxies while older ones keep writing, in
+/// autocommit and in blocks. Rows get their id when the INSERT runs and a
+/// commit stamp from a deferred trigger at COMMIT: in both orders the
+/// tokens never go down, because the guard's row lock serializes the
+/// transactions of the resource and a stale one fails in Postgres.
+#[tokio::test]
+async fn two_guard_proxies_never_commit_a_stale_transaction_after_a_newer_one() {
+    let env = Env::start_with("fp_pg_guard2", |_| {
+        (String::new(), "enforce = \"database\"\n".to_string())
+    })
+    .await;
+    install_guard(&env.db);
+    let dir2 = TempDir::new("fp_pg_guard2b");
+    let proxy2 = free_addr();
+    let _server2 = Server::start(
+        dir2.path(),
+        &format!(
+            "store = \"sqlite://{}/fencepost.db\"\n[[postgres]]\nlisten = \"{proxy2}\"\nupstream = \"127.0.0.1:5432\"\nenforce = \"database\"\n",
+            dir2.path().display()
+        ),
+    );
+    wait_port(proxy2).await;
+    direct(&env.db)
+        .await
+        .batch_execute(
+            "CREATE TABLE h (id bigserial PRIMARY KEY, token int NOT NULL, committed bigint);
+             CREATE SEQUENCE commits;
+             CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               UPDATE h SET committed = nextval('commits') WHERE id = NEW.id;
+               RETURN NULL;
+             END $$;
+             CREATE CONSTRAINT TRIGGER stamp AFTER INSERT ON h
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION stamp();",
+        )
+        .await
+        .expect("history table");
+    const WRITERS: u64 = 6;
+    let mut tasks = Vec::new();
+    for token in 1..=WRITERS {
+        let port = if token % 2 == 0 {
+            proxy2.port()
+        } else {
+            env.proxy.port()
+        };
+        let conninfo = format!(
+            "host=127.0.0.1 port={port} dbname={} user=postgres options='{}'",
+            env.db.name,
+            opts(token, "h")
+        );
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(150 * token)).await;
+            let (c, conn) = tokio_postgres::connect(&conninfo, NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            let stmt = c
+                .prepare("INSERT INTO h (token) VALUES ($1)")
+                .await
+                .expect("prepare");
+            let (mut ok, mut stale, mut by_guard) = (0u32, 0u32, 0u32);
+            let until = std::time::Instant::now() + Duration::from_millis(600);
+            let mut i = 0u32;
+            while std::time::Instant::now() < until {
+                i += 1;
+                let r = match i % 3 {
+                    0 => c
+                        .simple_query(&format!("INSERT INTO h (token) VALUES ({token})"))
+                        .await
+                        .map(|_| ()),
+                    1 => c.execute(&stmt, &[&(token as i32)]).await.map(|_| ()),
+                    _ => {
+                        let block = async {
+                            c.batch_execute("BEGIN").await?;
+                            c.execute(&stmt, &[&(token as i32)]).await?;
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            c.execute(&stmt, &[&(token as i32)]).await?;
+                            c.batch_execute("COMMIT").await
+                        };
+                        let r = block.await;
+                        let _ = c.batch_execute("ROLLBACK").await;
+                        r
+                    }
+                };
+                match r {
+                    Ok(()) => ok += 1,
+                    Err(e) if code(&e) == "ZF001" => {
+                        stale += 1;
+                        if message(&e).contains("database guard") {
+                            by_guard += 1;
+                        }
+                    }
+                    Err(e) => panic!("token {token}: unexpected error {e:?}"),
+                }
+            }
+            (token, ok, stale, by_guard)
+        }));
+    }
+    let (mut refused, mut refused_by_guard) = (0, 0);
+    for t in tasks {
+        let (token, ok, stale, by_guard) = t.await.expect("writer");
+        assert!(
+            ok > 0 || token < WRITERS,
+            "the newest writer must get through"
+        );
+        refused += stale;
+        refused_by_guard += by_guard;
+    }
+    assert!(refused > 0, "older writers kept writing and were fenced");
+    assert!(
+        refused_by_guard > 0,
+        "no refusal came from the database guard, so the test did not exercise it"
+    );
+    let rows: Vec<(i64, i32, Option<i64>)> = direct(&env.db)
+        .await
+        .query("SELECT id, token, committed FROM h ORDER BY id", &[])
+        .await
+        .expect("history")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(!rows.is_empty());
+    let mut highest = 0;
+    for (id, token, _) in &rows {
+        assert!(
+            *token >= highest,
+            "row {id} with token {token} was written after a write with token {highest}"
+        );
+        highest = *token;
+    }
+    let mut by_commit = rows.clone();
+    by_commit.sort_by_key(|r| r.2);
+    let mut highest = 0;
+    for (id, token, committed) in &by_commit {
+        assert!(
+            *token >= highest,
+            "row {id} with token {token} committed (#{committed:?}) after a write with token {highest}"
+        );
+        highest = *token;
+    }
+    assert_eq!(
+        guard_mark(&env.db, "h").await.as_deref(),
+        Some(format!("{WRITERS:020}").as_str())
+    );
+}
+
+/// Runs pgbench through the proxy with the token in PGOPTIONS; returns
+/// (success, stdout + stderr).
+async fn pgbench(env: &Env, token: u64, args: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new("pgbench");
+    cmd.args(args)
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", env.proxy.port().to_string())
+        .env("PGUSER", "postgres")
+        .env("PGDATABASE", &env.db.name)
+        .env(
+            "PGOPTIONS",
+            format!("-c fencing.token={token} -c fencing.resource=bench"),
+        );
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .expect("pgbench task")
+        .expect("pgbench runs (is postgresql-client installed?)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// pgbench, a real libpq client, through the real binary: initialization
+/// (DDL, COPY, VACUUM) and the TPC-B-like script in the simple, extended
+/// and prepared protocols, four clients each, with no failed transaction;
+/// then an older token's run fails with ZF001.
+#[tokio::test]
+async fn pgbench_runs_through_the_proxy_in_every_protocol_mode() {
+    let env = Env::start("fp_pg_bench").await;
+    let (ok, out) = pgbench(&env, 5, &["-i", "-q"]).await;
+    assert!(ok, "pgbench -i failed:\n{out}\n{}", env.server.log_text());
+    for mode in ["simple", "extended", "prepared"] {
+        let (ok, out) = pgbench(&env, 5, &["-M", mode, "-c", "4", "-t", "200", "-n"]).await;
+        assert!(ok, "pgbench -M {mode} failed:\n{out}");
+        assert!(
+            out.contains("number of transactions actually processed: 800/800"),
+            "-M {mode}:\n{out}"
+        );
+        assert!(
+            out.contains("number of failed transactions: 0 "),
+            "-M {mode}:\n{out}"
+        );
+    }
+    let (ok, out) = pgbench(&env, 4, &["-M", "prepared", "-c", "1", "-t", "5", "-n"]).await;
+    assert!(!ok, "a stale pgbench run must fail:\n{out}");
+    assert!(out.contains("ZF001") || out.contains("stale"), "{out}");
+    let history: i64 = direct(&env.db)
+        .await
+        .query_one("SELECT count(*) FROM pgbench_history", &[])
+        .await
+        .expect("history")
+        .get(0);
+    assert_eq!(history, 3 * 800, "the stale run left rows behind");
+}
+
+/// sqlx, with its cached named prepared statements (extended protocol):
+/// the token from the connect options' startup `options`; a current token
+/// writes, the same prepared statement with an older token gets ZF001 and
+/// leaves no row, and the connection stays usable.
+#[tokio::test]
+async fn sqlx_prepared_statements_are_fenced() {
+    use sqlx::postgres::PgConnectOptions;
+    use sqlx::{ConnectOptions, Connection};
+    let env = Env::start("fp_pg_sqlx").await;
+    let port = env.proxy.port();
+    let db = env.db.name.clone();
+    let connect = |token: u64| {
+        let opts = PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(port)
+            .username("postgres")
+            .database(&db)
+            .options([
+                ("fencing.token", token.to_string()),
+                ("fencing.resource", "sq".to_string()),
+            ]);
+        async move { opts.connect().await }
+    };
+    let mut new = connect(5).await.expect("sqlx connects through the proxy");
+    for v in [1i32, 2, 3] {
+        sqlx::query("INSERT INTO t VALUES ($1)")
+            .bind(v)
+            .execute(&mut new)
+            .await
+            .expect("prepared write with the current token");
+    }
+    let mut old = connect(4).await.expect("connect");
+    let err = sqlx::query("INSERT INTO t VALUES ($1)")
+        .bind(40i32)
+        .execute(&mut old)
+        .await
+        .expect_err("stale prepared write");
+    let code = err
+        .as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("ZF001"), "{err:?}");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
+        .fetch_one(&mut old)
+        .await
+        .expect("reads still pass");
+    assert_eq!(n, 3);
+    let mut tx = new.begin().await.expect("begin");
+    sqlx::query("INSERT INTO t VALUES ($1)")
+        .bind(4i32)
+        .execute(&mut *tx)
+        .await
+        .expect("write in a transaction");
+    tx.commit().await.expect("commit");
+    assert_eq!(env.rows().await, vec![1, 2, 3, 4]);
+}
+
+/// psycopg 3 from PyPI (installed here when missing; CI installs it in
+/// .ci/run): a stale write raises an error whose SQLSTATE is ZF001 and
+/// lands nothing, a current one commits.
+#[tokio::test]
+async fn psycopg_sees_zf001_for_a_stale_write() {
+    let env = Env::start("fp_pg_psycopg").await;
+    let have = Command::new("python3")
+        .args(["-c", "import psycopg"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !have {
+        let out = Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "psycopg[binary]"])
+            .output()
+            .expect("python3 runs");
+        assert!(
+            out.status.success(),
+            "psycopg is required and `python3 -m pip install 'psycopg[binary]'` failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let script = r#"
+import sys, psycopg
+base = sys.argv[1]
+with psycopg.connect(base + " options='-c fencing.token=5 -c fencing.resource=py'") as new:
+    new.execute("INSERT INTO t VALUES (%s)", (5,))
+    new.commit()
+old = psycopg.connect(base + " options='-c fencing.token=4 -c fencing.resource=py'")
+try:
+    old.execute("INSERT INTO t VALUES (%s)", (4,))
+    old.commit()
+    print("stale write was accepted")
+    sys.exit(1)
+except psycopg.Error as e:
+    print("sqlstate", e.sqlstate)
+    old.rollback()
+    sys.exit(0 if e.sqlstate == "ZF001" else 1)
+"#;
+    let base = format!(
+        "host=127.0.0.1 port={} dbname={} user=postgres",
+        env.proxy.port(),
+        env.db.name
+    );
+    let out = Command::new("python3")
+        .args(["-c", script, &base])
+        .output()
+        .expect("python3 runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "psycopg script failed:\n{text}");
+    assert!(text.contains("sqlstate ZF001"), "{text}");
+    assert_eq!(env.rows().await, vec![5]);
+}
+
+/// TLS: with `tls_cert`/`tls_key` (a self-signed certificate made here),
+/// psql with `sslmode=require` gets an encrypted session through which
+/// fencing works as over plain TCP; a client that does not ask for TLS is
+/// still served.
+#[tokio::test]
+async fn psql_over_tls_with_sslmode_require() {
+    let env = Env::start_with("fp_pg_tls", |dir| {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+            .expect("self-signed certificate");
+        let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+        std::fs::write(&cert, ck.cert.pem()).expect("write cert");
+        std::fs::write(&key, ck.key_pair.serialize_pem()).expect("write key");
+        (
+            String::new(),
+            format!(
+                "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+    })
+    .await;
+    let run = |conninfo: String, sql: &str| {
+        let out = Command::new("psql")
+            .arg(conninfo)
+            .args(["-X", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose"])
+            .args(["-c", sql])
+            .output()
+            .expect("run psql");
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let tls = |o: Option<&str>| format!("{} sslmode=require", env.conninfo(o));
+    let (st, out) = run(tls(None), "\\conninfo");
+    assert_eq!(st, 0, "{out}\n{}", env.server.log_text());
+    assert!(out.contains("SSL connection"), "not encrypted: {out}");
+    let (st, out) = run(tls(Some(&opts(5, "r"))), "INSERT INTO t VALUES (5)");
+    assert_eq!(st, 0, "{out}");
+    let (st, out) = run(tls(Some(&opts(4, "r"))), "INSERT INTO t VALUES (4)");
+    assert_ne!(st, 0);
+    assert!(out.contains("ZF001"), "{out}");
+    let plain = format!("{} sslmode=disable", env.conninfo(None));
+    let (st, out) = run(plain, "SELECT count(*) FROM t");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(env.rows().await, vec![5]);
+}
+
+/// `max_frame_bytes`: a message above it costs that one connection, with
+/// a protocol-violation error; other sessions go on.
+#[tokio::test]
+async fn messages_above_max_frame_bytes_cost_one_connection() {
+    let env = Env::start_with("fp_pg_maxframe", |_| {
+        (String::new(), "max_frame_bytes = 4096\n".to_string())
+    })
+    .await;
+    let other = env.client(None).await;
+    let c = env.client(None).await;
+    let big = format!("SELECT '{}'", "x".repeat(8192));
+    let err = simple(&c, &big).await.expect_err("too big");
+    assert!(
+        code(&err) == "08P01" || c.is_closed(),
+        "expected a protocol violation: {err:?}"
+    );
+    assert!(
+        c.simple_query("SELECT 1").await.is_err(),
+        "connection ended"
+    );
+    simple(&other, "SELECT 1")
+        .await
+        .expect("other sessions unaffected");
+}
+
+/// pgbench in guard mode: initialization (its VACUUM cannot share a
+/// transaction, so the proxy alone fences it) and every protocol mode run
+/// with the guard hidden from pgbench; once the database's mark is ahead
+/// (another proxy admitted a newer token), the guard itself fails the run.
+#[tokio::test]
+async fn pgbench_in_guard_mode() {
+    let env = Env::start_with("fp_pg_benchguard", |_| {
+        (String::new(), "enforce = \"database\"\n".to_string())
+    })
+    .await;
+    install_guard(&env.db);
+    let (ok, out) = pgbench(&env, 5, &["-i", "-q"]).await;
+    assert!(ok, "pgbench -i failed:\n{out}");
+    for mode in ["simple", "extended", "prepared"] {
+        let (ok, out) = pgbench(&env, 5, &["-M", mode, "-c", "4", "-t", "100", "-n"]).await;
+        assert!(ok, "pgbench -M {mode} failed:\n{out}");
+        assert!(
+            out.contains("number of failed transactions: 0 "),
+            "-M {mode}:\n{out}"
+        );
+    }
+    assert_eq!(
+        guard_mark(&env.db, "bench").await.as_deref(),
+        Some("00000000000000000005")
+    );
+    direct(&env.db)
+        .await
+        .batch_execute("UPDATE fencepost.marks SET token = '00000000000000000009'")
+        .await
+        .expect("raise the guard mark");
+    let (ok, out) = pgbench(&env, 5, &["-M", "extended", "-c", "1", "-t", "5", "-n"]).await;
+    assert!(!ok, "a run stale in the database must fail:\n{out}");
+    assert!(out.contains("database guard"), "{out}");
+    let history: i64 = direct(&env.db)
+        .await
+        .query_one("SELECT count(*) FROM pgbench_history", &[])
+        .await
+        .expect("history")
+        .get(0);
+    assert_eq!(history, 3 * 400, "the stale run left rows behind");
 }

@@ -186,7 +186,9 @@ pub struct MigrateArgs {
     #[arg(long, env = "FENCEPOST_STORE")]
     pub store: Option<String>,
     /// Install the in-database guard into this protected Postgres database
-    /// (for enforce = "database").
+    /// (for enforce = "database") instead of migrating the store: schema
+    /// `fencepost` with table `marks` and function `advance`. Idempotent;
+    /// the role needs CREATE on the database.
     #[arg(long)]
     pub guard: Option<String>,
 }

@@ -66,6 +66,13 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("postgres", "listen"),
     ("postgres", "upstream"),
     ("postgres", "enforce"),
+    ("postgres", "verify_key"),
+    ("postgres", "allow_plain_tokens"),
+    ("postgres", "strict"),
+    ("postgres", "write_functions"),
+    ("postgres", "max_frame_bytes"),
+    ("postgres", "tls_cert"),
+    ("postgres", "tls_key"),
 ];
 
 const LIST_SECTIONS: &[&str] = &["http", "postgres"];
@@ -310,6 +317,37 @@ pub struct PgProxyConfig {
     /// the protected database).
     #[serde(default = "default_enforce")]
     pub enforce: String,
+    /// Public key file: when set, tokens must be signed by the elector.
+    pub verify_key: Option<PathBuf>,
+    /// Accept plain decimal tokens even though `verify_key` is set.
+    #[serde(default)]
+    pub allow_plain_tokens: bool,
+    /// Count every statement inside a read-write transaction block as a
+    /// write, so a leader's reads that feed its writes are fenced too.
+    #[serde(default)]
+    pub strict: bool,
+    /// Functions whose call makes even a SELECT a write (matched by their
+    /// last name component, case-insensitively). Replaces the default list.
+    #[serde(default = "default_write_functions")]
+    pub write_functions: Vec<String>,
+    /// Largest message accepted from a client or the server; a bigger one
+    /// costs that connection (a protocol violation error).
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_frame_bytes: usize,
+    /// PEM certificate chain offered to clients that ask for TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+}
+
+fn default_write_functions() -> Vec<String> {
+    adapters::pg::DEFAULT_WRITE_FUNCTIONS
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+}
+fn default_max_frame_bytes() -> usize {
+    adapters::pg::frame::DEFAULT_MAX_FRAME
 }
 
 fn default_pg_listen() -> SocketAddr {
@@ -391,6 +429,19 @@ impl Config {
                     p.enforce
                 )));
             }
+            // Below this no ordinary statement fits; the startup packet has
+            // its own bound.
+            if p.max_frame_bytes < 1024 {
+                return Err(ConfigError::Invalid(format!(
+                    "postgres[{i}].max_frame_bytes must be at least 1024, not {}",
+                    p.max_frame_bytes
+                )));
+            }
+            if p.tls_cert.is_some() != p.tls_key.is_some() {
+                return Err(ConfigError::Invalid(format!(
+                    "postgres[{i}]: tls_cert and tls_key go together"
+                )));
+            }
         }
         if self.log.format != "text" && self.log.format != "json" {
             return Err(ConfigError::Invalid(format!(
@@ -467,7 +518,10 @@ fn apply_env(root: &mut toml::Table, var: &str, rest: &str, raw: &str) -> Result
                 let v = value();
                 // Addresses look like floats to TOML ("127.0.0.1" does not,
                 // but be strict anyway): listen/upstream are always strings.
-                let v = if matches!(k, "listen" | "upstream" | "verify_key" | "elector_watch") {
+                let v = if matches!(
+                    k,
+                    "listen" | "upstream" | "verify_key" | "elector_watch" | "tls_cert" | "tls_key"
+                ) {
                     toml::Value::String(raw.into())
                 } else {
                     v
@@ -547,6 +601,16 @@ mod tests {
         let c = Config::from_parts(text, "example", env(&[])).unwrap();
         assert!(c.elector.is_some());
         assert!(!c.http.is_empty());
+        // The commented [[postgres]] block is valid once uncommented.
+        let at = text.find("# [[postgres]]").unwrap();
+        let mut uncommented = text[..at].to_string();
+        for line in text[at..].lines() {
+            uncommented.push_str(line.strip_prefix("# ").unwrap_or(line));
+            uncommented.push('\n');
+        }
+        let c = Config::from_parts(&uncommented, "example", env(&[])).unwrap();
+        assert_eq!(c.postgres.len(), 1);
+        assert!(c.postgres[0].tls_cert.is_some());
     }
 
     #[test]
@@ -572,6 +636,38 @@ mod tests {
         assert_eq!(c.http.len(), 2);
         assert_eq!(c.http[1].max_concurrent_requests, 7);
         assert_eq!(c.fencing.drain_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn postgres_keys_from_file_and_env() {
+        let c = Config::from_parts(
+            "[[postgres]]\nupstream = \"127.0.0.1:5432\"\n",
+            "t",
+            env(&[
+                ("FENCEPOST_POSTGRES_VERIFY_KEY", "elector.pub"),
+                ("FENCEPOST_POSTGRES_ALLOW_PLAIN_TOKENS", "true"),
+                ("FENCEPOST_POSTGRES_STRICT", "true"),
+                ("FENCEPOST_POSTGRES_WRITE_FUNCTIONS", "[\"bump\"]"),
+                ("FENCEPOST_POSTGRES_MAX_FRAME_BYTES", "65536"),
+            ]),
+        )
+        .unwrap();
+        let p = &c.postgres[0];
+        assert_eq!(p.verify_key.as_deref(), Some(Path::new("elector.pub")));
+        assert!(p.allow_plain_tokens && p.strict);
+        assert_eq!(p.write_functions, vec!["bump".to_string()]);
+        assert_eq!(p.max_frame_bytes, 65536);
+        // Defaults: the classifier's own list, the codec's own bound.
+        let d = Config::from_parts("[[postgres]]\nupstream = \"db\"\n", "t", env(&[])).unwrap();
+        assert!(d.postgres[0].write_functions.iter().any(|f| f == "nextval"));
+        assert!(!d.postgres[0].strict);
+        let e = Config::from_parts(
+            "[[postgres]]\nupstream = \"db\"\ntls_cert = \"c.pem\"\n",
+            "t",
+            env(&[]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("tls_key"), "{e}");
     }
 
     #[test]

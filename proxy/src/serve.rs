@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 
 use crate::audit_sink::AuditSink;
 use crate::cli::{MigrateArgs, ServeArgs};
-use crate::config::{Config, HttpProxyConfig};
+use crate::config::Config;
 use crate::error::Error;
 use crate::fencer::{Fencer, FencerOptions, TokenChecker};
 use crate::shutdown::{self, Shutdown};
@@ -35,12 +35,19 @@ pub fn read_verifier(path: &Path) -> Result<Verifier, Error> {
     })
 }
 
-/// The token checker an HTTP listener's config asks for.
-pub fn checker_for(cfg: &HttpProxyConfig, cache_size: u64) -> Result<TokenChecker, Error> {
-    let policy = match &cfg.verify_key {
+/// The token checker a listener's config asks for (`verify_key`,
+/// `allow_plain_tokens`): one construction for both protocols, so an
+/// `[[http]]` and a `[[postgres]]` listener given the same key accept
+/// exactly the same tokens.
+pub fn checker_for(
+    verify_key: Option<&Path>,
+    allow_plain: bool,
+    cache_size: u64,
+) -> Result<TokenChecker, Error> {
+    let policy = match verify_key {
         Some(path) => TokenPolicy {
             verifier: Some(read_verifier(path)?),
-            allow_plain: cfg.allow_plain_tokens,
+            allow_plain,
         },
         None => TokenPolicy::plain(),
     };
@@ -91,15 +98,6 @@ pub async fn run(args: ServeArgs, log_format: Option<&str>) -> Result<ExitCode, 
                 .into(),
         ));
     }
-    // The in-database guard (guarantee 3 across replicas) is not in this
-    // build: refuse to start rather than run with a weaker guarantee than
-    // the config asks for.
-    if let Some(pg) = config.postgres.iter().find(|p| p.enforce == "database") {
-        return Err(Error::Usage(format!(
-            "[[postgres]] (listen {}): enforce = \"database\" (the in-database guard) is not available in this build yet; use enforce = \"proxy\"",
-            pg.listen
-        )));
-    }
     let prometheus = metrics::install();
     let store = adapters::open(&config.store).await?;
     let (trigger, shutdown) = shutdown::channel();
@@ -139,7 +137,11 @@ pub async fn run(args: ServeArgs, log_format: Option<&str>) -> Result<ExitCode, 
         });
     }
     for hcfg in &config.http {
-        let checker = checker_for(hcfg, config.fencing.token_cache_size)?;
+        let checker = checker_for(
+            hcfg.verify_key.as_deref(),
+            hcfg.allow_plain_tokens,
+            config.fencing.token_cache_size,
+        )?;
         let listener = bind(hcfg.listen, "an HTTP proxy").await?;
         let proxy = http_proxy::HttpProxy::new(hcfg, Arc::clone(&fencer), checker.clone())?;
         if let Some(url) = &hcfg.elector_watch {
@@ -166,11 +168,13 @@ pub async fn run(args: ServeArgs, log_format: Option<&str>) -> Result<ExitCode, 
         });
     }
     for pcfg in &config.postgres {
-        // [[postgres]] has no verify_key setting yet: plain tokens, as an
-        // [[http]] listener without one.
-        let checker = TokenChecker::plain();
+        let checker = checker_for(
+            pcfg.verify_key.as_deref(),
+            pcfg.allow_plain_tokens,
+            config.fencing.token_cache_size,
+        )?;
         let listener = bind(pcfg.listen, "a Postgres proxy").await?;
-        let proxy = pg_proxy::PgProxy::new(pcfg, Arc::clone(&fencer), checker)?;
+        let proxy = pg_proxy::PgProxy::new(pcfg, Arc::clone(&fencer), checker, audit.clone())?;
         let sd = shutdown.clone();
         let drain = args.shutdown_timeout;
         tracing::info!(listen = %pcfg.listen, upstream = %pcfg.upstream, "Postgres fencing proxy listening");
@@ -232,12 +236,14 @@ pub async fn run(args: ServeArgs, log_format: Option<&str>) -> Result<ExitCode, 
 }
 
 pub async fn migrate(args: MigrateArgs) -> Result<ExitCode, Error> {
-    let config = Config::load(args.config.as_deref())?;
     if let Some(url) = &args.guard {
-        return Err(Error::Usage(format!(
-            "--guard {url}: the in-database guard ships with the Postgres proxy, which is not in this build yet"
-        )));
+        // The protected database, not the store: only the guard's schema
+        // goes there.
+        adapters::pg::guard::install(url).await?;
+        println!("installed the fencepost guard (schema fencepost) in {url}");
+        return Ok(ExitCode::SUCCESS);
     }
+    let config = Config::load(args.config.as_deref())?;
     let url = args.store.unwrap_or(config.store);
     let store = adapters::open(&url).await?;
     store.migrate().await?;

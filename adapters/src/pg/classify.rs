@@ -101,6 +101,22 @@ pub struct Classification {
     /// Changes to `fencing.token` / `fencing.resource`, in order.
     pub settings: Vec<FenceSetting>,
     pub comment: CommentFence,
+    /// Some statement is neither transaction control nor a session
+    /// setting (SET/RESET/SHOW/DISCARD): what `strict` mode counts as a
+    /// write inside a read-write transaction block.
+    pub data: bool,
+    /// A data statement follows a read-write BEGIN in this same text, so
+    /// `strict` mode counts it as a write whatever the session's state.
+    pub data_in_block: bool,
+    /// How the text leaves the transaction block: `Some(true)` inside a
+    /// read-write block it opened, `Some(false)` outside one (it ended the
+    /// block, or opened a read-only one), `None` as it found it.
+    pub block_after: Option<bool>,
+    /// Some statement cannot run inside a transaction block (VACUUM,
+    /// CREATE/DROP DATABASE, CREATE INDEX CONCURRENTLY, ...), so nothing
+    /// can run in its transaction beside it: guard mode cannot put its
+    /// guard there.
+    pub outside_block: bool,
 }
 
 /// Classifies statements, with a cache by text.
@@ -178,9 +194,35 @@ impl Classifier {
             if self.is_write(node) {
                 c.write = true;
             }
+            let data = !matches!(
+                node,
+                NodeEnum::TransactionStmt(_)
+                    | NodeEnum::VariableSetStmt(_)
+                    | NodeEnum::VariableShowStmt(_)
+                    | NodeEnum::DiscardStmt(_)
+            );
+            if cannot_run_in_block(node) {
+                c.outside_block = true;
+            }
+            if data {
+                c.data = true;
+                if c.block_after == Some(true) {
+                    c.data_in_block = true;
+                }
+            }
             match node {
                 NodeEnum::TransactionStmt(t) => {
                     let k = t.kind;
+                    if k == TransactionStmtKind::TransStmtBegin as i32
+                        || k == TransactionStmtKind::TransStmtStart as i32
+                    {
+                        c.block_after = Some(!begins_read_only(t));
+                    } else if k == TransactionStmtKind::TransStmtCommit as i32
+                        || k == TransactionStmtKind::TransStmtRollback as i32
+                        || k == TransactionStmtKind::TransStmtPrepare as i32
+                    {
+                        c.block_after = Some(false);
+                    }
                     if k == TransactionStmtKind::TransStmtCommit as i32
                         || k == TransactionStmtKind::TransStmtPrepare as i32
                     {
@@ -297,6 +339,45 @@ impl Classifier {
     }
 }
 
+/// Statements Postgres refuses inside a transaction block (including the
+/// implicit one of a multi-statement Query or an extended-protocol batch).
+fn cannot_run_in_block(node: &NodeEnum) -> bool {
+    match node {
+        NodeEnum::VacuumStmt(v) => v.is_vacuumcmd,
+        NodeEnum::CreatedbStmt(_)
+        | NodeEnum::DropdbStmt(_)
+        | NodeEnum::AlterSystemStmt(_)
+        | NodeEnum::CreateTableSpaceStmt(_)
+        | NodeEnum::DropTableSpaceStmt(_)
+        | NodeEnum::CreateSubscriptionStmt(_)
+        | NodeEnum::DropSubscriptionStmt(_) => true,
+        NodeEnum::IndexStmt(i) => i.concurrent,
+        NodeEnum::DropStmt(d) => d.concurrent,
+        NodeEnum::ReindexStmt(r) => r.params.iter().any(|p| {
+            matches!(&p.node, Some(NodeEnum::DefElem(d)) if d.defname.eq_ignore_ascii_case("concurrently"))
+        }),
+        _ => false,
+    }
+}
+
+/// `BEGIN READ ONLY` / `START TRANSACTION READ ONLY`: a block that cannot
+/// write, which `strict` mode leaves alone.
+fn begins_read_only(t: &pg_query::protobuf::TransactionStmt) -> bool {
+    t.options.iter().any(|o| match &o.node {
+        Some(NodeEnum::DefElem(d)) if d.defname == "transaction_read_only" => {
+            match d.arg.as_ref().and_then(|a| a.node.as_ref()) {
+                Some(NodeEnum::AConst(c)) => match &c.val {
+                    Some(a_const::Val::Ival(v)) => v.ival != 0,
+                    Some(a_const::Val::Boolval(v)) => v.boolval,
+                    _ => false,
+                },
+                _ => false,
+            }
+        }
+        _ => false,
+    })
+}
+
 /// A cache entry's cost: its text plus a rough allowance for the rest.
 #[allow(clippy::borrowed_box)] // moka hands the key as it stores it
 fn weight(k: &Box<str>, _: &Arc<Classification>) -> u32 {
@@ -408,6 +489,49 @@ mod tests {
 
     fn classifier() -> Classifier {
         Classifier::new(DEFAULT_WRITE_FUNCTIONS, 1 << 20)
+    }
+
+    #[test]
+    fn transaction_blocks_for_strict_mode() {
+        let c = classifier();
+        let x = c.classify("BEGIN");
+        assert_eq!((x.data, x.block_after), (false, Some(true)));
+        let x = c.classify("START TRANSACTION READ ONLY");
+        assert_eq!(x.block_after, Some(false));
+        let x = c.classify("BEGIN READ WRITE; SELECT 1");
+        assert!(x.data && x.data_in_block);
+        let x = c.classify("SELECT 1; BEGIN");
+        assert!(x.data && !x.data_in_block);
+        let x = c.classify("SELECT 1");
+        assert_eq!((x.data, x.block_after), (true, None));
+        assert!(!c.classify("SET fencing.token = 1").data);
+        assert_eq!(c.classify("ROLLBACK").block_after, Some(false));
+        assert_eq!(c.classify("COMMIT").block_after, Some(false));
+    }
+
+    #[test]
+    fn statements_that_cannot_run_in_a_block() {
+        let c = classifier();
+        for sql in [
+            "VACUUM t",
+            "vacuum analyze pgbench_branches",
+            "CREATE DATABASE x",
+            "DROP DATABASE x",
+            "CREATE INDEX CONCURRENTLY i ON t (a)",
+            "DROP INDEX CONCURRENTLY i",
+            "REINDEX (CONCURRENTLY) TABLE t",
+            "ALTER SYSTEM SET work_mem = '1MB'",
+        ] {
+            assert!(c.classify(sql).outside_block, "{sql}");
+            assert!(c.classify(sql).write, "{sql}");
+        }
+        for sql in [
+            "ANALYZE t",
+            "CREATE INDEX i ON t (a)",
+            "INSERT INTO t VALUES (1)",
+        ] {
+            assert!(!c.classify(sql).outside_block, "{sql}");
+        }
     }
 
     #[test]

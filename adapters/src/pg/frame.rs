@@ -332,6 +332,30 @@ impl<'a> ErrorFields<'a> {
     }
 }
 
+/// An ErrorResponse or NoticeResponse (`tag`) with its `P` (cursor
+/// position, in characters of the statement text) moved back by `shift`,
+/// for a statement text that went to the server with `shift` ASCII
+/// characters prepended. `None` when there is no `P` field to move.
+pub fn shift_position(tag: u8, body: &[u8], shift: u32) -> Option<Bytes> {
+    let fields = ErrorFields(body);
+    let pos: u32 = std::str::from_utf8(fields.get(b'P')?).ok()?.parse().ok()?;
+    let new = pos.saturating_sub(shift).max(1).to_string();
+    let mut out = BytesMut::with_capacity(body.len());
+    let mut b = body;
+    while let Some((&c, mut rest)) = b.split_first() {
+        if c == 0 {
+            break;
+        }
+        let v = take_cstr(&mut rest)?;
+        out.put_u8(c);
+        out.extend_from_slice(if c == b'P' { new.as_bytes() } else { v });
+        out.put_u8(0);
+        b = rest;
+    }
+    out.put_u8(0);
+    Some(Frame::new(tag, &out).into_raw())
+}
+
 /// Cuts one typed frame off the front of `buf`, or returns `None` until
 /// enough bytes have arrived. The length is checked before waiting for the
 /// body, so an oversized frame is refused without buffering it.
@@ -413,10 +437,49 @@ pub fn execute(portal: &str) -> Bytes {
     Frame::new(b'E', &body).into_raw()
 }
 
+/// A statement run inside an extended-protocol batch without touching the
+/// client's unnamed statement or portal: Parse and Bind under `name`
+/// (no parameters, text results), Execute, then Close of the portal and
+/// the statement so the name can be used again. The server answers with
+/// ParseComplete, BindComplete, the rows, CommandComplete and two
+/// CloseComplete (five completions), or with an ErrorResponse that
+/// discards the rest up to Sync.
+pub fn run_named(name: &str, text: &str) -> Bytes {
+    let cstr = |b: &mut BytesMut, s: &str| {
+        b.extend(s.bytes().filter(|&c| c != 0));
+        b.put_u8(0);
+    };
+    let mut out = BytesMut::new();
+    let mut body = BytesMut::new();
+    cstr(&mut body, name);
+    cstr(&mut body, text);
+    body.put_u16(0);
+    out.extend_from_slice(Frame::new(b'P', &body).raw());
+    body.clear();
+    cstr(&mut body, name);
+    cstr(&mut body, name);
+    body.put_u16(0); // parameter formats
+    body.put_u16(0); // parameters
+    body.put_u16(0); // result formats: all text
+    out.extend_from_slice(Frame::new(b'B', &body).raw());
+    out.extend_from_slice(&execute(name));
+    for kind in [b'P', b'S'] {
+        body.clear();
+        body.put_u8(kind);
+        cstr(&mut body, name);
+        out.extend_from_slice(Frame::new(b'C', &body).raw());
+    }
+    out.freeze()
+}
+
 /// Terminate: the polite end of a session.
 pub fn terminate() -> Bytes {
     Frame::new(b'X', &[]).into_raw()
 }
+
+/// The single byte that answers SSLRequest with "yes": the TLS handshake
+/// follows.
+pub const ACCEPT_ENCRYPTION: &[u8] = b"S";
 
 /// The single byte that answers SSLRequest or GSSENCRequest with "no".
 pub const REFUSE_ENCRYPTION: &[u8] = b"N";
@@ -472,6 +535,38 @@ pub fn option_settings(options: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn position_is_shifted_back() {
+        let e = error_response_with("ERROR", "42601", "syntax error", None);
+        let mut body = BytesMut::from(&e[5..e.len() - 1]);
+        body.extend_from_slice(b"P60\0\0");
+        let shifted = shift_position(b'E', &body, 50).unwrap();
+        let mut buf = BytesMut::from(&shifted[..]);
+        let f = split_frame(&mut buf, DEFAULT_MAX_FRAME).unwrap().unwrap();
+        match f.backend().unwrap() {
+            BackendMsg::ErrorResponse(fields) => {
+                assert_eq!(fields.get(b'P'), Some(&b"10"[..]));
+                assert_eq!(fields.get(b'C'), Some(&b"42601"[..]));
+            }
+            _ => panic!("not an error"),
+        }
+        assert!(shift_position(b'E', &e[5..], 50).is_none());
+    }
+
+    #[test]
+    fn run_named_is_five_messages_under_its_own_name() {
+        let mut buf = BytesMut::from(&run_named("g1", "SELECT 1")[..]);
+        let mut tags = Vec::new();
+        while let Some(f) = split_frame(&mut buf, DEFAULT_MAX_FRAME).unwrap() {
+            if let Ok(ClientMsg::Parse { name, query }) = f.client() {
+                assert_eq!((name, query), (&b"g1"[..], &b"SELECT 1"[..]));
+            }
+            tags.push(f.tag());
+        }
+        assert_eq!(tags, b"PBECC");
+        assert!(buf.is_empty());
+    }
     use proptest::prelude::*;
 
     fn startup_bytes(params: &[(&str, &str)]) -> Vec<u8> {

@@ -5,6 +5,7 @@
 
 pub mod classify;
 pub mod frame;
+pub mod guard;
 
 pub use classify::{
     fingerprint, Classification, Classifier, CommentFence, FenceSetting, FenceVar,

@@ -16,14 +16,17 @@
 mod session;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adapters::pg::{frame, Classifier, DEFAULT_WRITE_FUNCTIONS};
+use adapters::pg::Classifier;
 use fencing::Protocol;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
+use crate::audit_sink::AuditSink;
 use crate::config::{ConfigError, PgProxyConfig};
 use crate::error::Error;
 use crate::fencer::{Fencer, TokenChecker};
@@ -46,6 +49,9 @@ const CLASSIFY_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 /// One `[[postgres]]` listener.
 pub struct PgProxy {
     fencer: Arc<Fencer>,
+    /// For refusals made by the database guard, which the fencer never
+    /// sees (it admitted the write).
+    audit: AuditSink,
     checker: TokenChecker,
     counters: WriteCounters,
     classifier: Classifier,
@@ -53,6 +59,14 @@ pub struct PgProxy {
     upstream: String,
     /// Largest message accepted from either side.
     max_frame: usize,
+    /// Every statement in a read-write transaction block is a write.
+    strict: bool,
+    /// `enforce = "database"`: admitted writes also run the in-database
+    /// guard in their own transaction.
+    guard: bool,
+    /// Set when `tls_cert`/`tls_key` are configured: SSLRequest is then
+    /// answered `S` and the session upgraded.
+    tls: Option<TlsAcceptor>,
 }
 
 impl PgProxy {
@@ -60,16 +74,28 @@ impl PgProxy {
         cfg: &PgProxyConfig,
         fencer: Arc<Fencer>,
         checker: TokenChecker,
+        audit: AuditSink,
     ) -> Result<Arc<Self>, Error> {
         let upstream = upstream_addr(&cfg.upstream)
             .map_err(|m| Error::Config(ConfigError::Invalid(format!("postgres.upstream: {m}"))))?;
+        let tls =
+            match (&cfg.tls_cert, &cfg.tls_key) {
+                (Some(cert), Some(key)) => Some(tls_acceptor(cert, key).map_err(|m| {
+                    Error::Config(ConfigError::Invalid(format!("postgres TLS: {m}")))
+                })?),
+                _ => None,
+            };
         Ok(Arc::new(PgProxy {
             fencer,
+            audit,
             checker,
             counters: WriteCounters::new(Protocol::Postgres),
-            classifier: Classifier::new(DEFAULT_WRITE_FUNCTIONS, CLASSIFY_CACHE_BYTES),
+            classifier: Classifier::new(&cfg.write_functions, CLASSIFY_CACHE_BYTES),
             upstream,
-            max_frame: frame::DEFAULT_MAX_FRAME,
+            max_frame: cfg.max_frame_bytes,
+            strict: cfg.strict,
+            guard: cfg.enforce == "database",
+            tls,
         }))
     }
 
@@ -119,6 +145,31 @@ impl PgProxy {
         }
         Ok(())
     }
+}
+
+/// A TLS server config from PEM files: the certificate chain and its key.
+/// The crypto provider is named explicitly (ring), so the choice never
+/// depends on which other crates enabled which rustls features.
+fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("tls_cert {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("tls_cert {}: no certificate in it", cert.display()));
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("tls_key {}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("tls_cert/tls_key: {e}"))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// `host:port`, defaulting the port to 5432; a `postgres://` URL is

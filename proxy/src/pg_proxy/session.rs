@@ -38,6 +38,28 @@
 //! A COMMIT of a block whose token went stale is sent as ROLLBACK, and the
 //! ROLLBACK's completion is swapped for the fencing error: the block is
 //! rolled back and COMMIT answers `ZF001`, as the contract says.
+//!
+//! # Guard mode (`enforce = "database"`)
+//! After the proxy admits a write, it also sends `fencepost.advance(resource,
+//! token)` (installed by `fencepost migrate --guard`) in the write's own
+//! transaction, just before the write: prepended to the same Query in the
+//! simple protocol (one implicit transaction, or the open block), or as a
+//! Parse/Bind/Execute/Close under names of its own just before the
+//! client's Execute, within the same Sync, in the extended protocol. The
+//! upsert holds the resource's row lock until that transaction ends, so
+//! Postgres itself serializes the resource's transactions across any
+//! number of proxies, and a stale one fails with the guard's own `ZF001`.
+//! The guard runs before every admitted write (not only a block's first):
+//! repeating it in a transaction that already holds the lock is cheap, and
+//! the proxy need not know which writes the server has already run.
+//! Statements that Postgres refuses inside a transaction block (VACUUM,
+//! CREATE DATABASE, CREATE INDEX CONCURRENTLY, ...) cannot share one with
+//! the guard; they, and fast-path function calls, are fenced by the proxy
+//! alone, as in `enforce = "proxy"`.
+//! The guard's answers are hidden from the client by position: the cycle
+//! counts the completions the client's own messages are owed, and drops
+//! what the server sends for the guard between them (a [`Strip`]). Its
+//! ErrorResponse is never hidden.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -47,19 +69,21 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use adapters::pg::frame::{self, split_frame, split_startup};
+use adapters::pg::guard;
 use adapters::pg::{
     BackendMsg, Classification, ClientMsg, CommentFence, FenceSetting, FenceVar, Frame, FrameError,
     StartupKind, StartupPacket,
 };
 use bytes::{Bytes, BytesMut};
-use fencing::{InflightGuard, Protocol, Reason};
+use fencing::{AuditRecord, InflightGuard, Protocol, Reason};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::{PgProxy, CONNECT_TIMEOUT, ORPHAN_WAIT, STARTUP_TIMEOUT};
-use crate::fencer::{Decision, Refusal, WriteInfo};
+use crate::fencer::{now_ms, Decision, Refusal, WriteInfo};
 use crate::shutdown::Shutdown;
 
 /// Makes refusal markers unique within the process, so a marker can never
@@ -114,7 +138,80 @@ struct Cycle {
     settings: Vec<FenceSetting>,
     error_seen: bool,
     rolled_back: bool,
+    /// Completions (see [`is_completion`]) the server owes for the
+    /// extended-protocol messages the client sent in this cycle so far.
+    sent: u32,
+    /// Completions of the client's messages seen from the server so far.
+    seen: u32,
+    /// Answers of guard statements (guard mode) to hide from the client,
+    /// in the order they were sent.
+    strips: VecDeque<Strip>,
+    /// Characters of guard calls prepended to this cycle's Query, which
+    /// error positions in the client's text must not count.
+    position_shift: u32,
 }
+
+/// Where the answers of one injected guard call are, and how they end.
+struct Strip {
+    /// The guard went out after the client's messages owing this many
+    /// completions; its answers come right after theirs.
+    after: u32,
+    kind: StripKind,
+    /// What the guard compared, for the audit record when it refuses.
+    resource: String,
+    token: u64,
+    detail: Detail,
+}
+
+/// The statement a guard protected, kept (cheaply: the message's bytes are
+/// shared) so the audit can fingerprint it only if the guard refuses.
+#[derive(Clone)]
+enum Detail {
+    Query(Frame),
+    Parse(Frame),
+    Label(&'static str),
+}
+
+impl Detail {
+    fn fingerprint(&self) -> String {
+        match self {
+            Detail::Query(f) => match f.client() {
+                Ok(ClientMsg::Query(t)) => adapters::pg::fingerprint(t),
+                _ => "(unreadable statement)".into(),
+            },
+            Detail::Parse(f) => Source::Parse(f).fingerprint(),
+            Detail::Label(l) => (*l).to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum StripKind {
+    /// Prepended to a simple Query: its answers end with CommandComplete.
+    Simple,
+    /// `frame::run_named` in an extended batch: this many completions left.
+    Extended(u32),
+}
+
+/// The completions of `frame::run_named`: Parse, Bind, Execute, two Close.
+const RUN_NAMED_COMPLETIONS: u32 = 5;
+
+/// Server messages that end the answer to one extended-protocol message:
+/// ParseComplete, BindComplete, CloseComplete, CommandComplete,
+/// EmptyQueryResponse, PortalSuspended, RowDescription and NoData (the
+/// last two end a Describe). Rows, notices and COPY data do not.
+fn is_completion(tag: u8) -> bool {
+    matches!(tag, b'1' | b'2' | b'3' | b'C' | b'I' | b's' | b'T' | b'n')
+}
+
+/// Client messages the server answers with exactly one completion:
+/// Parse, Bind, Execute, Describe, Close.
+fn owes_completion(tag: u8) -> bool {
+    matches!(tag, b'P' | b'B' | b'E' | b'D' | b'C')
+}
+
+/// Unique names for the guard's statement and portal in extended batches.
+static GUARD_NAMES: AtomicU64 = AtomicU64::new(1);
 
 /// The fencing variables of the session, tracked as Postgres tracks GUCs:
 /// session values that only a transaction that ends well keeps, and
@@ -244,6 +341,10 @@ struct Shared {
     /// Settings of the open transaction, from cycles that ended in it.
     txn_settings: Vec<FenceSetting>,
     vars: Vars,
+    /// A read-write transaction block is open as far as the statements
+    /// sent so far say (for `strict` mode): set by BEGIN, cleared by
+    /// COMMIT/ROLLBACK and by an idle ReadyForQuery with nothing pending.
+    in_block: bool,
 }
 
 impl Shared {
@@ -294,7 +395,7 @@ struct Ctx {
     answered: Notify,
     /// Fired when the server side has ended.
     server_gone: Notify,
-    client_w: tokio::sync::Mutex<OwnedWriteHalf>,
+    client_w: tokio::sync::Mutex<ClientWrite>,
 }
 
 impl Ctx {
@@ -307,7 +408,8 @@ impl Ctx {
     /// Best effort: the client may be gone.
     async fn to_client(&self, bytes: &[u8]) -> bool {
         let mut w = self.client_w.lock().await;
-        w.write_all(bytes).await.is_ok()
+        // TLS buffers records: flush so the answer leaves now.
+        w.write_all(bytes).await.is_ok() && w.flush().await.is_ok()
     }
 }
 
@@ -341,28 +443,116 @@ impl Source<'_> {
     }
 }
 
+/// The client's half of the session: plain TCP, or TLS after an
+/// SSLRequest was answered `S`. The TLS session is split with a lock
+/// (`tokio::io::split`); plain TCP keeps its lock-free halves.
+enum ClientConn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+type ClientRead = Box<dyn AsyncRead + Send + Unpin>;
+type ClientWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+impl ClientConn {
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            ClientConn::Plain(s) => s.write_all(bytes).await,
+            ClientConn::Tls(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
+        }
+    }
+
+    fn into_halves(self) -> (ClientRead, ClientWrite) {
+        match self {
+            ClientConn::Plain(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            ClientConn::Tls(s) => {
+                let (r, w) = tokio::io::split(*s);
+                (Box::new(r), Box::new(w))
+            }
+        }
+    }
+}
+
+/// The startup exchange up to the StartupMessage or CancelRequest,
+/// upgrading to TLS on the way when the client asks and a certificate is
+/// configured. `None`: the client left or was told why not.
+async fn accept(
+    proxy: &PgProxy,
+    client: TcpStream,
+    buf: &mut BytesMut,
+    peer: SocketAddr,
+) -> Option<(ClientConn, StartupPacket)> {
+    let mut conn = ClientConn::Plain(client);
+    loop {
+        let got = match &mut conn {
+            ClientConn::Plain(s) => startup(s, buf, proxy.tls.is_some()).await,
+            // Once encrypted, a second SSLRequest gets "no".
+            ClientConn::Tls(s) => startup(&mut **s, buf, false).await,
+        };
+        match got {
+            Ok(Some(Got::Packet(p))) => return Some((conn, p)),
+            Ok(Some(Got::Tls)) => {
+                let (ClientConn::Plain(mut tcp), Some(acceptor)) = (conn, proxy.tls.clone()) else {
+                    return None;
+                };
+                // Bytes sent after the SSLRequest but before the handshake
+                // would be taken as if they came encrypted (CVE-2021-23214):
+                // refuse, as Postgres does.
+                if !buf.is_empty() {
+                    let _ = tcp
+                        .write_all(&fatal(
+                            "08P01",
+                            "received unencrypted data after SSL request",
+                        ))
+                        .await;
+                    return None;
+                }
+                tcp.write_all(frame::ACCEPT_ENCRYPTION).await.ok()?;
+                match acceptor.accept(tcp).await {
+                    Ok(tls) => conn = ClientConn::Tls(Box::new(tls)),
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return None;
+                    }
+                }
+            }
+            Ok(None) => return None,
+            Err(StartupError::Frame(e)) => {
+                tracing::debug!(%peer, error = %e, "bad startup packet");
+                let _ = conn
+                    .write_all(&fatal("08P01", &format!("invalid startup packet: {e}")))
+                    .await;
+                return None;
+            }
+            Err(StartupError::Io(e)) => {
+                tracing::debug!(%peer, error = %e, "client left during startup");
+                return None;
+            }
+        }
+    }
+}
+
 pub(super) async fn run(
     proxy: Arc<PgProxy>,
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     shutdown: Shutdown,
 ) {
     let mut cbuf = BytesMut::with_capacity(8 * 1024);
-    let startup = match tokio::time::timeout(STARTUP_TIMEOUT, startup(&mut client, &mut cbuf)).await
+    let (mut client, startup) = match tokio::time::timeout(
+        STARTUP_TIMEOUT,
+        accept(&proxy, client, &mut cbuf, peer),
+    )
+    .await
     {
-        Ok(Ok(Some(p))) => p,
-        Ok(Ok(None)) => return,
-        Ok(Err(StartupError::Frame(e))) => {
-            tracing::debug!(%peer, error = %e, "bad startup packet");
-            let _ = client
-                .write_all(&fatal("08P01", &format!("invalid startup packet: {e}")))
-                .await;
-            return;
-        }
-        Ok(Err(StartupError::Io(e))) => {
-            tracing::debug!(%peer, error = %e, "client left during startup");
-            return;
-        }
+        Ok(Some(x)) => x,
+        Ok(None) => return,
         Err(_) => {
             tracing::debug!(%peer, "startup timed out");
             return;
@@ -400,7 +590,7 @@ pub(super) async fn run(
     };
     let _ = server.set_nodelay(true);
     let vars = Vars::from_startup(&startup);
-    let (cr, cw) = client.into_split();
+    let (cr, cw) = client.into_halves();
     let (sr, mut sw) = server.into_split();
     if sw.write_all(&startup.raw).await.is_err() {
         proxy.counters.upstream_errors.increment(1);
@@ -421,6 +611,7 @@ pub(super) async fn run(
             txn_writes: Vec::new(),
             txn_settings: Vec::new(),
             vars,
+            in_block: false,
         }),
         answered: Notify::new(),
         server_gone: Notify::new(),
@@ -437,16 +628,25 @@ enum StartupError {
     Io(std::io::Error),
 }
 
-/// Reads startup packets, answering SSL and GSS encryption requests with
-/// "no", until a StartupMessage or CancelRequest arrives. `None`: the
-/// client left.
-async fn startup(
-    client: &mut TcpStream,
+/// What [`startup`] read.
+enum Got {
+    Packet(StartupPacket),
+    /// An SSLRequest, to be answered `S` and upgraded by the caller.
+    Tls,
+}
+
+/// Reads startup packets, answering GSS encryption requests (and SSL
+/// ones unless `offer_tls`) with "no", until a StartupMessage or
+/// CancelRequest arrives. `None`: the client left.
+async fn startup<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut S,
     buf: &mut BytesMut,
-) -> Result<Option<StartupPacket>, StartupError> {
+    offer_tls: bool,
+) -> Result<Option<Got>, StartupError> {
     loop {
         if let Some(p) = split_startup(buf).map_err(StartupError::Frame)? {
             match p.kind {
+                StartupKind::Ssl if offer_tls => return Ok(Some(Got::Tls)),
                 StartupKind::Ssl | StartupKind::GssEnc => {
                     client
                         .write_all(frame::REFUSE_ENCRYPTION)
@@ -454,7 +654,7 @@ async fn startup(
                         .map_err(StartupError::Io)?;
                     continue;
                 }
-                _ => return Ok(Some(p)),
+                _ => return Ok(Some(Got::Packet(p))),
             }
         }
         if client.read_buf(buf).await.map_err(StartupError::Io)? == 0 {
@@ -497,7 +697,7 @@ struct ClientSide {
 
 async fn client_loop(
     ctx: &Ctx,
-    mut cr: OwnedReadHalf,
+    mut cr: ClientRead,
     mut sw: OwnedWriteHalf,
     mut buf: BytesMut,
     shutdown: Shutdown,
@@ -618,14 +818,41 @@ async fn handle(ctx: &Ctx, side: &mut ClientSide, frame: Frame) -> Result<Out, F
         ClientMsg::Query(text) => {
             side.skip_until_sync = false;
             let class = proxy.classifier.classify_bytes(text);
-            let out = fence(ctx, &class, Source::Text(text), Unit::Query).await;
+            let original = frame.clone();
+            let out = match fence(ctx, &class, Source::Text(text), Unit::Query).await {
+                Verdict::Refused(b) => b,
+                Verdict::Pass => frame.into_raw(),
+                Verdict::Admitted(writes) => {
+                    let mut s = ctx.lock();
+                    let cycle = s.open_cycle();
+                    // One guard statement per admitted (resource, token),
+                    // prepended in the same Query: one implicit transaction
+                    // (or the same block) as the client's statements.
+                    let mut body = Vec::with_capacity(text.len() + 96 * writes.len());
+                    for (r, t) in &writes {
+                        body.extend_from_slice(guard::call(r, *t).as_bytes());
+                        body.extend_from_slice(b";\n");
+                        cycle.strips.push_back(Strip {
+                            after: cycle.sent,
+                            kind: StripKind::Simple,
+                            resource: r.clone(),
+                            token: *t,
+                            detail: Detail::Query(original.clone()),
+                        });
+                    }
+                    cycle.position_shift = u32::try_from(body.len()).unwrap_or(u32::MAX);
+                    body.extend_from_slice(text);
+                    body.push(0);
+                    Frame::new(b'Q', &body).into_raw()
+                }
+            };
             ctx.lock().open_cycle().closed = true;
-            Ok(Out::Send(out.unwrap_or_else(|| frame.into_raw())))
+            Ok(Out::Send(out))
         }
         ClientMsg::Parse { name, query } => {
             let class = proxy.classifier.classify_bytes(query);
             let name = Bytes::copy_from_slice(name);
-            ctx.lock().open_cycle();
+            ctx.lock().open_cycle().sent += 1;
             side.statements.insert(
                 name,
                 Prepared {
@@ -637,7 +864,7 @@ async fn handle(ctx: &Ctx, side: &mut ClientSide, frame: Frame) -> Result<Out, F
         }
         ClientMsg::Bind { portal, statement } => {
             let portal = Bytes::copy_from_slice(portal);
-            ctx.lock().open_cycle();
+            ctx.lock().open_cycle().sent += 1;
             match side.statements.get(statement).cloned() {
                 Some(p) => {
                     side.portals.insert(portal, p);
@@ -666,16 +893,49 @@ async fn handle(ctx: &Ctx, side: &mut ClientSide, frame: Frame) -> Result<Out, F
                     Source::Label("(Execute of a portal the proxy did not see bound)"),
                 ),
             };
-            match fence(ctx, class, source, Unit::Execute).await {
-                Some(poison) => {
+            let verdict = fence(ctx, class, source, Unit::Execute).await;
+            let mut s = ctx.lock();
+            let cycle = s.open_cycle();
+            let out = match verdict {
+                Verdict::Refused(poison) => {
                     side.skip_until_sync = true;
-                    Ok(Out::Send(poison))
+                    poison
                 }
-                None => Ok(Out::Send(frame.into_raw())),
-            }
+                Verdict::Pass => frame.into_raw(),
+                Verdict::Admitted(writes) => {
+                    // The guard runs just before the Execute, before the
+                    // same Sync: in the same (implicit or explicit)
+                    // transaction, under names of its own so the client's
+                    // unnamed statement and portal are left alone.
+                    let mut out = BytesMut::new();
+                    for (r, t) in &writes {
+                        let name = format!(
+                            "fencepost-guard-{}",
+                            GUARD_NAMES.fetch_add(1, Ordering::Relaxed)
+                        );
+                        out.extend_from_slice(&frame::run_named(&name, &guard::call(r, *t)));
+                        cycle.strips.push_back(Strip {
+                            after: cycle.sent,
+                            kind: StripKind::Extended(RUN_NAMED_COMPLETIONS),
+                            resource: r.clone(),
+                            token: *t,
+                            detail: match &prepared {
+                                Some(p) => Detail::Parse(p.parse.clone()),
+                                None => Detail::Label(
+                                    "(Execute of a portal the proxy did not see bound)",
+                                ),
+                            },
+                        });
+                    }
+                    out.extend_from_slice(frame.raw());
+                    out.freeze()
+                }
+            };
+            cycle.sent += 1;
+            Ok(Out::Send(out))
         }
         ClientMsg::Close { kind, name } => {
-            ctx.lock().open_cycle();
+            ctx.lock().open_cycle().sent += 1;
             match kind {
                 b'S' => {
                     side.statements.remove(name);
@@ -698,18 +958,31 @@ async fn handle(ctx: &Ctx, side: &mut ClientSide, frame: Frame) -> Result<Out, F
                 write: true,
                 ..Classification::default()
             };
-            let out = fence(
+            // In guard mode the call is fenced by the proxy only: the
+            // fast-path protocol has no way to run a second statement in
+            // the same implicit transaction.
+            let out = match fence(
                 ctx,
                 &class,
                 Source::Label("(fast-path function call)"),
                 Unit::Query,
             )
-            .await;
+            .await
+            {
+                Verdict::Refused(b) => b,
+                Verdict::Pass | Verdict::Admitted(_) => frame.into_raw(),
+            };
             ctx.lock().open_cycle().closed = true;
-            Ok(Out::Send(out.unwrap_or_else(|| frame.into_raw())))
+            Ok(Out::Send(out))
         }
         ClientMsg::Terminate => Ok(Out::Last(frame.into_raw())),
-        ClientMsg::Other => Ok(Out::Send(frame.into_raw())),
+        ClientMsg::Other => {
+            if owes_completion(frame.tag()) {
+                // Describe.
+                ctx.lock().open_cycle().sent += 1;
+            }
+            Ok(Out::Send(frame.into_raw()))
+        }
     }
 }
 
@@ -721,18 +994,32 @@ enum Unit {
     Execute,
 }
 
+/// What [`fence`] made of a statement.
+enum Verdict {
+    /// Nothing to decide (a read), or admitted in proxy mode: send it.
+    Pass,
+    /// Admitted in guard mode: send it after the guard calls for these
+    /// (resource, token) pairs.
+    Admitted(Vec<(String, u64)>),
+    /// Refused: send these bytes instead.
+    Refused(Bytes),
+}
+
 /// Applies the statement's SETs, decides its write (and a COMMIT's
 /// writes) through the fencer, and files guards in the open cycle.
-/// Returns what to send instead of the message when refused.
-async fn fence(ctx: &Ctx, class: &Classification, source: Source<'_>, unit: Unit) -> Option<Bytes> {
+async fn fence(ctx: &Ctx, class: &Classification, source: Source<'_>, unit: Unit) -> Verdict {
     let (fences, peer) = {
         let mut s = ctx.lock();
         s.open_cycle()
             .settings
             .extend(class.settings.iter().cloned());
         let view = s.view();
+        let strict_write = ctx.proxy.strict && class.data && (class.data_in_block || s.in_block);
+        if let Some(b) = class.block_after {
+            s.in_block = b;
+        }
         let mut fences: Vec<(Option<String>, Option<String>)> = Vec::new();
-        if class.write {
+        if class.write || strict_write {
             let CommentFence { token, resource } = &class.comment;
             fences.push((
                 non_empty(resource.clone()).or_else(|| view.effective(1)),
@@ -751,7 +1038,7 @@ async fn fence(ctx: &Ctx, class: &Classification, source: Source<'_>, unit: Unit
         (fences, ctx.peer)
     };
     if fences.is_empty() {
-        return None;
+        return Verdict::Pass;
     }
     let detail = || source.fingerprint();
     let info = WriteInfo {
@@ -780,16 +1067,35 @@ async fn fence(ctx: &Ctx, class: &Classification, source: Source<'_>, unit: Unit
                 let error = refusal_error(&refusal);
                 let mut s = ctx.lock();
                 let cycle = s.open_cycle();
-                if unit == Unit::Query && class.single_commit {
-                    cycle.swap_complete = Some(error);
-                    return Some(frame::query("ROLLBACK"));
+                return Verdict::Refused(refuse(cycle, class, unit, error));
+            }
+        }
+    }
+    // Guard mode: the numbers to compare-and-advance in the database. The
+    // checker has just accepted these tokens (and caches signed ones), so
+    // this cannot fail; if it somehow did, refuse rather than skip the
+    // guard.
+    let mut guarded = Vec::new();
+    // A statement that cannot share a transaction is fenced by the proxy
+    // only (see the module docs).
+    if ctx.proxy.guard && !class.outside_block {
+        for (_, resource, token) in &admitted {
+            let (Some(r), Some(t)) = (resource, token) else {
+                continue;
+            };
+            match ctx.proxy.checker.check(r, t) {
+                Ok(n) => guarded.push((r.clone(), n)),
+                Err(_) => {
+                    drop(admitted);
+                    let error = frame::error_response(
+                        "ERROR",
+                        "ZF004",
+                        "fencepost: cannot run the database guard for this token",
+                    );
+                    let mut s = ctx.lock();
+                    let cycle = s.open_cycle();
+                    return Verdict::Refused(refuse(cycle, class, unit, error));
                 }
-                let m = marker();
-                cycle.swap_error = Some((m.clone(), error));
-                return Some(match unit {
-                    Unit::Query => frame::query(&format!("FETCH ALL FROM \"{m}\"")),
-                    Unit::Execute => frame::execute(&m),
-                });
             }
         }
     }
@@ -801,7 +1107,28 @@ async fn fence(ctx: &Ctx, class: &Classification, source: Source<'_>, unit: Unit
             cycle.writes.push((r, t));
         }
     }
-    None
+    if guarded.is_empty() {
+        Verdict::Pass
+    } else {
+        guarded.sort();
+        guarded.dedup();
+        Verdict::Admitted(guarded)
+    }
+}
+
+/// What to send in place of a refused statement (see the module docs),
+/// with the cycle set up to swap the server's answer for `error`.
+fn refuse(cycle: &mut Cycle, class: &Classification, unit: Unit, error: Bytes) -> Bytes {
+    if unit == Unit::Query && class.single_commit {
+        cycle.swap_complete = Some(error);
+        return frame::query("ROLLBACK");
+    }
+    let m = marker();
+    cycle.swap_error = Some((m.clone(), error));
+    match unit {
+        Unit::Query => frame::query(&format!("FETCH ALL FROM \"{m}\"")),
+        Unit::Execute => frame::execute(&m),
+    }
 }
 
 async fn server_loop(ctx: &Ctx, mut sr: OwnedReadHalf) {
@@ -860,6 +1187,9 @@ fn finish(ctx: &Ctx) {
 
 /// Bookkeeping for one server message; returns a replacement for it.
 fn on_server_frame(ctx: &Ctx, frame: &Frame) -> Option<Bytes> {
+    if let Some(hidden) = strip_guard_answer(ctx, frame) {
+        return Some(hidden);
+    }
     let msg = match frame.backend() {
         Ok(m) => m,
         // Not ours to judge: relay it and let the client complain.
@@ -877,6 +1207,11 @@ fn on_server_frame(ctx: &Ctx, frame: &Frame) -> Option<Bytes> {
             };
             match &cycle.swap_error {
                 Some((m, _)) if names_marker(m) => cycle.swap_error.take().map(|(_, e)| e),
+                // A position in the client's text, counted by the server
+                // over the guard calls prepended to it.
+                _ if cycle.position_shift > 0 => {
+                    frame::shift_position(b'E', &frame.body(), cycle.position_shift)
+                }
                 _ => None,
             }
         }
@@ -893,6 +1228,9 @@ fn on_server_frame(ctx: &Ctx, frame: &Frame) -> Option<Bytes> {
                 let mut s = ctx.lock();
                 let cycle = s.cycles.pop_front();
                 s.status = status;
+                if status == b'I' && s.cycles.is_empty() {
+                    s.in_block = false;
+                }
                 let mut done = None;
                 if let Some(mut c) = cycle {
                     if let Some(t) = c.started {
@@ -928,9 +1266,116 @@ fn on_server_frame(ctx: &Ctx, frame: &Frame) -> Option<Bytes> {
     }
 }
 
+/// Hides the answers of injected guard calls: returns an empty
+/// replacement for a message that belongs to one, and counts the client's
+/// own completions otherwise. An ErrorResponse is never hidden (a stale
+/// guard's ZF001 is what the client must see) and ends every pending
+/// strip of the cycle, since the server skips the rest of the unit.
+fn strip_guard_answer(ctx: &Ctx, frame: &Frame) -> Option<Bytes> {
+    let tag = frame.tag();
+    // Asynchronous messages (notice, parameter status, notification) may
+    // come at any time and belong to nobody.
+    if matches!(tag, b'N' | b'S' | b'A' | b'Z') {
+        return None;
+    }
+    let mut s = ctx.lock();
+    let cycle = s.cycles.front_mut()?;
+    if tag == b'E' {
+        let refused = match cycle.strips.front() {
+            Some(strip) if cycle.seen >= strip.after => guard_refusal(ctx, strip, frame),
+            _ => None,
+        };
+        cycle.strips.clear();
+        drop(s);
+        if let Some(rec) = refused {
+            // The proxy had admitted (and counted) this write; the guard
+            // refused it: audit and count the refusal, once, here.
+            ctx.proxy.counters.refused(Reason::Stale);
+            tracing::info!(
+                protocol = "postgres",
+                reason = "stale",
+                resource = rec.resource.as_deref().unwrap_or(""),
+                presented = rec.presented_token,
+                current = rec.current_token,
+                client = %ctx.peer,
+                "write refused by the database guard"
+            );
+            ctx.proxy.audit.record(rec);
+        }
+        return None;
+    }
+    let seen = cycle.seen;
+    match cycle.strips.front_mut() {
+        Some(strip) if seen >= strip.after => {
+            let done = match &mut strip.kind {
+                StripKind::Simple => tag == b'C',
+                StripKind::Extended(left) => {
+                    if is_completion(tag) {
+                        *left = left.saturating_sub(1);
+                    }
+                    *left == 0
+                }
+            };
+            if done {
+                cycle.strips.pop_front();
+            }
+            Some(Bytes::new())
+        }
+        _ => {
+            if is_completion(tag) {
+                cycle.seen += 1;
+            }
+            None
+        }
+    }
+}
+
+/// The audit record of a guard's ErrorResponse, when it is the guard's
+/// stale-token refusal (SQLSTATE ZF001); other errors (the guard not
+/// installed, an aborted transaction) are the server's own and pass as
+/// they are.
+fn guard_refusal(ctx: &Ctx, strip: &Strip, frame: &Frame) -> Option<AuditRecord> {
+    let Ok(BackendMsg::ErrorResponse(fields)) = frame.backend() else {
+        return None;
+    };
+    if fields.get(b'C') != Some(&b"ZF001"[..]) {
+        return None;
+    }
+    let current = fields
+        .get(b'M')
+        .and_then(|m| std::str::from_utf8(m).ok())
+        .and_then(guard_current);
+    Some(AuditRecord::new(
+        now_ms(),
+        Some(&strip.resource),
+        Protocol::Postgres,
+        Reason::Stale,
+        Some(strip.token),
+        current,
+        ctx.peer.to_string(),
+        &strip.detail.fingerprint(),
+    ))
+}
+
+/// The current mark named in the guard's message ("..., current N ...").
+fn guard_current(message: &str) -> Option<u64> {
+    let (_, after) = message.rsplit_once("current ")?;
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn current_mark_from_the_guard_message() {
+        assert_eq!(
+            guard_current("stale fencing token for resource r: presented 5, current 9 (refused by the database guard)"),
+            Some(9)
+        );
+        assert_eq!(guard_current("no number here"), None);
+    }
 
     fn set(var: FenceVar, v: &str, local: bool) -> FenceSetting {
         FenceSetting::Set {
