@@ -43,7 +43,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// before the proxy stops waiting for them (their guards are held meanwhile,
 /// so a newer token's drain waits for them, as it must).
 const ORPHAN_WAIT: Duration = Duration::from_secs(30);
-/// Bound on the classification cache, in bytes of statement text.
+/// Bound on the classification cache, in (estimated) resident bytes. Apps
+/// using the extended protocol repeat a small set of texts; the simple
+/// protocol with inlined literals makes every text new, and then this
+/// bound is what keeps memory flat.
 const CLASSIFY_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// One `[[postgres]]` listener.
