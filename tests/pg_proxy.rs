@@ -696,33 +696,7 @@ async fn failovers_under_load_never_land_a_stale_write_after_a_newer_one() {
         refused += stale;
     }
     assert!(refused > 0, "older writers kept writing and were fenced");
-    let rows: Vec<(i64, i32, i64)> = direct(&env.db)
-        .await
-        .query("SELECT id, token, committed FROM h ORDER BY id", &[])
-        .await
-        .expect("history")
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
-    assert!(!rows.is_empty());
-    let mut highest = 0;
-    for (id, token, _) in &rows {
-        assert!(
-            *token >= highest,
-            "row {id} with token {token} was written after a write with token {highest}"
-        );
-        highest = *token;
-    }
-    let mut by_commit = rows.clone();
-    by_commit.sort_by_key(|r| r.2);
-    let mut highest = 0;
-    for (id, token, committed) in &by_commit {
-        assert!(
-            *token >= highest,
-            "row {id} with token {token} committed (#{committed}) after a write with token {highest}"
-        );
-        highest = *token;
-    }
+    assert_no_stale_write_after_a_newer_one(&env.db).await;
 }
 
 /// Guarantee 2's drain, forced: an older token's write is still running at
@@ -1156,33 +1130,7 @@ async fn two_guard_proxies_never_commit_a_stale_transaction_after_a_newer_one() 
         refused_by_guard > 0,
         "no refusal came from the database guard, so the test did not exercise it"
     );
-    let rows: Vec<(i64, i32, Option<i64>)> = direct(&env.db)
-        .await
-        .query("SELECT id, token, committed FROM h ORDER BY id", &[])
-        .await
-        .expect("history")
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
-    assert!(!rows.is_empty());
-    let mut highest = 0;
-    for (id, token, _) in &rows {
-        assert!(
-            *token >= highest,
-            "row {id} with token {token} was written after a write with token {highest}"
-        );
-        highest = *token;
-    }
-    let mut by_commit = rows.clone();
-    by_commit.sort_by_key(|r| r.2);
-    let mut highest = 0;
-    for (id, token, committed) in &by_commit {
-        assert!(
-            *token >= highest,
-            "row {id} with token {token} committed (#{committed:?}) after a write with token {highest}"
-        );
-        highest = *token;
-    }
+    assert_no_stale_write_after_a_newer_one(&env.db).await;
     assert_eq!(
         guard_mark(&env.db, "h").await.as_deref(),
         Some(format!("{WRITERS:020}").as_str())
@@ -1482,4 +1430,37 @@ async fn pgbench_in_guard_mode() {
         .expect("history")
         .get(0);
     assert_eq!(history, 3 * 400, "the stale run left rows behind");
+}
+
+/// Reads the history table `h` (one row per landed write, with its token
+/// and commit order) and fails if any write landed, in insertion order or
+/// in commit order, after a write with a newer token.
+async fn assert_no_stale_write_after_a_newer_one(db: &TestDb) {
+    let rows: Vec<(i64, i32, Option<i64>)> = direct(db)
+        .await
+        .query("SELECT id, token, committed FROM h ORDER BY id", &[])
+        .await
+        .expect("history")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(!rows.is_empty(), "no write landed at all");
+    let mut highest = 0;
+    for (id, token, _) in &rows {
+        assert!(
+            *token >= highest,
+            "row {id} with token {token} was written after a write with token {highest}"
+        );
+        highest = *token;
+    }
+    let mut by_commit = rows.clone();
+    by_commit.sort_by_key(|r| r.2);
+    let mut highest = 0;
+    for (id, token, committed) in &by_commit {
+        assert!(
+            *token >= highest,
+            "row {id} with token {token} committed (#{committed:?}) after a write with token {highest}"
+        );
+        highest = *token;
+    }
 }

@@ -60,21 +60,7 @@ pub async fn run(cmd: LeaseCommand) -> Result<ExitCode, Error> {
             let resp = c
                 .send(c.post_json(&format!("{path}/acquire"), &body))
                 .await?;
-            if resp.status().is_success() {
-                let g: Grant = read_json(resp).await?;
-                eprintln!(
-                    "fencepost: {holder} holds {} until {}",
-                    target.resource, g.expires_at
-                );
-                println!("{}", g.token);
-                return Ok(ExitCode::SUCCESS);
-            }
-            let p = read_problem(resp).await;
-            if p.status == StatusCode::CONFLICT {
-                eprintln!("fencepost: not acquired: {}", p.detail);
-                return Ok(ExitCode::from(EXIT_LOST));
-            }
-            Err(p.into_error())
+            grant_or_lost(resp, &holder, &target.resource, "not acquired").await
         }
         LeaseCommand::Renew {
             target,
@@ -88,23 +74,7 @@ pub async fn run(cmd: LeaseCommand) -> Result<ExitCode, Error> {
                 body["ttl_ms"] = Value::from(ttl_ms(t)?);
             }
             let resp = c.send(c.post_json(&format!("{path}/renew"), &body)).await?;
-            if resp.status().is_success() {
-                let g: Grant = read_json(resp).await?;
-                eprintln!(
-                    "fencepost: {holder} holds {} until {}",
-                    target.resource, g.expires_at
-                );
-                // The same token again, so TOKEN=$(fencepost lease renew ...)
-                // is as safe as with acquire.
-                println!("{}", g.token);
-                return Ok(ExitCode::SUCCESS);
-            }
-            let p = read_problem(resp).await;
-            if p.status == StatusCode::CONFLICT {
-                eprintln!("fencepost: lease lost, stop writing: {}", p.detail);
-                return Ok(ExitCode::from(EXIT_LOST));
-            }
-            Err(p.into_error())
+            grant_or_lost(resp, &holder, &target.resource, "lease lost, stop writing").await
         }
         LeaseCommand::Release {
             target,
@@ -145,4 +115,31 @@ pub async fn run(cmd: LeaseCommand) -> Result<ExitCode, Error> {
             Err(p.into_error())
         }
     }
+}
+
+/// Acquire and renew answer alike: on success the token goes to stdout
+/// (renew prints the same token again, so `TOKEN=$(fencepost lease renew
+/// ...)` is as safe as with acquire); a 409 means this holder does not
+/// have the lease and must not write.
+async fn grant_or_lost(
+    resp: reqwest::Response,
+    holder: &str,
+    resource: &str,
+    lost: &str,
+) -> Result<ExitCode, Error> {
+    if resp.status().is_success() {
+        let g: Grant = read_json(resp).await?;
+        eprintln!(
+            "fencepost: {holder} holds {resource} until {}",
+            g.expires_at
+        );
+        println!("{}", g.token);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let p = read_problem(resp).await;
+    if p.status == StatusCode::CONFLICT {
+        eprintln!("fencepost: {lost}: {}", p.detail);
+        return Ok(ExitCode::from(EXIT_LOST));
+    }
+    Err(p.into_error())
 }
