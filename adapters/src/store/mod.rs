@@ -152,7 +152,7 @@ pub(crate) trait Columns {
     fn int(&self, col: &str) -> Result<i64, StoreError>;
 }
 
-pub(crate) fn opt_token_text(t: Option<u64>) -> Option<String> {
+fn opt_token_text(t: Option<u64>) -> Option<String> {
     t.map(token_text)
 }
 
@@ -196,4 +196,30 @@ pub(crate) fn audit_from_row(row: &impl Columns) -> Result<AuditRecord, StoreErr
         client_addr: row.text("client_addr")?,
         detail: row.text("detail")?,
     })
+}
+
+/// One multi-row INSERT of audit records, the same SQL for both backends.
+pub(crate) fn audit_insert<'a, DB>(chunk: &'a [AuditRecord]) -> sqlx::QueryBuilder<'a, DB>
+where
+    DB: sqlx::Database,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<&'a str>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<String>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let mut qb = sqlx::QueryBuilder::new(
+        "INSERT INTO audit (at_ms, resource, protocol, reason, presented_token, \
+         current_token, client_addr, detail) ",
+    );
+    qb.push_values(chunk, |mut b, r| {
+        b.push_bind(r.at_ms)
+            .push_bind(r.resource.as_deref())
+            .push_bind(r.protocol.as_str())
+            .push_bind(r.reason.as_str())
+            .push_bind(opt_token_text(r.presented_token))
+            .push_bind(opt_token_text(r.current_token))
+            .push_bind(r.client_addr.as_str())
+            .push_bind(r.detail.as_str());
+    });
+    qb
 }

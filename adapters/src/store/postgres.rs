@@ -18,8 +18,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
 
 use super::{
-    audit_from_row, fence_from_row, lease_from_row, opt_token_text, token_from_text, token_text,
-    AuditQuery, FenceRow, Store, StoreError,
+    audit_from_row, fence_from_row, lease_from_row, token_from_text, token_text, AuditQuery,
+    FenceRow, Store, StoreError,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
@@ -399,20 +399,7 @@ impl Store for PgStore {
         bounded_for(AUDIT_TIMEOUT, async {
             let mut tx = self.pool.begin().await.map_err(classify)?;
             for chunk in records.chunks(AUDIT_CHUNK) {
-                let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
-                    "INSERT INTO audit (at_ms, resource, protocol, reason, presented_token, \
-                     current_token, client_addr, detail) ",
-                );
-                qb.push_values(chunk, |mut b, r| {
-                    b.push_bind(r.at_ms)
-                        .push_bind(r.resource.as_deref())
-                        .push_bind(r.protocol.as_str())
-                        .push_bind(r.reason.as_str())
-                        .push_bind(opt_token_text(r.presented_token))
-                        .push_bind(opt_token_text(r.current_token))
-                        .push_bind(r.client_addr.as_str())
-                        .push_bind(r.detail.as_str());
-                });
+                let mut qb = super::audit_insert::<Postgres>(chunk);
                 qb.build().execute(&mut *tx).await.map_err(classify)?;
             }
             tx.commit().await.map_err(classify)?;
