@@ -17,6 +17,7 @@ mod http_proxy;
 mod keygen;
 mod kv_upstream;
 mod lease_cmd;
+mod listener;
 mod logging;
 mod metrics;
 mod pg_proxy;

@@ -142,6 +142,22 @@ impl IntoResponse for Problem {
 }
 
 /// Runs a store call with the timeout, mapping failures to 503s.
+/// Runs one lease operation in the store at the elector's own clock, and
+/// returns that instant with the outcome so responses are judged by it.
+async fn apply(
+    el: &Elector,
+    resource: &ResourceName,
+    op: &LeaseOp,
+) -> Result<(LeaseOutcome, i64), Problem> {
+    let now = now_ms();
+    let outcome = store_call(
+        el.store
+            .lease_apply(resource.as_str(), op, now, &el.settings.lease),
+    )
+    .await?;
+    Ok((outcome, now))
+}
+
 pub(super) async fn store_call<T>(
     fut: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, Problem> {
@@ -565,12 +581,7 @@ async fn acquire(
         holder: body.holder,
         ttl_ms: ttl,
     };
-    let now = now_ms();
-    let outcome = store_call(
-        el.store
-            .lease_apply(resource.as_str(), &op, now, &el.settings.lease),
-    )
-    .await?;
+    let (outcome, now) = apply(el, resource, &op).await?;
     match &outcome {
         LeaseOutcome::Granted { lease, previous } => {
             metrics::counter!(crate::metrics::GRANTS).increment(1);
@@ -607,12 +618,7 @@ async fn renew(
         token,
         ttl_ms: ttl_ms(body.ttl_ms.as_ref())?,
     };
-    let now = now_ms();
-    let outcome = store_call(
-        el.store
-            .lease_apply(resource.as_str(), &op, now, &el.settings.lease),
-    )
-    .await?;
+    let (outcome, now) = apply(el, resource, &op).await?;
     match &outcome {
         LeaseOutcome::Renewed { lease } => {
             metrics::counter!(crate::metrics::RENEWALS).increment(1);
@@ -663,12 +669,7 @@ async fn release(
         holder: body.holder,
         token,
     };
-    let now = now_ms();
-    let outcome = store_call(
-        el.store
-            .lease_apply(resource.as_str(), &op, now, &el.settings.lease),
-    )
-    .await?;
+    let (outcome, now) = apply(el, resource, &op).await?;
     match &outcome {
         LeaseOutcome::Released { lease } => {
             metrics::counter!(crate::metrics::RELEASES).increment(1);

@@ -44,6 +44,7 @@ use self::problem::Problem;
 use crate::config::{ConfigError, HttpProxyConfig};
 use crate::error::Error;
 use crate::fencer::{Decision, Fencer, TokenChecker, WriteInfo};
+use crate::listener::next_connection;
 use crate::metrics::WriteCounters;
 use crate::shutdown::Shutdown;
 
@@ -147,24 +148,7 @@ impl HttpProxy {
         drain: Duration,
     ) -> std::io::Result<()> {
         let graceful = GracefulShutdown::new();
-        loop {
-            let accepted = tokio::select! {
-                r = listener.accept() => r,
-                () = shutdown.wait() => break,
-            };
-            let (stream, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and aborted handshakes are
-                    // transient; backing off briefly beats a hot loop.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                        () = shutdown.wait() => break,
-                    }
-                }
-            };
-            let _ = stream.set_nodelay(true);
+        while let Some((stream, peer)) = next_connection(&listener, &shutdown).await {
             let this = Arc::clone(&self);
             let service = service_fn(move |req| {
                 let this = Arc::clone(&this);

@@ -30,6 +30,7 @@ use crate::audit_sink::AuditSink;
 use crate::config::{ConfigError, PgProxyConfig};
 use crate::error::Error;
 use crate::fencer::{Fencer, TokenChecker};
+use crate::listener::next_connection;
 use crate::metrics::WriteCounters;
 use crate::shutdown::Shutdown;
 
@@ -113,22 +114,12 @@ impl PgProxy {
     ) -> std::io::Result<()> {
         let mut sessions = JoinSet::new();
         loop {
-            let accepted = tokio::select! {
-                r = listener.accept() => r,
-                () = shutdown.wait() => break,
+            let next = tokio::select! {
+                c = next_connection(&listener, &shutdown) => c,
+                // Reap finished sessions so the set does not grow.
                 Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
             };
-            let (stream, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                        () = shutdown.wait() => break,
-                    }
-                }
-            };
-            let _ = stream.set_nodelay(true);
+            let Some((stream, peer)) = next else { break };
             let this = Arc::clone(&self);
             let sd = shutdown.clone();
             sessions.spawn(async move { session::run(this, stream, peer, sd).await });
