@@ -56,12 +56,14 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("http", "allow_plain_tokens"),
     ("http", "write_methods"),
     ("http", "routes"),
+    ("http", "max_connections"),
     ("http", "max_concurrent_requests"),
     ("http", "max_header_bytes"),
     ("http", "upstream_timeout"),
     ("http", "header_read_timeout"),
     ("http", "idle_timeout"),
     ("http", "elector_watch"),
+    ("http", "elector_token"),
     ("http", "watch_resources"),
     ("postgres", "listen"),
     ("postgres", "upstream"),
@@ -71,6 +73,8 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("postgres", "strict"),
     ("postgres", "write_functions"),
     ("postgres", "max_frame_bytes"),
+    ("postgres", "max_connections"),
+    ("postgres", "startup_timeout"),
     ("postgres", "tls_cert"),
     ("postgres", "tls_key"),
 ];
@@ -263,6 +267,12 @@ pub struct HttpProxyConfig {
     /// Path prefixes that name their resource; `Fencing-Resource` wins.
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// Client connections open at once; past it a new connection gets a
+    /// `503` (`Retry-After`) and is closed.
+    #[serde(default = "default_http_max_connections")]
+    pub max_connections: usize,
+    /// Requests being handled at once, over all connections; past it a
+    /// request gets a `503`.
     #[serde(default = "default_max_concurrent")]
     pub max_concurrent_requests: usize,
     #[serde(default = "default_max_header_bytes")]
@@ -278,6 +288,11 @@ pub struct HttpProxyConfig {
     pub idle_timeout: Duration,
     /// Elector base URL to watch: each grant fences the old leader at once.
     pub elector_watch: Option<String>,
+    /// Bearer token for `elector_watch`, when the elector has one. Without
+    /// it the watch would be refused (401) and grants would fence only on
+    /// the new leader's first write. Defaults to `[elector] token` when
+    /// this process runs the elector too.
+    pub elector_token: Option<String>,
     /// Resources to watch on `elector_watch` (default: the routes').
     #[serde(default)]
     pub watch_resources: Vec<String>,
@@ -289,6 +304,9 @@ fn default_write_methods() -> Vec<String> {
         .to_vec()
 }
 fn default_max_concurrent() -> usize {
+    10_000
+}
+fn default_http_max_connections() -> usize {
     10_000
 }
 fn default_max_header_bytes() -> usize {
@@ -334,6 +352,15 @@ pub struct PgProxyConfig {
     /// costs that connection (a protocol violation error).
     #[serde(default = "default_max_frame_bytes")]
     pub max_frame_bytes: usize,
+    /// Client connections open at once (each is one server connection
+    /// once started); past it a new client gets `FATAL 53300
+    /// too_many_connections` and is closed, as Postgres answers.
+    #[serde(default = "default_pg_max_connections")]
+    pub max_connections: usize,
+    /// Longest a client may take from connecting to a complete startup
+    /// packet (TLS handshake included); then it is closed.
+    #[serde(default = "default_startup_timeout", with = "humantime_serde")]
+    pub startup_timeout: Duration,
     /// PEM certificate chain offered to clients that ask for TLS.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
@@ -348,6 +375,16 @@ fn default_write_functions() -> Vec<String> {
 }
 fn default_max_frame_bytes() -> usize {
     adapters::pg::frame::DEFAULT_MAX_FRAME
+}
+/// Above any sensible server `max_connections` (Postgres's default is
+/// 100), so the server's own limit is what normally refuses first.
+fn default_pg_max_connections() -> usize {
+    2_000
+}
+/// Postgres's `authentication_timeout` is a minute; a proxy in front need
+/// not be more patient with a silent socket.
+fn default_startup_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_pg_listen() -> SocketAddr {
@@ -421,6 +458,11 @@ impl Config {
                     "http[{i}].max_concurrent_requests must be at least 1"
                 )));
             }
+            if h.max_connections == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "http[{i}].max_connections must be at least 1"
+                )));
+            }
         }
         for (i, p) in self.postgres.iter().enumerate() {
             if p.enforce != "proxy" && p.enforce != "database" {
@@ -435,6 +477,16 @@ impl Config {
                 return Err(ConfigError::Invalid(format!(
                     "postgres[{i}].max_frame_bytes must be at least 1024, not {}",
                     p.max_frame_bytes
+                )));
+            }
+            if p.max_connections == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "postgres[{i}].max_connections must be at least 1"
+                )));
+            }
+            if p.startup_timeout.is_zero() {
+                return Err(ConfigError::Invalid(format!(
+                    "postgres[{i}].startup_timeout must be above zero"
                 )));
             }
             if p.tls_cert.is_some() != p.tls_key.is_some() {
@@ -520,7 +572,13 @@ fn apply_env(root: &mut toml::Table, var: &str, rest: &str, raw: &str) -> Result
                 // but be strict anyway): listen/upstream are always strings.
                 let v = if matches!(
                     k,
-                    "listen" | "upstream" | "verify_key" | "elector_watch" | "tls_cert" | "tls_key"
+                    "listen"
+                        | "upstream"
+                        | "verify_key"
+                        | "elector_watch"
+                        | "elector_token"
+                        | "tls_cert"
+                        | "tls_key"
                 ) {
                     toml::Value::String(raw.into())
                 } else {
@@ -626,6 +684,7 @@ mod tests {
                 ("FENCEPOST_HTTP_1_LISTEN", "127.0.0.1:8081"),
                 ("FENCEPOST_HTTP_1_UPSTREAM", "http://127.0.0.1:9001"),
                 ("FENCEPOST_HTTP_1_MAX_CONCURRENT_REQUESTS", "7"),
+                ("FENCEPOST_HTTP_1_MAX_CONNECTIONS", "9"),
                 ("FENCEPOST_FENCING_DRAIN_TIMEOUT", "5s"),
                 ("FENCEPOST_ADMIN_URL", "ignored by config"),
             ]),
@@ -635,6 +694,8 @@ mod tests {
         assert_eq!(c.admin.unwrap().token.as_deref(), Some("s3cret"));
         assert_eq!(c.http.len(), 2);
         assert_eq!(c.http[1].max_concurrent_requests, 7);
+        assert_eq!(c.http[1].max_connections, 9);
+        assert_eq!(c.http[0].max_connections, 10_000);
         assert_eq!(c.fencing.drain_timeout, Duration::from_secs(5));
     }
 
@@ -649,6 +710,8 @@ mod tests {
                 ("FENCEPOST_POSTGRES_STRICT", "true"),
                 ("FENCEPOST_POSTGRES_WRITE_FUNCTIONS", "[\"bump\"]"),
                 ("FENCEPOST_POSTGRES_MAX_FRAME_BYTES", "65536"),
+                ("FENCEPOST_POSTGRES_MAX_CONNECTIONS", "40"),
+                ("FENCEPOST_POSTGRES_STARTUP_TIMEOUT", "3s"),
             ]),
         )
         .unwrap();
@@ -657,10 +720,26 @@ mod tests {
         assert!(p.allow_plain_tokens && p.strict);
         assert_eq!(p.write_functions, vec!["bump".to_string()]);
         assert_eq!(p.max_frame_bytes, 65536);
+        assert_eq!(p.max_connections, 40);
+        assert_eq!(p.startup_timeout, Duration::from_secs(3));
         // Defaults: the classifier's own list, the codec's own bound.
         let d = Config::from_parts("[[postgres]]\nupstream = \"db\"\n", "t", env(&[])).unwrap();
         assert!(d.postgres[0].write_functions.iter().any(|f| f == "nextval"));
         assert!(!d.postgres[0].strict);
+        assert_eq!(d.postgres[0].max_connections, 2_000);
+        assert_eq!(d.postgres[0].startup_timeout, Duration::from_secs(30));
+        for bad in ["max_connections = 0", "startup_timeout = \"0s\""] {
+            let e = Config::from_parts(
+                &format!("[[postgres]]\nupstream = \"db\"\n{bad}\n"),
+                "t",
+                env(&[]),
+            )
+            .unwrap_err();
+            assert!(
+                e.to_string().contains(bad.split(' ').next().unwrap()),
+                "{e}"
+            );
+        }
         let e = Config::from_parts(
             "[[postgres]]\nupstream = \"db\"\ntls_cert = \"c.pem\"\n",
             "t",

@@ -1,16 +1,170 @@
-//! Accepting connections, shared by the HTTP and Postgres proxies.
+//! Accepting connections, shared by the HTTP and Postgres proxies: the
+//! accept loop and the per-listener connection limit.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use metrics::{Counter, Gauge};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::metrics::{CONNECTIONS_OPEN, CONNECTIONS_REJECTED};
 use crate::shutdown::Shutdown;
 
 /// Pause after a failed accept.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// The next client connection, or `None` once shutdown has begun.
+/// After telling a refused client why, how long its connection may linger
+/// while the proxy reads (and discards) what the client already sent.
+/// Closing a socket with unread input makes the kernel answer with a
+/// reset, which can destroy the refusal before the client has read it.
+const LINGER: Duration = Duration::from_secs(1);
+/// Bytes of a refused client's input read before giving up on it.
+const LINGER_BYTES: usize = 64 * 1024;
+/// Refused connections lingering at once; past this a refusal is written
+/// and the socket closed at once, so a flood cannot pin file descriptors
+/// through the refusals themselves.
+const MAX_LINGERING: usize = 256;
+
+/// The connection bound of one listener: a permit per open connection,
+/// held for the connection's whole life. A client over the bound gets
+/// the protocol's own "too many connections" answer and is closed, so it
+/// learns why and when to retry instead of hanging in the backlog.
+pub struct ConnLimit {
+    permits: Arc<Semaphore>,
+    lingering: Arc<Semaphore>,
+    /// Written to a refused client: a Postgres ErrorResponse or an HTTP
+    /// 503, whole.
+    refusal: Bytes,
+    /// Read the client's input up to this mark before answering (the end
+    /// of an HTTP request head): HTTP clients take a response that
+    /// arrives before their request was sent for a protocol error.
+    answer_after: Option<&'static [u8]>,
+    rejected: Counter,
+    open: Gauge,
+}
+
+/// One admitted connection's share of the bound; released on drop.
+pub struct ConnPermit {
+    _permit: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        self.open.decrement(1.0);
+    }
+}
+
+impl ConnLimit {
+    /// `protocol` and `listen` label the metrics; `max` is clamped to what
+    /// a semaphore can count (at least 1, validated by the config).
+    /// `refusal` is what a client over `max` is told, after its input up
+    /// to `answer_after` (if given) has been read.
+    pub fn new(
+        protocol: &'static str,
+        listen: SocketAddr,
+        max: usize,
+        refusal: Bytes,
+        answer_after: Option<&'static [u8]>,
+    ) -> Self {
+        let listener = listen.to_string();
+        ConnLimit {
+            permits: Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS))),
+            lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
+            refusal,
+            answer_after,
+            rejected: metrics::counter!(
+                CONNECTIONS_REJECTED,
+                "protocol" => protocol,
+                "listener" => listener.clone()
+            ),
+            open: metrics::gauge!(CONNECTIONS_OPEN, "protocol" => protocol, "listener" => listener),
+        }
+    }
+
+    /// A permit for `stream`, or `None` when the listener is full: the
+    /// client is then told so and closed in the background.
+    fn admit(&self, stream: TcpStream, peer: SocketAddr) -> Option<(TcpStream, ConnPermit)> {
+        match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(permit) => {
+                self.open.increment(1.0);
+                Some((
+                    stream,
+                    ConnPermit {
+                        _permit: permit,
+                        open: self.open.clone(),
+                    },
+                ))
+            }
+            Err(_) => {
+                self.rejected.increment(1);
+                tracing::debug!(%peer, "connection refused: listener at max_connections");
+                let refusal = self.refusal.clone();
+                let linger = Arc::clone(&self.lingering).try_acquire_owned().ok();
+                tokio::spawn(refuse(stream, refusal, self.answer_after, linger));
+                None
+            }
+        }
+    }
+}
+
+/// Writes the refusal, then closes gracefully: our FIN first, then the
+/// client's pending input is read and dropped (bounded in time and size)
+/// so the close does not turn into a reset that eats the refusal. Without
+/// a lingering slot (a flood beyond [`MAX_LINGERING`]) the refusal is
+/// written at once and the socket closed.
+async fn refuse(
+    mut stream: TcpStream,
+    refusal: Bytes,
+    answer_after: Option<&'static [u8]>,
+    linger: Option<OwnedSemaphorePermit>,
+) {
+    if let (Some(mark), Some(_)) = (answer_after, &linger) {
+        // Until the mark, EOF, the time bound or the size bound, whichever
+        // comes first; then answer anyway.
+        let _ = tokio::time::timeout(LINGER, async {
+            let mut seen = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while seen.len() < LINGER_BYTES {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                }
+                if seen.windows(mark.len()).any(|w| w == mark) {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+    let written = tokio::time::timeout(LINGER, stream.write_all(&refusal)).await;
+    if !matches!(written, Ok(Ok(()))) {
+        return;
+    }
+    let _ = stream.shutdown().await;
+    if linger.is_none() {
+        return;
+    }
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut sink = [0u8; 4096];
+        let mut seen = 0;
+        while seen < LINGER_BYTES {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen += n,
+            }
+        }
+    })
+    .await;
+}
+
+/// The next admitted client connection, or `None` once shutdown has begun.
+/// Connections over `limit` are answered with its refusal and never
+/// returned.
 ///
 /// Accept errors (out of file descriptors, a handshake aborted by the
 /// peer) are transient: backing off briefly beats spinning on them, and
@@ -19,7 +173,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 pub async fn next_connection(
     listener: &TcpListener,
     shutdown: &Shutdown,
-) -> Option<(TcpStream, SocketAddr)> {
+    limit: &ConnLimit,
+) -> Option<(TcpStream, SocketAddr, ConnPermit)> {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -29,7 +184,9 @@ pub async fn next_connection(
             Ok((stream, peer)) => {
                 // Fencing round trips are small messages: no Nagle delay.
                 let _ = stream.set_nodelay(true);
-                return Some((stream, peer));
+                if let Some((stream, permit)) = limit.admit(stream, peer) {
+                    return Some((stream, peer, permit));
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");

@@ -19,6 +19,8 @@ pub const EXPIRIES: &str = "fencepost_elector_expiries_total";
 pub const RELEASES: &str = "fencepost_elector_releases_total";
 pub const AUDIT_WRITTEN: &str = "fencepost_audit_records_written_total";
 pub const AUDIT_DROPPED: &str = "fencepost_audit_records_dropped_total";
+pub const CONNECTIONS_OPEN: &str = "fencepost_connections_open";
+pub const CONNECTIONS_REJECTED: &str = "fencepost_connections_rejected_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -86,6 +88,14 @@ fn describe() {
     metrics::describe_counter!(
         AUDIT_DROPPED,
         "Audit records lost because the store was down or the queue full."
+    );
+    metrics::describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Client connections currently open, by protocol and listener."
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_REJECTED,
+        "Client connections refused because the listener was at max_connections."
     );
 }
 

@@ -30,14 +30,10 @@ use crate::audit_sink::AuditSink;
 use crate::config::{ConfigError, PgProxyConfig};
 use crate::error::Error;
 use crate::fencer::{Fencer, TokenChecker};
-use crate::listener::next_connection;
+use crate::listener::{next_connection, ConnLimit};
 use crate::metrics::WriteCounters;
 use crate::shutdown::Shutdown;
 
-/// How long a client may take to send its startup packet; Postgres's own
-/// `authentication_timeout` is a minute, a proxy in front need not be more
-/// patient with a silent socket.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connecting to the upstream server.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a vanished client's last statements may take at the server
@@ -63,6 +59,11 @@ pub struct PgProxy {
     upstream: String,
     /// Largest message accepted from either side.
     max_frame: usize,
+    /// How long a client may take to send its startup packet
+    /// (`startup_timeout`).
+    startup_timeout: Duration,
+    /// `max_connections`: one permit per client connection.
+    limit: ConnLimit,
     /// Every statement in a read-write transaction block is a write.
     strict: bool,
     /// `enforce = "database"`: admitted writes also run the in-database
@@ -97,6 +98,21 @@ impl PgProxy {
             classifier: Classifier::new(&cfg.write_functions, CLASSIFY_CACHE_BYTES),
             upstream,
             max_frame: cfg.max_frame_bytes,
+            startup_timeout: cfg.startup_timeout,
+            limit: ConnLimit::new(
+                Protocol::Postgres.as_str(),
+                cfg.listen,
+                cfg.max_connections,
+                // What Postgres itself says past its max_connections.
+                adapters::pg::frame::error_response(
+                    "FATAL",
+                    "53300",
+                    "sorry, too many clients already (fencepost: the proxy is at its max_connections)",
+                ),
+                // At once: libpq and the drivers read an ErrorResponse
+                // wherever the startup exchange expects an answer.
+                None,
+            ),
             strict: cfg.strict,
             guard: cfg.enforce == "database",
             tls,
@@ -115,14 +131,21 @@ impl PgProxy {
         let mut sessions = JoinSet::new();
         loop {
             let next = tokio::select! {
-                c = next_connection(&listener, &shutdown) => c,
+                c = next_connection(&listener, &shutdown, &self.limit) => c,
                 // Reap finished sessions so the set does not grow.
                 Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
             };
-            let Some((stream, peer)) = next else { break };
+            let Some((stream, peer, permit)) = next else {
+                break;
+            };
             let this = Arc::clone(&self);
             let sd = shutdown.clone();
-            sessions.spawn(async move { session::run(this, stream, peer, sd).await });
+            sessions.spawn(async move {
+                session::run(this, stream, peer, sd).await;
+                // The connection's share of max_connections, held until
+                // the session (and its server connection) has ended.
+                drop(permit);
+            });
         }
         drop(listener);
         let drained = tokio::time::timeout(drain, async {

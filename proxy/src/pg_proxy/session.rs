@@ -82,7 +82,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use super::{PgProxy, CONNECT_TIMEOUT, ORPHAN_WAIT, STARTUP_TIMEOUT};
+use super::{PgProxy, CONNECT_TIMEOUT, ORPHAN_WAIT};
 use crate::fencer::{now_ms, Decision, Refusal, WriteInfo};
 use crate::shutdown::Shutdown;
 
@@ -546,7 +546,7 @@ pub(super) async fn run(
 ) {
     let mut cbuf = BytesMut::with_capacity(8 * 1024);
     let (mut client, startup) = match tokio::time::timeout(
-        STARTUP_TIMEOUT,
+        proxy.startup_timeout,
         accept(&proxy, client, &mut cbuf, peer),
     )
     .await
@@ -777,8 +777,14 @@ async fn client_loop(
     if !terminated {
         // The client vanished. What it already sent may still be running;
         // keep its guards until the server has answered it, so a newer
-        // token's drain waits for it. An open transaction block is rolled
-        // back by the server when the connection closes.
+        // token's drain waits for it. Half-close first, as a vanished
+        // client's own socket would: the server still finishes (and
+        // answers) what it is running, then reads EOF and ends the
+        // session, rolling back an open block. Without it a server
+        // waiting for input (a COPY FROM STDIN, half a message) would
+        // never answer, and the guards would pin the resource until
+        // ORPHAN_WAIT.
+        let _ = sw.shutdown().await;
         wait_answered(ctx).await;
     }
     let _ = sw.shutdown().await;
