@@ -81,7 +81,9 @@ pub fn token_matches(headers: &HeaderMap, expected: &str) -> bool {
     let Some(got) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.trim().split_once(' '))
+        // The scheme is case-insensitive (RFC 9110 11.1), as the elector has it.
+        .and_then(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()))
     else {
         return false;
     };
