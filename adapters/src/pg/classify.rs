@@ -15,7 +15,10 @@
 //! no node kind can be forgotten by a hand-written visitor.
 //!
 //! Results are cached by statement text: a leader repeating its statements
-//! pays for one parse each.
+//! pays for one parse each. Texts that differ only in their numeric
+//! literals (the simple protocol with inlined values: `WHERE aid = 42`,
+//! `WHERE aid = 43`, ...) share one entry keyed by their *shape*, see
+//! [`shape`], so they too pay for one parse, and the cache does not churn.
 
 use std::sync::Arc;
 
@@ -119,10 +122,15 @@ pub struct Classification {
     pub outside_block: bool,
 }
 
-/// Classifies statements, with a cache by text.
+/// Classifies statements, with a cache by text and one by shape.
 pub struct Classifier {
     write_functions: Vec<String>,
+    /// By exact text: texts with no shape, and texts whose classification
+    /// carries values (fencing settings), which a shape would lose.
     cache: moka::sync::Cache<Box<str>, Arc<Classification>>,
+    /// By [`shape`]: only classifications without settings or a comment,
+    /// which depend on the statement's structure alone.
+    shapes: moka::sync::Cache<Box<str>, Arc<Classification>>,
 }
 
 impl Classifier {
@@ -135,7 +143,11 @@ impl Classifier {
                 .map(|s| s.as_ref().to_ascii_lowercase())
                 .collect(),
             cache: moka::sync::Cache::builder()
-                .max_capacity(cache_bytes)
+                .max_capacity(cache_bytes / 2)
+                .weigher(weight)
+                .build(),
+            shapes: moka::sync::Cache::builder()
+                .max_capacity(cache_bytes / 2)
                 .weigher(weight)
                 .build(),
         }
@@ -156,11 +168,20 @@ impl Classifier {
         if text.len() > MAX_CACHED_TEXT {
             return Arc::new(self.classify_uncached(text));
         }
+        let shape = shape(text);
+        if let Some(hit) = shape.as_deref().and_then(|k| self.shapes.get(k)) {
+            return hit;
+        }
         if let Some(hit) = self.cache.get(text) {
             return hit;
         }
         let c = Arc::new(self.classify_uncached(text));
-        self.cache.insert(text.into(), Arc::clone(&c));
+        match shape {
+            Some(k) if c.settings.is_empty() && c.comment == CommentFence::default() => {
+                self.shapes.insert(k.into_boxed_str(), Arc::clone(&c));
+            }
+            _ => self.cache.insert(text.into(), Arc::clone(&c)),
+        }
         c
     }
 
@@ -387,6 +408,52 @@ fn begins_read_only(t: &pg_query::protobuf::TransactionStmt) -> bool {
         }
         _ => false,
     })
+}
+
+/// The text with every numeric literal replaced by `0`, or `None` when the
+/// text holds anything that makes that unsafe to decide by hand.
+///
+/// Two texts of one shape differ only in the digits that begin a number,
+/// so the grammar reads them as the same tree with other constants, and
+/// whether they write, commit or open a block cannot differ. That holds
+/// only where a digit run is surely a number: outside quotes, dollar
+/// quotes, comments and escapes, and not inside an identifier. Rather
+/// than lex those, any text that contains one of their characters (or
+/// any non-ASCII byte) has no shape and is cached by its exact text. A
+/// digit run belongs to an identifier when the byte before it is a letter,
+/// digit or underscore (`t1`, `col_2`), and is then kept as it is.
+pub fn shape(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    if bytes
+        .iter()
+        .any(|&b| !b.is_ascii() || matches!(b, b'\'' | b'"' | b'$' | b'\\' | 0))
+        || text.contains("--")
+        || text.contains("/*")
+    {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut prev: u8 = b' ';
+    let mut in_number = false;
+    for &b in bytes {
+        if b.is_ascii_digit() {
+            if in_number {
+                prev = b;
+                continue;
+            }
+            if !(prev.is_ascii_alphanumeric() || prev == b'_') {
+                in_number = true;
+                out.push('0');
+                prev = b;
+                continue;
+            }
+        } else {
+            in_number = false;
+        }
+        out.push(char::from(b));
+        prev = b;
+    }
+    Some(out)
 }
 
 /// Bytes an entry really costs: its text twice (the key, and the
@@ -753,6 +820,75 @@ mod tests {
             let c = Classifier::new(DEFAULT_WRITE_FUNCTIONS, 1 << 16);
             let sql = format!("{prefix}INSERT INTO t VALUES (1){suffix}");
             proptest::prop_assert!(c.classify(&sql).write, "{}", sql);
+        }
+    }
+
+    #[test]
+    fn shapes_replace_numbers_only() {
+        assert_eq!(
+            shape("UPDATE t1 SET v = v + 12 WHERE id = 345").as_deref(),
+            Some("UPDATE t1 SET v = v + 0 WHERE id = 0")
+        );
+        assert_eq!(
+            shape("SELECT 1.25, col_22").as_deref(),
+            Some("SELECT 0.0, col_22")
+        );
+        assert_eq!(shape("SELECT a + -17").as_deref(), Some("SELECT a + -0"));
+        for unsafe_text in [
+            "SELECT '1'",
+            "SELECT \"t1\"",
+            "SELECT $1",
+            "SELECT 1 -- 2",
+            "/* fencing.token=5 */ SELECT 1",
+            "SELECT E'\\x'",
+            "SELECT 'é'",
+            "SELECT 1 /* 2 */",
+        ] {
+            assert_eq!(shape(unsafe_text), None, "{unsafe_text}");
+        }
+    }
+
+    #[test]
+    fn one_parse_per_shape_but_settings_keep_their_values() {
+        let c = classifier();
+        let a = c.classify("SELECT abalance FROM acc WHERE aid = 17");
+        let b = c.classify("SELECT abalance FROM acc WHERE aid = 90210");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!a.write);
+        let w = c.classify("UPDATE acc SET abalance = abalance + 5 WHERE aid = 3");
+        assert!(w.write);
+        // Same shape as `SET fencing.token = 0`, different values.
+        let s7 = c.classify("SET fencing.token = 7");
+        let s8 = c.classify("SET fencing.token = 8");
+        let value = |c: &Classification| match c.settings.as_slice() {
+            [FenceSetting::Set { value, .. }] => value.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(value(&s7).as_deref(), Some("7"));
+        assert_eq!(value(&s8).as_deref(), Some("8"));
+    }
+
+    proptest::proptest! {
+        /// What the shape cache answers is what a fresh parse of the text
+        /// itself says, for texts built from numbers and SQL pieces.
+        #[test]
+        fn shape_cache_agrees_with_a_fresh_parse(
+            parts in proptest::collection::vec(
+                "(SELECT|UPDATE t SET a =|INSERT INTO t VALUES \\(|DELETE FROM t WHERE a =|nextval\\(|FOR UPDATE|SET fencing.token =|SET x =|BEGIN|COMMIT|,|;|\\)|\\+|-|\\*|/|<|t1|col_2|1e5|[0-9]{1,25}|[0-9]+\\.[0-9]+| )",
+                1..12,
+            ),
+            seeds in proptest::collection::vec("[0-9]{1,6}", 1..4),
+        ) {
+            let c = classifier();
+            let text = parts.join(" ");
+            let cached = c.classify(&text);
+            // Classify a few texts of the same shape first, then ask again.
+            for s in &seeds {
+                let other = text.replace('1', s);
+                let fresh = classifier().classify(&other);
+                proptest::prop_assert_eq!(&*c.classify(&other), &*fresh, "{} vs {}", text, other);
+            }
+            proptest::prop_assert_eq!(&*cached, &*classifier().classify(&text));
         }
     }
 

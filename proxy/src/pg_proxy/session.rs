@@ -62,10 +62,12 @@
 //! ErrorResponse is never hidden.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::Instant;
 
 use adapters::pg::frame::{self, split_frame, split_startup};
@@ -723,14 +725,27 @@ async fn client_loop(
                     break 'read;
                 }
             };
-            // Earlier pipelined messages go out before a decision may wait.
-            if !out.is_empty() && needs_decision(&frame) {
-                if sw.write_all(&out).await.is_err() {
-                    break 'read;
+            // Earlier pipelined messages must go out before a decision
+            // waits: it may be waiting (the drain) for exactly those to be
+            // answered. Most decisions never wait (a read, or a write with
+            // the current token), and then they leave in the same write
+            // as this message, one syscall and one packet for a whole
+            // Parse/Bind/Execute/Sync batch. So try the decision once, and
+            // flush only if it would wait.
+            let mut handled = pin!(handle(ctx, &mut side, frame));
+            let done = match poll_fn(|cx| Poll::Ready(handled.as_mut().poll(cx))).await {
+                Poll::Ready(done) => done,
+                Poll::Pending => {
+                    if !out.is_empty() {
+                        if sw.write_all(&out).await.is_err() {
+                            break 'read;
+                        }
+                        out.clear();
+                    }
+                    handled.await
                 }
-                out.clear();
-            }
-            match handle(ctx, &mut side, frame).await {
+            };
+            match done {
                 Ok(Out::Send(b)) => out.extend_from_slice(&b),
                 Ok(Out::Last(b)) => {
                     out.extend_from_slice(&b);
@@ -812,10 +827,6 @@ async fn wait_answered(ctx: &Ctx) {
     if tokio::time::timeout(ORPHAN_WAIT, wait).await.is_err() {
         tracing::warn!(peer = %ctx.peer, "server still busy with a vanished client's statements; closing");
     }
-}
-
-fn needs_decision(f: &Frame) -> bool {
-    matches!(f.tag(), b'Q' | b'E' | b'F')
 }
 
 async fn handle(ctx: &Ctx, side: &mut ClientSide, frame: Frame) -> Result<Out, FrameError> {
