@@ -1222,18 +1222,35 @@ async fn writes_fail_closed_with_503_when_the_store_is_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_grant_seen_on_the_elector_watch_fences_the_old_leader_before_the_new_one_writes() {
+    grant_fences_via_the_watch(None, false).await;
+}
+
+/// The watch must get through an elector that demands a bearer token:
+/// given as `elector_token`, or taken from this config's `[elector]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_elector_watch_presents_the_elector_bearer_token() {
+    grant_fences_via_the_watch(Some("w4tch-s3cret"), true).await;
+    grant_fences_via_the_watch(Some("w4tch-s3cret"), false).await;
+}
+
+async fn grant_fences_via_the_watch(bearer: Option<&'static str>, explicit: bool) {
     let dir = TempDir::new("fp-http-elector");
     let upstream = Upstream::start().await;
     let (_server, a) = launch(dir.path(), 3, |a| {
+        let elector_token = bearer.map_or(String::new(), |t| format!("token = \"{t}\"\n"));
+        let watch_token = match bearer {
+            Some(t) if explicit => format!("elector_token = \"{t}\"\n"),
+            _ => String::new(),
+        };
         config_with(
             a[1],
             "",
-            &format!("[elector]\nlisten = \"{}\"\n", a[2]),
+            &format!("[elector]\nlisten = \"{}\"\n{elector_token}", a[2]),
             &[http_section(
                 a[0],
                 &upstream.url(),
                 &format!(
-                    "elector_watch = \"http://{}\"\nroutes = [{{ prefix = \"/acct/\", resource = \"acct\" }}]",
+                    "elector_watch = \"http://{}\"\n{watch_token}routes = [{{ prefix = \"/acct/\", resource = \"acct\" }}]",
                     a[2]
                 ),
             )],
@@ -1243,13 +1260,16 @@ async fn a_grant_seen_on_the_elector_watch_fences_the_old_leader_before_the_new_
     let (proxy, elector) = (a[0], a[2]);
     let c = client();
     let el = format!("http://{elector}/v1/leases/acct");
+    let auth = move |r: reqwest::RequestBuilder| match bearer {
+        Some(t) => r.bearer_auth(t),
+        None => r,
+    };
 
     let acquire = |holder: &'static str| {
         let c = c.clone();
         let el = el.clone();
         async move {
-            let r = c
-                .post(format!("{el}/acquire"))
+            let r = auth(c.post(format!("{el}/acquire")))
                 .json(&serde_json::json!({"holder": holder, "ttl_ms": 60_000}))
                 .send()
                 .await
@@ -1271,8 +1291,7 @@ async fn a_grant_seen_on_the_elector_watch_fences_the_old_leader_before_the_new_
     .await;
     assert_eq!(w.status, 200, "{w:?}");
 
-    let r = c
-        .post(format!("{el}/release"))
+    let r = auth(c.post(format!("{el}/release")))
         .json(&serde_json::json!({"holder": "a", "token": token_a}))
         .send()
         .await

@@ -163,6 +163,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, Error> {
         Arc::clone(&fencer),
         checker,
         format!("http://{el_a}"),
+        None,
         vec![RESOURCE.to_owned()],
         sd.clone(),
     ));

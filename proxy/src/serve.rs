@@ -149,10 +149,15 @@ pub async fn run(args: ServeArgs, log_format: Option<&str>) -> Result<ExitCode, 
             if resources.is_empty() {
                 resources = hcfg.routes.iter().map(|r| r.resource.clone()).collect();
             }
+            let bearer = hcfg
+                .elector_token
+                .clone()
+                .or_else(|| config.elector.as_ref().and_then(|e| e.token.clone()));
             tokio::spawn(http_proxy::watch_elector(
                 Arc::clone(&fencer),
                 checker,
                 url.clone(),
+                bearer,
                 resources,
                 shutdown.clone(),
             ));

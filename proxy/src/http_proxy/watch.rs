@@ -34,6 +34,7 @@ pub async fn watch_elector(
     fencer: Arc<Fencer>,
     checker: TokenChecker,
     elector_url: String,
+    bearer: Option<String>,
     resources: Vec<String>,
     shutdown: Shutdown,
 ) {
@@ -66,6 +67,7 @@ pub async fn watch_elector(
             // action off the end of the raw path, and the name alphabet
             // needs no escaping.
             url: format!("{base}/v1/leases/{resource}/watch"),
+            bearer: bearer.clone(),
             resource,
         };
         tasks.spawn(w.run(shutdown.clone()));
@@ -78,6 +80,8 @@ struct Watch {
     checker: TokenChecker,
     client: reqwest::Client,
     url: String,
+    /// The elector API's bearer token, when it has one.
+    bearer: Option<String>,
     resource: String,
 }
 
@@ -110,13 +114,20 @@ impl Watch {
     }
 
     async fn stream_once(&self) -> Result<(), String> {
-        let resp = self
+        let mut req = self
             .client
             .get(&self.url)
-            .header(reqwest::header::ACCEPT, "text/event-stream")
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        if let Some(token) = &self.bearer {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.map_err(|e| e.to_string())?;
+        if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
+            return Err(
+                "elector answered 401: set elector_token on this [[http]] proxy to the elector's bearer token"
+                    .into(),
+            );
+        }
         if !resp.status().is_success() {
             return Err(format!("elector answered {}", resp.status()));
         }
