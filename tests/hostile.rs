@@ -1188,6 +1188,54 @@ async fn garbage_on_every_port_panics_nothing_and_stalls_nobody() {
     env.assert_healthy();
 }
 
+/// The admin and elector APIs cut slow and silent clients too (they were
+/// served by `axum::serve`, which waits for a request head forever), and
+/// keep answering meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_on_the_admin_and_elector_apis_is_cut() {
+    let mut env = Env::start("fp_hostile_api", Limits::default()).await;
+    let started = Instant::now();
+    let slow = async {
+        tokio::join!(
+            slowloris_http(env.admin, 5, Duration::from_millis(700)),
+            slowloris_http(env.elector, 5, Duration::from_millis(700)),
+            async {
+                let mut s = TcpStream::connect(env.elector).await.expect("connect");
+                ending(&mut s, Duration::from_secs(25)).await
+            },
+        )
+    };
+    let serving = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        (
+            get(&format!("http://{}/healthz", env.admin), None).await.0,
+            get(&format!("http://{}/v1/leases", env.elector), None)
+                .await
+                .0,
+        )
+    };
+    let ((admin, elector, silent), (health, leases)) = tokio::join!(slow, serving);
+    assert_eq!(
+        (health, leases),
+        (200, 200),
+        "the APIs answered while abused"
+    );
+    for (what, e) in admin
+        .iter()
+        .map(|e| ("admin", e))
+        .chain(elector.iter().map(|e| ("elector", e)))
+        .chain(std::iter::once(("elector, silent", &silent)))
+    {
+        eprintln!("[api slowloris] {what}: {:?} after {:?}", e.0, e.1);
+        assert!(
+            !matches!(e.0, Ending::Open) && e.1 < Duration::from_secs(20),
+            "{what}: a slow client was not cut: {e:?}"
+        );
+    }
+    eprintln!("[api slowloris] all cut within {:?}", started.elapsed());
+    env.assert_healthy();
+}
+
 // Two workers: the abuse's own work in this process must not delay the
 // well-behaved client's measured writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,9 +55,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.wait().await })
-        .await
+    crate::api_server::serve("admin", listener, router(state), shutdown, || {}).await
 }
 
 pub fn problem(status: StatusCode, kind: &str, detail: impl Into<String>) -> Response {

@@ -162,6 +162,32 @@ async fn refuse(
     .await;
 }
 
+/// The whole answer to an HTTP client over a listener's bound: a 503
+/// problem (`urn:fencepost:overloaded`) with Retry-After and
+/// Connection: close, for [`ConnLimit::new`] with `answer_after` at the end
+/// of the request head.
+pub fn http_overloaded(detail: &str) -> Bytes {
+    let body = serde_json::json!({
+        "type": "urn:fencepost:overloaded",
+        "title": "Too many connections",
+        "status": 503,
+        "detail": detail,
+    })
+    .to_string();
+    let mut out = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\n\
+         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    out.into()
+}
+
+/// Where an HTTP request head ends: HTTP clients read an answer only after
+/// they have sent it.
+pub const HTTP_HEAD_END: &[u8] = b"\r\n\r\n";
+
 /// The next admitted client connection, or `None` once shutdown has begun.
 /// Connections over `limit` are answered with its refusal and never
 /// returned.

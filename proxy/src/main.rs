@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 mod admin;
+mod api_server;
 mod audit_cmd;
 mod audit_sink;
 mod cli;

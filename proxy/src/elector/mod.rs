@@ -22,7 +22,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use adapters::Store;
-use axum::serve::ListenerExt;
 use fencing::{LeaseConfig, LeaseRecord, Signer, Verifier};
 use serde::Serialize;
 use tokio::sync::{broadcast, watch as watch_chan, Notify};
@@ -264,17 +263,12 @@ impl Elector {
     ) -> std::io::Result<()> {
         let watcher = tokio::spawn(watch::expiry_watcher(Arc::clone(&self), shutdown.clone()));
         let app = self.router();
-        let me = Arc::clone(&self);
-        // Events and answers are small writes; Nagle would hold them back.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.wait().await;
-                me.closing.send_replace(true);
-            })
-            .await;
+        // Watch streams end when `closing` is set; the server then waits
+        // only for ordinary requests.
+        let result = crate::api_server::serve("elector", listener, app, shutdown, || {
+            self.closing.send_replace(true);
+        })
+        .await;
         // Also on a listener error: the stream must not outlive the server.
         self.closing.send_replace(true);
         watcher.abort();
