@@ -487,6 +487,66 @@ impl Drop for RssWatch {
 
 // ------------------------------------------------------------ tests
 
+/// A routed path belongs to its route's resource: neither a header naming
+/// another resource nor a path that climbs out of the route (which the
+/// upstream may resolve to another route's path) gets a write past the
+/// fence of the resource whose path it writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_cannot_leave_its_route_by_header_or_by_path() {
+    let env = Env::start(
+        "routes = [{ prefix = \"/orders/\", resource = \"orders\" }, { prefix = \"/payments/\", resource = \"payments\" }]",
+        "",
+    )
+    .await;
+    assert_eq!(env.put("/orders/1", None, Some("1")).await.status, 200);
+    assert_eq!(env.put("/payments/1", None, Some("5")).await.status, 200);
+    // The old payments leader (token 4) is fenced on its own route ...
+    assert_eq!(env.put("/payments/2", None, Some("4")).await.status, 409);
+    // ... and may not borrow the orders fence for a payments path ...
+    let by_header = env.put("/payments/3", Some("orders"), Some("1")).await;
+    assert_eq!(by_header.status, 400, "{by_header:?}");
+    assert_eq!(by_header.problem_type(), "urn:fencepost:invalid-resource");
+    assert!(
+        by_header.json()["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("payments")),
+        "{by_header:?}"
+    );
+    // ... nor climb there from the orders route. Sent raw: an HTTP
+    // client library would resolve the dot segments itself.
+    let escapes = [
+        "/orders/../payments/4",
+        "/orders/%2e%2e/payments/5",
+        "/orders/..%2Fpayments/6",
+    ];
+    for path in escapes {
+        let mut s = TcpStream::connect(env.proxy).await.expect("connect");
+        let req = format!(
+            "PUT {path} HTTP/1.1\r\nhost: x\r\nfencing-token: 1\r\ncontent-length: 1\r\nconnection: close\r\n\r\nx"
+        );
+        s.write_all(req.as_bytes()).await.expect("send");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.expect("read");
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(
+            answer.contains("urn:fencepost:invalid-resource"),
+            "{path}: {answer}"
+        );
+    }
+    assert_eq!(
+        env.upstream.arrivals().len(),
+        2,
+        "only the two admitted writes reached the upstream"
+    );
+    // Each refusal is audited as an invalid request.
+    let refused = 1 + escapes.len();
+    let invalid = |recs: &[Value]| recs.iter().filter(|r| r["reason"] == "invalid").count();
+    let recs = env
+        .audit_until("limit=100", |recs| invalid(recs) >= refused)
+        .await;
+    assert_eq!(invalid(&recs), refused, "{recs:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_write_gets_409_is_never_forwarded_and_audited_once() {
     let env = Env::start(
@@ -514,7 +574,7 @@ async fn stale_write_gets_409_is_never_forwarded_and_audited_once() {
     assert!(p["title"].as_str().is_some_and(|t| !t.is_empty()), "{p}");
     assert!(p["detail"].as_str().is_some_and(|t| !t.is_empty()), "{p}");
 
-    // The header names the resource too, and wins over the route.
+    // The header names the resource too, on a path no route covers.
     let by_header = env.put("/elsewhere", Some("orders"), Some("8")).await;
     assert_eq!(by_header.status, 409, "{by_header:?}");
 

@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,6 +18,8 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use tokio::time::Sleep;
+
+use super::pool::{Pool, Sender};
 
 /// What the proxy answers a client with: either the upstream's body,
 /// streamed, or a small body of its own (problem+json).
@@ -45,27 +48,46 @@ pub struct UpstreamBody {
     /// How long a dropped-early body may keep reading the upstream's answer
     /// to its end before the guard is given up anyway.
     finish_within: Duration,
+    /// The connection this answer came on, back to its pool once the
+    /// answer has been read to its end (and closed if it never is).
+    conn: Option<(Sender, Arc<Pool>)>,
 }
 
 impl UpstreamBody {
     pub fn new(
         inner: Incoming,
-        guard: Option<InflightGuard>,
-        permit: Option<OwnedSemaphorePermit>,
+        hold: Hold,
         finish_within: Duration,
+        conn: Option<(Sender, Arc<Pool>)>,
     ) -> Self {
         UpstreamBody {
             inner: Some(inner),
-            guard,
-            permit,
+            guard: hold.guard,
+            permit: hold.permit,
             finish_within,
+            conn,
         }
     }
 
-    fn finish(&mut self) {
+    /// The answer is over: `complete` when read to its end, not cut off.
+    fn finish(&mut self, complete: bool) {
         self.guard = None;
         self.permit = None;
+        if let Some((sender, pool)) = self.conn.take() {
+            if complete {
+                pool.checkin(sender);
+            }
+        }
     }
+}
+
+/// What a request holds while the upstream works on it: the write's
+/// in-flight guard (the drain of guarantee 2 waits for it) and the
+/// request's concurrency permit.
+#[derive(Default)]
+pub struct Hold {
+    pub guard: Option<InflightGuard>,
+    pub permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for UpstreamBody {
@@ -74,6 +96,11 @@ impl Drop for UpstreamBody {
         // still be sending (and thus still doing) it; finish reading in the
         // background so the guard, and the drain behind it, only lets go
         // when the upstream is really done.
+        if self.inner.as_ref().is_some_and(Body::is_end_stream) {
+            // Nothing left to read (an empty body is never polled).
+            self.finish(true);
+            return;
+        }
         let Some(guard) = self.guard.take() else {
             return;
         };
@@ -116,8 +143,9 @@ impl Body for ProxyBody {
                 };
                 let polled = Pin::new(&mut *inner).poll_frame(cx);
                 match &polled {
-                    Poll::Ready(None) | Poll::Ready(Some(Err(_))) => up.finish(),
-                    Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => up.finish(),
+                    Poll::Ready(None) => up.finish(true),
+                    Poll::Ready(Some(Err(_))) => up.finish(false),
+                    Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => up.finish(true),
                     _ => {}
                 }
                 polled

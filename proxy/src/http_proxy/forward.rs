@@ -1,22 +1,23 @@
 //! Rewriting a client's request for the upstream and the upstream's answer
 //! for the client, and the call itself.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper::client::conn::TrySendError;
 
-use super::body::{self, ProxyBody, RequestBody, UpstreamBody};
+use super::body::{self, Hold, ProxyBody, RequestBody, UpstreamBody};
+use super::pool::{ConnectError, Pool};
 use super::problem::{self, Problem};
-use fencing::InflightGuard;
-use tokio::sync::OwnedSemaphorePermit;
-
-pub type UpstreamClient = Client<HttpConnector, RequestBody>;
 
 /// Where requests go: `http://authority` plus an optional base path that is
 /// prepended to every request path.
@@ -49,6 +50,19 @@ impl Upstream {
         })
     }
 
+    /// `host:port` to connect to (port 80 when the URL has none).
+    pub fn addr(&self) -> String {
+        let host = self.authority.host();
+        let port = self.authority.port_u16().unwrap_or(80);
+        if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        }
+    }
+
+    /// The request target as the upstream gets it: origin-form, the base
+    /// path prepended. (The host travels in the `Host` header.)
     fn uri(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
         let pq = pq.map_or("/", PathAndQuery::as_str);
         let pq = if self.base.is_empty() {
@@ -56,11 +70,7 @@ impl Upstream {
         } else {
             PathAndQuery::try_from(format!("{}{pq}", self.base))?
         };
-        Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
+        Ok(Uri::from(pq))
     }
 }
 
@@ -78,6 +88,11 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// (RFC 9110 7.6.1), including any the `Connection` header names, so a
 /// client cannot smuggle connection semantics to the upstream or back.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the few headers
+    // there are beats fourteen hashed lookups.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -112,7 +127,7 @@ fn add_forwarded_for(headers: &mut HeaderMap, client: SocketAddr) {
 
 /// The upstream half of a listener.
 pub struct Forwarder {
-    pub client: UpstreamClient,
+    pub pool: Arc<Pool>,
     pub upstream: Upstream,
     pub timeout: Duration,
     /// Longest a client may pause mid-upload.
@@ -120,16 +135,75 @@ pub struct Forwarder {
     pub upstream_errors: metrics::Counter,
 }
 
+type Answer = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>;
+
+/// A request on its way to the upstream, holding its [`Hold`].
+///
+/// hyper drops a request's future when its client hangs up. For a write
+/// that must not release the guard: the upstream may still be applying
+/// it, and a newer token's drain has to wait until it is done. So if this
+/// is dropped before the answer came, and it holds a guard, it hands the
+/// pending answer to a task that waits it out (bounded by `within`) and
+/// only then lets the guard go. The common path, an answer that arrives,
+/// costs no task at all.
+struct Call {
+    answer: Option<Pin<Box<dyn Future<Output = Answer> + Send>>>,
+    hold: Hold,
+    within: Duration,
+}
+
+impl Future for Call {
+    type Output = (Answer, Hold);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let Some(answer) = this.answer.as_mut() else {
+            // Polled after completion: never happens inside `run`.
+            return Poll::Pending;
+        };
+        let out = std::task::ready!(answer.as_mut().poll(cx));
+        this.answer = None;
+        Poll::Ready((out, std::mem::take(&mut this.hold)))
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        let (Some(answer), Some(guard)) = (self.answer.take(), self.hold.guard.take()) else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let permit = self.hold.permit.take();
+        let within = self.within;
+        rt.spawn(async move {
+            let rest = async {
+                if let Ok(resp) = answer.await {
+                    let mut body = resp.into_body();
+                    while let Some(frame) = body.frame().await {
+                        if frame.is_err() {
+                            break;
+                        }
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(within, rest).await;
+            drop(guard);
+            drop(permit);
+        });
+    }
+}
+
 impl Forwarder {
-    /// Sends `req` upstream and streams the answer back. `guard` (writes
-    /// only) and `permit` ride along in the response body until the
-    /// upstream has finished answering.
+    /// Sends `req` upstream and streams the answer back. `hold` (the
+    /// write's guard and the request's permit) rides along in the
+    /// response body until the upstream has finished answering.
     pub async fn run(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
-        guard: Option<InflightGuard>,
-        permit: Option<OwnedSemaphorePermit>,
+        hold: Hold,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         let uri = match self.upstream.uri(parts.uri.path_and_query()) {
@@ -152,68 +226,120 @@ impl Forwarder {
             .headers
             .insert(header::HOST, self.upstream.host.clone());
         let (body, sent) = RequestBody::new(body, self.body_stall);
-        let call = self.client.request(Request::from_parts(parts, body));
-        // The timeout starts once the request body is out: it bounds how
-        // long the upstream thinks, not how long the client uploads.
-        let timeout = self.timeout;
-        let deadline = async move {
-            let _ = sent.await;
-            tokio::time::sleep(timeout).await;
-        };
-        let result = tokio::select! {
-            r = call => Some(r),
-            () = deadline => None,
-        };
-        match result {
-            Some(Ok(resp)) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                let body = UpstreamBody::new(body, guard, permit, self.timeout);
-                Response::from_parts(parts, ProxyBody::Upstream(body))
-            }
-            Some(Err(e)) if body::is_stall(&e) => {
-                tracing::info!(%peer, "client stalled mid-upload; request abandoned");
-                Problem::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    problem::BAD_REQUEST,
-                    "Request body timed out",
-                    format!("no request body data arrived for {:?}", self.body_stall),
-                )
-                .into_response()
-            }
-            Some(Err(e)) => {
-                self.upstream_errors.increment(1);
-                tracing::warn!(error = %e, upstream = %self.upstream.authority, "upstream request failed");
-                if e.is_connect() {
-                    Problem::new(
-                        StatusCode::BAD_GATEWAY,
-                        problem::UPSTREAM_UNREACHABLE,
-                        "Upstream unreachable",
-                        format!("cannot connect to the upstream {}", self.upstream.authority),
-                    )
-                    .into_response()
-                } else {
-                    Problem::new(
-                        StatusCode::BAD_GATEWAY,
-                        problem::UPSTREAM_ERROR,
-                        "Upstream failed",
-                        "the upstream connection failed before a response arrived",
-                    )
-                    .into_response()
+        let mut sent = Some(sent);
+        let mut req = Request::from_parts(parts, body);
+        let mut hold = hold;
+        // A pooled connection the upstream closed while it sat idle takes
+        // the request back unsent; then one new connection is tried.
+        let mut fresh = false;
+        loop {
+            let pooled = if fresh {
+                None
+            } else {
+                self.pool.checkout().await
+            };
+            let mut sender = match pooled {
+                Some(s) => s,
+                None => match self.pool.connect().await {
+                    Ok(s) => {
+                        fresh = true;
+                        s
+                    }
+                    Err(e) => return self.unreachable(&e),
+                },
+            };
+            let mut call = Call {
+                answer: Some(Box::pin(sender.try_send_request(req))),
+                hold,
+                within: self.timeout,
+            };
+            // The timeout starts once the request body is out: it bounds
+            // how long the upstream thinks, not how long the client
+            // uploads.
+            let timeout = self.timeout;
+            let deadline = async {
+                // A oneshot receiver must not be polled once it has
+                // answered, and a retry comes back here.
+                if let Some(rx) = sent.as_mut() {
+                    let _ = rx.await;
+                    sent = None;
                 }
-            }
-            None => {
-                self.upstream_errors.increment(1);
-                tracing::warn!(upstream = %self.upstream.authority, ?timeout, "upstream timed out");
-                Problem::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    problem::UPSTREAM_TIMEOUT,
-                    "Upstream timed out",
-                    format!("the upstream sent no response headers within {timeout:?}"),
-                )
-                .into_response()
+                tokio::time::sleep(timeout).await;
+            };
+            let (answer, back) = tokio::select! {
+                r = &mut call => r,
+                () = deadline => {
+                    // Documented: a 504 lets go of the guard (see the README).
+                    drop(std::mem::take(&mut call.hold));
+                    drop(call);
+                    return self.timed_out();
+                }
+            };
+            hold = back;
+            match answer {
+                Ok(resp) => {
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    let conn = Some((sender, Arc::clone(&self.pool)));
+                    let body = UpstreamBody::new(body, hold, self.timeout, conn);
+                    return Response::from_parts(parts, ProxyBody::Upstream(body));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !fresh => {
+                        req = unsent;
+                        fresh = true;
+                    }
+                    _ => return self.failed(peer, e.error()),
+                },
             }
         }
+    }
+
+    fn unreachable(&self, e: &ConnectError) -> Response<ProxyBody> {
+        self.upstream_errors.increment(1);
+        tracing::warn!(error = %e, "upstream unreachable");
+        Problem::new(
+            StatusCode::BAD_GATEWAY,
+            problem::UPSTREAM_UNREACHABLE,
+            "Upstream unreachable",
+            format!("cannot connect to the upstream {}", self.upstream.authority),
+        )
+        .into_response()
+    }
+
+    fn timed_out(&self) -> Response<ProxyBody> {
+        self.upstream_errors.increment(1);
+        let timeout = self.timeout;
+        tracing::warn!(upstream = %self.upstream.authority, ?timeout, "upstream timed out");
+        Problem::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            problem::UPSTREAM_TIMEOUT,
+            "Upstream timed out",
+            format!("the upstream sent no response headers within {timeout:?}"),
+        )
+        .into_response()
+    }
+
+    fn failed(&self, peer: SocketAddr, e: &hyper::Error) -> Response<ProxyBody> {
+        if body::is_stall(e) {
+            tracing::info!(%peer, "client stalled mid-upload; request abandoned");
+            return Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                problem::BAD_REQUEST,
+                "Request body timed out",
+                format!("no request body data arrived for {:?}", self.body_stall),
+            )
+            .into_response();
+        }
+        self.upstream_errors.increment(1);
+        tracing::warn!(error = %e, upstream = %self.upstream.authority, "upstream request failed");
+        Problem::new(
+            StatusCode::BAD_GATEWAY,
+            problem::UPSTREAM_ERROR,
+            "Upstream failed",
+            "the upstream connection failed before a response arrived",
+        )
+        .into_response()
     }
 }
 
@@ -245,12 +371,11 @@ mod tests {
     fn upstream_base_path_is_prepended() {
         let u = Upstream::parse("http://127.0.0.1:9000/api/").unwrap();
         let pq = PathAndQuery::from_static("/kv/a?x=1");
-        assert_eq!(
-            u.uri(Some(&pq)).unwrap().to_string(),
-            "http://127.0.0.1:9000/api/kv/a?x=1"
-        );
+        assert_eq!(u.uri(Some(&pq)).unwrap().to_string(), "/api/kv/a?x=1");
+        assert_eq!(u.addr(), "127.0.0.1:9000");
         let u = Upstream::parse("http://h:1").unwrap();
-        assert_eq!(u.uri(None).unwrap().to_string(), "http://h:1/");
+        assert_eq!(u.uri(None).unwrap().to_string(), "/");
+        assert_eq!(Upstream::parse("http://[::1]").unwrap().addr(), "[::1]:80");
         assert!(Upstream::parse("https://h").is_err());
     }
 

@@ -16,42 +16,38 @@
 
 mod body;
 mod forward;
+mod pool;
 mod problem;
 mod watch;
 
-use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use adapters::http::WriteMethods;
+use adapters::http::{fencing_headers, HeaderText, WriteMethods};
 use fencing::Protocol;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use self::body::ProxyBody;
+use self::body::{Hold, ProxyBody};
 use self::forward::{Forwarder, Upstream};
+use self::pool::Pool;
 use self::problem::Problem;
 use crate::config::{ConfigError, HttpProxyConfig};
 use crate::error::Error;
 use crate::fencer::{Decision, Fencer, TokenChecker, WriteInfo};
-use crate::listener::next_connection;
+use crate::listener::{http_overloaded, next_connection, ConnLimit, HTTP_HEAD_END};
 use crate::metrics::WriteCounters;
 use crate::shutdown::Shutdown;
 
 pub use self::watch::watch_elector;
-
-const TOKEN_HEADER: &str = "fencing-token";
-const RESOURCE_HEADER: &str = "fencing-resource";
 
 /// hyper refuses a read buffer smaller than this (it asserts), so a tiny
 /// `max_header_bytes` is raised to it rather than crashing at start-up.
@@ -59,9 +55,9 @@ const RESOURCE_HEADER: &str = "fencing-resource";
 /// memory stays bounded by what a header may take.
 const MIN_BUF: usize = 8 * 1024;
 
-/// Idle upstream connections kept per host; enough for a busy leader's
-/// keep-alive reuse without hoarding sockets.
-const POOL_IDLE_PER_HOST: usize = 256;
+/// Idle upstream connections kept; enough for a busy leader's keep-alive
+/// reuse without hoarding sockets.
+const POOL_MAX_IDLE: usize = 256;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// One `[[http]]` listener.
@@ -74,6 +70,8 @@ pub struct HttpProxy {
     /// the most specific.
     routes: Vec<(String, String)>,
     limit: Arc<Semaphore>,
+    /// `max_connections`: one permit per client connection.
+    connections: ConnLimit,
     forwarder: Forwarder,
     http1: http1::Builder,
 }
@@ -95,16 +93,12 @@ impl HttpProxy {
             .collect();
         routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
 
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(cfg.upstream_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_IDLE_PER_HOST)
-            .build(connector);
+        let pool = Pool::new(
+            upstream.addr(),
+            cfg.upstream_timeout,
+            POOL_MAX_IDLE,
+            POOL_IDLE_TIMEOUT,
+        );
 
         let mut http1 = http1::Builder::new();
         // hyper also runs the header-read timer while a keep-alive
@@ -128,8 +122,17 @@ impl HttpProxy {
             limit: Arc::new(Semaphore::new(
                 cfg.max_concurrent_requests.clamp(1, Semaphore::MAX_PERMITS),
             )),
+            connections: ConnLimit::new(
+                Protocol::Http.as_str(),
+                cfg.listen,
+                cfg.max_connections,
+                // A status line beats a silent close: clients and load
+                // balancers then know the proxy is alive but full.
+                http_overloaded("the proxy is at its max_connections bound; retry shortly"),
+                Some(HTTP_HEAD_END),
+            ),
             forwarder: Forwarder {
-                client,
+                pool,
                 upstream,
                 timeout: cfg.upstream_timeout,
                 body_stall: cfg.idle_timeout,
@@ -148,7 +151,9 @@ impl HttpProxy {
         drain: Duration,
     ) -> std::io::Result<()> {
         let graceful = GracefulShutdown::new();
-        while let Some((stream, peer)) = next_connection(&listener, &shutdown).await {
+        while let Some((stream, peer, permit)) =
+            next_connection(&listener, &shutdown, &self.connections).await
+        {
             let this = Arc::clone(&self);
             let service = service_fn(move |req| {
                 let this = Arc::clone(&this);
@@ -160,6 +165,8 @@ impl HttpProxy {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, %peer, "client connection ended with an error");
                 }
+                // The connection's share of max_connections.
+                drop(permit);
             });
         }
         drop(listener);
@@ -199,17 +206,14 @@ impl HttpProxy {
             .into_response();
         };
         if !self.writes.is_write(req.method()) {
-            return self.forwarder.run(req, peer, None, Some(permit)).await;
+            let hold = Hold {
+                guard: None,
+                permit: Some(permit),
+            };
+            return self.forwarder.run(req, peer, hold).await;
         }
 
-        let token = header_text(req.headers(), TOKEN_HEADER);
-        let resource = header_text(req.headers(), RESOURCE_HEADER).or_else(|| {
-            let path = req.uri().path();
-            self.routes
-                .iter()
-                .find(|(prefix, _)| path.starts_with(prefix.as_str()))
-                .map(|(_, r)| HeaderText::Ok(Cow::Borrowed(r.as_str())))
-        });
+        let (token, resource) = fencing_headers(req.headers(), req.uri().path(), &self.routes);
         let (method, path) = (req.method(), req.uri().path());
         let detail = || format!("{method} {path}");
         let info = WriteInfo {
@@ -229,28 +233,13 @@ impl HttpProxy {
             .await;
         match decision {
             Decision::Admit(admitted) => {
-                // Its own task, so a client hanging up cannot cancel the
-                // write halfway and release the guard while the upstream
-                // is still working on it.
-                let this = Arc::clone(self);
-                let task = tokio::spawn(async move {
-                    this.forwarder
-                        .run(req, peer, Some(admitted.guard), Some(permit))
-                        .await
-                });
-                match task.await {
-                    Ok(resp) => resp,
-                    Err(e) => {
-                        tracing::error!(error = %e, "forwarding task failed");
-                        Problem::new(
-                            StatusCode::BAD_GATEWAY,
-                            problem::UPSTREAM_ERROR,
-                            "Upstream failed",
-                            "the request could not be forwarded",
-                        )
-                        .into_response()
-                    }
-                }
+                // A client hanging up cannot release the guard while the
+                // upstream is still working on the write: see `Call`.
+                let hold = Hold {
+                    guard: Some(admitted.guard),
+                    permit: Some(permit),
+                };
+                self.forwarder.run(req, peer, hold).await
             }
             Decision::Refuse(refusal) => {
                 let resource_invalid = resource
@@ -268,86 +257,5 @@ impl HttpProxy {
                 p.into_response()
             }
         }
-    }
-}
-
-/// A fencing header as the fencer should see it. A header sent twice or
-/// with bytes outside visible ASCII is passed on in a form that can never
-/// validate, so the fencer refuses and audits it like any invalid value
-/// instead of the proxy guessing which copy was meant.
-enum HeaderText<'a> {
-    Ok(Cow<'a, str>),
-    Repeated(String),
-    NotText(String),
-}
-
-impl HeaderText<'_> {
-    fn as_str(&self) -> &str {
-        match self {
-            HeaderText::Ok(s) => s,
-            HeaderText::Repeated(s) | HeaderText::NotText(s) => s,
-        }
-    }
-
-    fn problem(&self, name: &str) -> Option<String> {
-        match self {
-            HeaderText::Ok(_) => None,
-            HeaderText::Repeated(_) => Some(format!("{name} appears more than once")),
-            HeaderText::NotText(_) => Some(format!("{name} is not visible ASCII text")),
-        }
-    }
-}
-
-fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<HeaderText<'a>> {
-    let mut values = headers.get_all(name).iter();
-    let first = values.next()?;
-    if values.next().is_some() {
-        // ',' is in neither the token nor the resource alphabet.
-        let all: Vec<Cow<'_, str>> = headers
-            .get_all(name)
-            .iter()
-            .map(|v| String::from_utf8_lossy(v.as_bytes()))
-            .collect();
-        return Some(HeaderText::Repeated(all.join(",")));
-    }
-    Some(match first.to_str() {
-        Ok(s) => HeaderText::Ok(Cow::Borrowed(s)),
-        // The replacement character keeps it invalid whatever the bytes.
-        Err(_) => HeaderText::NotText(format!(
-            "\u{fffd}{}",
-            String::from_utf8_lossy(first.as_bytes())
-        )),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use http::HeaderValue;
-
-    #[test]
-    fn repeated_and_binary_headers_never_validate() {
-        let mut h = HeaderMap::new();
-        h.append(TOKEN_HEADER, HeaderValue::from_static("5"));
-        h.append(TOKEN_HEADER, HeaderValue::from_static("5"));
-        let t = header_text(&h, TOKEN_HEADER).unwrap();
-        assert!(fencing::TokenPolicy::plain()
-            .check("r", t.as_str())
-            .is_err());
-        assert!(t.problem("Fencing-Token").is_some());
-
-        let mut h = HeaderMap::new();
-        h.insert(
-            RESOURCE_HEADER,
-            HeaderValue::from_bytes(b"ord\xffers").unwrap(),
-        );
-        let r = header_text(&h, RESOURCE_HEADER).unwrap();
-        assert!(fencing::resource::validate(r.as_str()).is_err());
-
-        let mut h = HeaderMap::new();
-        h.insert(TOKEN_HEADER, HeaderValue::from_static(" 7 "));
-        let t = header_text(&h, TOKEN_HEADER).unwrap();
-        assert_eq!(fencing::TokenPolicy::plain().check("r", t.as_str()), Ok(7));
-        assert!(header_text(&h, RESOURCE_HEADER).is_none());
     }
 }
