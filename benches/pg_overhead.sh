@@ -4,11 +4,15 @@
 #
 #   bash benches/pg_overhead.sh [--rounds N] [--duration S] [--sweep-rounds N]
 #                               [--clients C] [--idle-conns N] [--resources N]
-#                               [--skip-install] [--skip-build] [--keep-tmp]
+#                               [--private-server] [--skip-install]
+#                               [--skip-build] [--keep-tmp]
 #
 # Needs the machine's Postgres at 127.0.0.1:5432 (user postgres, trust
 # auth); creates a database fencepost_bench_<pid> there (pgbench -i -s 10)
-# and drops it on exit. Targets (all on 127.0.0.1, ports picked at start):
+# and drops it on exit. With --private-server it instead initdb's and runs
+# a throwaway cluster of the same Postgres (default settings but
+# max_connections=300) on a free port, so the 128-client level fits
+# beside PgBouncer's own server connections; stopped and removed on exit. Targets (all on 127.0.0.1, ports picked at start):
 #   direct     pgbench -> Postgres
 #   pgbouncer  pgbench -> PgBouncer (pool_mode=session) -> Postgres
 #   fp-proxy   pgbench -> fencepost [[postgres]] enforce="proxy" -> Postgres
@@ -44,7 +48,9 @@ BUILD=1
 KEEP_TMP=0
 SCALE=10
 
-usage() { sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; }
+PRIVATE=0
+
+usage() { sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -54,6 +60,7 @@ while [ $# -gt 0 ]; do
         --clients) CLIENTS="$2"; shift 2 ;;
         --idle-conns) IDLE_CONNS="$2"; shift 2 ;;
         --resources) RESOURCES="$2"; shift 2 ;;
+        --private-server) PRIVATE=1; shift ;;
         --skip-install) INSTALL=0; shift ;;
         --skip-build) BUILD=0; shift ;;
         --keep-tmp) KEEP_TMP=1; shift ;;
@@ -106,7 +113,6 @@ FENCEPOST="${CARGO_TARGET_DIR:-$ROOT/target}/release/fencepost"
 
 export PGCONNECT_TIMEOUT=10
 pg() { psql -X -q -v ON_ERROR_STOP=1 -h "$PGHOST_" -p "$PGPORT_" -U "$PGUSER_" "$@"; }
-pg -d postgres -tAc 'SELECT 1' >/dev/null || { echo "no Postgres at $PGHOST_:$PGPORT_ (user $PGUSER_, trust)" >&2; exit 1; }
 
 # ---------------------------------------------------------------- cleanup
 TMP="$(mktemp -d /tmp/fencepost-pgbench.XXXXXX)"
@@ -115,6 +121,8 @@ STORE_DIR="$TMP"
 [ -d /dev/shm ] && STORE_DIR="$(mktemp -d /dev/shm/fencepost-pgbench.XXXXXX)"
 PIDS=()
 DB_CREATED=0
+PRIVATE_DATA=""
+RUN_AS=()
 cleanup() {
     local rc=$?
     set +e
@@ -124,6 +132,10 @@ cleanup() {
         kill -KILL "$pid" 2>/dev/null
         wait "$pid" 2>/dev/null
     done
+    if [ -n "$PRIVATE_DATA" ]; then
+        "${RUN_AS[@]}" "$PGBIN/pg_ctl" -D "$PRIVATE_DATA" -m fast -w stop >/dev/null 2>&1
+        DB_CREATED=0
+    fi
     if [ "$DB_CREATED" = 1 ]; then
         timeout 30 dropdb -h "$PGHOST_" -p "$PGPORT_" -U "$PGUSER_" --if-exists --force "$DB" \
             || echo "could not drop database $DB" >&2
@@ -162,6 +174,23 @@ wait_pg() { # port, what, pid, db: up to 10 s for a query to answer
     exit 1
 }
 
+if [ "$PRIVATE" = 1 ]; then
+    PGBIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)"
+    [ -x "$PGBIN/initdb" ] || { echo "--private-server needs the Postgres server binaries (package postgresql)" >&2; exit 1; }
+    PRIVATE_DATA="$TMP/pgdata"
+    mkdir -p "$PRIVATE_DATA"
+    # initdb refuses to run as root.
+    if [ "$(id -u)" = 0 ]; then chown postgres "$PRIVATE_DATA"; RUN_AS=(runuser -u postgres --); fi
+    "${RUN_AS[@]}" "$PGBIN/initdb" -D "$PRIVATE_DATA" -U "$PGUSER_" -A trust >"$TMP/initdb.log" 2>&1 \
+        || { cat "$TMP/initdb.log" >&2; exit 1; }
+    PGPORT_="$(free_port)"
+    log "starting a private Postgres ($PGBIN) on $PGHOST_:$PGPORT_, max_connections=300"
+    "${RUN_AS[@]}" "$PGBIN/pg_ctl" -D "$PRIVATE_DATA" -l "$PRIVATE_DATA/postgres.log" -w -t 60 \
+        -o "-p $PGPORT_ -c listen_addresses=$PGHOST_ -c max_connections=300 -c unix_socket_directories=$PRIVATE_DATA" \
+        start >/dev/null || { cat "$PRIVATE_DATA/postgres.log" >&2; exit 1; }
+fi
+pg -d postgres -tAc 'SELECT 1' >/dev/null || { echo "no Postgres at $PGHOST_:$PGPORT_ (user $PGUSER_, trust)" >&2; exit 1; }
+
 # ---------------------------------------------------------------- 2. database
 log "creating database $DB and running pgbench -i -s $SCALE"
 createdb -h "$PGHOST_" -p "$PGPORT_" -U "$PGUSER_" "$DB"
@@ -188,6 +217,10 @@ FPI_PORT="$(free_port)"
 # 1,000 idle clients do not need 1,000 Postgres backends.
 PGB="$TMP/pgbouncer"
 mkdir -p "$PGB"
+# Session pooling: one server connection per client for the whole run, so
+# the pool must hold the largest client count measured.
+POOL_SIZE="$CLIENTS"
+for c in "${SWEEP_CLIENTS[@]}"; do [ "$c" -gt "$POOL_SIZE" ] && POOL_SIZE="$c"; done
 printf '"%s" ""\n' "$PGUSER_" >"$PGB/userlist.txt"
 cat >"$PGB/pgbouncer.ini" <<EOF
 [databases]
@@ -201,7 +234,7 @@ unix_socket_dir =
 auth_type = trust
 auth_file = $PGB/userlist.txt
 pool_mode = session
-default_pool_size = 40
+default_pool_size = $POOL_SIZE
 max_client_conn = $((IDLE_CONNS + 500))
 server_idle_timeout = 5
 ignore_startup_parameters = options,extra_float_digits
@@ -398,7 +431,7 @@ python3 "$HELPER" report \
     --manifest "$MANIFEST" \
     --out "$RESULTS" \
     --meta "rounds=$ROUNDS" "duration_s=$DURATION" "sweep_rounds=$SWEEP_ROUNDS" "clients=$CLIENTS" \
-           "scale=$SCALE" "cpus=$(nproc)" "kernel=$(uname -r)" "max_connections=$MAX_CONN" \
+           "scale=$SCALE" "private_server=$PRIVATE" "cpus=$(nproc)" "kernel=$(uname -r)" "max_connections=$MAX_CONN" \
            "postgres=$(pg -d postgres -tAc 'SHOW server_version' | awk '{print $1}')" \
            "pgbouncer=$("$PGBOUNCER" --version 2>&1 | head -1 | awk '{print $2}')" \
            "pgbench=$(pgbench --version | awk '{print $3}')" \
