@@ -28,18 +28,13 @@ pub enum KeyError {
     InvalidPublic,
 }
 
-/// Writes the signed message into a stack buffer: verification sits on the
-/// proxies' request path, so it must not allocate.
-fn message(resource: &str, n: u64, buf: &mut [u8; MAX_MESSAGE]) -> usize {
-    let mut len = 0;
-    let mut put = |bytes: &[u8]| {
-        let end = (len + bytes.len()).min(MAX_MESSAGE);
-        buf[len..end].copy_from_slice(&bytes[..end - len]);
-        len = end;
-    };
-    put(DOMAIN);
-    put(resource.as_bytes());
-    put(&[0]);
+/// Calls `f` with the signed message for `resource` and `n`. Verification
+/// sits on the proxies' request path, so the message is built in a stack
+/// buffer; only a resource longer than any valid name (which no proxy
+/// verifies for, it refuses the name first) takes a heap one. The message
+/// is never cut short: a truncated one would let a signature for one
+/// number verify for another.
+fn with_message<R>(resource: &str, n: u64, f: impl FnOnce(&[u8]) -> R) -> R {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     let mut v = n;
@@ -51,8 +46,18 @@ fn message(resource: &str, n: u64, buf: &mut [u8; MAX_MESSAGE]) -> usize {
             break;
         }
     }
-    put(&digits[i..]);
-    len
+    let parts = [DOMAIN, resource.as_bytes(), &[0], &digits[i..]];
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len > MAX_MESSAGE {
+        return f(&parts.concat());
+    }
+    let mut buf = [0u8; MAX_MESSAGE];
+    let mut at = 0;
+    for p in parts {
+        buf[at..at + p.len()].copy_from_slice(p);
+        at += p.len();
+    }
+    f(&buf[..len])
 }
 
 fn decode_key(text: &str) -> Result<[u8; 32], KeyError> {
@@ -104,9 +109,7 @@ impl Signer {
 
     /// The token string the elector hands out for `n` on `resource`.
     pub fn sign(&self, resource: &str, n: u64) -> String {
-        let mut buf = [0u8; MAX_MESSAGE];
-        let len = message(resource, n, &mut buf);
-        let sig = self.key.sign(&buf[..len]);
+        let sig = with_message(resource, n, |m| self.key.sign(m));
         format!("{n}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
     }
 }
@@ -134,11 +137,11 @@ impl Verifier {
     /// plain `verify` would let an attacker use to mint a second valid
     /// signature for the same token.
     pub fn verify(&self, resource: &str, n: u64, sig: &[u8; SIGNATURE_LEN]) -> bool {
-        let mut buf = [0u8; MAX_MESSAGE];
-        let len = message(resource, n, &mut buf);
-        self.key
-            .verify_strict(&buf[..len], &Signature::from_bytes(sig))
-            .is_ok()
+        with_message(resource, n, |m| {
+            self.key
+                .verify_strict(m, &Signature::from_bytes(sig))
+                .is_ok()
+        })
     }
 }
 
@@ -184,6 +187,36 @@ mod tests {
             policy.check("orders", &other),
             Err(TokenRejection::Forged { n: 42 })
         );
+    }
+
+    /// Found by the `token` fuzz target (fuzz/regressions/token): with a
+    /// resource past 128 bytes the message was cut at a fixed length, so
+    /// the number's last digits (or all of them) were not signed, and a
+    /// token for `n` verified for `n ^ 1`.
+    #[test]
+    fn long_resources_sign_the_whole_message() {
+        let s = signer();
+        let policy = TokenPolicy {
+            verifier: Some(s.verifier()),
+            allow_plain: false,
+        };
+        for len in [128, 129, 130, 149, 150, 400] {
+            let r = "x".repeat(len);
+            let n = 18_446_744_069_481_706_546;
+            let tok = s.sign(&r, n);
+            assert_eq!(policy.check(&r, &tok), Ok(n), "{len}");
+            let (_, sig) = tok.split_once('.').unwrap();
+            assert_eq!(
+                policy.check(&r, &format!("{}.{sig}", n + 1)),
+                Err(TokenRejection::Forged { n: n + 1 }),
+                "{len}"
+            );
+            assert_eq!(
+                policy.check(&format!("{r}y"), &tok),
+                Err(TokenRejection::Forged { n }),
+                "{len}"
+            );
+        }
     }
 
     #[test]
