@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_postgres::NoTls;
 
-use support::{free_addr, get, wait_port, Server, TempDir, TestDb, Upstream};
+use support::{direct, free_addr, get, opts, wait_port, Server, TempDir, TestDb, Upstream};
 
 // ------------------------------------------------------------------ setup
 
@@ -225,18 +225,6 @@ max_frame_bytes = {mfb}
             .map(|r| r.get(0))
             .collect()
     }
-}
-
-async fn direct(db: &TestDb) -> tokio_postgres::Client {
-    let (c, conn) = tokio_postgres::connect(&db.url, NoTls)
-        .await
-        .expect("connect directly");
-    tokio::spawn(conn);
-    c
-}
-
-fn opts(token: u64, resource: &str) -> String {
-    format!("-c fencing.token={token} -c fencing.resource={resource}")
 }
 
 /// Resident set size of a process, in KiB.

@@ -625,6 +625,50 @@ async fn newer_token_waits_for_older_write_to_complete_at_the_upstream() {
     drain_case(&env, "/hold-body/", 7, 8).await;
 }
 
+/// A client that hangs up while its write is still at the upstream must
+/// not take the write's guard with it: hyper drops the request's future,
+/// but the upstream may still be applying the write, so a newer token
+/// waits until the upstream has really answered it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_hanging_up_mid_write_keeps_the_drain_waiting() {
+    let env = Arc::new(Env::start("", "drain_timeout = \"20s\"").await);
+    // Held before the upstream's response headers, then after them.
+    for (hold, old, new) in [("/hold/", 5u64, 6u64), ("/hold-body/", 7, 8)] {
+        let held_path = format!("{hold}h{old}");
+        let new_path = format!("/h{new}");
+        let e = Arc::clone(&env);
+        let (p, t) = (held_path.clone(), old.to_string());
+        let held = tokio::spawn(async move { e.put(&p, Some("hang"), Some(&t)).await });
+        env.upstream.wait_arrival(&held_path).await;
+        // The client hangs up: its connection to the proxy closes.
+        held.abort();
+        assert!(held.await.is_err(), "the held request was cancelled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let e = Arc::clone(&env);
+        let (p, t) = (new_path.clone(), new.to_string());
+        let newer = tokio::spawn(async move { e.put(&p, Some("hang"), Some(&t)).await });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !env.upstream.arrived(&new_path),
+            "token {new} was forwarded while the hung-up write of token {old} was still at the upstream ({hold})"
+        );
+        env.upstream.release(&format!("h{old}"));
+        let newer = newer.await.unwrap();
+        assert_eq!(newer.status, 200, "{newer:?}");
+        let log = env.upstream.events();
+        let pos = |path: &str, kind| {
+            log.iter()
+                .position(|e| e.path == path && e.kind == kind)
+                .unwrap()
+        };
+        assert!(
+            pos(&held_path, Kind::Complete) < pos(&new_path, Kind::Arrive),
+            "token {new} arrived before token {old} completed: {log:?}"
+        );
+    }
+}
+
 /// Token `old`'s write is held at the upstream (under `hold`); token `new`
 /// must not be forwarded until it has completed, while `old` is refused
 /// from the moment `new` claimed the fence.

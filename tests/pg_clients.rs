@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use support::{free_addr, free_port, wait_port, Server, TempDir, TestDb};
+use support::{code, free_addr, free_port, opts, wait_port, Server, TempDir, TestDb};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
@@ -154,16 +154,6 @@ upstream = "{upstream}"
     let server = Server::start(dir, &config);
     wait_port(proxy).await;
     (server, proxy)
-}
-
-fn opts(token: u64, resource: &str) -> String {
-    format!("-c fencing.token={token} -c fencing.resource={resource}")
-}
-
-fn code(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map(|d| d.code().code().to_owned())
-        .unwrap_or_else(|| format!("not a server error: {e}"))
 }
 
 /// Runs psql with `conninfo` and `-c` commands, bounded; returns (exit

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{free_addr, wait_port, Server, TempDir, TestDb};
+use support::{code, direct, free_addr, opts, wait_port, Server, TempDir, TestDb};
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 struct Env {
@@ -96,25 +96,6 @@ upstream = "127.0.0.1:5432"
             .map(|r| r.get(0))
             .collect()
     }
-}
-
-async fn direct(db: &TestDb) -> Client {
-    let (c, conn) = tokio_postgres::connect(&db.url, NoTls)
-        .await
-        .expect("connect directly");
-    tokio::spawn(conn);
-    c
-}
-
-fn opts(token: u64, resource: &str) -> String {
-    format!("-c fencing.token={token} -c fencing.resource={resource}")
-}
-
-/// The SQLSTATE of a failed statement.
-fn code(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map(|d| d.code().code().to_owned())
-        .unwrap_or_else(|| format!("not a server error: {e}"))
 }
 
 fn message(e: &tokio_postgres::Error) -> String {

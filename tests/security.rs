@@ -401,24 +401,12 @@ verify_key = "{key}.pub"
     }
 }
 
-async fn direct(db: &TestDb) -> Client {
-    let (c, conn) = tokio_postgres::connect(&db.url, NoTls)
-        .await
-        .expect("connect directly");
-    tokio::spawn(conn);
-    c
-}
-
 /// `fencepost keygen --out dir/name`; returns the base path of the pair.
 fn keygen(dir: &Path, name: &str) -> PathBuf {
     let base = dir.join(name);
     let (code, _, err) = run_cli(&["keygen", "--out", base.to_str().unwrap()], &[]);
     assert_eq!(code, 0, "keygen: {err}");
     base
-}
-
-fn opts(token: &str, resource: &str) -> String {
-    format!("-c fencing.token={token} -c fencing.resource={resource}")
 }
 
 // ------------------------------------------------------------- forgeries

@@ -435,3 +435,25 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A client straight to the test's database, bypassing every proxy: what
+/// the tests read the storage's own truth through.
+pub async fn direct(db: &TestDb) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect directly");
+    tokio::spawn(conn);
+    c
+}
+
+/// Startup `options` carrying a token and a resource.
+pub fn opts(token: impl std::fmt::Display, resource: &str) -> String {
+    format!("-c fencing.token={token} -c fencing.resource={resource}")
+}
+
+/// The SQLSTATE of a failed statement.
+pub fn code(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.code().code().to_owned())
+        .unwrap_or_else(|| format!("not a server error: {e}"))
+}
