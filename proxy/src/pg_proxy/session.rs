@@ -710,6 +710,13 @@ async fn client_loop(
         skip_until_sync: false,
     };
     let mut out = BytesMut::new();
+    // Made once, not per read: each is a registration (a watch receiver, a
+    // waiter in the Notify's list) that a loop iteration per message would
+    // redo every time. Both end the loop (or stop being polled) once they
+    // fire, so they are never polled after completing.
+    let mut server_gone = pin!(ctx.server_gone.notified());
+    server_gone.as_mut().enable();
+    let mut shutting_down = pin!(shutdown.wait());
     let mut closing = false;
     let mut terminated = false;
     'read: loop {
@@ -784,8 +791,8 @@ async fn client_loop(
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             },
-            () = ctx.server_gone.notified() => break,
-            () = shutdown.wait(), if !closing => closing = true,
+            () = &mut server_gone => break,
+            () = &mut shutting_down, if !closing => closing = true,
             () = answered, if closing => {}
         }
     }
