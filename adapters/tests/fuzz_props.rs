@@ -10,6 +10,8 @@
 
 extern crate fencing;
 
+#[path = "../../fuzz/src/files.rs"]
+mod files;
 #[path = "../../fuzz/src/http_headers.rs"]
 mod http_target;
 #[path = "../../fuzz/src/pg.rs"]
@@ -28,19 +30,7 @@ use proptest::prelude::*;
 
 /// Every file under `fuzz/<dir>/<target>`, by name.
 fn inputs(dir: &str, target: &str) -> Vec<(String, Vec<u8>)> {
-    let path = format!("{}/../fuzz/{dir}/{target}", env!("CARGO_MANIFEST_DIR"));
-    let Ok(entries) = std::fs::read_dir(&path) else {
-        return Vec::new();
-    };
-    let mut out: Vec<(String, Vec<u8>)> = entries
-        .map(|e| {
-            let p = e.unwrap().path();
-            let data = std::fs::read(&p).unwrap();
-            (p.display().to_string(), data)
-        })
-        .collect();
-    out.sort();
-    out
+    files::inputs(concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz"), dir, target)
 }
 
 fn replay(target: &str, min: usize, run: fn(&[u8])) {

@@ -6,6 +6,8 @@
 
 use fencepost_fencing as fencing;
 
+#[path = "../../fuzz/src/files.rs"]
+mod files;
 #[path = "../../fuzz/src/token.rs"]
 mod target;
 
@@ -16,19 +18,7 @@ use proptest::prelude::*;
 
 /// Every file under `fuzz/<dir>/<target>`, by name.
 fn inputs(dir: &str, target: &str) -> Vec<(String, Vec<u8>)> {
-    let path = format!("{}/../fuzz/{dir}/{target}", env!("CARGO_MANIFEST_DIR"));
-    let Ok(entries) = std::fs::read_dir(&path) else {
-        return Vec::new();
-    };
-    let mut out: Vec<(String, Vec<u8>)> = entries
-        .map(|e| {
-            let p = e.unwrap().path();
-            let data = std::fs::read(&p).unwrap();
-            (p.display().to_string(), data)
-        })
-        .collect();
-    out.sort();
-    out
+    files::inputs(concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz"), dir, target)
 }
 
 #[test]
