@@ -13,11 +13,11 @@ use std::hash::{BuildHasher, Hash, Hasher};
 use std::hint::black_box;
 use std::sync::Arc;
 
-use adapters::pg::frame::{split_frame, Frame};
-use adapters::pg::{Classifier, ClientMsg};
 use bytes::{BufMut, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use fencing::{Signer, TokenPolicy, TokenRejection};
+use wire::pg::frame::{split_frame, Frame};
+use wire::pg::{Classifier, ClientMsg};
 
 const MAX_FRAME: usize = 256 << 20;
 
@@ -127,7 +127,7 @@ const TPCB: &[&str] = &[
 ];
 
 fn classify(c: &mut Criterion) {
-    let fns = adapters::pg::classify::DEFAULT_WRITE_FUNCTIONS;
+    let fns = wire::pg::classify::DEFAULT_WRITE_FUNCTIONS;
     let classifier = Classifier::new(fns, 16 << 20);
     for t in TPCB {
         classifier.classify(t);

@@ -1,4 +1,4 @@
-//! The HTTP proxy's fencing headers (`adapters::http::fencing_headers`).
+//! The HTTP proxy's fencing headers (`wire::http::fencing_headers`).
 //!
 //! Input: lines split at `\n`. The first is the request path; each other
 //! is `name:value`, appended in order (so names repeat), with values of any
@@ -7,7 +7,7 @@
 //! the proxy saw them.
 
 use super::fencing;
-use fencepost_adapters::http::{
+use fencepost_wire::http::{
     fencing_headers, header_text, route_resource, HeaderText, RESOURCE_HEADER, TOKEN_HEADER,
 };
 use http::header::{HeaderName, HeaderValue};
@@ -57,7 +57,7 @@ pub fn check(headers: &HeaderMap, path: &str, routes: &[(String, String)]) {
     assert_eq!(token, header_text(headers, TOKEN_HEADER));
     check_one(headers, TOKEN_HEADER, token.as_ref());
     let routed = route_resource(routes, path);
-    if !routes.is_empty() && !fencepost_adapters::http::plain_path(path) {
+    if !routes.is_empty() && !fencepost_wire::http::plain_path(path) {
         // A path that might reach another route: refused whatever it says.
         assert!(matches!(resource, Some(HeaderText::Unroutable { .. })));
         return;

@@ -1,4 +1,4 @@
-//! The Postgres frame codec (`adapters::pg::frame`): typed frames and the
+//! The Postgres frame codec (`wire::pg::frame`): typed frames and the
 //! startup packet.
 //!
 //! Input of [`frames`]: byte 0 picks the frame size limit, byte 1 the size
@@ -7,7 +7,7 @@
 //! startup packet and then typed frames.
 
 use bytes::{BufMut, BytesMut};
-use fencepost_adapters::pg::frame::{
+use fencepost_wire::pg::frame::{
     option_settings, shift_position, split_frame, split_startup, BackendMsg, ClientMsg, Frame,
     FrameError, StartupKind, MAX_STARTUP_LEN,
 };

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use adapters::{AuditQuery, Store, StoreError};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -17,6 +16,7 @@ use fencing::AuditRecord;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use store::{AuditQuery, Store, StoreError};
 
 use crate::shutdown::Shutdown;
 
@@ -168,7 +168,7 @@ async fn upstream_reachable(url: &str) -> bool {
     )
 }
 
-fn fence_json(row: &adapters::FenceRow) -> Value {
+fn fence_json(row: &store::FenceRow) -> Value {
     json!({
         "resource": row.resource,
         "token": row.token,

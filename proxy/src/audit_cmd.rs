@@ -3,8 +3,8 @@
 
 use std::process::ExitCode;
 
-use adapters::AuditQuery;
 use serde_json::Value;
+use store::AuditQuery;
 
 use crate::admin::{audit_json, parse_since};
 use crate::cli::AuditArgs;
@@ -77,7 +77,7 @@ async fn from_store(args: &AuditArgs) -> Result<Vec<Value>, Error> {
         Some(s) => Some(parse_since(s, crate::fencer::now_ms()).map_err(Error::Usage)?),
         None => None,
     };
-    let store = adapters::open(&config.store).await?;
+    let store = store::open(&config.store).await?;
     store.migrate().await?;
     let rows = store
         .query_audit(&AuditQuery {

@@ -10,9 +10,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use adapters::Store;
 use fencing::AuditRecord;
 use metrics::Counter;
+use store::Store;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::AuditConfig;

@@ -368,13 +368,13 @@ pub struct PgProxyConfig {
 }
 
 fn default_write_functions() -> Vec<String> {
-    adapters::pg::DEFAULT_WRITE_FUNCTIONS
+    wire::pg::DEFAULT_WRITE_FUNCTIONS
         .iter()
         .map(|s| (*s).to_owned())
         .collect()
 }
 fn default_max_frame_bytes() -> usize {
-    adapters::pg::frame::DEFAULT_MAX_FRAME
+    wire::pg::frame::DEFAULT_MAX_FRAME
 }
 /// Above any sensible server `max_connections` (Postgres's default is
 /// 100), so the server's own limit is what normally refuses first.
@@ -451,7 +451,7 @@ impl Config {
                     ConfigError::Invalid(format!("http[{i}] route {:?}: {e}", r.prefix))
                 })?;
             }
-            adapters::http::WriteMethods::from_names(&h.write_methods)
+            wire::http::WriteMethods::from_names(&h.write_methods)
                 .map_err(|e| ConfigError::Invalid(format!("http[{i}].write_methods: {e}")))?;
             if h.max_concurrent_requests == 0 {
                 return Err(ConfigError::Invalid(format!(

@@ -10,9 +10,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adapters::{AuditQuery, Store};
 use fencing::LeaseConfig;
 use serde_json::Value;
+use store::{AuditQuery, Store};
 use tokio::net::TcpListener;
 
 use crate::audit_sink::AuditSink;
@@ -120,7 +120,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, Error> {
 
     // Everything on loopback ports the OS picks.
     let _ = crate::metrics::install();
-    let store: Arc<dyn Store> = adapters::open(&store_url).await?;
+    let store: Arc<dyn Store> = store::open(&store_url).await?;
     store.migrate().await?;
     let (trigger, sd) = shutdown::channel();
     let config = Config::from_parts("", "demo", std::iter::empty())?;

@@ -1,7 +1,7 @@
 //! The binary's error type: what a command can fail with, worded for the
 //! person who ran it.
 
-use adapters::StoreError;
+use store::StoreError;
 
 use crate::config::ConfigError;
 

@@ -11,11 +11,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adapters::{Store, StoreError};
 use fencing::{
     Admitted, AuditRecord, FenceTable, Persist, Protocol, Reason, Slot, TokenPolicy,
     TokenRejection, Verdict,
 };
+use store::{Store, StoreError};
 
 use crate::audit_sink::AuditSink;
 use crate::metrics::{WriteCounters, MARK};

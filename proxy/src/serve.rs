@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adapters::Store;
 use fencing::{TokenPolicy, Verifier};
+use store::Store;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
@@ -99,7 +99,7 @@ pub async fn run(args: ServeArgs, log_format: Option<&str>) -> Result<ExitCode, 
         ));
     }
     let prometheus = metrics::install();
-    let store = adapters::open(&config.store).await?;
+    let store = store::open(&config.store).await?;
     let (trigger, shutdown) = shutdown::channel();
 
     // Try the migration once in the foreground so a healthy start is ready
@@ -244,13 +244,13 @@ pub async fn migrate(args: MigrateArgs) -> Result<ExitCode, Error> {
     if let Some(url) = &args.guard {
         // The protected database, not the store: only the guard's schema
         // goes there.
-        adapters::pg::guard::install(url).await?;
+        store::guard::install(url).await?;
         println!("installed the fencepost guard (schema fencepost) in {url}");
         return Ok(ExitCode::SUCCESS);
     }
     let config = Config::load(args.config.as_deref())?;
     let url = args.store.unwrap_or(config.store);
-    let store = adapters::open(&url).await?;
+    let store = store::open(&url).await?;
     store.migrate().await?;
     println!("migrated {} store {url}", store.kind());
     Ok(ExitCode::SUCCESS)

@@ -16,7 +16,6 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use adapters::StoreError;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode, Uri};
@@ -27,6 +26,7 @@ use axum::{Json, Router};
 use fencing::token::Presented;
 use fencing::{LeaseOp, LeaseOutcome, LeaseRecord, ResourceName};
 use serde::{Deserialize, Serialize};
+use store::StoreError;
 
 use super::{duration_ms, now_ms, rfc3339_ms, Elector, Source, MAX_BODY_BYTES, STORE_TIMEOUT};
 

@@ -1,7 +1,7 @@
 //! The elector: grants leases over HTTP and issues fencing tokens.
 //!
 //! Every decision is [`fencing::lease::decide`], run by the store inside one
-//! locked transaction ([`adapters::Store::lease_apply`]) that commits before
+//! locked transaction ([`store::Store::lease_apply`]) that commits before
 //! the answer leaves: concurrent candidates serialize on the store, and a
 //! token is durable before anyone sees it (guarantee 6). Nothing here keeps
 //! lease state that a decision depends on, so any number of electors may
@@ -21,9 +21,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use adapters::Store;
 use fencing::{LeaseConfig, LeaseRecord, Signer, Verifier};
 use serde::Serialize;
+use store::Store;
 use tokio::sync::{broadcast, watch as watch_chan, Notify};
 
 use crate::config::{ConfigError, ElectorConfig};

@@ -25,7 +25,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use adapters::http::{fencing_headers, HeaderText, WriteMethods};
 use fencing::Protocol;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -35,6 +34,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use wire::http::{fencing_headers, HeaderText, WriteMethods};
 
 use self::body::{Hold, ProxyBody};
 use self::forward::{Forwarder, Upstream};

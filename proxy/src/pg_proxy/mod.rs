@@ -20,11 +20,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adapters::pg::Classifier;
 use fencing::Protocol;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
+use wire::pg::Classifier;
 
 use crate::audit_sink::AuditSink;
 use crate::config::{ConfigError, PgProxyConfig};
@@ -104,7 +104,7 @@ impl PgProxy {
                 cfg.listen,
                 cfg.max_connections,
                 // What Postgres itself says past its max_connections.
-                adapters::pg::frame::error_response(
+                wire::pg::frame::error_response(
                     "FATAL",
                     "53300",
                     "sorry, too many clients already (fencepost: the proxy is at its max_connections)",

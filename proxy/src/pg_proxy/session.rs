@@ -70,12 +70,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::Instant;
 
-use adapters::pg::frame::{self, split_frame, split_startup};
-use adapters::pg::guard;
-use adapters::pg::{
-    BackendMsg, Classification, ClientMsg, CommentFence, FenceSetting, FenceVar, Frame, FrameError,
-    StartupKind, StartupPacket,
-};
 use bytes::{Bytes, BytesMut};
 use fencing::{AuditRecord, InflightGuard, Protocol, Reason};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -83,6 +77,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use wire::pg::frame::{self, split_frame, split_startup};
+use wire::pg::guard;
+use wire::pg::{
+    BackendMsg, Classification, ClientMsg, CommentFence, FenceSetting, FenceVar, Frame, FrameError,
+    StartupKind, StartupPacket,
+};
 
 use super::{PgProxy, CONNECT_TIMEOUT, ORPHAN_WAIT};
 use crate::fencer::{now_ms, Decision, Refusal, WriteInfo};
@@ -178,7 +178,7 @@ impl Detail {
     fn fingerprint(&self) -> String {
         match self {
             Detail::Query(f) => match f.client() {
-                Ok(ClientMsg::Query(t)) => adapters::pg::fingerprint(t),
+                Ok(ClientMsg::Query(t)) => wire::pg::fingerprint(t),
                 _ => "(unreadable statement)".into(),
             },
             Detail::Parse(f) => Source::Parse(f).fingerprint(),
@@ -435,9 +435,9 @@ enum Source<'a> {
 impl Source<'_> {
     fn fingerprint(&self) -> String {
         match self {
-            Source::Text(t) => adapters::pg::fingerprint(t),
+            Source::Text(t) => wire::pg::fingerprint(t),
             Source::Parse(f) => match f.client() {
-                Ok(ClientMsg::Parse { query, .. }) => adapters::pg::fingerprint(query),
+                Ok(ClientMsg::Parse { query, .. }) => wire::pg::fingerprint(query),
                 _ => "(unreadable statement)".into(),
             },
             Source::Label(l) => (*l).to_owned(),

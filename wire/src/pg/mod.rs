@@ -1,7 +1,8 @@
 //! The Postgres wire protocol and statement classification, with no I/O:
 //! [`frame`] cuts bytes into messages, [`classify`] says which statements
-//! are writes and what they set the fencing variables to. The proxy's
-//! session loop (in the binary) drives both.
+//! are writes and what they set the fencing variables to, [`guard`] is the
+//! text of the database guard's call. The proxy's session loop (in the
+//! `fencepost` crate) drives them.
 
 pub mod classify;
 pub mod frame;

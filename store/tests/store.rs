@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fencepost_adapters::store::{AuditQuery, PgStore, SqliteStore, Store, StoreError};
+use fencepost_store::{AuditQuery, PgStore, SqliteStore, Store, StoreError};
 use fencing::{AuditRecord, LeaseConfig, LeaseOp, LeaseOutcome, Protocol, Reason};
 use sqlx::{Connection, Executor};
 use tokio::net::{TcpListener, TcpStream};

@@ -18,10 +18,10 @@ mod http_target;
 mod pg_target;
 
 use bytes::{BufMut, BytesMut};
-use fencepost_adapters::http::{
+use fencepost_wire::http::{
     fencing_headers, header_text, HeaderText, RESOURCE_HEADER, TOKEN_HEADER,
 };
-use fencepost_adapters::pg::frame::{
+use fencepost_wire::pg::frame::{
     option_settings, split_frame, split_startup, ClientMsg, Frame, FrameError, StartupKind,
     MAX_STARTUP_LEN,
 };

@@ -7,12 +7,20 @@
 //! Tokens are unsigned 64-bit, which neither database has; they are stored
 //! as 20-digit zero-padded text, which sorts and compares (`MAX`,
 //! `GREATEST`) exactly as the numbers do and stays readable to an operator.
+//!
+//! # Layout
+//! - this file: [`Store`], [`StoreError`], the row types and [`open`], which
+//!   picks the implementation from the URL;
+//! - [`SqliteStore`] (`sqlite.rs`) and [`PgStore`] (`postgres.rs`): the same
+//!   statements in two dialects; schemas in `migrations/`;
+//! - [`guard`]: installs the in-database guard into a protected database.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use fencing::{AuditRecord, LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord, Protocol, Reason};
 
+pub mod guard;
 mod postgres;
 mod sqlite;
 

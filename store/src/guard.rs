@@ -1,0 +1,30 @@
+//! Installing the in-database guard of `enforce = "database"`
+//! (`fencepost migrate --guard URL`). The SQL is in `migrations/guard/`; the
+//! call the proxy runs in a write's transaction is `fencepost-wire`'s
+//! `pg::guard::call`.
+
+use sqlx::Connection;
+
+use crate::StoreError;
+
+/// The guard's schema, table and function; every statement is idempotent.
+pub const GUARD_SQL: &str = include_str!("../../migrations/guard/0001_guard.sql");
+
+/// Arbitrary key of the advisory lock that keeps two concurrent installs
+/// from racing on `CREATE ... IF NOT EXISTS` (which is not atomic).
+const INSTALL_LOCK: i64 = 0x6665_6e63_6570_6f73; // "fencepos"
+
+/// Installs (or re-installs) the guard into the database at `url`, in one
+/// transaction, so a failed install leaves nothing half made.
+pub async fn install(url: &str) -> Result<(), StoreError> {
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    let mut tx = conn.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(INSTALL_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::raw_sql(GUARD_SQL).execute(&mut *tx).await?;
+    tx.commit().await?;
+    conn.close().await?;
+    Ok(())
+}
