@@ -81,6 +81,9 @@
 //! network faults cut connections rather than delay them; the SQLite store
 //! itself is never taken away (fail-closed 503/ZF004 is tested elsewhere).
 
+// A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::collections::{BTreeMap, HashMap};

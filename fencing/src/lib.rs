@@ -15,6 +15,8 @@
 //! - [`lease`]: the elector's lease state machine.
 //! - [`audit`]: the shape of an audit record for a refused write.
 
+#![forbid(unsafe_code)]
+
 pub mod audit;
 pub mod fence;
 pub mod lease;

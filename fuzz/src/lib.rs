@@ -7,6 +7,8 @@
 //! proptest, in CI, without AFL. A broken invariant panics, which AFL
 //! records as a crash.
 
+#![forbid(unsafe_code)]
+
 use fencepost_fencing as fencing;
 
 pub mod files;

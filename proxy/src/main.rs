@@ -1,6 +1,8 @@
 //! The `fencepost` binary: see `cli.rs` for the commands and ARCHITECTURE.md
 //! for how the pieces fit.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 mod admin;

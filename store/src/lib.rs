@@ -15,6 +15,8 @@
 //!   statements in two dialects; schemas in `migrations/`;
 //! - [`guard`]: installs the in-database guard into a protected database.
 
+#![forbid(unsafe_code)]
+
 use std::sync::Arc;
 
 use async_trait::async_trait;

@@ -414,7 +414,7 @@ impl Store for PgStore {
             n => n.min(MAX_AUDIT_LIMIT),
         };
         bounded(async {
-            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+            let mut qb: QueryBuilder<'_, Postgres> = QueryBuilder::new(
                 "SELECT id, at_ms, resource, protocol, reason, presented_token, current_token, \
                  client_addr, detail FROM audit WHERE TRUE",
             );

@@ -283,7 +283,7 @@ impl Store for SqliteStore {
             0 => DEFAULT_AUDIT_LIMIT,
             n => n.min(MAX_AUDIT_LIMIT),
         };
-        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+        let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
             "SELECT id, at_ms, resource, protocol, reason, presented_token, current_token, \
              client_addr, detail FROM audit WHERE 1 = 1",
         );

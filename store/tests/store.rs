@@ -4,6 +4,9 @@
 //! outages are staged with a small TCP forwarder between the store and the
 //! server.
 
+// A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};

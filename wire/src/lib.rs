@@ -14,5 +14,7 @@
 //! - [`http`]: which HTTP requests are writes, and which fencing token and
 //!   resource their headers and path carry.
 
+#![forbid(unsafe_code)]
+
 pub mod http;
 pub mod pg;
