@@ -22,7 +22,7 @@ use super::{
     FenceRow, Store, StoreError,
 };
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
 /// The schema holding every fencepost table.
 pub const SCHEMA: &str = "fencepost_store";

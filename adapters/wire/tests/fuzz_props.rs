@@ -16,11 +16,11 @@
 #[allow(clippy::single_component_path_imports)]
 use fencing;
 
-#[path = "../../fuzz/src/files.rs"]
+#[path = "../../../fuzz/src/files.rs"]
 mod files;
-#[path = "../../fuzz/src/http_headers.rs"]
+#[path = "../../../fuzz/src/http_headers.rs"]
 mod http_target;
-#[path = "../../fuzz/src/pg.rs"]
+#[path = "../../../fuzz/src/pg.rs"]
 mod pg_target;
 
 use bytes::{BufMut, BytesMut};
@@ -36,7 +36,11 @@ use proptest::prelude::*;
 
 /// Every file under `fuzz/<dir>/<target>`, by name.
 fn inputs(dir: &str, target: &str) -> Vec<(String, Vec<u8>)> {
-    files::inputs(concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz"), dir, target)
+    files::inputs(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz"),
+        dir,
+        target,
+    )
 }
 
 fn replay(target: &str, min: usize, run: fn(&[u8])) {

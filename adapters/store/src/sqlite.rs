@@ -21,7 +21,7 @@ use super::{
     FenceRow, Store, StoreError,
 };
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 
 /// Long enough to ride out another writer's transaction (they are a few
 /// statements each), short enough that a wedged lock holder turns into

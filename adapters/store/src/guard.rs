@@ -8,7 +8,7 @@ use sqlx::Connection;
 use crate::StoreError;
 
 /// The guard's schema, table and function; every statement is idempotent.
-pub const GUARD_SQL: &str = include_str!("../../migrations/guard/0001_guard.sql");
+pub const GUARD_SQL: &str = include_str!("../../../migrations/guard/0001_guard.sql");
 
 /// Arbitrary key of the advisory lock that keeps two concurrent installs
 /// from racing on `CREATE ... IF NOT EXISTS` (which is not atomic).
