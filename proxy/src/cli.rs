@@ -41,7 +41,8 @@ pub enum Command {
     /// upstream in one process, two writers, a failover, a stale write
     /// refused. Needs nothing else; exits 0 only if fencing held.
     Demo(DemoArgs),
-    /// Run what the config names: elector API, HTTP proxies, admin API.
+    /// Run what the config names: elector API, HTTP and Postgres proxies,
+    /// admin API.
     #[command(long_about = SERVE_HELP)]
     Serve(ServeArgs),
     /// Acquire, renew, release or show a lease from a shell.
@@ -58,8 +59,8 @@ pub enum Command {
 
 const SERVE_HELP: &str = "\
 Run what the config file names: the elector API ([elector]), HTTP fencing
-proxies ([[http]]) and the admin API ([admin]: /metrics, /healthz, /readyz,
-/v1/fences, /v1/audit). The store (store = ...) holds fences, leases and the
+proxies ([[http]]), Postgres fencing proxies ([[postgres]]) and the admin
+API ([admin]: /metrics, /healthz, /readyz, /v1/fences, /v1/audit). The store (store = ...) holds fences, leases and the
 audit log; SQLite by default, Postgres to share it between replicas.
 
 Stop with SIGINT or SIGTERM: listeners close, in-flight requests finish

@@ -94,7 +94,7 @@ pub async fn run(args: ServeArgs, log_format: Option<&str>) -> Result<ExitCode, 
         && config.postgres.is_empty()
     {
         return Err(Error::Usage(
-            "the config names nothing to run: add [elector], [[http]] or [admin] (see fencepost.example.toml)"
+            "the config names nothing to run: add [elector], [[http]], [[postgres]] or [admin] (see fencepost.example.toml)"
                 .into(),
         ));
     }
