@@ -392,7 +392,9 @@ async fn run(cfg: Arc<Config>, tx: watch::Sender<LeaseState>, stop: Cancellation
             }
             Held::Failed(e) => break EndReason::Failed(Arc::new(e)),
             Held::Lost(reason) => {
-                tracing::warn!(resource = %cfg.resource, holder = %cfg.holder, token = %lease.token(), %reason, "lease lost");
+                // Info, not warn: the loss is handed to the application,
+                // which knows how loud it should be.
+                tracing::info!(resource = %cfg.resource, holder = %cfg.holder, token = %lease.token(), %reason, "lease lost");
                 if !cfg.campaign_again {
                     break EndReason::Lost(reason);
                 }
