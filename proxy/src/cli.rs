@@ -45,7 +45,8 @@ pub enum Command {
     /// admin API.
     #[command(long_about = SERVE_HELP)]
     Serve(ServeArgs),
-    /// Acquire, renew, release or show a lease from a shell.
+    /// Acquire, renew, release or show a lease from a shell, or run a
+    /// command while holding it.
     #[command(subcommand)]
     Lease(LeaseCommand),
     /// Show refused writes, newest first.
@@ -152,6 +153,80 @@ pub enum LeaseCommand {
         #[command(flatten)]
         target: LeaseTarget,
     },
+    /// Run a command while holding the lease: campaign, run CMD with its
+    /// token in FENCING_TOKEN, renew, stop CMD if the lease is lost.
+    #[command(long_about = LEASE_RUN_HELP)]
+    Run(LeaseRunArgs),
+}
+
+const LEASE_RUN_HELP: &str = "\
+Run a command while holding the lease, so a script or a program that knows
+nothing of leases can lead.
+
+fencepost campaigns for the lease (waiting, with jittered backoff, while
+another holder leads), then runs CMD with these variables set:
+
+  FENCING_TOKEN     the token: send it with every write
+  FENCING_RESOURCE  the resource (--resource)
+  FENCING_HOLDER    the holder name (--holder)
+  FENCING_ELECTOR   the elector URL (--elector)
+
+It renews the lease in the background (every third of the TTL). When the
+lease is lost (a renewal is refused, or none is confirmed before the lease
+could have expired by the local clock), it sends CMD's process group
+SIGTERM, then SIGKILL after --kill-after (or as soon as CMD has exited, for
+anything it left behind). Writes CMD still makes with the old token are
+refused by the fencing proxies. Without --once, fencepost then campaigns
+again and runs CMD anew under the new token.
+
+When CMD exits by itself, fencepost releases the lease and exits with
+CMD's status. SIGINT and SIGTERM are forwarded to CMD (and end the run once
+CMD exits); SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 are forwarded. CMD runs in
+its own process group, so a loss stops everything it started.
+
+Exit status:
+  CMD's status   CMD exited by itself (128+N if signal N killed it)
+  75             the lease was lost and CMD was stopped, and fencepost
+                 did not campaign again (--once, or SIGINT/SIGTERM came)
+  128+N          signal N (SIGINT, SIGTERM) arrived while campaigning
+  125            fencepost itself failed (the elector refused the
+                 holder or the bearer token, bad settings)
+  126, 127       CMD could not be run / was not found
+  2              bad arguments
+
+Example:
+  fencepost lease run --elector http://127.0.0.1:7070 --resource orders \\
+      --holder \"$(hostname)\" --ttl 10s -- \\
+    sh -c 'while :; do
+             curl -fsS -X PUT -H \"Fencing-Token: $FENCING_TOKEN\" \\
+                  -H \"Fencing-Resource: $FENCING_RESOURCE\" \\
+                  http://127.0.0.1:8080/orders/tick -d \"$(date)\"
+             sleep 1
+           done'";
+
+#[derive(Debug, Args)]
+pub struct LeaseRunArgs {
+    #[command(flatten)]
+    pub target: LeaseTarget,
+    /// Who is asking: a stable name for this process (host name, pod name).
+    #[arg(long)]
+    pub holder: String,
+    /// Lease length. The loss is noticed within it; a paused or cut-off
+    /// runner loses the lease after it.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// After a loss, how long CMD gets between SIGTERM and SIGKILL.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub kill_after: Duration,
+    /// Run CMD once: after a loss, exit 75 instead of campaigning again.
+    #[arg(long, conflicts_with = "restart")]
+    pub once: bool,
+    /// After a loss, campaign again and run CMD anew (the default).
+    #[arg(long)]
+    pub restart: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD", value_parser = clap::value_parser!(std::ffi::OsString))]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Debug, Args)]

@@ -5,15 +5,21 @@
 //! store. Two writers go through a failover in which the first pauses past
 //! its lease and then writes. The exit code is the verdict: 0 only if the
 //! stale write was refused and never reached the upstream.
+//!
+//! The writers are written with `fencepost-client` (a `LeaseKeeper`, the
+//! reqwest helpers, typed refusals), the way a user writes a leader, so the
+//! showcase is also the crate's example. writer-a runs on a runtime of its
+//! own, on its own thread, so the demo can freeze it whole, keeper and all.
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use fencepost_client::{LeaseKeeper, Refusal, RefusedBy, RequestBuilderExt};
 use fencing::LeaseConfig;
-use serde_json::Value;
 use store::{AuditQuery, Store};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 
 use crate::audit_sink::AuditSink;
 use crate::cli::DemoArgs;
@@ -45,61 +51,110 @@ fn result(text: &str) {
     println!("   -> {text}");
 }
 
-struct Client {
-    http: reqwest::Client,
-    elector: String,
-    proxy: String,
+/// What writer-a's thread reports to the narrator.
+enum FromA {
+    Leading(String),
+    Wrote(Result<u16, String>),
+    /// Token read, request built: about to send, and now frozen.
+    Frozen,
+    /// The write sent on waking: the status, or the typed refusal.
+    Stale(Result<u16, Refusal>),
+    /// Its keeper's loss notice on waking, and how long after the wake.
+    Lost(String, Duration),
+    Failed(String),
 }
 
-impl Client {
-    async fn acquire(&self, holder: &str, ttl: Duration) -> Result<String, Error> {
-        let resp = self
-            .http
-            .post(format!("{}/v1/leases/{RESOURCE}/acquire", self.elector))
-            .json(&serde_json::json!({ "holder": holder, "ttl_ms": ttl.as_millis() as u64 }))
-            .send()
-            .await
-            .map_err(|e| Error::Remote(format!("elector: {e}")))?;
-        let status = resp.status();
-        let body: Value = resp
-            .json()
-            .await
-            .map_err(|e| Error::Remote(format!("elector: {e}")))?;
-        match body.get("token").and_then(Value::as_str) {
-            Some(t) if status.is_success() => Ok(t.to_owned()),
-            _ => Err(Error::Remote(format!(
-                "elector refused {holder}: {status} {body}"
-            ))),
-        }
-    }
+/// writer-a, written the way a user writes a leader with
+/// `fencepost-client`, on its own single-threaded runtime and thread. The
+/// demo freezes that thread with a blocking wait, which stops everything
+/// on the runtime at once (the keeper's renewals included), as a GC pause
+/// or a VM migration stops a whole process.
+fn spawn_writer_a(
+    elector: String,
+    proxy: String,
+    ttl: Duration,
+    tell: mpsc::UnboundedSender<FromA>,
+    wake: std::sync::mpsc::Receiver<()>,
+) {
+    std::thread::spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = tell.send(FromA::Failed(format!("writer-a runtime: {e}")));
+                return;
+            }
+        };
+        rt.block_on(async move {
+            if let Err(e) = writer_a(&elector, &proxy, ttl, &tell, wake).await {
+                let _ = tell.send(FromA::Failed(format!("writer-a: {e}")));
+            }
+        });
+    });
+}
 
-    /// PUT through the proxy; returns the status and the body text.
-    async fn put(&self, key: &str, value: &str, token: &str) -> Result<(u16, String), Error> {
-        let resp = self
-            .http
-            .put(format!("{}/kv/{key}", self.proxy))
-            .header("Fencing-Token", token)
-            .header("Fencing-Resource", RESOURCE)
-            .body(value.to_owned())
-            .send()
-            .await
-            .map_err(|e| Error::Remote(format!("proxy: {e}")))?;
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        Ok((status, text))
-    }
+async fn writer_a(
+    elector: &str,
+    proxy: &str,
+    ttl: Duration,
+    tell: &mpsc::UnboundedSender<FromA>,
+    wake: std::sync::mpsc::Receiver<()>,
+) -> Result<(), fencepost_client::Error> {
+    let keeper = LeaseKeeper::builder(elector, RESOURCE, "writer-a")
+        .ttl(ttl)
+        .campaign_again(false)
+        .start()?;
+    let lease = keeper.leading().await?;
+    let _ = tell.send(FromA::Leading(lease.token().to_string()));
+    let http = reqwest::Client::new();
+    let url = format!("{proxy}/kv/balance");
 
-    async fn get(&self, key: &str) -> Result<String, Error> {
-        let resp = self
-            .http
-            .get(format!("{}/kv/{key}", self.proxy))
-            .send()
-            .await
-            .map_err(|e| Error::Remote(format!("proxy: {e}")))?;
-        resp.text()
-            .await
-            .map_err(|e| Error::Remote(format!("proxy: {e}")))
+    let wrote = http
+        .put(&url)
+        .fencing(lease.fencing())
+        .body("100")
+        .send_fenced()
+        .await
+        .map(|r| r.status().as_u16())
+        .map_err(|e| e.to_string());
+    let _ = tell.send(FromA::Wrote(wrote));
+
+    // The next write is ready, token attached ...
+    let next = http.put(&url).fencing(lease.fencing()).body("90");
+    let _ = tell.send(FromA::Frozen);
+    // ... and the whole process stops until the narrator wakes it.
+    let _ = wake.recv();
+    let woke = Instant::now();
+    let stale = match next.send_fenced().await {
+        Ok(r) => Ok(r.status().as_u16()),
+        Err(fencepost_client::Error::Refused(r)) => Err(*r),
+        Err(e) => return Err(e),
+    };
+    let _ = tell.send(FromA::Stale(stale));
+    let loss = lease.lost().await;
+    let _ = tell.send(FromA::Lost(
+        loss.reason.to_string(),
+        loss.at.saturating_duration_since(woke),
+    ));
+    keeper.shutdown().await;
+    Ok(())
+}
+
+/// The next report from writer-a, bounded so a stuck demo fails instead
+/// of hanging.
+async fn from_a(rx: &mut mpsc::UnboundedReceiver<FromA>) -> Result<FromA, Error> {
+    match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+        Ok(Some(FromA::Failed(e))) => Err(Error::Remote(e)),
+        Ok(Some(m)) => Ok(m),
+        Ok(None) => Err(Error::Remote("writer-a stopped".into())),
+        Err(_) => Err(Error::Remote("writer-a did not answer in 30s".into())),
     }
+}
+
+fn unexpected(what: &str) -> Error {
+    Error::Remote(format!("writer-a: unexpected {what}"))
 }
 
 pub async fn run(args: DemoArgs) -> Result<ExitCode, Error> {
@@ -168,67 +223,82 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, Error> {
         sd.clone(),
     ));
 
-    let c = Client {
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| Error::Remote(e.to_string()))?,
-        elector: format!("http://{el_a}"),
-        proxy: format!("http://{px_a}"),
-    };
+    let elector_url = format!("http://{el_a}");
+    let proxy_url = format!("http://{px_a}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| Error::Remote(e.to_string()))?;
 
     println!("fencepost demo: a leader pauses past its lease, wakes up, and tries to write.\n");
-    println!("  elector        http://{el_a}   grants leases, issues increasing tokens");
-    println!("  fencing proxy  http://{px_a}   in front of the upstream, watching the elector");
+    println!("  elector        {elector_url}   grants leases, issues increasing tokens");
+    println!("  fencing proxy  {proxy_url}   in front of the upstream, watching the elector");
     println!("  upstream       http://{up_a}   a key-value store that knows nothing of leaders");
     println!(
         "  store          {}   fences, leases, audit log",
         db.display()
     );
+    println!("  writers        two leaders written with the fencepost-client crate (LeaseKeeper)");
 
-    let pause = ttl + ttl / 2 + Duration::from_millis(300);
     step(
         1,
         &format!(
-            "writer-a acquires the lease on \"{RESOURCE}\" for {}",
+            "writer-a starts a LeaseKeeper on \"{RESOURCE}\" (TTL {}) and waits until it leads",
             humantime::format_duration(ttl)
         ),
     );
-    let token_a = c.acquire("writer-a", ttl).await?;
-    result(&format!("token {token_a}"));
-
-    step(
-        2,
-        &format!("writer-a writes balance=100 with token {token_a}"),
-    );
-    let (s, _) = c.put("balance", "100", &token_a).await?;
+    let (tell, mut from_a_rx) = mpsc::unbounded_channel();
+    let (wake_a, wake_rx) = std::sync::mpsc::channel();
+    spawn_writer_a(elector_url.clone(), proxy_url.clone(), ttl, tell, wake_rx);
+    let FromA::Leading(token_a) = from_a(&mut from_a_rx).await? else {
+        return Err(unexpected("report instead of its token"));
+    };
     result(&format!(
-        "{s} {}",
-        if s == 200 {
-            "OK: admitted and forwarded"
-        } else {
-            "unexpected"
-        }
+        "leading with token {token_a}; its keeper renews every third of the TTL"
     ));
 
     step(
-        3,
+        2,
         &format!(
-            "writer-a pauses (a GC pause, a VM migration, a partition) for {} and stops renewing",
-            humantime::format_duration(pause)
+            "writer-a writes balance=100 with token {token_a} (Fencing-Token, Fencing-Resource)"
         ),
     );
-    tokio::time::sleep(pause).await;
-    result("writer-a's lease has expired; writer-a does not know");
+    let FromA::Wrote(wrote) = from_a(&mut from_a_rx).await? else {
+        return Err(unexpected("report instead of its first write"));
+    };
+    result(&match wrote {
+        Ok(200) => "200 OK: admitted and forwarded".to_owned(),
+        Ok(s) => format!("{s} unexpected"),
+        Err(e) => format!("failed: {e}"),
+    });
 
-    step(4, "writer-b campaigns and acquires the lease");
-    let token_b = c.acquire("writer-b", ttl * 4).await?;
-    result(&format!("token {token_b}"));
+    step(
+        3,
+        "writer-a builds its next write (balance=90, its token attached) and freezes before sending it: a GC pause, a VM migration. Its keeper is frozen too and cannot renew",
+    );
+    let FromA::Frozen = from_a(&mut from_a_rx).await? else {
+        return Err(unexpected("report instead of freezing"));
+    };
+    let frozen_at = Instant::now();
+    result("writer-a is frozen");
+
+    step(4, "writer-b starts a LeaseKeeper and campaigns; it retries with jittered backoff while writer-a's lease is live");
+    let keeper_b = LeaseKeeper::builder(&elector_url, RESOURCE, "writer-b")
+        .ttl(ttl * 4)
+        .start()
+        .map_err(|e| Error::Remote(e.to_string()))?;
+    let lease_b = tokio::time::timeout(Duration::from_secs(30), keeper_b.leading())
+        .await
+        .map_err(|_| Error::Remote("writer-b did not get the lease in 30s".into()))?
+        .map_err(|e| Error::Remote(e.to_string()))?;
+    let token_b = lease_b.token().to_string();
+    result(&format!(
+        "writer-a's lease expired unrenewed; writer-b leads with token {token_b}, {} after writer-a froze",
+        humantime::format_duration(round_ms(frozen_at.elapsed()))
+    ));
     let fenced = {
         let fencer = Arc::clone(&fencer);
-        let want: u64 = fencing::token::Presented::parse(&token_b)
-            .map(|p| p.value())
-            .unwrap_or(u64::MAX);
+        let want = lease_b.token().value();
         wait_until(
             move || {
                 fencer
@@ -247,30 +317,56 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, Error> {
     });
 
     let before_stale = upstream.arrivals().len();
-    step(5, &format!("writer-a wakes up, still believing it leads, and writes balance=90 with token {token_a}"));
-    let (stale_status, stale_body) = c.put("balance", "90", &token_a).await?;
-    let detail = serde_json::from_str::<Value>(&stale_body)
-        .ok()
-        .and_then(|v| v.get("detail").and_then(Value::as_str).map(str::to_owned))
-        .unwrap_or(stale_body.clone());
-    result(&format!(
-        "{stale_status} {}: {detail}",
-        if stale_status == 409 { "Conflict" } else { "" }
-    ));
+    step(
+        5,
+        &format!("writer-a wakes up, still believing it leads, and its write goes out: balance=90 with token {token_a}"),
+    );
+    let _ = wake_a.send(());
+    let FromA::Stale(stale) = from_a(&mut from_a_rx).await? else {
+        return Err(unexpected("report instead of its stale write"));
+    };
+    let stale_status = match &stale {
+        Ok(s) => {
+            result(&format!("{s}: the write was NOT refused"));
+            *s
+        }
+        Err(r) => {
+            let status = match &r.refused_by {
+                RefusedBy::Http { status, .. } => *status,
+                RefusedBy::Postgres { .. } => 0,
+            };
+            result(&format!("{status} Conflict: {}", r.detail));
+            result(&format!(
+                "writer-a's client reads it as Refusal {{ kind: {}, presented: {}, current: {} }}",
+                r.kind,
+                r.presented_token.map_or("-".into(), |t| t.to_string()),
+                r.current_token.map_or("-".into(), |t| t.to_string()),
+            ));
+            status
+        }
+    };
+    if let FromA::Lost(reason, after) = from_a(&mut from_a_rx).await? {
+        result(&format!(
+            "writer-a's keeper, waking with it, fired the loss {:.1} ms after the wake ({reason}): too late for a write already built, which is why the proxy is there",
+            after.as_secs_f64() * 1000.0
+        ));
+    }
 
     step(
         6,
         &format!("writer-b writes balance=250 with token {token_b}"),
     );
-    let (s, _) = c.put("balance", "250", &token_b).await?;
-    result(&format!(
-        "{s} {}",
-        if s == 200 {
-            "OK: admitted and forwarded"
-        } else {
-            "unexpected"
-        }
-    ));
+    let wrote_b = http
+        .put(format!("{proxy_url}/kv/balance"))
+        .fencing(lease_b.fencing())
+        .body("250")
+        .send_fenced()
+        .await;
+    result(&match wrote_b {
+        Ok(r) if r.status() == 200 => "200 OK: admitted and forwarded".to_owned(),
+        Ok(r) => format!("{} unexpected", r.status()),
+        Err(e) => format!("failed: {e}"),
+    });
 
     step(7, "the audit log holds the refused write");
     audit.flush(Duration::from_secs(5)).await;
@@ -306,8 +402,22 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, Error> {
             a.token.as_deref().unwrap_or("-")
         );
     }
-    let final_value = c.get("balance").await?;
+    let final_value = http
+        .get(format!("{proxy_url}/kv/balance"))
+        .send()
+        .await
+        .map_err(|e| Error::Remote(format!("proxy: {e}")))?
+        .text()
+        .await
+        .map_err(|e| Error::Remote(format!("proxy: {e}")))?;
     println!("     final state: balance = {final_value}");
+
+    step(
+        9,
+        "writer-b shuts its keeper down, which releases the lease",
+    );
+    keeper_b.shutdown().await;
+    result("released: the next candidate need not wait out the TTL");
 
     trigger.fire();
     audit.flush(Duration::from_secs(5)).await;
@@ -335,6 +445,10 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, Error> {
         );
         Ok(ExitCode::from(1))
     }
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 async fn wait_until(f: impl Fn() -> bool, total: Duration) -> bool {

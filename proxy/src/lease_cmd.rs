@@ -1,4 +1,5 @@
 //! `fencepost lease acquire|renew|release|show`: the elector from a shell.
+//! (`lease run` is `lease_run.rs`.)
 //!
 //! stdout carries only what a script captures (the token; the lease JSON
 //! for `show`); everything meant for a person goes to stderr. Exit codes
@@ -50,6 +51,7 @@ fn ttl_ms(d: Duration) -> Result<i64, Error> {
 
 pub async fn run(cmd: LeaseCommand) -> Result<ExitCode, Error> {
     match cmd {
+        LeaseCommand::Run(args) => Ok(crate::lease_run::run(args).await),
         LeaseCommand::Acquire {
             target,
             holder,

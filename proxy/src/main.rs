@@ -20,6 +20,7 @@ mod http_proxy;
 mod keygen;
 mod kv_upstream;
 mod lease_cmd;
+mod lease_run;
 mod listener;
 mod logging;
 mod metrics;
