@@ -312,4 +312,18 @@ mod tests {
         );
         assert!(Fencing::new("bad name", "1").is_err());
     }
+
+    #[test]
+    fn fencing_from_the_environment_lease_run_sets() {
+        // The only test touching these variables.
+        std::env::set_var(ENV_TOKEN, "17");
+        std::env::set_var(ENV_RESOURCE, "shard/3");
+        let f = Fencing::from_env().unwrap();
+        assert_eq!((f.resource(), f.token().value()), ("shard/3", 17));
+        std::env::set_var(ENV_TOKEN, "not a token");
+        assert!(Fencing::from_env().is_err());
+        std::env::remove_var(ENV_TOKEN);
+        let e = Fencing::from_env().unwrap_err().to_string();
+        assert!(e.contains("FENCING_TOKEN is not set"), "{e}");
+    }
 }

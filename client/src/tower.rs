@@ -11,8 +11,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tower_layer::Layer;
-use tower_service::Service;
+/// The traits, re-exported so a stack needs no extra dependency to use
+/// the layer.
+pub use tower_layer::Layer;
+pub use tower_service::Service;
 
 use crate::{Error, TokenSource};
 

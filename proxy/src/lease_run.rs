@@ -110,11 +110,6 @@ impl Runner {
                     continue;
                 }
             };
-            eprintln!(
-                "fencepost: {holder} leads {resource} with token {}; running {}",
-                lease.token(),
-                self.cmd
-            );
             let mut child = match self.spawn(&lease) {
                 Ok(c) => c,
                 Err(e) => {
@@ -128,7 +123,16 @@ impl Runner {
                 }
             };
             // The child leads its own process group: its id is the group's.
-            let group = child.id().and_then(|id| Pid::from_raw(id as i32));
+            let pid = child.id();
+            let group = pid
+                .and_then(|id| i32::try_from(id).ok())
+                .and_then(Pid::from_raw);
+            eprintln!(
+                "fencepost: {holder} leads {resource} with token {}; running {} (pid {})",
+                lease.token(),
+                self.cmd,
+                pid.map_or("?".into(), |p| p.to_string())
+            );
             match self.supervise(&mut child, group, &lease).await {
                 Ended::Exited(status) => {
                     // Released only now: nothing of this term writes any more.
