@@ -664,7 +664,7 @@ async fn the_leader_worker_example_stops_cleanly_when_it_loses_the_lease() {
     let tier = Tier::start("fpc_worker").await;
     let out_path = tier._dir.path().join("worker.out");
     let mut worker = Command::new(leader_worker())
-        .env("FENCEPOST_ELECTOR", &tier.elector)
+        .env("FENCEPOST_ELECTOR_URL", &tier.elector)
         .env("WORKER_RESOURCE", R)
         .env("WORKER_HOLDER", "worker")
         .env("WORKER_TTL_MS", "800")

@@ -571,7 +571,7 @@ fn every_environment_variable_in_the_docs_exists_and_every_one_the_binary_reads_
     for cmd in ["demo", "serve", "audit", "migrate", "keygen"] {
         commands.push(vec![cmd]);
     }
-    for sub in ["acquire", "renew", "release", "show"] {
+    for sub in ["acquire", "renew", "release", "show", "run"] {
         commands.push(vec!["lease", sub]);
     }
     for args in &commands {

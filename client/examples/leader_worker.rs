@@ -9,7 +9,7 @@
 //! ```
 //!
 //! Settings (environment, with defaults):
-//! - `FENCEPOST_ELECTOR` (`http://127.0.0.1:7070`), `FENCEPOST_ELECTOR_TOKEN`
+//! - `FENCEPOST_ELECTOR_URL` (`http://127.0.0.1:7070`), `FENCEPOST_ELECTOR_TOKEN`
 //! - `WORKER_RESOURCE` (`orders`), `WORKER_HOLDER` (`worker-<pid>`),
 //!   `WORKER_TTL_MS` (`10000`), `WORKER_INTERVAL_MS` (`200`)
 //! - `WORKER_HTTP` (`http://127.0.0.1:8080/kv/`): each write is a PUT of
@@ -47,7 +47,7 @@ enum Stop {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let elector = env("FENCEPOST_ELECTOR", "http://127.0.0.1:7070");
+    let elector = env("FENCEPOST_ELECTOR_URL", "http://127.0.0.1:7070");
     let resource = env("WORKER_RESOURCE", "orders");
     let holder = env("WORKER_HOLDER", &format!("worker-{}", std::process::id()));
     let http_base = env("WORKER_HTTP", "http://127.0.0.1:8080/kv/");

@@ -23,6 +23,8 @@ Start here:
   TOKEN=$(fencepost lease acquire --elector http://127.0.0.1:7070 \\
             --resource orders --holder $(hostname))
   curl -X PUT -H \"Fencing-Token: $TOKEN\" -H 'Fencing-Resource: orders' ...
+  fencepost lease run --resource orders --holder $(hostname) -- ./worker
+                                          lead: run a command with its token
   fencepost audit                         see refused writes";
 
 #[derive(Debug, Parser)]
