@@ -34,7 +34,7 @@ use tokio::sync::watch;
 
 use std::path::Path;
 
-use support::{free_addr, Server, TempDir};
+use support::{free_addr, Server, TempDir, TestDb};
 
 // ------------------------------------------------------------ the upstream
 
@@ -1325,6 +1325,145 @@ async fn writes_fail_closed_with_503_when_the_store_is_down() {
             .status,
         200
     );
+}
+
+/// `store_timeout` is the whole bound on a store call, whatever its size:
+/// nothing beneath it (the Postgres store once cut every call at a fixed
+/// 5 s) may cut a call shorter. A store that stalls 6 s is waited out with
+/// `store_timeout = "8s"`, and the write lands; with `"2s"` the same stall
+/// refuses it, fail closed, after about 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_timeout_above_five_seconds_is_honoured() {
+    let db = TestDb::create("fp_http_slow").await;
+    let upstream = Upstream::start().await;
+    let c = client();
+    for (timeout, admitted) in [("8s", true), ("2s", false)] {
+        let dir = TempDir::new("fp-http-slow");
+        let shim = StallShim::start(&db.url).await;
+        let store = shim.url.clone();
+        let (server, a) = launch(dir.path(), 1, |a| {
+            format!(
+                "store = \"{store}\"\n[fencing]\nstore_timeout = \"{timeout}\"\n{}",
+                http_section(a[0], &upstream.url(), "")
+            )
+        })
+        .await;
+        let proxy = a[0];
+        // The store answers: a first write lands (and the pool is warm).
+        let warm = format!("warm-{timeout}");
+        let r = send(
+            c.put(format!("http://{proxy}/{warm}")),
+            Some(&warm),
+            Some("1"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{r:?}\n{}", server.log_text());
+
+        shim.stall(Duration::from_secs(6));
+        let slow = format!("slow-{timeout}");
+        let t = Instant::now();
+        let r = send(
+            c.put(format!("http://{proxy}/{slow}")),
+            Some(&slow),
+            Some("1"),
+        )
+        .await;
+        let took = t.elapsed();
+        if admitted {
+            assert_eq!(r.status, 200, "{r:?} after {took:?}\n{}", server.log_text());
+            assert!(
+                took >= Duration::from_secs(5),
+                "the stall was real: {took:?}"
+            );
+            assert!(upstream.arrived(&format!("/{slow}")));
+        } else {
+            assert_eq!(r.status, 503, "{r:?} after {took:?}");
+            assert_eq!(r.problem_type(), "urn:fencepost:fence-unavailable");
+            assert!(
+                took >= Duration::from_millis(1500) && took < Duration::from_secs(5),
+                "refused at the configured bound: {took:?}"
+            );
+            assert!(!upstream.arrived(&format!("/{slow}")));
+        }
+        drop(server);
+    }
+}
+
+/// A TCP forwarder to a Postgres server that can hold every byte, both
+/// ways, for a while: a store host that hangs without resetting anything.
+struct StallShim {
+    /// `url` with the shim's address in place of the server's.
+    url: String,
+    until: Arc<Mutex<tokio::time::Instant>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallShim {
+    async fn start(url: &str) -> StallShim {
+        let (scheme, rest) = url.split_once("://").expect("a URL");
+        let (user, rest) = rest.split_once('@').map_or(("", rest), |(u, r)| (u, r));
+        let (hostport, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let target = tokio::net::lookup_host(hostport)
+            .await
+            .expect("resolve the store")
+            .next()
+            .expect("an address");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let at = if user.is_empty() {
+            String::new()
+        } else {
+            format!("{user}@")
+        };
+        let until = Arc::new(Mutex::new(tokio::time::Instant::now()));
+        let held = Arc::clone(&until);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(Self::pipe(cr, sw, Arc::clone(&held)));
+                tokio::spawn(Self::pipe(sr, cw, Arc::clone(&held)));
+            }
+        });
+        StallShim {
+            url: format!("{scheme}://{at}{addr}/{path}"),
+            until,
+            task,
+        }
+    }
+
+    /// Holds whatever arrives, either way, until `d` from now.
+    fn stall(&self, d: Duration) {
+        *self.until.lock().unwrap() = tokio::time::Instant::now() + d;
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        until: Arc<Mutex<tokio::time::Instant>>,
+    ) {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let hold = *until.lock().unwrap();
+            tokio::time::sleep_until(hold).await;
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for StallShim {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

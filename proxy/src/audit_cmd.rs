@@ -77,7 +77,7 @@ async fn from_store(args: &AuditArgs) -> Result<Vec<Value>, Error> {
         Some(s) => Some(parse_since(s, crate::fencer::now_ms()).map_err(Error::Usage)?),
         None => None,
     };
-    let store = store::open(&config.store).await?;
+    let store = store::open(&config.store, config.fencing.store_timeout).await?;
     store.migrate().await?;
     let rows = store
         .query_audit(&AuditQuery {

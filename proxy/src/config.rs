@@ -216,7 +216,9 @@ pub struct FencingConfig {
     /// finish at the upstream; past it the newer write gets 503.
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
-    /// Longest a decision waits on the store before failing closed.
+    /// Longest any store call waits before failing closed: fence decisions
+    /// (503), lease operations (503), API reads. The whole bound: nothing
+    /// beneath it cuts a call shorter.
     #[serde(default = "default_store_timeout", with = "humantime_serde")]
     pub store_timeout: Duration,
     /// Verified signed tokens kept, so signatures are checked once.

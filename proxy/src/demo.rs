@@ -175,16 +175,15 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, Error> {
 
     // Everything on loopback ports the OS picks.
     let _ = crate::metrics::install();
-    let store: Arc<dyn Store> = store::open(&store_url).await?;
+    let config = Config::from_parts("", "demo", std::iter::empty())?;
+    let store: Arc<dyn Store> = store::open(&store_url, config.fencing.store_timeout).await?;
     store.migrate().await?;
     let (trigger, sd) = shutdown::channel();
-    let config = Config::from_parts("", "demo", std::iter::empty())?;
     let audit = AuditSink::start(Arc::clone(&store), &AuditConfig::default());
     let fencer = Arc::new(Fencer::new(
         Arc::clone(&store),
         audit.clone(),
         FencerOptions {
-            store_timeout: config.fencing.store_timeout,
             drain_timeout: config.fencing.drain_timeout,
             resource_labels: true,
         },

@@ -38,10 +38,10 @@ pub enum Decision {
     Refuse(Refusal),
 }
 
-/// Settings the decision path needs.
+/// Settings the decision path needs. (The store bounds its own calls by
+/// `store_timeout`: see [`store::open`].)
 #[derive(Debug, Clone, Copy)]
 pub struct FencerOptions {
-    pub store_timeout: Duration,
     pub drain_timeout: Duration,
     pub resource_labels: bool,
 }
@@ -119,25 +119,14 @@ pub struct WriteInfo<'a> {
 struct StorePersist<'a> {
     store: &'a dyn Store,
     resource: &'a str,
-    timeout: Duration,
 }
 
 impl Persist for StorePersist<'_> {
     type Error = StoreError;
     async fn persist(&self, token: u64) -> Result<u64, StoreError> {
-        let now = now_ms();
-        match tokio::time::timeout(
-            self.timeout,
-            self.store.advance_fence(self.resource, token, now),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "store did not answer within {:?}",
-                self.timeout
-            ))),
-        }
+        self.store
+            .advance_fence(self.resource, token, now_ms())
+            .await
     }
 }
 
@@ -149,6 +138,9 @@ pub fn now_ms() -> i64 {
 }
 
 impl Fencer {
+    /// `store` must bound its calls (the runtime's is opened with
+    /// `store_timeout` by [`store::open`]): every store call of a
+    /// decision then fails closed in time (guarantee 4).
     pub fn new(store: Arc<dyn Store>, audit: AuditSink, opts: FencerOptions) -> Self {
         Fencer {
             table: FenceTable::new(),
@@ -168,9 +160,7 @@ impl Fencer {
         if let Some(slot) = self.table.get(resource) {
             return Ok(slot);
         }
-        let loaded = tokio::time::timeout(self.opts.store_timeout, self.store.load_fence(resource))
-            .await
-            .map_err(|_| StoreError::Unavailable("store did not answer in time".into()))??;
+        let loaded = self.store.load_fence(resource).await?;
         Ok(self.table.insert(resource, loaded.unwrap_or(0)))
     }
 
@@ -288,7 +278,6 @@ impl Fencer {
         let persist = StorePersist {
             store: &*self.store,
             resource,
-            timeout: self.opts.store_timeout,
         };
         let verdict =
             tokio::time::timeout(self.opts.drain_timeout, slot.admit(presented, &persist))
@@ -316,7 +305,6 @@ impl Fencer {
         let persist = StorePersist {
             store: &*self.store,
             resource,
-            timeout: self.opts.store_timeout,
         };
         let mark = slot.fence_to(token, &persist).await?;
         self.publish_mark(resource);

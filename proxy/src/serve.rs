@@ -99,7 +99,9 @@ pub async fn run(args: ServeArgs, log_format: Option<&str>) -> Result<ExitCode, 
         ));
     }
     let prometheus = metrics::install();
-    let store = store::open(&config.store).await?;
+    // Every store call of the process, decisions, leases and API reads,
+    // is bounded by store_timeout here, once.
+    let store = store::open(&config.store, config.fencing.store_timeout).await?;
     let (trigger, shutdown) = shutdown::channel();
 
     // Try the migration once in the foreground so a healthy start is ready
@@ -117,7 +119,6 @@ pub async fn run(args: ServeArgs, log_format: Option<&str>) -> Result<ExitCode, 
         Arc::clone(&store),
         audit.clone(),
         FencerOptions {
-            store_timeout: config.fencing.store_timeout,
             drain_timeout: config.fencing.drain_timeout,
             resource_labels: config.admin.as_ref().is_none_or(|a| a.resource_labels),
         },
@@ -250,7 +251,7 @@ pub async fn migrate(args: MigrateArgs) -> Result<ExitCode, Error> {
     }
     let config = Config::load(args.config.as_deref())?;
     let url = args.store.unwrap_or(config.store);
-    let store = store::open(&url).await?;
+    let store = store::open(&url, config.fencing.store_timeout).await?;
     store.migrate().await?;
     println!("migrated {} store {url}", store.kind());
     Ok(ExitCode::SUCCESS)

@@ -13,11 +13,14 @@
 //!   picks the implementation from the URL;
 //! - [`SqliteStore`] (`sqlite.rs`) and [`PgStore`] (`postgres.rs`): the same
 //!   statements in two dialects; schemas in `migrations/`;
+//! - [`TimedStore`] (`timed.rs`): the one place a call is bounded in time
+//!   (`store_timeout`), around whichever store [`open`] picks;
 //! - [`guard`]: installs the in-database guard into a protected database.
 
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use fencing::{AuditRecord, LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord, Protocol, Reason};
@@ -25,9 +28,11 @@ use fencing::{AuditRecord, LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord, Prot
 pub mod guard;
 mod postgres;
 mod sqlite;
+mod timed;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
+pub use timed::TimedStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -129,13 +134,18 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Opens the store a URL names: `sqlite://path` (created if missing) or
-/// `postgres://...`. Does not connect eagerly to Postgres, so a proxy can
-/// start (and fail closed) while its store is down.
-pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+/// `postgres://...`, every call bounded by `timeout` (`store_timeout`, see
+/// [`TimedStore`]). The backend's own waits (for a pooled connection, for
+/// SQLite's file lock) get the same bound, so none of them cuts a call
+/// short of it. Does not connect eagerly to Postgres, so a proxy can start
+/// (and fail closed) while its store is down.
+pub async fn open(url: &str, timeout: Duration) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteStore::open(url).await?))
+        let inner = SqliteStore::open_with_wait(url, timeout).await?;
+        Ok(Arc::new(TimedStore::new(inner, timeout)))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-        Ok(Arc::new(PgStore::open(url)?))
+        let inner = PgStore::open_with_wait(url, timeout)?;
+        Ok(Arc::new(TimedStore::new(inner, timeout)))
     } else {
         Err(StoreError::Config(format!(
             "store URL {url:?} must start with sqlite:// or postgres://"

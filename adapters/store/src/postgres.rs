@@ -8,7 +8,6 @@
 //! a proxy must start, and refuse writes promptly (guarantee 4), while its
 //! store is down, and pick the store up again on its own when it returns.
 
-use std::future::Future;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -27,19 +26,13 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/post
 /// The schema holding every fencepost table.
 pub const SCHEMA: &str = "fencepost_store";
 
-/// How long a call waits for a connection. With the store down every
-/// fenced write waits this long before it is refused, so it is short.
+/// How long a call waits for a connection, at least. With the store down
+/// every fenced write waits this long before it is refused, so it is
+/// short. The runtime opens the store with its `store_timeout` when that
+/// is longer ([`super::open`]) and bounds whole calls there
+/// ([`super::TimedStore`]): a fixed bound here would silently cap a longer
+/// `store_timeout`.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Upper bound on a whole call, for a server that accepts connections but
-/// stops answering (a hung host, a network partition without resets). The
-/// outcome of a call cut off this way is unknown, which is safe: the mark
-/// and the tokens only ever go up.
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Audit flushes can carry thousands of records after an outage; they are
-/// off the write path, so they get longer.
-const AUDIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Enough for the elector and a few proxies' fence advances at once without
 /// making each replica a heavy Postgres client.
@@ -67,6 +60,14 @@ impl PgStore {
     /// with it off would otherwise acknowledge an advance or a grant that a
     /// crash can still take back, breaking guarantees 1 and 6.
     pub fn open(url: &str) -> Result<Self, StoreError> {
+        Self::open_with_wait(url, ACQUIRE_TIMEOUT)
+    }
+
+    /// As [`PgStore::open`], waiting up to `wait` (never less than the
+    /// default) for a pooled connection: a connect, or the health check of
+    /// an idle one.
+    pub fn open_with_wait(url: &str, wait: Duration) -> Result<Self, StoreError> {
+        let wait = wait.max(ACQUIRE_TIMEOUT);
         // The pool spawns its maintenance tasks on the current runtime; say
         // so instead of panicking when there is none.
         tokio::runtime::Handle::try_current().map_err(|_| {
@@ -80,7 +81,7 @@ impl PgStore {
         }
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .acquire_timeout(wait)
             .connect_lazy_with(options);
         Ok(PgStore { pool })
     }
@@ -125,22 +126,6 @@ fn classify_migrate(e: sqlx::migrate::MigrateError) -> StoreError {
         M::Execute(inner) | M::ExecuteMigration(inner, _) => classify(inner),
         other => StoreError::Failed(format!("migration: {other}")),
     }
-}
-
-/// Bounds a call; see [`CALL_TIMEOUT`].
-async fn bounded<T>(fut: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
-    bounded_for(CALL_TIMEOUT, fut).await
-}
-
-async fn bounded_for<T>(
-    limit: Duration,
-    fut: impl Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
-        Err(StoreError::Unavailable(format!(
-            "no answer from the store within {limit:?}"
-        )))
-    })
 }
 
 /// A lease transaction's failure: worth running again, or final.
@@ -266,27 +251,21 @@ impl Store for PgStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        bounded(async {
-            sqlx::query("SELECT 1")
-                .execute(&self.pool)
-                .await
-                .map_err(classify)?;
-            Ok(())
-        })
-        .await
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(())
     }
 
     async fn load_fence(&self, resource: &str) -> Result<Option<u64>, StoreError> {
-        bounded(async {
-            let token: Option<String> =
-                sqlx::query_scalar("SELECT token FROM fences WHERE resource = $1")
-                    .bind(resource)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(classify)?;
-            token.as_deref().map(token_from_text).transpose()
-        })
-        .await
+        let token: Option<String> =
+            sqlx::query_scalar("SELECT token FROM fences WHERE resource = $1")
+                .bind(resource)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(classify)?;
+        token.as_deref().map(token_from_text).transpose()
     }
 
     async fn advance_fence(
@@ -298,51 +277,41 @@ impl Store for PgStore {
         // One statement: ON CONFLICT locks the existing row, so concurrent
         // advances from any number of replicas serialize and the mark can
         // only go up. Committed (autocommit) before the reply arrives.
-        bounded(async {
-            let after: String = sqlx::query_scalar(
-                "INSERT INTO fences (resource, token, updated_at_ms) VALUES ($1, $2, $3) \
-                 ON CONFLICT (resource) DO UPDATE SET \
-                   token = GREATEST(fences.token, EXCLUDED.token), \
-                   updated_at_ms = CASE WHEN EXCLUDED.token > fences.token \
-                                        THEN EXCLUDED.updated_at_ms \
-                                        ELSE fences.updated_at_ms END \
-                 RETURNING token",
-            )
-            .bind(resource)
-            .bind(token_text(token))
-            .bind(now_ms)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(classify)?;
-            token_from_text(&after)
-        })
+        let after: String = sqlx::query_scalar(
+            "INSERT INTO fences (resource, token, updated_at_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (resource) DO UPDATE SET \
+               token = GREATEST(fences.token, EXCLUDED.token), \
+               updated_at_ms = CASE WHEN EXCLUDED.token > fences.token \
+                                    THEN EXCLUDED.updated_at_ms \
+                                    ELSE fences.updated_at_ms END \
+             RETURNING token",
+        )
+        .bind(resource)
+        .bind(token_text(token))
+        .bind(now_ms)
+        .fetch_one(&self.pool)
         .await
+        .map_err(classify)?;
+        token_from_text(&after)
     }
 
     async fn get_fence(&self, resource: &str) -> Result<Option<FenceRow>, StoreError> {
-        bounded(async {
-            let row = sqlx::query(
-                "SELECT resource, token, updated_at_ms FROM fences WHERE resource = $1",
-            )
-            .bind(resource)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(classify)?;
-            row.as_ref().map(fence_from_row).transpose()
-        })
-        .await
+        let row =
+            sqlx::query("SELECT resource, token, updated_at_ms FROM fences WHERE resource = $1")
+                .bind(resource)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(classify)?;
+        row.as_ref().map(fence_from_row).transpose()
     }
 
     async fn list_fences(&self) -> Result<Vec<FenceRow>, StoreError> {
-        bounded(async {
-            let rows =
-                sqlx::query("SELECT resource, token, updated_at_ms FROM fences ORDER BY resource")
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(classify)?;
-            rows.iter().map(fence_from_row).collect()
-        })
-        .await
+        let rows =
+            sqlx::query("SELECT resource, token, updated_at_ms FROM fences ORDER BY resource")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?;
+        rows.iter().map(fence_from_row).collect()
     }
 
     async fn lease_apply(
@@ -352,60 +321,48 @@ impl Store for PgStore {
         now_ms: i64,
         cfg: &LeaseConfig,
     ) -> Result<LeaseOutcome, StoreError> {
-        bounded(async {
-            let mut attempt = 1;
-            loop {
-                match self.lease_once(resource, op, now_ms, cfg).await {
-                    Ok(outcome) => return Ok(outcome),
-                    Err(TxError::Retry(e)) if attempt >= LEASE_ATTEMPTS => return Err(classify(e)),
-                    Err(TxError::Retry(e)) => {
-                        tracing::debug!(resource, attempt, error = %e, "lease transaction retried");
-                        attempt += 1;
-                    }
-                    Err(TxError::Fatal(e)) => return Err(e),
+        let mut attempt = 1;
+        loop {
+            match self.lease_once(resource, op, now_ms, cfg).await {
+                Ok(outcome) => return Ok(outcome),
+                Err(TxError::Retry(e)) if attempt >= LEASE_ATTEMPTS => return Err(classify(e)),
+                Err(TxError::Retry(e)) => {
+                    tracing::debug!(resource, attempt, error = %e, "lease transaction retried");
+                    attempt += 1;
                 }
+                Err(TxError::Fatal(e)) => return Err(e),
             }
-        })
-        .await
+        }
     }
 
     async fn get_lease(&self, resource: &str) -> Result<Option<LeaseRecord>, StoreError> {
-        bounded(async {
-            let row = sqlx::query(SELECT_LEASE)
-                .bind(resource)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(classify)?;
-            row.as_ref().map(lease_from_row).transpose()
-        })
-        .await
+        let row = sqlx::query(SELECT_LEASE)
+            .bind(resource)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        row.as_ref().map(lease_from_row).transpose()
     }
 
     async fn list_leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
-        bounded(async {
-            let rows = sqlx::query(LIST_LEASES)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(classify)?;
-            rows.iter().map(lease_from_row).collect()
-        })
-        .await
+        let rows = sqlx::query(LIST_LEASES)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        rows.iter().map(lease_from_row).collect()
     }
 
     async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
         }
-        bounded_for(AUDIT_TIMEOUT, async {
-            let mut tx = self.pool.begin().await.map_err(classify)?;
-            for chunk in records.chunks(AUDIT_CHUNK) {
-                let mut qb = super::audit_insert::<Postgres>(chunk);
-                qb.build().execute(&mut *tx).await.map_err(classify)?;
-            }
-            tx.commit().await.map_err(classify)?;
-            Ok(())
-        })
-        .await
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        for chunk in records.chunks(AUDIT_CHUNK) {
+            let mut qb = super::audit_insert::<Postgres>(chunk);
+            qb.build().execute(&mut *tx).await.map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(())
     }
 
     async fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
@@ -413,22 +370,19 @@ impl Store for PgStore {
             0 => DEFAULT_AUDIT_LIMIT,
             n => n.min(MAX_AUDIT_LIMIT),
         };
-        bounded(async {
-            let mut qb: QueryBuilder<'_, Postgres> = QueryBuilder::new(
-                "SELECT id, at_ms, resource, protocol, reason, presented_token, current_token, \
-                 client_addr, detail FROM audit WHERE TRUE",
-            );
-            if let Some(resource) = &q.resource {
-                qb.push(" AND resource = ").push_bind(resource.as_str());
-            }
-            if let Some(since) = q.since_ms {
-                qb.push(" AND at_ms >= ").push_bind(since);
-            }
-            qb.push(" ORDER BY id DESC LIMIT ")
-                .push_bind(i64::from(limit));
-            let rows = qb.build().fetch_all(&self.pool).await.map_err(classify)?;
-            rows.iter().map(audit_from_row).collect()
-        })
-        .await
+        let mut qb: QueryBuilder<'_, Postgres> = QueryBuilder::new(
+            "SELECT id, at_ms, resource, protocol, reason, presented_token, current_token, \
+             client_addr, detail FROM audit WHERE TRUE",
+        );
+        if let Some(resource) = &q.resource {
+            qb.push(" AND resource = ").push_bind(resource.as_str());
+        }
+        if let Some(since) = q.since_ms {
+            qb.push(" AND at_ms >= ").push_bind(since);
+        }
+        qb.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from(limit));
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(classify)?;
+        rows.iter().map(audit_from_row).collect()
     }
 }

@@ -25,7 +25,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqli
 
 /// Long enough to ride out another writer's transaction (they are a few
 /// statements each), short enough that a wedged lock holder turns into
-/// `Unavailable` rather than a hung request.
+/// `Unavailable` rather than a hung request. The default of
+/// [`SqliteStore::open`] and the least the runtime uses: it passes its
+/// `store_timeout` ([`super::open`]) when that is longer, so this never cuts
+/// a call shorter than that.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// SQLite caps bound parameters per statement; audit batches are split so a
@@ -48,14 +51,21 @@ impl SqliteStore {
     /// proxy writes; `synchronous=FULL` is what makes a committed advance or
     /// grant survive power loss, which guarantees 1 and 6 rest on.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
+        Self::open_with_wait(url, BUSY_TIMEOUT).await
+    }
+
+    /// As [`SqliteStore::open`], waiting up to `wait` (never less than the
+    /// default) for the file lock or a pooled connection.
+    pub async fn open_with_wait(url: &str, wait: Duration) -> Result<Self, StoreError> {
+        let wait = wait.max(BUSY_TIMEOUT);
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("store URL {url:?}: {e}")))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(BUSY_TIMEOUT);
+            .busy_timeout(wait);
         let pool = SqlitePoolOptions::new()
-            .acquire_timeout(BUSY_TIMEOUT)
+            .acquire_timeout(wait)
             .connect_with(options)
             .await
             .map_err(classify)?;
