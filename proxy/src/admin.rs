@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -18,6 +18,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use store::{AuditQuery, Store, StoreError};
 
+use crate::edge::problem::{self, Problem};
+use crate::edge::{bearer, http1};
 use crate::shutdown::Shutdown;
 
 #[derive(Clone)]
@@ -41,9 +43,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(protected)
         .fallback(|| async {
-            problem(
+            Problem::plain(
                 StatusCode::NOT_FOUND,
-                "urn:fencepost:not-found",
+                problem::NOT_FOUND,
                 "no such endpoint",
             )
         })
@@ -55,55 +57,14 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    crate::api_server::serve("admin", listener, router(state), shutdown, || {}).await
-}
-
-pub fn problem(status: StatusCode, kind: &str, detail: impl Into<String>) -> Response {
-    let body = json!({
-        "type": kind,
-        "title": status.canonical_reason().unwrap_or("error"),
-        "status": status.as_u16(),
-        "detail": detail.into(),
-    });
-    let mut resp = (status, body.to_string()).into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    resp
-}
-
-/// Constant-time comparison, so response timing does not reveal how much
-/// of a guessed token was right.
-pub fn token_matches(headers: &HeaderMap, expected: &str) -> bool {
-    let Some(got) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().split_once(' '))
-        // The scheme is case-insensitive (RFC 9110 11.1), as the elector has it.
-        .and_then(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()))
-    else {
-        return false;
-    };
-    let (a, b) = (got.as_bytes(), expected.as_bytes());
-    let mut diff = (a.len() ^ b.len()) as u8;
-    for i in 0..a.len().max(b.len()) {
-        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
-    }
-    diff == 0
+    http1::serve_api("admin", listener, router(state), shutdown, || {}).await
 }
 
 async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
     if let Some(expected) = &state.token {
-        if !token_matches(req.headers(), expected) {
-            let mut resp = problem(
-                StatusCode::UNAUTHORIZED,
-                "urn:fencepost:unauthorized",
-                "this endpoint needs Authorization: Bearer <admin token>",
-            );
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return resp;
+        if !bearer::matches(req.headers(), expected) {
+            return bearer::unauthorized("this endpoint needs Authorization: Bearer <admin token>")
+                .into_response();
         }
     }
     next.run(req).await
@@ -119,11 +80,12 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 }
 
 fn store_error(e: StoreError) -> Response {
-    problem(
+    Problem::plain(
         StatusCode::SERVICE_UNAVAILABLE,
-        "urn:fencepost:store-unavailable",
+        problem::STORE_UNAVAILABLE,
         e.to_string(),
     )
+    .into_response()
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
@@ -186,21 +148,31 @@ async fn list_fences(State(state): State<AdminState>) -> Response {
 
 async fn get_fence(State(state): State<AdminState>, Path(resource): Path<String>) -> Response {
     if let Err(e) = fencing::resource::validate(&resource) {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "urn:fencepost:invalid-resource",
-            e.to_string(),
-        );
+        return invalid_resource(e);
     }
     match state.store.get_fence(&resource).await {
         Ok(Some(row)) => Json(fence_json(&row)).into_response(),
-        Ok(None) => problem(
+        Ok(None) => Problem::plain(
             StatusCode::NOT_FOUND,
-            "urn:fencepost:no-fence",
+            problem::NO_FENCE,
             format!("no write has been fenced for resource {resource}"),
-        ),
+        )
+        .into_response(),
         Err(e) => store_error(e),
     }
+}
+
+fn invalid_resource(e: fencing::ResourceError) -> Response {
+    Problem::plain(
+        StatusCode::BAD_REQUEST,
+        problem::INVALID_RESOURCE,
+        e.to_string(),
+    )
+    .into_response()
+}
+
+fn bad_query(detail: impl Into<String>) -> Response {
+    Problem::plain(StatusCode::BAD_REQUEST, problem::BAD_QUERY, detail).into_response()
 }
 
 pub fn format_ms(ms: i64) -> String {
@@ -250,13 +222,7 @@ async fn audit(State(state): State<AdminState>, Query(p): Query<AuditParams>) ->
     let limit = match p.limit.as_deref().map(str::parse::<u32>) {
         None => 100,
         Some(Ok(n)) if (1..=10_000).contains(&n) => n,
-        Some(_) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "urn:fencepost:bad-query",
-                "limit must be 1 to 10000",
-            )
-        }
+        Some(_) => return bad_query("limit must be 1 to 10000"),
     };
     let since_ms = match p
         .since
@@ -265,15 +231,11 @@ async fn audit(State(state): State<AdminState>, Query(p): Query<AuditParams>) ->
     {
         None => None,
         Some(Ok(ms)) => Some(ms),
-        Some(Err(e)) => return problem(StatusCode::BAD_REQUEST, "urn:fencepost:bad-query", e),
+        Some(Err(e)) => return bad_query(e),
     };
     if let Some(r) = &p.resource {
         if let Err(e) = fencing::resource::validate(r) {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "urn:fencepost:invalid-resource",
-                e.to_string(),
-            );
+            return invalid_resource(e);
         }
     }
     let q = AuditQuery {

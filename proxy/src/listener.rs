@@ -1,6 +1,12 @@
-//! Accepting connections, shared by the HTTP and Postgres proxies: the
-//! accept loop and the per-listener connection limit.
+//! Accepting connections, shared by every listener (HTTP and Postgres
+//! proxies, the APIs): the accept loop, the per-listener connection limit,
+//! and the set of open connections that shutdown drains.
+//!
+//! Protocol-agnostic: what a refused client is told, and how a connection
+//! is served, come from the caller (`edge::http1` for HTTP, `pg_proxy` for
+//! Postgres).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +16,7 @@ use metrics::{Counter, Gauge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 
 use crate::metrics::{CONNECTIONS_OPEN, CONNECTIONS_REJECTED};
 use crate::shutdown::Shutdown;
@@ -162,32 +169,6 @@ async fn refuse(
     .await;
 }
 
-/// The whole answer to an HTTP client over a listener's bound: a 503
-/// problem (`urn:fencepost:overloaded`) with Retry-After and
-/// Connection: close, for [`ConnLimit::new`] with `answer_after` at the end
-/// of the request head.
-pub fn http_overloaded(detail: &str) -> Bytes {
-    let body = serde_json::json!({
-        "type": "urn:fencepost:overloaded",
-        "title": "Too many connections",
-        "status": 503,
-        "detail": detail,
-    })
-    .to_string();
-    let mut out = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\n\
-         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    out.extend_from_slice(body.as_bytes());
-    out.into()
-}
-
-/// Where an HTTP request head ends: HTTP clients read an answer only after
-/// they have sent it.
-pub const HTTP_HEAD_END: &[u8] = b"\r\n\r\n";
-
 /// The next admitted client connection, or `None` once shutdown has begun.
 /// Connections over `limit` are answered with its refusal and never
 /// returned.
@@ -222,5 +203,66 @@ pub async fn next_connection(
                 }
             }
         }
+    }
+}
+
+/// Accepts on `listener` until `shutdown`, running `serve(stream, peer)`
+/// as a task per admitted connection (holding the connection's permit
+/// until it ends), and returns the connections still open for the caller
+/// to [`Connections::drain`]. The listener is closed on return, so new
+/// clients are refused by the kernel from then on.
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    shutdown: &Shutdown,
+    limit: &ConnLimit,
+    mut serve: F,
+) -> Connections
+where
+    F: FnMut(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut open = JoinSet::new();
+    loop {
+        let next = tokio::select! {
+            c = next_connection(&listener, shutdown, limit) => c,
+            // Reap finished connections so the set does not grow.
+            Some(_) = open.join_next(), if !open.is_empty() => continue,
+        };
+        let Some((stream, peer, permit)) = next else {
+            break;
+        };
+        let conn = serve(stream, peer);
+        open.spawn(async move {
+            conn.await;
+            // The connection's share of max_connections.
+            drop(permit);
+        });
+    }
+    drop(listener);
+    Connections { open }
+}
+
+/// The connections of a listener that has stopped accepting.
+pub struct Connections {
+    open: JoinSet<()>,
+}
+
+impl Connections {
+    /// Waits for every connection to end, for at most `within` (`None`:
+    /// as long as they take); returns whether all did. Connections still
+    /// open past `within` are aborted.
+    pub async fn drain(mut self, within: Option<Duration>) -> bool {
+        let all = async { while self.open.join_next().await.is_some() {} };
+        let drained = match within {
+            Some(d) => tokio::time::timeout(d, all).await.is_ok(),
+            None => {
+                all.await;
+                true
+            }
+        };
+        if !drained {
+            self.open.shutdown().await;
+        }
+        drained
     }
 }

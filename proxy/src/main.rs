@@ -6,13 +6,13 @@
 use std::process::ExitCode;
 
 mod admin;
-mod api_server;
 mod audit_cmd;
 mod audit_sink;
 mod cli;
 mod client;
 mod config;
 mod demo;
+mod edge;
 mod elector;
 mod error;
 mod fencer;

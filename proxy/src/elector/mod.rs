@@ -37,11 +37,6 @@ mod watch;
 /// bytes; the cap keeps a client from making the elector buffer megabytes.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// Longest a request waits on the store before answering 503. A store that
-/// does not answer must not hold candidates (and their sockets) forever;
-/// failing closed here is safe because nothing is granted without the store.
-const STORE_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Events buffered per watch subscriber before it counts as lagging (and is
 /// re-synchronized from the store).
 const EVENT_BUFFER: usize = 1024;
@@ -234,6 +229,10 @@ pub struct Elector {
 }
 
 impl Elector {
+    /// `store` bounds its own calls (`store_timeout`, see
+    /// [`adapters::open`]): a store that does not answer must not hold
+    /// candidates (and their sockets) forever, and failing closed is safe
+    /// because nothing is granted without the store.
     pub fn new(store: Arc<dyn Store>, settings: ElectorSettings) -> Arc<Elector> {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let (closing, _) = watch_chan::channel(false);
@@ -265,7 +264,7 @@ impl Elector {
         let app = self.router();
         // Watch streams end when `closing` is set; the server then waits
         // only for ordinary requests.
-        let result = crate::api_server::serve("elector", listener, app, shutdown, || {
+        let result = crate::edge::http1::serve_api("elector", listener, app, shutdown, || {
             self.closing.send_replace(true);
         })
         .await;

@@ -1,4 +1,6 @@
 //! Lease events: the Server-Sent Events stream and the expiry watcher.
+//! Neither knows HTTP errors: the API (`api.rs`) answers those, and every
+//! store call here is bounded by the store itself (`store_timeout`).
 //!
 //! A proxy subscribed to `GET /v1/leases/{resource}/watch` learns of a new
 //! grant as soon as it is committed, so it can fence the old leader before
@@ -13,12 +15,11 @@ use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use fencing::ResourceName;
+use fencing::{LeaseRecord, ResourceName};
 use futures_util::stream;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, watch as watch_chan};
 
-use super::api::store_call;
 use super::{now_ms, Elector, LeaseEvent, Source};
 use crate::shutdown::Shutdown;
 
@@ -46,16 +47,16 @@ struct WatchState {
     closing: watch_chan::Receiver<bool>,
 }
 
-/// `GET /v1/leases/{resource}/watch`.
-pub(super) async fn watch(el: Arc<Elector>, resource: ResourceName) -> Response {
-    // Subscribe before reading the current row, so nothing committed in
-    // between is missed (at worst it is seen twice).
-    let rx = el.events.subscribe();
+/// The event stream of `GET /v1/leases/{resource}/watch`: `current` (the
+/// row read after subscribing `rx`) first, then every event for
+/// `resource`, until the elector closes.
+pub(super) fn stream(
+    el: Arc<Elector>,
+    resource: ResourceName,
+    current: Option<LeaseRecord>,
+    rx: broadcast::Receiver<LeaseEvent>,
+) -> Response {
     let closing = el.closing.subscribe();
-    let current = match store_call(el.store.get_lease(resource.as_str())).await {
-        Ok(c) => c,
-        Err(p) => return p.into_response(),
-    };
     let first = current.map(|rec| el.current_event(&rec, now_ms()));
     let state = WatchState {
         el,
@@ -83,7 +84,7 @@ pub(super) async fn watch(el: Arc<Elector>, resource: ResourceName) -> Response 
                         // Too slow to keep up: re-synchronize from the store
                         // rather than silently skip a grant.
                         tracing::warn!(resource = %st.resource, missed, "watch subscriber lagged; resending current lease");
-                        if let Ok(Some(rec)) = store_call(st.el.store.get_lease(st.resource.as_str())).await {
+                        if let Ok(Some(rec)) = st.el.store.get_lease(st.resource.as_str()).await {
                             let ev = st.el.current_event(&rec, now_ms());
                             return Some((Ok(sse_event(&ev)), st));
                         }
@@ -109,7 +110,7 @@ pub(super) async fn expiry_watcher(el: Arc<Elector>, shutdown: Shutdown) {
             return;
         }
         if now_ms() >= next_scan {
-            match store_call(el.store.list_leases()).await {
+            match el.store.list_leases().await {
                 Ok(rows) => {
                     let now = now_ms();
                     let source = if loaded {
@@ -134,7 +135,7 @@ pub(super) async fn expiry_watcher(el: Arc<Elector>, shutdown: Shutdown) {
         if now >= retry_at {
             let (due, _) = el.due(now);
             for resource in due {
-                match store_call(el.store.get_lease(&resource)).await {
+                match el.store.get_lease(&resource).await {
                     Ok(row) => el.expire_if_due(&resource, row.as_ref(), now_ms()),
                     Err(_) => {
                         // Cannot tell an expiry from a renewal elsewhere;

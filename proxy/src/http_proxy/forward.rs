@@ -15,9 +15,10 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 
-use super::body::{self, Hold, ProxyBody, RequestBody, UpstreamBody};
+use super::body::{Hold, ProxyBody, UpstreamBody};
 use super::pool::{ConnectError, Pool};
 use super::problem::{self, Problem};
+use super::request_body::{self, RequestBody};
 
 /// Where requests go: `http://authority` plus an optional base path that is
 /// prepended to every request path.
@@ -215,7 +216,7 @@ impl Forwarder {
                     "Bad request target",
                     format!("cannot forward this request target: {e}"),
                 )
-                .into_response()
+                .response()
             }
         };
         parts.uri = uri;
@@ -304,7 +305,7 @@ impl Forwarder {
             "Upstream unreachable",
             format!("cannot connect to the upstream {}", self.upstream.authority),
         )
-        .into_response()
+        .response()
     }
 
     fn timed_out(&self) -> Response<ProxyBody> {
@@ -317,11 +318,11 @@ impl Forwarder {
             "Upstream timed out",
             format!("the upstream sent no response headers within {timeout:?}"),
         )
-        .into_response()
+        .response()
     }
 
     fn failed(&self, peer: SocketAddr, e: &hyper::Error) -> Response<ProxyBody> {
-        if body::is_stall(e) {
+        if request_body::is_stall(e) {
             tracing::info!(%peer, "client stalled mid-upload; request abandoned");
             return Problem::new(
                 StatusCode::REQUEST_TIMEOUT,
@@ -329,7 +330,7 @@ impl Forwarder {
                 "Request body timed out",
                 format!("no request body data arrived for {:?}", self.body_stall),
             )
-            .into_response();
+            .response();
         }
         self.upstream_errors.increment(1);
         tracing::warn!(error = %e, upstream = %self.upstream.authority, "upstream request failed");
@@ -339,7 +340,7 @@ impl Forwarder {
             "Upstream failed",
             "the upstream connection failed before a response arrived",
         )
-        .into_response()
+        .response()
     }
 }
 

@@ -18,6 +18,7 @@ mod body;
 mod forward;
 mod pool;
 mod problem;
+mod request_body;
 mod watch;
 
 use std::convert::Infallible;
@@ -30,8 +31,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::TokioTimer;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use wire::http::{fencing_headers, HeaderText, WriteMethods};
@@ -41,19 +41,14 @@ use self::forward::{Forwarder, Upstream};
 use self::pool::Pool;
 use self::problem::Problem;
 use crate::config::{ConfigError, HttpProxyConfig};
+use crate::edge::http1::{conn_limit, MIN_BUF};
 use crate::error::Error;
 use crate::fencer::{Decision, Fencer, TokenChecker, WriteInfo};
-use crate::listener::{http_overloaded, next_connection, ConnLimit, HTTP_HEAD_END};
+use crate::listener::ConnLimit;
 use crate::metrics::WriteCounters;
 use crate::shutdown::Shutdown;
 
 pub use self::watch::watch_elector;
-
-/// hyper refuses a read buffer smaller than this (it asserts), so a tiny
-/// `max_header_bytes` is raised to it rather than crashing at start-up.
-/// The read buffer follows `max_header_bytes` so that an idle connection's
-/// memory stays bounded by what a header may take.
-const MIN_BUF: usize = 8 * 1024;
 
 /// Idle upstream connections kept; enough for a busy leader's keep-alive
 /// reuse without hoarding sockets.
@@ -108,6 +103,11 @@ impl HttpProxy {
             .timer(TokioTimer::new())
             .header_read_timeout(cfg.header_read_timeout.min(cfg.idle_timeout))
             .max_header_size(cfg.max_header_bytes.max(1024))
+            // hyper asserts a read buffer of at least MIN_BUF, so a tiny
+            // `max_header_bytes` is raised to it rather than crashing at
+            // start-up; otherwise the buffer follows `max_header_bytes`, so
+            // an idle connection's memory stays bounded by what a header
+            // may take.
             .max_buf_size(cfg.max_header_bytes.max(MIN_BUF))
             .keep_alive(true);
 
@@ -122,14 +122,13 @@ impl HttpProxy {
             limit: Arc::new(Semaphore::new(
                 cfg.max_concurrent_requests.clamp(1, Semaphore::MAX_PERMITS),
             )),
-            connections: ConnLimit::new(
+            // A status line beats a silent close: clients and load
+            // balancers then know the proxy is alive but full.
+            connections: conn_limit(
                 Protocol::Http.as_str(),
                 cfg.listen,
                 cfg.max_connections,
-                // A status line beats a silent close: clients and load
-                // balancers then know the proxy is alive but full.
-                http_overloaded("the proxy is at its max_connections bound; retry shortly"),
-                Some(HTTP_HEAD_END),
+                "the proxy is at its max_connections bound; retry shortly",
             ),
             forwarder: Forwarder {
                 pool,
@@ -150,31 +149,27 @@ impl HttpProxy {
         shutdown: Shutdown,
         drain: Duration,
     ) -> std::io::Result<()> {
-        let graceful = GracefulShutdown::new();
-        while let Some((stream, peer, permit)) =
-            next_connection(&listener, &shutdown, &self.connections).await
-        {
-            let this = Arc::clone(&self);
-            let service = service_fn(move |req| {
+        let this = Arc::clone(&self);
+        let open = crate::edge::http1::serve(
+            Protocol::Http.as_str(),
+            listener,
+            &shutdown,
+            &self.connections,
+            &self.http1,
+            move |peer| {
                 let this = Arc::clone(&this);
-                async move { Ok::<_, Infallible>(this.handle(req, peer).await) }
-            });
-            let conn = self.http1.serve_connection(TokioIo::new(stream), service);
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, %peer, "client connection ended with an error");
-                }
-                // The connection's share of max_connections.
-                drop(permit);
-            });
-        }
-        drop(listener);
-        tokio::select! {
-            () = graceful.shutdown() => {}
-            () = tokio::time::sleep(drain) => {
-                tracing::warn!(?drain, "HTTP proxy: requests still in flight after the shutdown timeout");
-            }
+                service_fn(move |req| {
+                    let this = Arc::clone(&this);
+                    async move { Ok::<_, Infallible>(this.handle(req, peer).await) }
+                })
+            },
+        )
+        .await;
+        if !open.drain(Some(drain)).await {
+            tracing::warn!(
+                ?drain,
+                "HTTP proxy: requests still in flight after the shutdown timeout"
+            );
         }
         Ok(())
     }
@@ -203,7 +198,7 @@ impl HttpProxy {
                 "the proxy is at its max_concurrent_requests bound; retry shortly",
             )
             .retry_after(1)
-            .into_response();
+            .response();
         };
         if !self.writes.is_write(req.method()) {
             let hold = Hold {
@@ -254,7 +249,7 @@ impl HttpProxy {
                         p.detail = why;
                     }
                 }
-                p.into_response()
+                p.response()
             }
         }
     }

@@ -19,7 +19,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::body::RequestBody;
+use super::request_body::RequestBody;
 
 pub type Sender = http1::SendRequest<RequestBody>;
 

@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use fencing::Protocol;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use wire::pg::Classifier;
 
@@ -30,7 +29,7 @@ use crate::audit_sink::AuditSink;
 use crate::config::{ConfigError, PgProxyConfig};
 use crate::error::Error;
 use crate::fencer::{Fencer, TokenChecker};
-use crate::listener::{next_connection, ConnLimit};
+use crate::listener::{self, ConnLimit};
 use crate::metrics::WriteCounters;
 use crate::shutdown::Shutdown;
 
@@ -128,37 +127,16 @@ impl PgProxy {
         shutdown: Shutdown,
         drain: Duration,
     ) -> std::io::Result<()> {
-        let mut sessions = JoinSet::new();
-        loop {
-            let next = tokio::select! {
-                c = next_connection(&listener, &shutdown, &self.limit) => c,
-                // Reap finished sessions so the set does not grow.
-                Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
-            };
-            let Some((stream, peer, permit)) = next else {
-                break;
-            };
-            let this = Arc::clone(&self);
-            let sd = shutdown.clone();
-            sessions.spawn(async move {
-                session::run(this, stream, peer, sd).await;
-                // The connection's share of max_connections, held until
-                // the session (and its server connection) has ended.
-                drop(permit);
-            });
-        }
-        drop(listener);
-        let drained = tokio::time::timeout(drain, async {
-            while sessions.join_next().await.is_some() {}
+        let open = listener::serve(listener, &shutdown, &self.limit, |stream, peer| {
+            session::run(Arc::clone(&self), stream, peer, shutdown.clone())
         })
-        .await
-        .is_ok();
-        if !drained {
+        .await;
+        // Each session has seen the shutdown too: idle ones close at once.
+        if !open.drain(Some(drain)).await {
             tracing::warn!(
                 ?drain,
                 "Postgres proxy: sessions still busy after the shutdown timeout"
             );
-            sessions.shutdown().await;
         }
         Ok(())
     }

@@ -1,0 +1,194 @@
+//! The one HTTP/1.1 serve loop, for the HTTP fencing proxy and for the
+//! admin and elector APIs.
+//!
+//! Every connection is hyper's HTTP/1.1 server connection, behind the
+//! shared accept loop and its connection bound ([`crate::listener`]); a
+//! client over the bound is answered with a 503 problem (after its request
+//! head, which HTTP clients expect) and closed. On shutdown each open
+//! connection finishes the request it is serving and then closes, as
+//! hyper's graceful shutdown does; the caller decides how long to wait.
+//!
+//! Why not `axum::serve` for the APIs: it reads request heads with no
+//! deadline and accepts without bound, so one slowloris client per file
+//! descriptor could exhaust the process. Here the builder carries a
+//! header-read timeout (which also closes keep-alive connections idle that
+//! long) and the listener a connection bound, for the APIs as for the
+//! proxy.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use hyper::body::{Body, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::Service;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+use super::problem::{self, Problem};
+use crate::listener::{self, ConnLimit, Connections};
+use crate::shutdown::Shutdown;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where an HTTP request head ends: HTTP clients read an answer only after
+/// they have sent it.
+pub const HEAD_END: &[u8] = b"\r\n\r\n";
+
+/// A client of an API must send its request head (or its next one, on a
+/// keep-alive connection) within this.
+const API_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Open connections per API listener. Operators and proxies' watch
+/// streams need a handful; a flood gets 503s.
+const API_MAX_CONNECTIONS: usize = 1024;
+/// Bound on an API request head.
+const API_MAX_HEAD_BYTES: usize = 16 * 1024;
+/// hyper refuses a read buffer smaller than this (it asserts).
+pub const MIN_BUF: usize = 8 * 1024;
+
+/// The connection bound of an HTTP listener: over it, a client is told
+/// `503` (`urn:fencepost:overloaded`, `Retry-After: 1`) with `detail`.
+pub fn conn_limit(
+    protocol: &'static str,
+    listen: SocketAddr,
+    max: usize,
+    detail: &str,
+) -> ConnLimit {
+    ConnLimit::new(protocol, listen, max, overloaded(detail), Some(HEAD_END))
+}
+
+/// The whole answer to an HTTP client over a listener's bound, written by
+/// the accept loop itself (no hyper connection exists for it): the 503
+/// problem with `Connection: close`.
+fn overloaded(detail: &str) -> Bytes {
+    let p = Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        problem::OVERLOADED,
+        "Too many connections",
+        detail,
+    )
+    .retry_after(1);
+    let body = p.body();
+    let mut out = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: {}\r\n",
+        problem::PROBLEM_JSON
+    )
+    .into_bytes();
+    for (name, value) in p.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(
+        format!(
+            "connection: close\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(&body);
+    out.into()
+}
+
+/// Serves `service(peer)` on every connection `listener` admits under
+/// `limit`, with `http`'s settings, until `shutdown`. Returns the
+/// connections still open, each already told to finish its request and
+/// close; the caller drains them.
+pub async fn serve<S, B>(
+    name: &'static str,
+    listener: TcpListener,
+    shutdown: &Shutdown,
+    limit: &ConnLimit,
+    http: &http1::Builder,
+    service: impl Fn(SocketAddr) -> S,
+) -> Connections
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    listener::serve(listener, shutdown, limit, |stream, peer| {
+        let conn = http.serve_connection(TokioIo::new(stream), service(peer));
+        let shutdown = shutdown.clone();
+        async move {
+            let mut conn = std::pin::pin!(conn);
+            let ended = tokio::select! {
+                r = conn.as_mut() => r,
+                () = shutdown.wait() => {
+                    // Finish the request in flight, if any, then close.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, %peer, listener = name, "HTTP connection ended with an error");
+            }
+        }
+    })
+    .await
+}
+
+/// Serves an API's router on `listener` until `shutdown`; then calls
+/// `closing` (to end long-lived streams, which never end on their own) and
+/// waits for the requests in flight to finish.
+pub async fn serve_api(
+    name: &'static str,
+    listener: TcpListener,
+    app: Router,
+    shutdown: Shutdown,
+    closing: impl FnOnce(),
+) -> std::io::Result<()> {
+    let limit = conn_limit(
+        name,
+        listener.local_addr()?,
+        API_MAX_CONNECTIONS,
+        "this API is at its connection bound; retry shortly",
+    );
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(API_HEAD_TIMEOUT)
+        .max_buf_size(API_MAX_HEAD_BYTES.max(MIN_BUF))
+        .keep_alive(true);
+    let open = serve(name, listener, &shutdown, &limit, &http, |_| {
+        TowerToHyperService::new(app.clone())
+    })
+    .await;
+    closing();
+    open.drain(None).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_overloaded_answer_is_a_whole_http_response() {
+        let raw = overloaded("full");
+        let text = std::str::from_utf8(&raw).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{head}"
+        );
+        for line in [
+            "content-type: application/problem+json",
+            "retry-after: 1",
+            "connection: close",
+            &format!("content-length: {}", body.len()),
+        ] {
+            assert!(head.lines().any(|l| l == line), "{line} in {head}");
+        }
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["type"], problem::OVERLOADED);
+        assert_eq!(body["status"], 503);
+        assert_eq!(body["detail"], "full");
+    }
+}

@@ -1,0 +1,12 @@
+//! What every HTTP listener of fencepost shares (the HTTP fencing proxy,
+//! the elector API, the admin API), so each is answered, authorized and
+//! served one way:
+//!
+//! - [`problem`]: the one problem+json type and the `urn:fencepost:` types.
+//! - [`bearer`]: the constant-time bearer-token check.
+//! - [`http1`]: the HTTP/1.1 serve loop over the shared accept loop
+//!   ([`crate::listener`]), with its connection bound and graceful drain.
+
+pub mod bearer;
+pub mod http1;
+pub mod problem;
