@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use store::{AuditQuery, Store, StoreError};
 
+use crate::config::Upstream;
 use crate::edge::problem::{self, Problem};
 use crate::edge::{bearer, http1};
 use crate::shutdown::Shutdown;
@@ -27,8 +28,8 @@ pub struct AdminState {
     pub store: Arc<dyn Store>,
     pub prometheus: PrometheusHandle,
     pub token: Option<String>,
-    /// HTTP upstream base URLs, checked by `/readyz`.
-    pub upstreams: Vec<String>,
+    /// HTTP upstreams, checked by `/readyz`.
+    pub upstreams: Vec<Upstream>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -93,10 +94,10 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     let store_ok = matches!(store, Ok(Ok(())));
     let mut upstreams = serde_json::Map::new();
     let mut all_up = true;
-    for url in &state.upstreams {
-        let up = upstream_reachable(url).await;
+    for upstream in &state.upstreams {
+        let up = upstream_reachable(upstream).await;
         all_up &= up;
-        upstreams.insert(url.clone(), Value::Bool(up));
+        upstreams.insert(upstream.as_str().to_owned(), Value::Bool(up));
     }
     let ready = store_ok && all_up;
     let body = json!({
@@ -114,16 +115,11 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 
 /// A TCP connect to the upstream's host and port: enough to know it is
 /// there without sending it requests it would have to handle.
-async fn upstream_reachable(url: &str) -> bool {
-    let Ok(uri) = url.parse::<axum::http::Uri>() else {
-        return false;
-    };
-    let Some(host) = uri.host() else { return false };
-    let port = uri.port_u16().unwrap_or(80);
+async fn upstream_reachable(upstream: &Upstream) -> bool {
     matches!(
         tokio::time::timeout(
             Duration::from_secs(1),
-            tokio::net::TcpStream::connect((host, port))
+            tokio::net::TcpStream::connect(upstream.addr())
         )
         .await,
         Ok(Ok(_))

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::LogFormat;
+
 const ABOUT: &str = "\
 fencepost keeps a leader that has lost its lease from writing.
 
@@ -31,8 +33,8 @@ Start here:
 #[command(name = "fencepost", version, about = ABOUT, long_about = ABOUT)]
 pub struct Cli {
     /// Log format: text for people, json for log pipelines.
-    #[arg(long, global = true, env = "FENCEPOST_LOG_FORMAT", value_parser = ["text", "json"])]
-    pub log_format: Option<String>,
+    #[arg(long, global = true, env = "FENCEPOST_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
     #[command(subcommand)]
     pub command: Command,
 }

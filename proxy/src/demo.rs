@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fencepost_client::{LeaseKeeper, Refusal, RefusedBy, RequestBuilderExt};
-use fencing::LeaseConfig;
+use fencing::{LeaseConfig, ResourceName};
 use store::{AuditQuery, Store};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -218,7 +218,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, Error> {
         checker,
         format!("http://{el_a}"),
         None,
-        vec![RESOURCE.to_owned()],
+        vec![ResourceName::new(RESOURCE).map_err(|e| Error::Usage(format!("demo resource: {e}")))?],
         sd.clone(),
     ));
 

@@ -52,23 +52,23 @@ fn main() -> ExitCode {
 
 async fn run(cli: cli::Cli) -> ExitCode {
     use cli::Command;
-    let json = cli.log_format.as_deref() == Some("json");
+    let format = cli.log_format.unwrap_or_default();
     let result = match cli.command {
         Command::Demo(args) => {
-            logging::init(json, "warn");
+            logging::init(format, "warn");
             demo::run(args).await
         }
-        Command::Serve(args) => serve::run(args, cli.log_format.as_deref()).await,
+        Command::Serve(args) => serve::run(args, cli.log_format).await,
         Command::Lease(cmd) => {
-            logging::init(json, "warn");
+            logging::init(format, "warn");
             lease_cmd::run(cmd).await
         }
         Command::Audit(args) => {
-            logging::init(json, "warn");
+            logging::init(format, "warn");
             audit_cmd::run(args).await
         }
         Command::Migrate(args) => {
-            logging::init(json, "info");
+            logging::init(format, "info");
             serve::migrate(args).await
         }
         Command::Keygen(args) => keygen::run(args),

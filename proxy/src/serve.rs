@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 
 use crate::audit_sink::AuditSink;
 use crate::cli::{MigrateArgs, ServeArgs};
-use crate::config::Config;
+use crate::config::{Config, LogFormat};
 use crate::error::Error;
 use crate::fencer::{Fencer, FencerOptions, TokenChecker};
 use crate::shutdown::{self, Shutdown};
@@ -82,12 +82,12 @@ async fn migrate_with_retry(store: Arc<dyn Store>, shutdown: Shutdown) {
     }
 }
 
-pub async fn run(args: ServeArgs, log_format: Option<&str>) -> Result<ExitCode, Error> {
+pub async fn run(args: ServeArgs, log_format: Option<LogFormat>) -> Result<ExitCode, Error> {
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(f) = log_format {
-        config.log.format = f.to_owned();
+        config.log.format = f;
     }
-    logging::init(config.log.format == "json", &config.log.level);
+    logging::init(config.log.format, &config.log.level);
     if config.elector.is_none()
         && config.http.is_empty()
         && config.admin.is_none()
@@ -146,10 +146,7 @@ pub async fn run(args: ServeArgs, log_format: Option<&str>) -> Result<ExitCode, 
         let listener = bind(hcfg.listen, "an HTTP proxy").await?;
         let proxy = http_proxy::HttpProxy::new(hcfg, Arc::clone(&fencer), checker.clone())?;
         if let Some(url) = &hcfg.elector_watch {
-            let mut resources = hcfg.watch_resources.clone();
-            if resources.is_empty() {
-                resources = hcfg.routes.iter().map(|r| r.resource.clone()).collect();
-            }
+            let resources = hcfg.watched_resources();
             let bearer = hcfg
                 .elector_token
                 .clone()

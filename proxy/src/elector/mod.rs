@@ -26,7 +26,7 @@ use serde::Serialize;
 use store::Store;
 use tokio::sync::{broadcast, watch as watch_chan, Notify};
 
-use crate::config::{ConfigError, ElectorConfig};
+use crate::config::ElectorConfig;
 use crate::error::Error;
 use crate::shutdown::Shutdown;
 
@@ -54,41 +54,17 @@ pub struct ElectorSettings {
 }
 
 impl ElectorSettings {
-    /// Settings from the `[elector]` section, reading the signing key file.
+    /// Settings from the `[elector]` section (already validated at load),
+    /// reading the signing key file.
     pub fn from_config(cfg: &ElectorConfig) -> Result<Self, Error> {
-        let min_ttl_ms = duration_ms(cfg.min_ttl);
-        let max_ttl_ms = duration_ms(cfg.max_ttl);
-        let default_ms = duration_ms(cfg.default_ttl);
-        if min_ttl_ms < 1 {
-            return Err(invalid("elector.min_ttl must be at least 1ms"));
-        }
-        if min_ttl_ms > max_ttl_ms {
-            return Err(invalid(format!(
-                "elector.min_ttl ({}) is above elector.max_ttl ({})",
-                humantime::format_duration(cfg.min_ttl),
-                humantime::format_duration(cfg.max_ttl)
-            )));
-        }
-        if default_ms < min_ttl_ms || default_ms > max_ttl_ms {
-            // Otherwise every acquire that names no TTL would be refused.
-            return Err(invalid(format!(
-                "elector.default_ttl ({}) must lie between min_ttl ({}) and max_ttl ({})",
-                humantime::format_duration(cfg.default_ttl),
-                humantime::format_duration(cfg.min_ttl),
-                humantime::format_duration(cfg.max_ttl)
-            )));
-        }
-        if cfg.token.as_deref().is_some_and(str::is_empty) {
-            return Err(invalid("elector.token is empty; remove it or set a secret"));
-        }
         let signer = match &cfg.signing_key {
             Some(path) => Some(read_signer(path)?),
             None => None,
         };
         Ok(ElectorSettings {
             lease: LeaseConfig {
-                min_ttl_ms,
-                max_ttl_ms,
+                min_ttl_ms: duration_ms(cfg.min_ttl),
+                max_ttl_ms: duration_ms(cfg.max_ttl),
                 lock_delay_ms: duration_ms(cfg.lock_delay),
             },
             default_ttl: cfg.default_ttl,
@@ -96,10 +72,6 @@ impl ElectorSettings {
             auth_token: cfg.token.clone(),
         })
     }
-}
-
-fn invalid(msg: impl Into<String>) -> Error {
-    Error::Config(ConfigError::Invalid(msg.into()))
 }
 
 fn read_signer(path: &std::path::Path) -> Result<Signer, Error> {
@@ -230,7 +202,7 @@ pub struct Elector {
 
 impl Elector {
     /// `store` bounds its own calls (`store_timeout`, see
-    /// [`adapters::open`]): a store that does not answer must not hold
+    /// [`store::open`]): a store that does not answer must not hold
     /// candidates (and their sockets) forever, and failing closed is safe
     /// because nothing is granted without the store.
     pub fn new(store: Arc<dyn Store>, settings: ElectorSettings) -> Arc<Elector> {

@@ -9,8 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
@@ -19,61 +18,7 @@ use super::body::{Hold, ProxyBody, UpstreamBody};
 use super::pool::{ConnectError, Pool};
 use super::problem::{self, Problem};
 use super::request_body::{self, RequestBody};
-
-/// Where requests go: `http://authority` plus an optional base path that is
-/// prepended to every request path.
-#[derive(Debug, Clone)]
-pub struct Upstream {
-    authority: Authority,
-    host: HeaderValue,
-    base: String,
-}
-
-impl Upstream {
-    pub fn parse(url: &str) -> Result<Upstream, String> {
-        let uri: Uri = url.parse().map_err(|e| format!("upstream {url:?}: {e}"))?;
-        if uri.scheme() != Some(&Scheme::HTTP) {
-            return Err(format!("upstream {url:?} must be an http:// URL"));
-        }
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| format!("upstream {url:?} has no host"))?;
-        if uri.query().is_some() {
-            return Err(format!("upstream {url:?} must not carry a query"));
-        }
-        let host = HeaderValue::from_str(authority.as_str())
-            .map_err(|e| format!("upstream {url:?}: {e}"))?;
-        Ok(Upstream {
-            base: uri.path().trim_end_matches('/').to_owned(),
-            authority,
-            host,
-        })
-    }
-
-    /// `host:port` to connect to (port 80 when the URL has none).
-    pub fn addr(&self) -> String {
-        let host = self.authority.host();
-        let port = self.authority.port_u16().unwrap_or(80);
-        if host.contains(':') && !host.starts_with('[') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        }
-    }
-
-    /// The request target as the upstream gets it: origin-form, the base
-    /// path prepended. (The host travels in the `Host` header.)
-    fn uri(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
-        let pq = pq.map_or("/", PathAndQuery::as_str);
-        let pq = if self.base.is_empty() {
-            PathAndQuery::try_from(pq)?
-        } else {
-            PathAndQuery::try_from(format!("{}{pq}", self.base))?
-        };
-        Ok(Uri::from(pq))
-    }
-}
+use crate::config::Upstream;
 
 const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
@@ -225,7 +170,7 @@ impl Forwarder {
         add_forwarded_for(&mut parts.headers, peer);
         parts
             .headers
-            .insert(header::HOST, self.upstream.host.clone());
+            .insert(header::HOST, self.upstream.host().clone());
         let (body, sent) = RequestBody::new(body, self.body_stall);
         let mut sent = Some(sent);
         let mut req = Request::from_parts(parts, body);
@@ -303,7 +248,10 @@ impl Forwarder {
             StatusCode::BAD_GATEWAY,
             problem::UPSTREAM_UNREACHABLE,
             "Upstream unreachable",
-            format!("cannot connect to the upstream {}", self.upstream.authority),
+            format!(
+                "cannot connect to the upstream {}",
+                self.upstream.authority()
+            ),
         )
         .response()
     }
@@ -311,7 +259,7 @@ impl Forwarder {
     fn timed_out(&self) -> Response<ProxyBody> {
         self.upstream_errors.increment(1);
         let timeout = self.timeout;
-        tracing::warn!(upstream = %self.upstream.authority, ?timeout, "upstream timed out");
+        tracing::warn!(upstream = %self.upstream.authority(), ?timeout, "upstream timed out");
         Problem::new(
             StatusCode::GATEWAY_TIMEOUT,
             problem::UPSTREAM_TIMEOUT,
@@ -333,7 +281,7 @@ impl Forwarder {
             .response();
         }
         self.upstream_errors.increment(1);
-        tracing::warn!(error = %e, upstream = %self.upstream.authority, "upstream request failed");
+        tracing::warn!(error = %e, upstream = %self.upstream.authority(), "upstream request failed");
         Problem::new(
             StatusCode::BAD_GATEWAY,
             problem::UPSTREAM_ERROR,
@@ -366,18 +314,6 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("fencing-token"));
-    }
-
-    #[test]
-    fn upstream_base_path_is_prepended() {
-        let u = Upstream::parse("http://127.0.0.1:9000/api/").unwrap();
-        let pq = PathAndQuery::from_static("/kv/a?x=1");
-        assert_eq!(u.uri(Some(&pq)).unwrap().to_string(), "/api/kv/a?x=1");
-        assert_eq!(u.addr(), "127.0.0.1:9000");
-        let u = Upstream::parse("http://h:1").unwrap();
-        assert_eq!(u.uri(None).unwrap().to_string(), "/");
-        assert_eq!(Upstream::parse("http://[::1]").unwrap().addr(), "[::1]:80");
-        assert!(Upstream::parse("https://h").is_err());
     }
 
     #[test]

@@ -37,10 +37,10 @@ use tokio::sync::Semaphore;
 use wire::http::{fencing_headers, HeaderText, WriteMethods};
 
 use self::body::{Hold, ProxyBody};
-use self::forward::{Forwarder, Upstream};
+use self::forward::Forwarder;
 use self::pool::Pool;
 use self::problem::Problem;
-use crate::config::{ConfigError, HttpProxyConfig};
+use crate::config::HttpProxyConfig;
 use crate::edge::http1::{conn_limit, MIN_BUF};
 use crate::error::Error;
 use crate::fencer::{Decision, Fencer, TokenChecker, WriteInfo};
@@ -77,14 +77,11 @@ impl HttpProxy {
         fencer: Arc<Fencer>,
         checker: TokenChecker,
     ) -> Result<Arc<Self>, Error> {
-        let invalid = |m: String| Error::Config(ConfigError::Invalid(m));
-        let upstream = Upstream::parse(&cfg.upstream).map_err(invalid)?;
-        let writes = WriteMethods::from_names(&cfg.write_methods)
-            .map_err(|e| invalid(format!("http.write_methods: {e}")))?;
+        let upstream = cfg.upstream.clone();
         let mut routes: Vec<(String, String)> = cfg
             .routes
             .iter()
-            .map(|r| (r.prefix.clone(), r.resource.clone()))
+            .map(|r| (r.prefix.clone(), r.resource.as_str().to_owned()))
             .collect();
         routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
 
@@ -116,7 +113,7 @@ impl HttpProxy {
             fencer,
             checker,
             counters: counters.clone(),
-            writes,
+            writes: cfg.write_methods.clone(),
             routes,
             // Semaphore::new panics past MAX_PERMITS.
             limit: Arc::new(Semaphore::new(

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fencing::ResourceName;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::task::JoinSet;
@@ -35,7 +36,7 @@ pub async fn watch_elector(
     checker: TokenChecker,
     elector_url: String,
     bearer: Option<String>,
-    resources: Vec<String>,
+    resources: Vec<ResourceName>,
     shutdown: Shutdown,
 ) {
     let client = match reqwest::Client::builder()
@@ -55,10 +56,6 @@ pub async fn watch_elector(
     resources.dedup();
     let mut tasks = JoinSet::new();
     for resource in resources {
-        if let Err(e) = fencing::resource::validate(&resource) {
-            tracing::error!(%resource, error = %e, "elector watch: not a resource name, not watched");
-            continue;
-        }
         let w = Watch {
             fencer: Arc::clone(&fencer),
             checker: checker.clone(),
@@ -68,7 +65,7 @@ pub async fn watch_elector(
             // needs no escaping.
             url: format!("{base}/v1/leases/{resource}/watch"),
             bearer: bearer.clone(),
-            resource,
+            resource: resource.as_str().to_owned(),
         };
         tasks.spawn(w.run(shutdown.clone()));
     }

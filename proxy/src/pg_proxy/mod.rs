@@ -15,7 +15,6 @@
 
 mod session;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use wire::pg::Classifier;
 
 use crate::audit_sink::AuditSink;
-use crate::config::{ConfigError, PgProxyConfig};
+use crate::config::{ConfigError, Enforce, PgProxyConfig};
 use crate::error::Error;
 use crate::fencer::{Fencer, TokenChecker};
 use crate::listener::{self, ConnLimit};
@@ -80,8 +79,6 @@ impl PgProxy {
         checker: TokenChecker,
         audit: AuditSink,
     ) -> Result<Arc<Self>, Error> {
-        let upstream = upstream_addr(&cfg.upstream)
-            .map_err(|m| Error::Config(ConfigError::Invalid(format!("postgres.upstream: {m}"))))?;
         let tls =
             match (&cfg.tls_cert, &cfg.tls_key) {
                 (Some(cert), Some(key)) => Some(tls_acceptor(cert, key).map_err(|m| {
@@ -95,7 +92,7 @@ impl PgProxy {
             checker,
             counters: WriteCounters::new(Protocol::Postgres),
             classifier: Classifier::new(&cfg.write_functions, CLASSIFY_CACHE_BYTES),
-            upstream,
+            upstream: cfg.upstream.addr().to_owned(),
             max_frame: cfg.max_frame_bytes,
             startup_timeout: cfg.startup_timeout,
             limit: ConnLimit::new(
@@ -113,7 +110,7 @@ impl PgProxy {
                 None,
             ),
             strict: cfg.strict,
-            guard: cfg.enforce == "database",
+            guard: cfg.enforce == Enforce::Database,
             tls,
         }))
     }
@@ -165,53 +162,4 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     .with_single_cert(certs, key)
     .map_err(|e| format!("tls_cert/tls_key: {e}"))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
-/// `host:port`, defaulting the port to 5432; a `postgres://` URL is
-/// accepted for its host and port only (credentials come from clients).
-fn upstream_addr(s: &str) -> Result<String, String> {
-    let s = s.trim();
-    let hostport = match s.split_once("://") {
-        Some((scheme, rest)) if scheme == "postgres" || scheme == "postgresql" => {
-            let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-            rest.split(['/', '?']).next().unwrap_or(rest)
-        }
-        Some(_) => return Err(format!("{s:?} is neither host:port nor a postgres:// URL")),
-        None => s,
-    };
-    if hostport.is_empty() {
-        return Err("empty address".into());
-    }
-    if hostport.parse::<SocketAddr>().is_ok() {
-        return Ok(hostport.to_owned());
-    }
-    match hostport.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-            Ok(hostport.to_owned())
-        }
-        _ if !hostport.contains(':') => Ok(format!("{hostport}:5432")),
-        _ if hostport.starts_with('[') && hostport.ends_with(']') => Ok(format!("{hostport}:5432")),
-        _ => Err(format!("{hostport:?} is not host:port")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::upstream_addr;
-
-    #[test]
-    fn upstream_forms() {
-        assert_eq!(upstream_addr("127.0.0.1:5432").unwrap(), "127.0.0.1:5432");
-        assert_eq!(upstream_addr("db").unwrap(), "db:5432");
-        assert_eq!(upstream_addr("db:6000").unwrap(), "db:6000");
-        assert_eq!(upstream_addr("[::1]:5433").unwrap(), "[::1]:5433");
-        assert_eq!(upstream_addr("[::1]").unwrap(), "[::1]:5432");
-        assert_eq!(
-            upstream_addr("postgres://u:p@db:5444/x?sslmode=disable").unwrap(),
-            "db:5444"
-        );
-        assert!(upstream_addr("http://db").is_err());
-        assert!(upstream_addr("db:notaport").is_err());
-        assert!(upstream_addr("").is_err());
-    }
 }

@@ -1,0 +1,214 @@
+//! `[[postgres]]`: one Postgres fencing proxy listener and its server.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgProxyConfig {
+    #[serde(default = "default_pg_listen")]
+    pub listen: SocketAddr,
+    /// The server every session is relayed to.
+    pub upstream: PgUpstream,
+    #[serde(default)]
+    pub enforce: Enforce,
+    /// Public key file: when set, tokens must be signed by the elector.
+    pub verify_key: Option<PathBuf>,
+    /// Accept plain decimal tokens even though `verify_key` is set.
+    #[serde(default)]
+    pub allow_plain_tokens: bool,
+    /// Count every statement inside a read-write transaction block as a
+    /// write, so a leader's reads that feed its writes are fenced too.
+    #[serde(default)]
+    pub strict: bool,
+    /// Functions whose call makes even a SELECT a write (matched by their
+    /// last name component, case-insensitively). Replaces the default list.
+    #[serde(default = "default_write_functions")]
+    pub write_functions: Vec<String>,
+    /// Largest message accepted from a client or the server; a bigger one
+    /// costs that connection (a protocol violation error).
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_frame_bytes: usize,
+    /// Client connections open at once (each is one server connection
+    /// once started); past it a new client gets `FATAL 53300
+    /// too_many_connections` and is closed, as Postgres answers.
+    #[serde(default = "default_pg_max_connections")]
+    pub max_connections: usize,
+    /// Longest a client may take from connecting to a complete startup
+    /// packet (TLS handshake included); then it is closed.
+    #[serde(default = "default_startup_timeout", with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// PEM certificate chain offered to clients that ask for TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+}
+
+fn default_write_functions() -> Vec<String> {
+    wire::pg::DEFAULT_WRITE_FUNCTIONS
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+}
+fn default_max_frame_bytes() -> usize {
+    wire::pg::frame::DEFAULT_MAX_FRAME
+}
+/// Above any sensible server `max_connections` (Postgres's default is
+/// 100), so the server's own limit is what normally refuses first.
+fn default_pg_max_connections() -> usize {
+    2_000
+}
+/// Postgres's `authentication_timeout` is a minute; a proxy in front need
+/// not be more patient with a silent socket.
+fn default_startup_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_pg_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 6432))
+}
+
+impl PgProxyConfig {
+    /// What the types cannot say; `i` is the listener's index.
+    pub(super) fn validate(&self, i: usize) -> Result<(), String> {
+        // Below this no ordinary statement fits; the startup packet has
+        // its own bound.
+        if self.max_frame_bytes < 1024 {
+            return Err(format!(
+                "postgres[{i}].max_frame_bytes must be at least 1024, not {}",
+                self.max_frame_bytes
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(format!("postgres[{i}].max_connections must be at least 1"));
+        }
+        if self.startup_timeout.is_zero() {
+            return Err(format!("postgres[{i}].startup_timeout must be above zero"));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(format!("postgres[{i}]: tls_cert and tls_key go together"));
+        }
+        Ok(())
+    }
+}
+
+/// Where the fence is enforced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Enforce {
+    /// In fencepost only.
+    #[default]
+    Proxy,
+    /// Also in a guard inside the protected database, called in each
+    /// admitted write's own transaction.
+    Database,
+}
+
+impl TryFrom<String> for Enforce {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "proxy" => Ok(Enforce::Proxy),
+            "database" => Ok(Enforce::Database),
+            _ => Err(format!(
+                "enforce must be \"proxy\" or \"database\", not {s:?}"
+            )),
+        }
+    }
+}
+
+/// The Postgres server behind a proxy, as `host:port` (the port defaults
+/// to 5432). A `postgres://` URL is accepted for its host and port only:
+/// credentials and database come from each client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgUpstream(String);
+
+impl PgUpstream {
+    pub fn parse(s: &str) -> Result<PgUpstream, String> {
+        let s = s.trim();
+        let hostport = match s.split_once("://") {
+            Some((scheme, rest)) if scheme == "postgres" || scheme == "postgresql" => {
+                let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+                rest.split(['/', '?']).next().unwrap_or(rest)
+            }
+            Some(_) => {
+                return Err(format!(
+                    "upstream {s:?} is neither host:port nor a postgres:// URL"
+                ))
+            }
+            None => s,
+        };
+        if hostport.is_empty() {
+            return Err(format!("upstream {s:?}: empty address"));
+        }
+        if hostport.parse::<SocketAddr>().is_ok() {
+            return Ok(PgUpstream(hostport.to_owned()));
+        }
+        match hostport.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(PgUpstream(hostport.to_owned()))
+            }
+            _ if !hostport.contains(':') => Ok(PgUpstream(format!("{hostport}:5432"))),
+            _ if hostport.starts_with('[') && hostport.ends_with(']') => {
+                Ok(PgUpstream(format!("{hostport}:5432")))
+            }
+            _ => Err(format!("upstream {hostport:?} is not host:port")),
+        }
+    }
+
+    /// `host:port`, as `TcpStream::connect` takes it.
+    pub fn addr(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PgUpstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for PgUpstream {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        PgUpstream::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> Result<String, String> {
+        PgUpstream::parse(s).map(|u| u.addr().to_owned())
+    }
+
+    #[test]
+    fn upstream_forms() {
+        assert_eq!(addr("127.0.0.1:5432").unwrap(), "127.0.0.1:5432");
+        assert_eq!(addr("db").unwrap(), "db:5432");
+        assert_eq!(addr("db:6000").unwrap(), "db:6000");
+        assert_eq!(addr("[::1]:5433").unwrap(), "[::1]:5433");
+        assert_eq!(addr("[::1]").unwrap(), "[::1]:5432");
+        assert_eq!(
+            addr("postgres://u:p@db:5444/x?sslmode=disable").unwrap(),
+            "db:5444"
+        );
+        assert!(addr("http://db").is_err());
+        assert!(addr("db:notaport").is_err());
+        assert!(addr("").is_err());
+    }
+
+    #[test]
+    fn enforce_modes() {
+        assert_eq!(Enforce::try_from("proxy".to_owned()), Ok(Enforce::Proxy));
+        assert_eq!(
+            Enforce::try_from("database".to_owned()),
+            Ok(Enforce::Database)
+        );
+        let e = Enforce::try_from("dtabase".to_owned()).unwrap_err();
+        assert!(e.contains("enforce") && e.contains("\"dtabase\""), "{e}");
+    }
+}
