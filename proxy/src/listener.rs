@@ -210,8 +210,10 @@ pub async fn next_connection(
 /// as a task per admitted connection (holding the connection's permit
 /// until it ends), and returns the connections still open for the caller
 /// to [`Connections::drain`]. The listener is closed on return, so new
-/// clients are refused by the kernel from then on.
+/// clients are refused by the kernel from then on. `name` says which
+/// listener it is in logs.
 pub async fn serve<F, Fut>(
+    name: &'static str,
     listener: TcpListener,
     shutdown: &Shutdown,
     limit: &ConnLimit,
@@ -239,11 +241,12 @@ where
         });
     }
     drop(listener);
-    Connections { open }
+    Connections { name, open }
 }
 
 /// The connections of a listener that has stopped accepting.
 pub struct Connections {
+    name: &'static str,
     open: JoinSet<()>,
 }
 
@@ -261,8 +264,98 @@ impl Connections {
             }
         };
         if !drained {
+            tracing::warn!(
+                listener = self.name,
+                open = self.open.len(),
+                ?within,
+                "connections still busy after the shutdown timeout; closing them"
+            );
             self.open.shutdown().await;
         }
         drained
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::shutdown;
+
+    fn limit(addr: SocketAddr, max: usize) -> ConnLimit {
+        ConnLimit::new("test", addr, max, Bytes::from_static(b"full\n"), None)
+    }
+
+    /// Connections are served until shutdown, then drained: a connection
+    /// that finishes within the bound counts as drained, one that does
+    /// not is closed when the bound passes.
+    #[tokio::test]
+    async fn serves_until_shutdown_then_drains_within_the_bound() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (trigger, sd) = shutdown::channel();
+        let served = Arc::new(AtomicUsize::new(0));
+        let limit = limit(addr, 8);
+        let count = Arc::clone(&served);
+        let accept = tokio::spawn(async move {
+            serve("test", listener, &sd, &limit, move |mut stream, _| {
+                count.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    // Echo one line, then hold the connection until the
+                    // client closes it.
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+            .await
+        });
+        let mut a = TcpStream::connect(addr).await.unwrap();
+        let mut b = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 2];
+        for s in [&mut a, &mut b] {
+            s.write_all(b"hi").await.unwrap();
+            s.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"hi");
+        }
+        trigger.fire();
+        let open = accept.await.unwrap();
+        assert_eq!(served.load(Ordering::SeqCst), 2);
+        // The listener is closed: no new client gets in.
+        assert!(TcpStream::connect(addr).await.is_err());
+        drop(a);
+        // `b` stays open past the bound: it is closed, not waited for.
+        let t = tokio::time::Instant::now();
+        assert!(!open.drain(Some(Duration::from_millis(200))).await);
+        assert!(t.elapsed() < Duration::from_secs(2));
+        assert!(matches!(b.read(&mut buf).await, Ok(0) | Err(_)));
+    }
+
+    #[tokio::test]
+    async fn a_connection_over_the_bound_is_told_and_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (trigger, sd) = shutdown::channel();
+        let limit = limit(addr, 1);
+        let accept = tokio::spawn(async move {
+            serve("test", listener, &sd, &limit, |stream, _| async move {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                drop(stream);
+            })
+            .await
+        });
+        let _held = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut over = TcpStream::connect(addr).await.unwrap();
+        let mut answer = Vec::new();
+        over.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"full\n");
+        trigger.fire();
+        let open = accept.await.unwrap();
+        assert!(!open.drain(Some(Duration::from_millis(50))).await);
     }
 }

@@ -114,7 +114,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    listener::serve(listener, shutdown, limit, |stream, peer| {
+    listener::serve(name, listener, shutdown, limit, |stream, peer| {
         let conn = http.serve_connection(TokioIo::new(stream), service(peer));
         let shutdown = shutdown.clone();
         async move {

@@ -124,17 +124,13 @@ impl PgProxy {
         shutdown: Shutdown,
         drain: Duration,
     ) -> std::io::Result<()> {
-        let open = listener::serve(listener, &shutdown, &self.limit, |stream, peer| {
+        let name = Protocol::Postgres.as_str();
+        let open = listener::serve(name, listener, &shutdown, &self.limit, |stream, peer| {
             session::run(Arc::clone(&self), stream, peer, shutdown.clone())
         })
         .await;
         // Each session has seen the shutdown too: idle ones close at once.
-        if !open.drain(Some(drain)).await {
-            tracing::warn!(
-                ?drain,
-                "Postgres proxy: sessions still busy after the shutdown timeout"
-            );
-        }
+        open.drain(Some(drain)).await;
         Ok(())
     }
 }
