@@ -3,22 +3,18 @@
 //! (cache hit and miss), and token verification (cached and uncached).
 //! Run: `cargo bench -p fencepost --bench pg`.
 //!
-//! `TokenChecker` (the proxy's cache in front of `TokenPolicy::check`) lives
-//! in the binary crate and cannot be imported here, so the cached path is
-//! measured as a moka lookup of the same shape as `proxy/src/fencer.rs`:
-//! an ahash of (resource, token text) as the key, and the entry's resource
-//! and text compared before its number is used.
+//! The cached path is the proxy's own `TokenChecker` (the cache in front
+//! of `TokenPolicy::check`), imported from the `fencepost` library.
 
 // A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::hash::{BuildHasher, Hash, Hasher};
 use std::hint::black_box;
-use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use fencing::{Signer, TokenPolicy, TokenRejection};
+use fencepost::TokenChecker;
+use fencing::{Signer, TokenPolicy};
 use wire::pg::frame::{split_frame, Frame};
 use wire::pg::{Classifier, ClientMsg};
 
@@ -171,39 +167,6 @@ fn classify(c: &mut Criterion) {
     });
 }
 
-/// A verified token: resource, token text and its number (as in fencer.rs).
-type Verified = (Box<str>, Box<str>, u64);
-
-/// The cached path of `TokenChecker::check` (proxy/src/fencer.rs), rebuilt
-/// from the same parts: ahash key of (resource, text), moka sync cache,
-/// entry compared before use.
-struct CachedPolicy {
-    policy: TokenPolicy,
-    cache: moka::sync::Cache<u64, Arc<Verified>>,
-    hasher: ahash::RandomState,
-}
-
-impl CachedPolicy {
-    fn check(&self, resource: &str, raw: &str) -> Result<u64, TokenRejection> {
-        if !raw.contains('.') {
-            return self.policy.check(resource, raw);
-        }
-        let mut h = self.hasher.build_hasher();
-        resource.hash(&mut h);
-        raw.hash(&mut h);
-        let key = h.finish();
-        if let Some(hit) = self.cache.get(&key) {
-            if &*hit.0 == resource && &*hit.1 == raw {
-                return Ok(hit.2);
-            }
-        }
-        let n = self.policy.check(resource, raw)?;
-        self.cache
-            .insert(key, Arc::new((resource.into(), raw.into(), n)));
-        Ok(n)
-    }
-}
-
 fn tokens(c: &mut Criterion) {
     let signer = Signer::from_seed([7; 32]);
     let signed = signer.sign("bench", 42);
@@ -219,13 +182,9 @@ fn tokens(c: &mut Criterion) {
         "token uncached: signed, Ed25519 (TokenPolicy::check)",
         |b| b.iter(|| black_box(strict.check(black_box("bench"), black_box(&signed)))),
     );
-    let cached = CachedPolicy {
-        policy: strict,
-        cache: moka::sync::Cache::new(100_000),
-        hasher: ahash::RandomState::new(),
-    };
+    let cached = TokenChecker::new(strict, 100_000);
     assert_eq!(cached.check("bench", &signed), Ok(42));
-    c.bench_function("token cached: signed, moka hit (TokenChecker shape)", |b| {
+    c.bench_function("token cached: signed, moka hit (TokenChecker)", |b| {
         b.iter(|| black_box(cached.check(black_box("bench"), black_box(&signed))))
     });
 }

@@ -405,3 +405,51 @@ async fn logs_are_json_on_request() {
         "{log}"
     );
 }
+
+/// `listen = "127.0.0.1:0"` picks free ports; `--ready-file` says which,
+/// once every listener is bound, so a supervisor (or a test) needs no
+/// port chosen in advance.
+#[tokio::test]
+async fn serve_on_port_zero_writes_the_bound_addresses_to_the_ready_file() {
+    let dir = TempDir::new("fp-ready");
+    let up = Upstream::start().await;
+    let any = "127.0.0.1:0".parse().unwrap();
+    let store = format!("sqlite://{}/fp.db", dir.path().display());
+    let config = dir.path().join("fencepost.toml");
+    std::fs::write(&config, self::config(&dir, &store, any, any, up.addr, "")).unwrap();
+    let ready = dir.path().join("ready.json");
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--ready-file",
+        ])
+        .arg(&ready)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn serve");
+    let text = eventually(30, || {
+        let ready = ready.clone();
+        async move { std::fs::read_to_string(ready).ok() }
+    })
+    .await
+    .expect("ready file written");
+    let addrs: Value = serde_json::from_str(&text).unwrap();
+    let admin: std::net::SocketAddr = addrs["admin"].as_str().unwrap().parse().unwrap();
+    let http: std::net::SocketAddr = addrs["http"][0].as_str().unwrap().parse().unwrap();
+    assert_ne!(admin.port(), 0, "{text}");
+    assert_ne!(http.port(), 0, "{text}");
+    assert_eq!(addrs["postgres"], serde_json::json!([]), "{text}");
+    assert_eq!(addrs["elector"], Value::Null, "{text}");
+    // Both are serving when the file appears.
+    assert_eq!(get(&format!("http://{admin}/healthz"), None).await.0, 200);
+    assert_eq!(
+        put(&format!("http://{http}/kv/a"), Some("1"), Some("r"), "x")
+            .await
+            .0,
+        200
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -96,6 +96,11 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight requests before closing them.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+    /// Once every listener is bound, write their addresses here as JSON
+    /// ({"elector", "http": [..], "postgres": [..], "admin"}): how a
+    /// supervisor or a test learns the ports of `listen = "...:0"`.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]

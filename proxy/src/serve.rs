@@ -5,6 +5,8 @@
 //! in-flight requests finish (each may still refuse and audit), and only
 //! then is the audit log flushed.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -20,11 +22,11 @@ use crate::cli::{MigrateArgs, ServeArgs};
 use crate::config::{Config, LogFormat};
 use crate::error::Error;
 use crate::fencer::{Fencer, FencerOptions, TokenChecker};
-use crate::shutdown::{self, Shutdown};
+use crate::shutdown::{self, Shutdown, Trigger};
 use crate::{admin, elector, http_proxy, logging, metrics, pg_proxy};
 
 /// Reads a public key file for token verification.
-pub fn read_verifier(path: &Path) -> Result<Verifier, Error> {
+pub(crate) fn read_verifier(path: &Path) -> Result<Verifier, Error> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::Key {
         path: path.display().to_string(),
         message: e.to_string(),
@@ -39,7 +41,7 @@ pub fn read_verifier(path: &Path) -> Result<Verifier, Error> {
 /// `allow_plain_tokens`): one construction for both protocols, so an
 /// `[[http]]` and a `[[postgres]]` listener given the same key accept
 /// exactly the same tokens.
-pub fn checker_for(
+pub(crate) fn checker_for(
     verify_key: Option<&Path>,
     allow_plain: bool,
     cache_size: u64,
@@ -82,12 +84,110 @@ async fn migrate_with_retry(store: Arc<dyn Store>, shutdown: Shutdown) {
     }
 }
 
+/// One listening socket per listener the config names, bound before the
+/// server starts: by [`Listeners::bind`] from the config's `listen`
+/// addresses, or by the caller (tests bind port 0 and keep the socket, so
+/// no other process can take the port between choosing and serving it).
+pub struct Listeners {
+    pub elector: Option<TcpListener>,
+    /// One per `[[http]]`, in config order.
+    pub http: Vec<TcpListener>,
+    /// One per `[[postgres]]`, in config order.
+    pub postgres: Vec<TcpListener>,
+    pub admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds every `listen` address of `config` (port 0: any free port).
+    pub async fn bind(config: &Config) -> Result<Listeners, Error> {
+        let mut http = Vec::with_capacity(config.http.len());
+        for h in &config.http {
+            http.push(bind(h.listen, "an HTTP proxy").await?);
+        }
+        let mut postgres = Vec::with_capacity(config.postgres.len());
+        for p in &config.postgres {
+            postgres.push(bind(p.listen, "a Postgres proxy").await?);
+        }
+        Ok(Listeners {
+            elector: match &config.elector {
+                Some(e) => Some(bind(e.listen, "the elector").await?),
+                None => None,
+            },
+            http,
+            postgres,
+            admin: match &config.admin {
+                Some(a) => Some(bind(a.listen, "the admin API").await?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// Where a started server listens: the bound addresses, in config order.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Addrs {
+    pub elector: Option<SocketAddr>,
+    pub http: Vec<SocketAddr>,
+    pub postgres: Vec<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+/// A started server: every listener accepting, until [`Server::run_until`]
+/// is told to stop.
+pub struct Server {
+    tasks: JoinSet<Result<(), Error>>,
+    trigger: Trigger,
+    audit: AuditSink,
+    shutdown_timeout: Duration,
+    addrs: Addrs,
+}
+
+fn local(listener: &TcpListener, what: &str) -> Result<SocketAddr, Error> {
+    listener
+        .local_addr()
+        .map_err(|e| Error::io(format!("the address of {what}"), e))
+}
+
+/// `fencepost serve`: loads the config, binds, writes `--ready-file`, and
+/// runs until SIGINT or SIGTERM.
 pub async fn run(args: ServeArgs, log_format: Option<LogFormat>) -> Result<ExitCode, Error> {
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(f) = log_format {
         config.log.format = f;
     }
     logging::init(config.log.format, &config.log.level);
+    let listeners = Listeners::bind(&config).await?;
+    let server = start(config, listeners, args.shutdown_timeout).await?;
+    if let Some(path) = &args.ready_file {
+        write_ready_file(path, server.addrs())?;
+    }
+    server.run_until(shutdown::os_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the bound addresses as JSON, whole or not at all (written
+/// beside, then renamed), so a reader polling for the file never sees
+/// half of it.
+fn write_ready_file(path: &Path, addrs: &Addrs) -> Result<(), Error> {
+    let text = serde_json::to_string(addrs)
+        .map_err(|e| Error::io("the ready file", std::io::Error::other(e)))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| Error::io(format!("cannot write the ready file {}", path.display()), e))
+}
+
+/// Starts everything `config` names on `listeners` (one per listener the
+/// config names; each listener's `listen` is replaced by its socket's
+/// address): the store and its migration, the audit sink, the one
+/// `Fencer` every listener shares, and a task per listener.
+pub async fn start(
+    mut config: Config,
+    listeners: Listeners,
+    shutdown_timeout: Duration,
+) -> Result<Server, Error> {
     if config.elector.is_none()
         && config.http.is_empty()
         && config.admin.is_none()
@@ -98,6 +198,40 @@ pub async fn run(args: ServeArgs, log_format: Option<LogFormat>) -> Result<ExitC
                 .into(),
         ));
     }
+    if listeners.elector.is_some() != config.elector.is_some()
+        || listeners.admin.is_some() != config.admin.is_some()
+        || listeners.http.len() != config.http.len()
+        || listeners.postgres.len() != config.postgres.len()
+    {
+        return Err(Error::Usage(
+            "one listener is needed for each listener the config names".into(),
+        ));
+    }
+    if let (Some(e), Some(l)) = (&mut config.elector, &listeners.elector) {
+        e.listen = local(l, "the elector")?;
+    }
+    for (h, l) in config.http.iter_mut().zip(&listeners.http) {
+        h.listen = local(l, "an HTTP proxy")?;
+    }
+    for (p, l) in config.postgres.iter_mut().zip(&listeners.postgres) {
+        p.listen = local(l, "a Postgres proxy")?;
+    }
+    if let (Some(a), Some(l)) = (&mut config.admin, &listeners.admin) {
+        a.listen = local(l, "the admin API")?;
+    }
+    let addrs = Addrs {
+        elector: config.elector.as_ref().map(|e| e.listen),
+        http: config.http.iter().map(|h| h.listen).collect(),
+        postgres: config.postgres.iter().map(|p| p.listen).collect(),
+        admin: config.admin.as_ref().map(|a| a.listen),
+    };
+    let Listeners {
+        elector: elector_listener,
+        http: http_listeners,
+        postgres: pg_listeners,
+        admin: admin_listener,
+    } = listeners;
+
     let prometheus = metrics::install();
     // Every store call of the process, decisions, leases and API reads,
     // is bounded by store_timeout here, once.
@@ -125,9 +259,8 @@ pub async fn run(args: ServeArgs, log_format: Option<LogFormat>) -> Result<ExitC
     ));
 
     let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
-    if let Some(ecfg) = &config.elector {
+    if let (Some(ecfg), Some(listener)) = (&config.elector, elector_listener) {
         let settings = elector::ElectorSettings::from_config(ecfg)?;
-        let listener = bind(ecfg.listen, "the elector").await?;
         let el = elector::Elector::new(Arc::clone(&store), settings);
         let sd = shutdown.clone();
         tracing::info!(listen = %ecfg.listen, "elector listening");
@@ -137,13 +270,12 @@ pub async fn run(args: ServeArgs, log_format: Option<LogFormat>) -> Result<ExitC
                 .map_err(|e| Error::io("elector", e))
         });
     }
-    for hcfg in &config.http {
+    for (hcfg, listener) in config.http.iter().zip(http_listeners) {
         let checker = checker_for(
             hcfg.verify_key.as_deref(),
             hcfg.allow_plain_tokens,
             config.fencing.token_cache_size,
         )?;
-        let listener = bind(hcfg.listen, "an HTTP proxy").await?;
         let proxy = http_proxy::HttpProxy::new(hcfg, Arc::clone(&fencer), checker.clone())?;
         if let Some(url) = &hcfg.elector_watch {
             let resources = hcfg.watched_resources();
@@ -161,35 +293,31 @@ pub async fn run(args: ServeArgs, log_format: Option<LogFormat>) -> Result<ExitC
             ));
         }
         let sd = shutdown.clone();
-        let drain = args.shutdown_timeout;
         tracing::info!(listen = %hcfg.listen, upstream = %hcfg.upstream, "HTTP fencing proxy listening");
         tasks.spawn(async move {
             proxy
-                .serve(listener, sd, drain)
+                .serve(listener, sd, shutdown_timeout)
                 .await
                 .map_err(|e| Error::io("HTTP proxy", e))
         });
     }
-    for pcfg in &config.postgres {
+    for (pcfg, listener) in config.postgres.iter().zip(pg_listeners) {
         let checker = checker_for(
             pcfg.verify_key.as_deref(),
             pcfg.allow_plain_tokens,
             config.fencing.token_cache_size,
         )?;
-        let listener = bind(pcfg.listen, "a Postgres proxy").await?;
         let proxy = pg_proxy::PgProxy::new(pcfg, Arc::clone(&fencer), checker, audit.clone())?;
         let sd = shutdown.clone();
-        let drain = args.shutdown_timeout;
         tracing::info!(listen = %pcfg.listen, upstream = %pcfg.upstream, "Postgres fencing proxy listening");
         tasks.spawn(async move {
             proxy
-                .serve(listener, sd, drain)
+                .serve(listener, sd, shutdown_timeout)
                 .await
                 .map_err(|e| Error::io("Postgres proxy", e))
         });
     }
-    if let Some(acfg) = &config.admin {
-        let listener = bind(acfg.listen, "the admin API").await?;
+    if let (Some(acfg), Some(listener)) = (&config.admin, admin_listener) {
         let state = admin::AdminState {
             store: Arc::clone(&store),
             prometheus,
@@ -204,37 +332,56 @@ pub async fn run(args: ServeArgs, log_format: Option<LogFormat>) -> Result<ExitC
                 .map_err(|e| Error::io("admin API", e))
         });
     }
+    Ok(Server {
+        tasks,
+        trigger,
+        audit,
+        shutdown_timeout,
+        addrs,
+    })
+}
 
-    // Run until a signal, or until a listener dies on its own.
-    let mut failed = None;
-    tokio::select! {
-        _ = shutdown::os_signal() => tracing::info!("shutting down: draining connections"),
-        Some(res) = tasks.join_next() => {
-            if let Ok(Err(e)) = res {
-                tracing::error!(error = %e, "a listener failed; shutting down");
-                failed = Some(e);
+impl Server {
+    /// The bound addresses, in config order.
+    pub fn addrs(&self) -> &Addrs {
+        &self.addrs
+    }
+
+    /// Serves until `stop` resolves or a listener dies on its own, then
+    /// shuts down in order: listeners stop accepting, in-flight work
+    /// finishes (up to the shutdown timeout), the audit log is flushed.
+    pub async fn run_until(mut self, stop: impl Future<Output = ()>) -> Result<(), Error> {
+        let mut failed = None;
+        tokio::select! {
+            _ = stop => tracing::info!("shutting down: draining connections"),
+            Some(res) = self.tasks.join_next() => {
+                if let Ok(Err(e)) = res {
+                    tracing::error!(error = %e, "a listener failed; shutting down");
+                    failed = Some(e);
+                }
             }
         }
-    }
-    trigger.fire();
-    let drained = tokio::time::timeout(args.shutdown_timeout + Duration::from_secs(1), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await
-    .is_ok();
-    if !drained {
-        tracing::warn!("some connections did not finish within the shutdown timeout");
-    }
-    if audit.flush(Duration::from_secs(10)).await {
-        tracing::info!("audit log flushed");
-    } else {
-        tracing::error!(
-            "audit log could not be flushed; see fencepost_audit_records_dropped_total"
-        );
-    }
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(ExitCode::SUCCESS),
+        self.trigger.fire();
+        let tasks = &mut self.tasks;
+        let drained = tokio::time::timeout(self.shutdown_timeout + Duration::from_secs(1), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_ok();
+        if !drained {
+            tracing::warn!("some connections did not finish within the shutdown timeout");
+        }
+        if self.audit.flush(Duration::from_secs(10)).await {
+            tracing::info!("audit log flushed");
+        } else {
+            tracing::error!(
+                "audit log could not be flushed; see fencepost_audit_records_dropped_total"
+            );
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 
