@@ -9,8 +9,9 @@
 //! # Layout
 //! - [`pg`]: the Postgres wire protocol. [`pg::frame`] cuts bytes into
 //!   messages, [`pg::classify`] says which statements are writes and what
-//!   they set the fencing variables to, [`pg::guard`] writes the database
-//!   guard's call.
+//!   they set the fencing variables to, [`pg::cycle`] tracks where the
+//!   server is in answering a session, [`pg::guard`] writes the database
+//!   guard's call and reads its refusal.
 //! - [`http`]: which HTTP requests are writes, and which fencing token and
 //!   resource their headers and path carry.
 

@@ -7,13 +7,21 @@
 //! refusals), and either forwards the statement while holding the
 //! decision's in-flight guard until the server has finished with it, or
 //! makes the server fail in its place (see `session.rs` for why the
-//! refusal goes through the server instead of being answered here).
+//! refusal goes through the server instead of being answered here, and
+//! for the layout of this module).
 //!
 //! Everything that needs no decision (authentication, results, COPY data,
 //! notices) passes through byte for byte, so any client and any
 //! authentication method works as it does against Postgres itself.
 
+mod client;
+mod fence;
+mod refusal;
+mod server;
 mod session;
+mod startup;
+mod state;
+mod vars;
 
 use std::path::Path;
 use std::sync::Arc;

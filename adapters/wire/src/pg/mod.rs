@@ -1,10 +1,13 @@
 //! The Postgres wire protocol and statement classification, with no I/O:
 //! [`frame`] cuts bytes into messages, [`classify`] says which statements
-//! are writes and what they set the fencing variables to, [`guard`] is the
-//! text of the database guard's call. The proxy's session loop (in the
+//! are writes and what they set the fencing variables to, [`cycle`] tracks
+//! where the server is in answering (and which answers to hide or swap),
+//! [`guard`] is the text of the database guard's call and what its refusal
+//! looks like. The proxy's session loop (in the
 //! `fencepost` crate) drives them.
 
 pub mod classify;
+pub mod cycle;
 pub mod frame;
 pub mod guard;
 

@@ -1,0 +1,372 @@
+//! Where the server is in answering the client: the cycle and strip state
+//! machine of the proxy's session, with no I/O.
+//!
+//! # Cycles
+//! Postgres answers each simple Query, each Sync (extended protocol) and
+//! each fast-path FunctionCall with exactly one ReadyForQuery, in order.
+//! The proxy opens a [`Cycle`] for every such unit before its bytes go to
+//! the server ([`Cycles::open_with`]); each ReadyForQuery the server sends
+//! closes the oldest one ([`Cycles::on_server`] reports it as [`Ended`]).
+//! What a cycle carries besides the protocol's bookkeeping (the in-flight
+//! guards of the writes it admitted, the settings it made) is the caller's
+//! `C`, handed back when the server has answered the whole unit.
+//!
+//! # What the server's answers are swapped for
+//! A refused statement is replaced by one that fails at the server; the
+//! cycle remembers which error (the one naming a marker,
+//! [`Cycle::swap_error`]) or which completion ([`Cycle::swap_complete`]) to
+//! replace with the fencing error. Guard calls prepended to a Query shift
+//! the server's error positions ([`Cycle::shift_positions`]).
+//!
+//! # Strips
+//! Statements the proxy adds to the client's (the database guard's calls)
+//! are answered by the server like any other; the client must not see
+//! those answers. They are found by position: the cycle counts the
+//! completions ([`is_completion`]) the client's own messages are owed
+//! ([`Cycle::sent`]) and have been answered, and a [`Cycle::hide_simple`]
+//! or [`Cycle::hide_extended`] made after `n` owed completions hides what
+//! the server sends after the `n`th, up to the guard's own end. An
+//! ErrorResponse is never hidden: it ends every strip of the cycle (the
+//! server skips the rest of the unit), and if it is the guard's stale
+//! refusal the strip's `S` comes back in [`Answer::guard_refused`].
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use super::frame::{self, BackendMsg, Frame};
+use super::guard;
+
+/// Server messages that end the answer to one extended-protocol message:
+/// ParseComplete, BindComplete, CloseComplete, CommandComplete,
+/// EmptyQueryResponse, PortalSuspended, RowDescription and NoData (the
+/// last two end a Describe). Rows, notices and COPY data do not.
+pub fn is_completion(tag: u8) -> bool {
+    matches!(tag, b'1' | b'2' | b'3' | b'C' | b'I' | b's' | b'T' | b'n')
+}
+
+/// Client messages the server answers with exactly one completion:
+/// Parse, Bind, Execute, Describe, Close.
+pub fn owes_completion(tag: u8) -> bool {
+    matches!(tag, b'P' | b'B' | b'E' | b'D' | b'C')
+}
+
+/// The completions of [`frame::run_named`]: Parse, Bind, Execute, two Close.
+pub const RUN_NAMED_COMPLETIONS: u32 = 5;
+
+/// One unit of work answered by one ReadyForQuery.
+#[derive(Debug)]
+pub struct Cycle<C, S> {
+    /// Sync/Query/FunctionCall sent: the server will answer it.
+    closed: bool,
+    /// Completions the server owes for the client's messages sent so far.
+    sent: u32,
+    /// Completions of the client's messages seen from the server so far.
+    seen: u32,
+    /// Answers of added statements to hide, in the order they were sent.
+    strips: VecDeque<Strip<S>>,
+    /// Swap the server error whose message names the marker for this one.
+    swap_error: Option<(String, Bytes)>,
+    /// Swap the next CommandComplete for this.
+    swap_complete: Option<Bytes>,
+    error_seen: bool,
+    rolled_back: bool,
+    /// Characters prepended to this cycle's Query, which error positions
+    /// in the client's text must not count.
+    position_shift: u32,
+    /// The caller's part of the cycle.
+    pub data: C,
+}
+
+/// Where the answers of one added statement are, and how they end.
+#[derive(Debug)]
+struct Strip<S> {
+    /// Sent after the client's messages owing this many completions: its
+    /// answers come right after theirs.
+    after: u32,
+    kind: StripKind,
+    payload: S,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum StripKind {
+    /// Prepended to a simple Query: its answers end with CommandComplete.
+    Simple,
+    /// Inside an extended batch: this many completions left.
+    Extended(u32),
+}
+
+impl<C, S> Cycle<C, S> {
+    fn new(closed: bool, data: C) -> Self {
+        Cycle {
+            closed,
+            sent: 0,
+            seen: 0,
+            strips: VecDeque::new(),
+            swap_error: None,
+            swap_complete: None,
+            error_seen: false,
+            rolled_back: false,
+            position_shift: 0,
+            data,
+        }
+    }
+
+    /// A message that ends the unit (Query, Sync, FunctionCall) is sent:
+    /// new messages open the next cycle.
+    pub fn close(&mut self) {
+        self.closed = true;
+    }
+
+    /// A client message with tag `tag` is sent; counts what it is owed.
+    pub fn sent(&mut self, tag: u8) {
+        if owes_completion(tag) {
+            self.sent += 1;
+        }
+    }
+
+    /// A statement prepended to this cycle's Query: hide its answers up to
+    /// its CommandComplete.
+    pub fn hide_simple(&mut self, payload: S) {
+        self.hide(StripKind::Simple, payload);
+    }
+
+    /// A statement run inside this cycle's extended batch, owing
+    /// `completions`, sent now: hide its answers.
+    pub fn hide_extended(&mut self, completions: u32, payload: S) {
+        self.hide(StripKind::Extended(completions), payload);
+    }
+
+    fn hide(&mut self, kind: StripKind, payload: S) {
+        self.strips.push_back(Strip {
+            after: self.sent,
+            kind,
+            payload,
+        });
+    }
+
+    /// `n` characters were prepended to this cycle's Query text.
+    pub fn shift_positions(&mut self, n: u32) {
+        self.position_shift = n;
+    }
+
+    /// Swap the server's ErrorResponse whose message names `marker` for
+    /// `error`.
+    pub fn swap_error(&mut self, marker: String, error: Bytes) {
+        self.swap_error = Some((marker, error));
+    }
+
+    /// Swap the server's next CommandComplete for `error`.
+    pub fn swap_complete(&mut self, error: Bytes) {
+        self.swap_complete = Some(error);
+    }
+}
+
+/// The cycles of one session, oldest first.
+#[derive(Debug)]
+pub struct Cycles<C, S> {
+    queue: VecDeque<Cycle<C, S>>,
+    /// Status of the last ReadyForQuery.
+    status: u8,
+}
+
+/// What [`Cycles::on_server`] made of one server message.
+#[derive(Debug)]
+pub struct Answer<C, S> {
+    /// Send this to the client in the message's place (empty: hide it);
+    /// `None`: relay the message as it is.
+    pub replace: Option<Bytes>,
+    /// The message is the database guard's stale-token refusal of the
+    /// statement added with this payload.
+    pub guard_refused: Option<GuardRefused<S>>,
+    /// The message is a ReadyForQuery.
+    pub ended: Option<Ended<C>>,
+}
+
+/// The guard refused: what it protected, and the mark it named.
+#[derive(Debug)]
+pub struct GuardRefused<S> {
+    pub payload: S,
+    pub current: Option<u64>,
+}
+
+/// A ReadyForQuery: the session's new status and the cycle it answered.
+#[derive(Debug)]
+pub struct Ended<C> {
+    pub status: u8,
+    /// `None` when no cycle was waiting (a server speaking out of turn).
+    pub cycle: Option<C>,
+    /// The cycle met an error or a ROLLBACK: what it did does not last.
+    pub failed: bool,
+}
+
+impl<C: Default, S> Default for Cycles<C, S> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<C: Default, S> Cycles<C, S> {
+    /// A session after its startup packet: the server's first
+    /// ReadyForQuery, which ends authentication, is owed.
+    pub fn new() -> Self {
+        Cycles {
+            queue: VecDeque::from([Cycle::new(true, C::default())]),
+            status: b'I',
+        }
+    }
+}
+
+impl<C, S> Cycles<C, S> {
+    /// The cycle new client messages belong to, opened (with `new()` as its
+    /// data) if the last one is closed.
+    pub fn open_with(&mut self, new: impl FnOnce() -> C) -> &mut Cycle<C, S> {
+        if self.queue.back().is_none_or(|c| c.closed) {
+            self.queue.push_back(Cycle::new(false, new()));
+        }
+        let n = self.queue.len();
+        &mut self.queue[n - 1]
+    }
+
+    /// The data of every cycle not answered yet, oldest first.
+    pub fn data(&self) -> impl Iterator<Item = &C> {
+        self.queue.iter().map(|c| &c.data)
+    }
+
+    /// Closed cycles the server has not answered yet.
+    pub fn awaiting(&self) -> bool {
+        self.queue.iter().any(|c| c.closed)
+    }
+
+    /// Nothing sent and unanswered, nothing open.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// The status of the last ReadyForQuery (`I`, `T` or `E`).
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
+    /// The server is gone: nothing more will be answered.
+    pub fn clear(&mut self) {
+        self.queue.clear();
+    }
+
+    /// Bookkeeping for one server message.
+    pub fn on_server(&mut self, frame: &Frame) -> Answer<C, S> {
+        let mut answer = Answer {
+            replace: None,
+            guard_refused: None,
+            ended: None,
+        };
+        if let Some(hidden) = self.strip(frame, &mut answer) {
+            answer.replace = Some(hidden);
+            return answer;
+        }
+        let Ok(msg) = frame.backend() else {
+            // Not ours to judge: relay it and let the client complain.
+            return answer;
+        };
+        match msg {
+            BackendMsg::ErrorResponse(fields) => {
+                let Some(cycle) = self.queue.front_mut() else {
+                    return answer;
+                };
+                cycle.error_seen = true;
+                let names_marker = |m: &str| {
+                    fields
+                        .get(b'M')
+                        .is_some_and(|msg| msg.windows(m.len()).any(|w| w == m.as_bytes()))
+                };
+                answer.replace = match &cycle.swap_error {
+                    Some((m, _)) if names_marker(m) => cycle.swap_error.take().map(|(_, e)| e),
+                    // A position in the client's text, counted by the
+                    // server over the statements prepended to it.
+                    _ if cycle.position_shift > 0 => {
+                        frame::shift_position(b'E', &frame.body(), cycle.position_shift)
+                    }
+                    _ => None,
+                };
+            }
+            BackendMsg::CommandComplete(tag) => {
+                let Some(cycle) = self.queue.front_mut() else {
+                    return answer;
+                };
+                if tag == b"ROLLBACK" {
+                    cycle.rolled_back = true;
+                }
+                answer.replace = cycle.swap_complete.take();
+            }
+            BackendMsg::ReadyForQuery(status) => {
+                self.status = status;
+                let cycle = self.queue.pop_front();
+                answer.ended = Some(Ended {
+                    status,
+                    failed: cycle
+                        .as_ref()
+                        .is_some_and(|c| c.error_seen || c.rolled_back),
+                    cycle: cycle.map(|c| c.data),
+                });
+            }
+            BackendMsg::Other => {}
+        }
+        answer
+    }
+
+    /// Hides the answers of added statements: returns an empty replacement
+    /// for a message that belongs to one, and counts the client's own
+    /// completions otherwise.
+    fn strip(&mut self, frame: &Frame, answer: &mut Answer<C, S>) -> Option<Bytes> {
+        let tag = frame.tag();
+        // Asynchronous messages (notice, parameter status, notification)
+        // may come at any time and belong to nobody.
+        if matches!(tag, b'N' | b'S' | b'A' | b'Z') {
+            return None;
+        }
+        let cycle = self.queue.front_mut()?;
+        if tag == b'E' {
+            let seen = cycle.seen;
+            if cycle.strips.front().is_some_and(|s| seen >= s.after) {
+                if let (Some(strip), Ok(BackendMsg::ErrorResponse(fields))) =
+                    (cycle.strips.pop_front(), frame.backend())
+                {
+                    answer.guard_refused =
+                        guard::stale_refusal(&fields).map(|current| GuardRefused {
+                            payload: strip.payload,
+                            current,
+                        });
+                }
+            }
+            cycle.strips.clear();
+            return None;
+        }
+        let seen = cycle.seen;
+        match cycle.strips.front_mut() {
+            Some(strip) if seen >= strip.after => {
+                let done = match &mut strip.kind {
+                    StripKind::Simple => tag == b'C',
+                    StripKind::Extended(left) => {
+                        if is_completion(tag) {
+                            *left = left.saturating_sub(1);
+                        }
+                        *left == 0
+                    }
+                };
+                if done {
+                    cycle.strips.pop_front();
+                }
+                Some(Bytes::new())
+            }
+            _ => {
+                if is_completion(tag) {
+                    cycle.seen += 1;
+                }
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

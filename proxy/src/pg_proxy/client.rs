@@ -1,0 +1,383 @@
+//! The client's half of a session: messages read, each decided (one
+//! function per kind) and sent on to the server in batches.
+
+use std::collections::HashMap;
+use std::future::{poll_fn, Future};
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use wire::pg::cycle::{owes_completion, RUN_NAMED_COMPLETIONS};
+use wire::pg::frame::{self, split_frame};
+use wire::pg::guard;
+use wire::pg::{Classification, ClientMsg, Frame, FrameError};
+
+use super::fence::{fence, Verdict};
+use super::refusal::{fatal, Unit};
+use super::session::Ctx;
+use super::startup::ClientRead;
+use super::state::{GuardCall, Statement};
+use super::ORPHAN_WAIT;
+use crate::shutdown::Shutdown;
+
+/// A statement known by name (Parse) or bound to a portal (Bind).
+#[derive(Clone)]
+struct Prepared {
+    class: Arc<Classification>,
+    /// The Parse message, for the audit's fingerprint on refusal.
+    parse: Frame,
+}
+
+/// Unique names for the guard's statement and portal in extended batches.
+static GUARD_NAMES: AtomicU64 = AtomicU64::new(1);
+
+/// What an Execute of a portal the proxy never saw bound is, for the audit.
+const UNKNOWN_PORTAL: &str = "(Execute of a portal the proxy did not see bound)";
+
+/// What the client loop makes of one message.
+enum Out {
+    /// Send these bytes to the server.
+    Send(Bytes),
+    /// Send them and stop: the client said goodbye.
+    Last(Bytes),
+}
+
+/// What the client loop knows of the client's prepared statements and
+/// portals, to classify an Execute.
+struct ClientSide {
+    statements: HashMap<Bytes, Prepared>,
+    portals: HashMap<Bytes, Prepared>,
+    /// After a refusal in the extended protocol the server discards
+    /// everything up to Sync; so does the proxy's fencing.
+    skip_until_sync: bool,
+}
+
+pub(super) async fn client_loop(
+    ctx: &Ctx,
+    mut cr: ClientRead,
+    mut sw: OwnedWriteHalf,
+    mut buf: BytesMut,
+    shutdown: Shutdown,
+) {
+    let mut side = ClientSide {
+        statements: HashMap::new(),
+        portals: HashMap::new(),
+        skip_until_sync: false,
+    };
+    let mut out = BytesMut::new();
+    // Made once, not per read: each is a registration (a watch receiver, a
+    // waiter in the Notify's list) that a loop iteration per message would
+    // redo every time. Both end the loop (or stop being polled) once they
+    // fire, so they are never polled after completing.
+    let mut server_gone = pin!(ctx.server_gone.notified());
+    server_gone.as_mut().enable();
+    let mut shutting_down = pin!(shutdown.wait());
+    let mut closing = false;
+    let mut terminated = false;
+    'read: loop {
+        loop {
+            let frame = match split_frame(&mut buf, ctx.proxy.max_frame) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(peer = %ctx.peer, error = %e, "malformed message from client");
+                    let _ = sw.write_all(&out).await;
+                    ctx.to_client(&fatal("08P01", &format!("fencepost: {e}")))
+                        .await;
+                    break 'read;
+                }
+            };
+            // Earlier pipelined messages must go out before a decision
+            // waits: it may be waiting (the drain) for exactly those to be
+            // answered. Most decisions never wait (a read, or a write with
+            // the current token), and then they leave in the same write
+            // as this message, one syscall and one packet for a whole
+            // Parse/Bind/Execute/Sync batch. So try the decision once, and
+            // flush only if it would wait.
+            let mut handled = pin!(handle(ctx, &mut side, frame));
+            let done = match poll_fn(|cx| Poll::Ready(handled.as_mut().poll(cx))).await {
+                Poll::Ready(done) => done,
+                Poll::Pending => {
+                    if !out.is_empty() {
+                        if sw.write_all(&out).await.is_err() {
+                            break 'read;
+                        }
+                        out.clear();
+                    }
+                    handled.await
+                }
+            };
+            match done {
+                Ok(Out::Send(b)) => out.extend_from_slice(&b),
+                Ok(Out::Last(b)) => {
+                    out.extend_from_slice(&b);
+                    terminated = true;
+                    let _ = sw.write_all(&out).await;
+                    break 'read;
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %ctx.peer, error = %e, "malformed message from client");
+                    let _ = sw.write_all(&out).await;
+                    ctx.to_client(&fatal("08P01", &format!("fencepost: {e}")))
+                        .await;
+                    break 'read;
+                }
+            }
+        }
+        if !out.is_empty() {
+            if sw.write_all(&out).await.is_err() {
+                break;
+            }
+            out.clear();
+        }
+        if closing && idle(ctx) {
+            ctx.to_client(&fatal(
+                "57P01",
+                "terminating connection due to administrator command",
+            ))
+            .await;
+            let _ = sw.write_all(&frame::terminate()).await;
+            terminated = true;
+            break;
+        }
+        let answered = ctx.answered.notified();
+        tokio::select! {
+            r = cr.read_buf(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            },
+            () = &mut server_gone => break,
+            () = &mut shutting_down, if !closing => closing = true,
+            () = answered, if closing => {}
+        }
+    }
+    if !terminated {
+        // The client vanished. What it already sent may still be running;
+        // keep its guards until the server has answered it, so a newer
+        // token's drain waits for it. Half-close first, as a vanished
+        // client's own socket would: the server still finishes (and
+        // answers) what it is running, then reads EOF and ends the
+        // session, rolling back an open block. Without it a server
+        // waiting for input (a COPY FROM STDIN, half a message) would
+        // never answer, and the guards would pin the resource until
+        // ORPHAN_WAIT.
+        let _ = sw.shutdown().await;
+        wait_answered(ctx).await;
+    }
+    let _ = sw.shutdown().await;
+}
+
+fn idle(ctx: &Ctx) -> bool {
+    ctx.lock().idle()
+}
+
+async fn wait_answered(ctx: &Ctx) {
+    let wait = async {
+        loop {
+            let mut n = pin!(ctx.answered.notified());
+            n.as_mut().enable();
+            if !ctx.lock().cycles.awaiting() {
+                return;
+            }
+            tokio::select! {
+                () = n => {}
+                () = ctx.server_gone.notified() => return,
+            }
+        }
+    };
+    if tokio::time::timeout(ORPHAN_WAIT, wait).await.is_err() {
+        tracing::warn!(peer = %ctx.peer, "server still busy with a vanished client's statements; closing");
+    }
+}
+
+/// What a handler sends in place of the client's message.
+enum Send {
+    /// The message itself.
+    Same,
+    /// These bytes instead (a refusal, or the message with guard calls).
+    Instead(Bytes),
+}
+
+/// One client message: bookkeeping, the decision if it carries a
+/// statement, and the bytes to send for it.
+async fn handle(ctx: &Ctx, side: &mut ClientSide, frame: Frame) -> Result<Out, FrameError> {
+    let send = match frame.client()? {
+        ClientMsg::Query(text) => on_query(ctx, side, &frame, text).await,
+        ClientMsg::Parse { name, query } => on_parse(ctx, side, &frame, name, query),
+        ClientMsg::Bind { portal, statement } => on_bind(ctx, side, portal, statement),
+        ClientMsg::Execute { portal, .. } => on_execute(ctx, side, &frame, portal).await,
+        ClientMsg::Close { kind, name } => on_close(ctx, side, kind, name),
+        ClientMsg::Sync => on_sync(ctx, side),
+        ClientMsg::FunctionCall => on_function_call(ctx).await,
+        ClientMsg::Terminate => return Ok(Out::Last(frame.into_raw())),
+        ClientMsg::Other => on_other(ctx, &frame),
+    };
+    Ok(Out::Send(match send {
+        Send::Same => frame.into_raw(),
+        Send::Instead(b) => b,
+    }))
+}
+
+/// A simple Query: one cycle; in guard mode the guard calls go in front of
+/// the client's text, in the same implicit transaction (or the same block).
+async fn on_query(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, text: &[u8]) -> Send {
+    side.skip_until_sync = false;
+    let class = ctx.proxy.classifier.classify_bytes(text);
+    let statement = Statement::Query(frame.clone());
+    let send = match fence(ctx, &class, &statement, Unit::Query).await {
+        Verdict::Refused(b) => Send::Instead(b),
+        Verdict::Pass => Send::Same,
+        Verdict::Admitted(writes) => {
+            let mut s = ctx.lock();
+            let cycle = s.open_cycle();
+            // One guard statement per admitted (resource, token).
+            let mut body = Vec::with_capacity(text.len() + 96 * writes.len());
+            for (r, t) in writes {
+                body.extend_from_slice(guard::call(&r, t).as_bytes());
+                body.extend_from_slice(b";\n");
+                cycle.hide_simple(GuardCall {
+                    resource: r,
+                    token: t,
+                    statement: statement.clone(),
+                });
+            }
+            cycle.shift_positions(u32::try_from(body.len()).unwrap_or(u32::MAX));
+            body.extend_from_slice(text);
+            body.push(0);
+            Send::Instead(Frame::new(b'Q', &body).into_raw())
+        }
+    };
+    ctx.lock().open_cycle().close();
+    send
+}
+
+/// Parse: the statement is classified now, decided at its Execute.
+fn on_parse(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, name: &[u8], query: &[u8]) -> Send {
+    let class = ctx.proxy.classifier.classify_bytes(query);
+    ctx.lock().open_cycle().sent(b'P');
+    side.statements.insert(
+        Bytes::copy_from_slice(name),
+        Prepared {
+            class,
+            parse: frame.clone(),
+        },
+    );
+    Send::Same
+}
+
+fn on_bind(ctx: &Ctx, side: &mut ClientSide, portal: &[u8], statement: &[u8]) -> Send {
+    let portal = Bytes::copy_from_slice(portal);
+    ctx.lock().open_cycle().sent(b'B');
+    match side.statements.get(statement).cloned() {
+        Some(p) => {
+            side.portals.insert(portal, p);
+        }
+        None => {
+            side.portals.remove(&portal);
+        }
+    }
+    Send::Same
+}
+
+/// Execute: the portal's statement decided; in guard mode the guard runs
+/// just before it, before the same Sync, in the same (implicit or
+/// explicit) transaction, under names of its own so the client's unnamed
+/// statement and portal are left alone.
+async fn on_execute(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, portal: &[u8]) -> Send {
+    ctx.lock().open_cycle();
+    if side.skip_until_sync {
+        return Send::Same;
+    }
+    // A portal the proxy never saw bound is unknown: a write.
+    let unknown = Classification {
+        write: true,
+        ..Classification::default()
+    };
+    let (class, statement) = match side.portals.get(portal).cloned() {
+        Some(Prepared { class, parse }) => (Some(class), Statement::Parse(parse)),
+        None => (None, Statement::Label(UNKNOWN_PORTAL)),
+    };
+    let class = class.as_deref().unwrap_or(&unknown);
+    let verdict = fence(ctx, class, &statement, Unit::Execute).await;
+    let mut s = ctx.lock();
+    let cycle = s.open_cycle();
+    let send = match verdict {
+        Verdict::Refused(poison) => {
+            side.skip_until_sync = true;
+            Send::Instead(poison)
+        }
+        Verdict::Pass => Send::Same,
+        Verdict::Admitted(writes) => {
+            let mut out = BytesMut::new();
+            for (r, t) in writes {
+                let name = format!(
+                    "fencepost-guard-{}",
+                    GUARD_NAMES.fetch_add(1, Ordering::Relaxed)
+                );
+                out.extend_from_slice(&frame::run_named(&name, &guard::call(&r, t)));
+                cycle.hide_extended(
+                    RUN_NAMED_COMPLETIONS,
+                    GuardCall {
+                        resource: r,
+                        token: t,
+                        statement: statement.clone(),
+                    },
+                );
+            }
+            out.extend_from_slice(frame.raw());
+            Send::Instead(out.freeze())
+        }
+    };
+    cycle.sent(b'E');
+    send
+}
+
+fn on_close(ctx: &Ctx, side: &mut ClientSide, kind: u8, name: &[u8]) -> Send {
+    ctx.lock().open_cycle().sent(b'C');
+    match kind {
+        b'S' => {
+            side.statements.remove(name);
+        }
+        b'P' => {
+            side.portals.remove(name);
+        }
+        _ => {}
+    }
+    Send::Same
+}
+
+fn on_sync(ctx: &Ctx, side: &mut ClientSide) -> Send {
+    side.skip_until_sync = false;
+    ctx.lock().open_cycle().close();
+    Send::Same
+}
+
+/// A fast-path call can do anything: a write. In guard mode it is fenced
+/// by the proxy only: the fast-path protocol has no way to run a second
+/// statement in the same implicit transaction.
+async fn on_function_call(ctx: &Ctx) -> Send {
+    let class = Classification {
+        write: true,
+        ..Classification::default()
+    };
+    let statement = Statement::Label("(fast-path function call)");
+    let send = match fence(ctx, &class, &statement, Unit::Query).await {
+        Verdict::Refused(b) => Send::Instead(b),
+        Verdict::Pass | Verdict::Admitted(_) => Send::Same,
+    };
+    ctx.lock().open_cycle().close();
+    send
+}
+
+/// Everything else passes as it is (Flush, COPY data, passwords and
+/// SASL belong to no new cycle); a Describe is owed its completion.
+fn on_other(ctx: &Ctx, frame: &Frame) -> Send {
+    if owes_completion(frame.tag()) {
+        ctx.lock().open_cycle().sent(frame.tag());
+    }
+    Send::Same
+}

@@ -1,0 +1,202 @@
+//! The start of a session: TLS (SSLRequest answered `S` when a
+//! certificate is configured), the startup packet, and CancelRequest,
+//! which goes to the server on a connection of its own.
+
+use std::net::SocketAddr;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use wire::pg::frame::{self, split_startup};
+use wire::pg::{FrameError, StartupKind, StartupPacket};
+
+use super::refusal::fatal;
+use super::{PgProxy, CONNECT_TIMEOUT};
+
+/// The client's half of the session: plain TCP, or TLS after an
+/// SSLRequest was answered `S`. The TLS session is split with a lock
+/// (`tokio::io::split`); plain TCP keeps its lock-free halves.
+pub(super) enum ClientConn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+pub(super) type ClientRead = Box<dyn AsyncRead + Send + Unpin>;
+pub(super) type ClientWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+impl ClientConn {
+    pub(super) async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            ClientConn::Plain(s) => s.write_all(bytes).await,
+            ClientConn::Tls(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
+        }
+    }
+
+    pub(super) fn into_halves(self) -> (ClientRead, ClientWrite) {
+        match self {
+            ClientConn::Plain(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            ClientConn::Tls(s) => {
+                let (r, w) = tokio::io::split(*s);
+                (Box::new(r), Box::new(w))
+            }
+        }
+    }
+}
+
+/// The startup exchange up to the StartupMessage or CancelRequest,
+/// upgrading to TLS on the way when the client asks and a certificate is
+/// configured. `None`: the client left or was told why not.
+pub(super) async fn accept(
+    proxy: &PgProxy,
+    client: TcpStream,
+    buf: &mut BytesMut,
+    peer: SocketAddr,
+) -> Option<(ClientConn, StartupPacket)> {
+    let mut conn = ClientConn::Plain(client);
+    loop {
+        let got = match &mut conn {
+            ClientConn::Plain(s) => startup(s, buf, proxy.tls.is_some()).await,
+            // Once encrypted, a second SSLRequest gets "no".
+            ClientConn::Tls(s) => startup(&mut **s, buf, false).await,
+        };
+        match got {
+            Ok(Some(Got::Packet(p))) => return Some((conn, p)),
+            Ok(Some(Got::Tls)) => {
+                let (ClientConn::Plain(mut tcp), Some(acceptor)) = (conn, proxy.tls.clone()) else {
+                    return None;
+                };
+                // Bytes sent after the SSLRequest but before the handshake
+                // would be taken as if they came encrypted (CVE-2021-23214):
+                // refuse, as Postgres does.
+                if !buf.is_empty() {
+                    let _ = tcp
+                        .write_all(&fatal(
+                            "08P01",
+                            "received unencrypted data after SSL request",
+                        ))
+                        .await;
+                    return None;
+                }
+                tcp.write_all(frame::ACCEPT_ENCRYPTION).await.ok()?;
+                match acceptor.accept(tcp).await {
+                    Ok(tls) => conn = ClientConn::Tls(Box::new(tls)),
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return None;
+                    }
+                }
+            }
+            Ok(None) => return None,
+            Err(StartupError::Frame(e)) => {
+                tracing::debug!(%peer, error = %e, "bad startup packet");
+                let _ = conn
+                    .write_all(&fatal("08P01", &format!("invalid startup packet: {e}")))
+                    .await;
+                return None;
+            }
+            Err(StartupError::Io(e)) => {
+                tracing::debug!(%peer, error = %e, "client left during startup");
+                return None;
+            }
+        }
+    }
+}
+
+enum StartupError {
+    Frame(FrameError),
+    Io(std::io::Error),
+}
+
+/// What [`startup`] read.
+enum Got {
+    Packet(StartupPacket),
+    /// An SSLRequest, to be answered `S` and upgraded by the caller.
+    Tls,
+}
+
+/// Reads startup packets, answering GSS encryption requests (and SSL
+/// ones unless `offer_tls`) with "no", until a StartupMessage or
+/// CancelRequest arrives. `None`: the client left.
+async fn startup<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut S,
+    buf: &mut BytesMut,
+    offer_tls: bool,
+) -> Result<Option<Got>, StartupError> {
+    loop {
+        if let Some(p) = split_startup(buf).map_err(StartupError::Frame)? {
+            match p.kind {
+                StartupKind::Ssl if offer_tls => return Ok(Some(Got::Tls)),
+                StartupKind::Ssl | StartupKind::GssEnc => {
+                    client
+                        .write_all(frame::REFUSE_ENCRYPTION)
+                        .await
+                        .map_err(StartupError::Io)?;
+                    continue;
+                }
+                _ => return Ok(Some(Got::Packet(p))),
+            }
+        }
+        if client.read_buf(buf).await.map_err(StartupError::Io)? == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+/// A CancelRequest goes to the server on a connection of its own, as
+/// Postgres expects; with one upstream, the backend it names is there.
+pub(super) async fn forward_cancel(proxy: &PgProxy, raw: Bytes) {
+    let Ok(Ok(mut s)) =
+        tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&proxy.upstream)).await
+    else {
+        proxy.counters.upstream_errors.increment(1);
+        return;
+    };
+    if s.write_all(&raw).await.is_ok() {
+        // The server closes the connection when it has read the request.
+        let mut sink = [0u8; 64];
+        let _ = tokio::time::timeout(CONNECT_TIMEOUT, s.read(&mut sink)).await;
+    }
+}
+
+/// The connection to the upstream server, with nodelay set; on failure
+/// the client is told why (`08006`) and `None` comes back.
+pub(super) async fn connect_upstream(
+    proxy: &PgProxy,
+    client: &mut ClientConn,
+    peer: SocketAddr,
+) -> Option<TcpStream> {
+    let server = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&proxy.upstream))
+        .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            proxy.counters.upstream_errors.increment(1);
+            tracing::warn!(%peer, upstream = %proxy.upstream, error = %e, "cannot reach the upstream Postgres server");
+            let _ = client
+                .write_all(&fatal(
+                    "08006",
+                    &format!("fencepost: cannot reach the upstream server: {e}"),
+                ))
+                .await;
+            return None;
+        }
+        Err(_) => {
+            proxy.counters.upstream_errors.increment(1);
+            let _ = client
+                .write_all(&fatal(
+                    "08006",
+                    "fencepost: the upstream server did not accept the connection in time",
+                ))
+                .await;
+            return None;
+        }
+    };
+    let _ = server.set_nodelay(true);
+    Some(server)
+}

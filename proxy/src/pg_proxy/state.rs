@@ -1,0 +1,181 @@
+//! The state both loops of a session share, with no I/O: the cycles (the
+//! protocol's position, [`wire::pg::cycle`]) with what the proxy files in
+//! each, the open transaction's writes and settings, and the fencing
+//! variables. The client loop files into it; [`Shared::on_server`] updates
+//! it from one server message.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use fencing::InflightGuard;
+use wire::pg::cycle::{self, Cycles, GuardRefused};
+use wire::pg::{ClientMsg, FenceSetting, Frame};
+
+use super::vars::{Vars, View};
+
+/// One unit of work answered by one ReadyForQuery.
+pub(super) type Cycle = cycle::Cycle<CycleData, GuardCall>;
+
+/// What the proxy files in a cycle.
+#[derive(Default)]
+pub(super) struct CycleData {
+    pub(super) started: Option<Instant>,
+    /// Dropped when the server has answered the cycle: the writes are over.
+    pub(super) guards: Vec<InflightGuard>,
+    /// (resource, token) of the writes admitted in this cycle, so COMMIT
+    /// can ask again whether they are still current.
+    pub(super) writes: Vec<(String, String)>,
+    /// Changes to the fencing variables sent in this cycle.
+    pub(super) settings: Vec<FenceSetting>,
+}
+
+/// One database guard call sent (guard mode): what it compared, for the
+/// audit record when it refuses.
+pub(super) struct GuardCall {
+    pub(super) resource: String,
+    pub(super) token: u64,
+    pub(super) statement: Statement,
+}
+
+/// Where a statement's text is, for the audit's fingerprint; read only
+/// when a write is refused, so admitted writes pay nothing for it (a
+/// message's bytes are shared, not copied).
+#[derive(Clone)]
+pub(super) enum Statement {
+    /// A simple Query message.
+    Query(Frame),
+    /// The Parse message of an executed statement.
+    Parse(Frame),
+    /// No text to show.
+    Label(&'static str),
+}
+
+impl Statement {
+    pub(super) fn fingerprint(&self) -> String {
+        match self {
+            Statement::Query(f) => match f.client() {
+                Ok(ClientMsg::Query(t)) => wire::pg::fingerprint(t),
+                _ => "(unreadable statement)".into(),
+            },
+            Statement::Parse(f) => match f.client() {
+                Ok(ClientMsg::Parse { query, .. }) => wire::pg::fingerprint(query),
+                _ => "(unreadable statement)".into(),
+            },
+            Statement::Label(l) => (*l).to_owned(),
+        }
+    }
+}
+
+/// State both loops see.
+pub(super) struct Shared {
+    pub(super) cycles: Cycles<CycleData, GuardCall>,
+    /// Writes of the open transaction block, from cycles that ended with
+    /// status `T`, which its COMMIT must decide again.
+    txn_writes: Vec<(String, String)>,
+    /// Settings of the open transaction, from cycles that ended in it.
+    txn_settings: Vec<FenceSetting>,
+    vars: Vars,
+    /// A read-write transaction block is open as far as the statements
+    /// sent so far say (for `strict` mode): set by BEGIN, cleared by
+    /// COMMIT/ROLLBACK and by an idle ReadyForQuery with nothing pending.
+    pub(super) in_block: bool,
+}
+
+/// What one server message did to the session.
+pub(super) struct Answered {
+    /// Send this in the message's place (empty: hide it); `None`: relay.
+    pub(super) replace: Option<Bytes>,
+    /// The database guard refused a write the proxy had admitted.
+    pub(super) guard_refused: Option<GuardRefused<GuardCall>>,
+    /// A ReadyForQuery.
+    pub(super) ready: bool,
+    /// When the cycle it ended was opened.
+    pub(super) started: Option<Instant>,
+}
+
+impl Shared {
+    /// A session after its startup packet, with its startup variables.
+    pub(super) fn new(vars: Vars) -> Self {
+        Shared {
+            cycles: Cycles::new(),
+            txn_writes: Vec::new(),
+            txn_settings: Vec::new(),
+            vars,
+            in_block: false,
+        }
+    }
+
+    /// The cycle new client messages belong to, opened if needed.
+    pub(super) fn open_cycle(&mut self) -> &mut Cycle {
+        self.cycles.open_with(|| CycleData {
+            started: Some(Instant::now()),
+            ..CycleData::default()
+        })
+    }
+
+    /// Every write of the transaction so far, answered or not.
+    pub(super) fn txn_write_keys(&self) -> Vec<(String, String)> {
+        let mut keys: Vec<(String, String)> = self.txn_writes.clone();
+        for c in self.cycles.data() {
+            keys.extend(c.writes.iter().cloned());
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// The variables as the next statement sees them: committed, then the
+    /// open transaction's settings, then those not answered yet.
+    pub(super) fn view(&self) -> View {
+        self.vars.view(
+            self.txn_settings
+                .iter()
+                .chain(self.cycles.data().flat_map(|c| c.settings.iter())),
+        )
+    }
+
+    /// Nothing pending and no transaction open: a session that may be
+    /// closed without cutting anything short.
+    pub(super) fn idle(&self) -> bool {
+        self.cycles.is_empty() && self.cycles.status() == b'I'
+    }
+
+    /// Bookkeeping for one server message. A ReadyForQuery ends the oldest
+    /// cycle: its guards drop (the server has finished its statements), and
+    /// its settings and writes join the open transaction or end with it.
+    pub(super) fn on_server(&mut self, frame: &Frame) -> Answered {
+        let answer = self.cycles.on_server(frame);
+        let mut answered = Answered {
+            replace: answer.replace,
+            guard_refused: answer.guard_refused,
+            ready: answer.ended.is_some(),
+            started: None,
+        };
+        let Some(ended) = answer.ended else {
+            return answered;
+        };
+        let status = ended.status;
+        if status == b'I' && self.cycles.is_empty() {
+            self.in_block = false;
+        }
+        if let Some(mut c) = ended.cycle {
+            answered.started = c.started;
+            if status == b'T' || status == b'E' {
+                self.txn_settings.append(&mut c.settings);
+            } else {
+                let settings = std::mem::take(&mut self.txn_settings);
+                if !ended.failed {
+                    self.vars.commit(settings.iter().chain(c.settings.iter()));
+                }
+            }
+            if status == b'T' {
+                self.txn_writes.append(&mut c.writes);
+            } else {
+                // The block is over, or failed ('E'): nothing of it can
+                // commit any more.
+                self.txn_writes.clear();
+            }
+        }
+        answered
+    }
+}
