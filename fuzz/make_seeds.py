@@ -141,6 +141,19 @@ SEEDS = {
         b"7.", b"7.abc", b"orders\x0099", b"bad name\x005", b"\xff\x00\xfe",
         b"7." + b"A" * 86,
     ] + signed_tokens(),
+    "http1": [
+        # byte 0: read size, byte 1: bit 0 set for a response; then the stream
+        b"\x05\x00PUT /kv/a HTTP/1.1\r\nHost: p\r\nFencing-Token: 7\r\nContent-Length: 5\r\n\r\nhelloGET / HTTP/1.1\r\n",
+        b"\x03\x00POST /kv/%6bv HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\nT: 1\r\n\r\nX",
+        b"\x01\x00POST / HTTP/1.1\r\nHost: p\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"\x01\x00GET / HTTP/1.1\nHost: p\r\n\r\n",
+        b"\x07\x00PUT /kv//x;y/..;/%252e HTTP/1.1\r\nHost: p\r\nConnection: Fencing-Token\r\n\r\n",
+        b"\x02\x00POST / HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+        b"\x04\x01HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"\x09\x01HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nto the end",
+        b"\x02\x01HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+        b"\x02\x01HTTP/1.1 204 No Content\r\nContent-Length: 4\r\n\r\n",
+    ],
     "http_headers": [
         b"/orders/1\nFencing-Token:5\nFencing-Resource:orders",
         b"/orders/eu/1\nhost:localhost\nfencing-token: 42 \ncontent-type:application/json",

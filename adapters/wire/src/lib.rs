@@ -14,8 +14,12 @@
 //!   guard's call and reads its refusal.
 //! - [`http`]: which HTTP requests are writes, and which fencing token and
 //!   resource their headers and path carry.
+//! - [`http1`]: HTTP/1.1 framing for a proxy that relays bytes: the head
+//!   parser that refuses every ambiguity, the body state machine, and the
+//!   path normalisation route decisions are made on.
 
 #![forbid(unsafe_code)]
 
 pub mod http;
+pub mod http1;
 pub mod pg;

@@ -18,6 +18,8 @@ use fencing;
 
 #[path = "../../../fuzz/src/files.rs"]
 mod files;
+#[path = "../../../fuzz/src/http1.rs"]
+mod http1_target;
 #[path = "../../../fuzz/src/http_headers.rs"]
 mod http_target;
 #[path = "../../../fuzz/src/pg.rs"]
@@ -61,6 +63,48 @@ fn committed_corpus_replays_clean() {
     replay("pg_frame", 8, pg_target::frames);
     replay("pg_startup", 8, pg_target::startup);
     replay("http_headers", 6, http_target::run);
+    replay("http1", 8, http1_target::run);
+}
+
+proptest! {
+    /// The `http1` target over arbitrary bytes.
+    #[test]
+    fn http1_target_holds_on_arbitrary_bytes(data in prop::collection::vec(any::<u8>(), 0..400)) {
+        http1_target::run(&data);
+    }
+
+    /// The `http1` target over requests built from plausible pieces, so
+    /// the head parses and the body machine runs.
+    #[test]
+    fn http1_target_holds_on_plausible_requests(
+        step in any::<u8>(),
+        response in any::<bool>(),
+        line in prop::sample::select(vec![
+            "PUT /kv/a HTTP/1.1", "POST /%6bv//x HTTP/1.1", "GET / HTTP/1.0",
+            "HTTP/1.1 200 OK", "HTTP/1.0 204 No Content", "HTTP/1.1 100 Continue",
+        ]),
+        headers in prop::collection::vec(prop::sample::select(vec![
+            "Host: p", "Content-Length: 5", "Content-Length: 0", "Transfer-Encoding: chunked",
+            "Connection: close", "Connection: x-a", "X-A: 1", "Fencing-Token: 9",
+            "Expect: 100-continue", "Transfer-Encoding: gzip",
+        ]), 0..5),
+        body in prop::collection::vec(prop::sample::select(vec![
+            "hello", "5\r\n", "0\r\n", "\r\n", "\n", "T: 1", "zz", ";e=1",
+        ]), 0..8),
+    ) {
+        let mut data = vec![step, u8::from(response)];
+        data.extend_from_slice(line.as_bytes());
+        data.extend_from_slice(b"\r\n");
+        for h in headers {
+            data.extend_from_slice(h.as_bytes());
+            data.extend_from_slice(b"\r\n");
+        }
+        data.extend_from_slice(b"\r\n");
+        for b in body {
+            data.extend_from_slice(b.as_bytes());
+        }
+        http1_target::run(&data);
+    }
 }
 
 /// A C string's contents: any bytes but NUL.
