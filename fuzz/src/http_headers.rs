@@ -56,12 +56,21 @@ pub fn check(headers: &HeaderMap, path: &str, routes: &[(String, String)]) {
     let (token, resource) = fencing_headers(headers, path, routes);
     assert_eq!(token, header_text(headers, TOKEN_HEADER));
     check_one(headers, TOKEN_HEADER, token.as_ref());
-    let routed = route_resource(routes, path);
-    if !routes.is_empty() && !fencepost_wire::http::plain_path(path) {
+    use fencepost_wire::http1::path::{normalize, without_parameters};
+    let normal = normalize(path);
+    let hidden = normal.as_ref().is_ok_and(|p| {
+        without_parameters(p).map_or(true, |bare| {
+            route_resource(routes, &bare) != route_resource(routes, p)
+        })
+    });
+    if !routes.is_empty() && (normal.is_err() || hidden) {
         // A path that might reach another route: refused whatever it says.
         assert!(matches!(resource, Some(HeaderText::Unroutable { .. })));
         return;
     }
+    // Without routes the path plays no part.
+    let normal = normal.map_or_else(|_| path.to_owned(), |p| p.into_owned());
+    let routed = route_resource(routes, &normal);
     match header_text(headers, RESOURCE_HEADER) {
         Some(HeaderText::Ok(named)) if routed.is_some_and(|r| r != named) => {
             // Naming another resource than the path's route: refused.
@@ -76,12 +85,14 @@ pub fn check(headers: &HeaderMap, path: &str, routes: &[(String, String)]) {
         }
         None => {
             // The most specific route, by brute force.
+            // (on the normalised path, ASCII case ignored).
+            let lower = normal.to_ascii_lowercase();
             let expected = routes
                 .iter()
-                .filter(|(p, _)| path.starts_with(p.as_str()))
+                .filter(|(p, _)| lower.starts_with(&p.to_ascii_lowercase()))
                 .max_by_key(|(p, _)| p.len())
                 .map(|(_, r)| r.as_str());
-            assert_eq!(route_resource(routes, path), expected);
+            assert_eq!(route_resource(routes, &normal), expected);
             assert_eq!(resource.as_ref().map(HeaderText::as_str), expected);
             assert!(matches!(resource, None | Some(HeaderText::Ok(_))));
         }

@@ -14,6 +14,8 @@ use std::borrow::Cow;
 
 use http::{HeaderMap, Method};
 
+use crate::http1::path::{normalize, without_parameters, PathError};
+
 /// The request header that carries the token.
 pub const TOKEN_HEADER: &str = "fencing-token";
 /// The request header that names the resource.
@@ -117,14 +119,22 @@ pub fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<HeaderText<
     })
 }
 
-/// The resource of the first route whose prefix `path` starts with.
-/// `routes` are `(prefix, resource)`, longest prefix first, so the first
-/// match is the most specific.
+/// The resource of the first route whose prefix `path` starts with,
+/// ASCII case ignored: an upstream that ignores case must not be reachable
+/// around a route (`/KV/1` for `/kv/`). `routes` are `(prefix, resource)`,
+/// longest prefix first, so the first match is the most specific. `path`
+/// should be normalised first ([`crate::http1::path::normalize`]).
 pub fn route_resource<'r>(routes: &'r [(String, String)], path: &str) -> Option<&'r str> {
     routes
         .iter()
-        .find(|(prefix, _)| path.starts_with(prefix.as_str()))
+        .find(|(prefix, _)| starts_with_ignore_case(path, prefix))
         .map(|(_, r)| r.as_str())
+}
+
+fn starts_with_ignore_case(path: &str, prefix: &str) -> bool {
+    path.as_bytes()
+        .get(..prefix.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(prefix.as_bytes()))
 }
 
 /// The token and resource a write presents: the `Fencing-Token` header;
@@ -134,9 +144,11 @@ pub fn route_resource<'r>(routes: &'r [(String, String)], path: &str) -> Option<
 /// Where routes are configured, a path a route matches belongs to that
 /// route's resource. A `Fencing-Resource` header naming another resource
 /// is refused: otherwise a writer could be fenced on one resource and
-/// write another's path. So is a path that an upstream might resolve to a
-/// different route than the one the proxy matched: dot segments (`/../`)
-/// and percent-encoded dots, slashes and backslashes.
+/// write another's path. The route is decided on the normalised path
+/// (RFC 3986 section 6: `/%6bv/` is `/kv/`), and a path an upstream might
+/// resolve to a different route than the one the proxy matched is refused
+/// ([`crate::http1::path`]: dot segments, `//`, `;`, encoded separators,
+/// double encoding).
 pub fn fencing_headers<'a>(
     headers: &'a HeaderMap,
     path: &str,
@@ -147,13 +159,28 @@ pub fn fencing_headers<'a>(
     if routes.is_empty() {
         return (token, header);
     }
-    if !plain_path(path) {
-        let why = "the request path has dot segments or encoded dots or slashes; \
-                   the route (and so the resource) it reaches cannot be decided"
-            .to_owned();
-        return (token, Some(unroutable(why)));
+    let path = match normalize(path) {
+        Ok(p) => p,
+        Err(e) => {
+            let why = format!(
+                "{e}; the route (and so the resource) the request reaches cannot be decided"
+            );
+            return (token, Some(unroutable(why)));
+        }
+    };
+    // An upstream that cuts `;` parameters off must reach the same route.
+    let routed = route_resource(routes, &path);
+    match without_parameters(&path) {
+        Ok(bare) if route_resource(routes, &bare) == routed => {}
+        Ok(_) | Err(_) => {
+            let why = format!(
+                "{}; the route (and so the resource) the request reaches cannot be decided",
+                PathError::Parameters
+            );
+            return (token, Some(unroutable(why)));
+        }
     }
-    let resource = match (header, route_resource(routes, path)) {
+    let resource = match (header, routed) {
         (Some(HeaderText::Ok(named)), Some(routed)) if named != routed => {
             Some(unroutable(format!(
                 "Fencing-Resource names {named:?}, but this path belongs to the route of {routed:?}"
@@ -173,21 +200,11 @@ fn unroutable(why: String) -> HeaderText<'static> {
     }
 }
 
-/// No `.` or `..` segment and no percent-encoded `.`, `/` or `\` (nor a
-/// raw `\`): what a proxy matching prefixes on the raw path needs to know
-/// that the upstream will see the same path.
+/// Whether `path` decides a route as it is: no segment, escape or path
+/// parameter that an upstream might resolve differently (see
+/// [`crate::http1::path`]).
 pub fn plain_path(path: &str) -> bool {
-    if path.split('/').any(|seg| seg == "." || seg == "..") || path.contains('\\') {
-        return false;
-    }
-    let lower = path.as_bytes();
-    !lower.windows(3).any(|w| {
-        w[0] == b'%'
-            && matches!(
-                (w[1], w[2].to_ascii_lowercase()),
-                (b'2', b'e') | (b'2', b'f') | (b'5', b'c')
-            )
-    })
+    normalize(path).is_ok_and(|p| without_parameters(&p).is_ok())
 }
 
 #[cfg(test)]

@@ -223,10 +223,25 @@ impl Forwarder {
             };
             hold = back;
             match answer {
+                Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    // The proxy never forwards `Upgrade`, so nobody asked:
+                    // relaying it would open a tunnel nothing fences.
+                    return self.upgraded();
+                }
                 Ok(resp) => {
                     let (mut parts, body) = resp.into_parts();
+                    // Chunked framing wins over a length (RFC 9112
+                    // section 6.3); the length would truncate the body.
+                    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+                        parts.headers.remove(header::CONTENT_LENGTH);
+                    }
                     strip_hop_by_hop(&mut parts.headers);
-                    let conn = Some((sender, Arc::clone(&self.pool)));
+                    // An upstream that answered before the client's body
+                    // was all sent still has the upload on this
+                    // connection: pooled, it would make the next request
+                    // wait behind the upload. It closes once done instead.
+                    let body_sent = sent.as_mut().is_none_or(|rx| rx.try_recv().is_ok());
+                    let conn = body_sent.then(|| (sender, Arc::clone(&self.pool)));
                     let body = UpstreamBody::new(body, hold, self.timeout, conn);
                     return Response::from_parts(parts, ProxyBody::Upstream(body));
                 }
@@ -252,6 +267,18 @@ impl Forwarder {
                 "cannot connect to the upstream {}",
                 self.upstream.authority()
             ),
+        )
+        .response()
+    }
+
+    fn upgraded(&self) -> Response<ProxyBody> {
+        self.upstream_errors.increment(1);
+        tracing::warn!(upstream = %self.upstream.authority(), "upstream switched protocols unasked");
+        Problem::new(
+            StatusCode::BAD_GATEWAY,
+            problem::UPSTREAM_ERROR,
+            "Upstream failed",
+            "the upstream switched protocols, which the proxy never asks for",
         )
         .response()
     }

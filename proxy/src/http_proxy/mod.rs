@@ -27,7 +27,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fencing::Protocol;
-use http::{Request, Response, StatusCode};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -192,7 +194,13 @@ impl HttpProxy {
             .retry_after(1)
             .response();
         };
-        if !self.writes.is_write(req.method()) {
+        if let Err(p) = check_request(&req) {
+            return p.response();
+        }
+        // A body on a read would reach the upstream unfenced: a request
+        // with a body is fenced whatever its method.
+        let has_body = !req.body().is_end_stream();
+        if !self.writes.is_write(req.method()) && !has_body {
             let hold = Hold {
                 guard: None,
                 permit: Some(permit),
@@ -241,8 +249,55 @@ impl HttpProxy {
                         p.detail = why;
                     }
                 }
+                if has_body {
+                    // The body is left unread, so the connection cannot
+                    // carry another request; say so rather than close it
+                    // under a client that would reuse it.
+                    p = p.header(header::CONNECTION, HeaderValue::from_static("close"));
+                }
                 p.response()
             }
         }
     }
+}
+
+/// What RFC 9112 makes an error and hyper lets through, refused before
+/// anything is decided or forwarded: CONNECT (a tunnel nobody fences), a
+/// missing (HTTP/1.1) or repeated `Host`, and a `Connection` header naming
+/// a fencing or framing header (the token would be stripped on the way
+/// to the upstream).
+fn check_request(req: &Request<Incoming>) -> Result<(), Problem> {
+    let bad = |detail: &str| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            problem::BAD_REQUEST,
+            "Bad request",
+            detail,
+        )
+        .header(header::CONNECTION, HeaderValue::from_static("close"))
+    };
+    if req.method() == Method::CONNECT {
+        return Err(Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            problem::BAD_REQUEST,
+            "Method not allowed",
+            "CONNECT is not proxied",
+        )
+        .header(header::CONNECTION, HeaderValue::from_static("close")));
+    }
+    match req.headers().get_all(header::HOST).iter().count() {
+        0 if req.version() != Version::HTTP_10 => {
+            return Err(bad("an HTTP/1.1 request needs a Host header"))
+        }
+        0 | 1 => {}
+        _ => return Err(bad("the request has more than one Host header")),
+    }
+    for value in req.headers().get_all(header::CONNECTION) {
+        if let Some(name) = wire::http1::head::connection_names_protected(value.as_bytes()) {
+            return Err(bad(&format!(
+                "Connection names {name}, which the proxy must forward"
+            )));
+        }
+    }
+    Ok(())
 }

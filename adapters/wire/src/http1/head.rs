@@ -185,6 +185,20 @@ fn elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|e| !e.is_empty())
 }
 
+/// The first header a `Connection` value names that the proxy must
+/// forward or frame by (`Fencing-Token`, `Content-Length`, ...), if any:
+/// such a request is refused, for honouring it would drop the token or
+/// the framing on the way to the upstream.
+pub fn connection_names_protected(value: &[u8]) -> Option<&str> {
+    elements(value).find_map(protected_option)
+}
+
+fn protected_option(opt: &[u8]) -> Option<&str> {
+    std::str::from_utf8(opt)
+        .ok()
+        .filter(|name| Kind::of(name).protected())
+}
+
 /// `1*DIGIT`, as u64; no sign, no spaces inside, no overflow.
 pub fn parse_content_length(value: &[u8]) -> Option<u64> {
     let digits = value.trim_ascii();
@@ -253,10 +267,8 @@ fn facts(
                         options.keep_alive = true;
                     } else if opt.eq_ignore_ascii_case(b"upgrade") {
                         options.upgrade = true;
-                    } else if let Ok(name) = std::str::from_utf8(opt) {
-                        if Kind::of(name).protected() {
-                            return Err(HeadError::ConnectionNamesProtected(name.to_owned()));
-                        }
+                    } else if let Some(name) = protected_option(opt) {
+                        return Err(HeadError::ConnectionNamesProtected(name.to_owned()));
                     }
                 }
             }

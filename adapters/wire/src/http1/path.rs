@@ -14,9 +14,11 @@
 //! - double encoding (`%252e`): decoded twice by some;
 //! - empty segments (`//`, `/a//b`): merged by some (nginx's
 //!   `merge_slashes`), so `//orders/1` may reach `/orders/1`;
-//! - `;` (raw or `%3B`): path parameters are cut off by some servlet
-//!   containers, so `/orders;x/1` and `/x/..;/orders/1` may reach
-//!   `/orders/1`;
+//! - `;` path parameters (raw or `%3B`) that hide a dot segment or
+//!   another route: some servlet containers cut them off, so
+//!   `/orders;x/1` and `/x/..;/orders/1` may reach `/orders/1`
+//!   ([`without_parameters`] gives the path such an upstream sees; the
+//!   route must not depend on which of the two is used);
 //! - an invalid escape, `%00`, control and non-ASCII bytes, `#`.
 //!
 //! Letter case in the path is kept (paths are case-sensitive); route
@@ -37,7 +39,7 @@ pub enum PathError {
     EmptySegment,
     #[error("the path has an encoded `/` or `\\`, or a `\\`")]
     Separator,
-    #[error("the path has a `;` (path parameters)")]
+    #[error("the path's `;` parameters hide a dot or empty segment, or another route")]
     Parameters,
     #[error("the path is percent-encoded twice (`%25` before hex digits)")]
     DoubleEncoding,
@@ -80,7 +82,6 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
                 };
                 match h * 16 + l {
                     b'/' | b'\\' => return Err(PathError::Separator),
-                    b';' => return Err(PathError::Parameters),
                     b'%' if bytes.get(i + 3).copied().and_then(hex).is_some()
                         && bytes.get(i + 4).copied().and_then(hex).is_some() =>
                     {
@@ -93,7 +94,6 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
                 i += 3;
             }
             b'\\' => return Err(PathError::Separator),
-            b';' => return Err(PathError::Parameters),
             b'#' => return Err(PathError::BadByte),
             b if b <= 0x20 || b >= 0x7f => return Err(PathError::BadByte),
             _ => i += 1,
@@ -106,6 +106,30 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     };
     check_segments(&path)?;
     Ok(path)
+}
+
+/// `path` (normalised) as an upstream that cuts path parameters off
+/// sees it: each segment up to its first `;` (raw or `%3B`). Refused if
+/// that leaves a dot segment or an empty inner one (`/x/..;/a`,
+/// `/a/;x/b`). Borrowed when there is no `;`.
+pub fn without_parameters(path: &str) -> Result<Cow<'_, str>, PathError> {
+    let has = |s: &str| s.contains(';') || s.contains("%3B") || s.contains("%3b");
+    if !has(path) {
+        return Ok(Cow::Borrowed(path));
+    }
+    let bare: Vec<&str> = path
+        .split('/')
+        .map(|seg| {
+            let cut = [seg.find(';'), seg.find("%3B"), seg.find("%3b")]
+                .into_iter()
+                .flatten()
+                .min();
+            cut.map_or(seg, |i| &seg[..i])
+        })
+        .collect();
+    let bare = bare.join("/");
+    check_segments(&bare).map_err(|_| PathError::Parameters)?;
+    Ok(Cow::Owned(bare))
 }
 
 /// Decodes escapes of unreserved characters, upper-cases the rest.
@@ -187,9 +211,6 @@ mod tests {
             ("/kv/..%2forders", PathError::Separator),
             ("/kv/x%5c..%5corders", PathError::Separator),
             ("/kv\\..\\orders", PathError::Separator),
-            ("/kv;x/1", PathError::Parameters),
-            ("/x/..;/kv/1", PathError::Parameters),
-            ("/kv%3bx/1", PathError::Parameters),
             ("/kv/%252e%252e/orders", PathError::DoubleEncoding),
             ("/kv/%252F", PathError::DoubleEncoding),
             ("/kv/%zz", PathError::BadEscape),
@@ -201,6 +222,30 @@ mod tests {
             ("", PathError::NotAbsolute),
         ] {
             assert_eq!(normalize(raw), Err(want), "{raw}");
+        }
+    }
+
+    #[test]
+    fn parameters_are_cut_as_a_servlet_container_would() {
+        for (raw, want) in [
+            ("/kv/1", "/kv/1"),
+            ("/kv;x/1", "/kv/1"),
+            ("/kv/1;jsessionid=a", "/kv/1"),
+            ("/kv%3Bx/1", "/kv/1"),
+            ("/kv/x'%3B%20DROP", "/kv/x'"),
+        ] {
+            let n = normalize(raw).unwrap();
+            assert_eq!(without_parameters(&n).as_deref(), Ok(want), "{raw}");
+        }
+        for raw in [
+            "/x/..;/kv/1",
+            "/x/%2e%2e;/kv/1",
+            "/x/.;a/kv",
+            "/kv/;x/1",
+            "/;/kv",
+        ] {
+            let n = normalize(raw).unwrap();
+            assert_eq!(without_parameters(&n), Err(PathError::Parameters), "{raw}");
         }
     }
 
