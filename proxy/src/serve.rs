@@ -124,7 +124,7 @@ impl Listeners {
 }
 
 /// Where a started server listens: the bound addresses, in config order.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Addrs {
     pub elector: Option<SocketAddr>,
     pub http: Vec<SocketAddr>,

@@ -4,19 +4,14 @@
 //! error matrix, bearer auth, the watch stream, the `lease` CLI, and
 //! failing closed when the store is gone.
 
-// A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use support::*;
 
 const PROBLEM: &str = "application/problem+json";
 

@@ -1,12 +1,24 @@
-//! Shared by the end-to-end tests: the real binary, real sockets, a real
-//! Postgres. Each test gets its own temp dir, ports and (where needed)
-//! database, so tests run in parallel.
+//! Shared by the end-to-end tests: real sockets, a real Postgres, servers
+//! in this process or the real binary. Each test gets its own temp dir,
+//! listeners and (where needed) database, so tests run in parallel.
+//!
+//! - `config`: [`Conf`], the typed config builder, which binds each
+//!   listener when it is declared.
+//! - `server`: [`InProc`] (the library's `serve::start` on those very
+//!   sockets) and [`Server`] (the `fencepost serve` process, for kill -9,
+//!   SIGTERM, SIGSTOP and whatever else needs a process).
 #![allow(dead_code)]
+
+mod config;
+mod server;
+
+pub use self::config::{Conf, Section};
+pub use self::server::{InProc, Server};
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub fn bin() -> PathBuf {
@@ -107,94 +119,6 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A running `fencepost serve`, killed (SIGKILL) on drop.
-pub struct Server {
-    pub child: Option<Child>,
-    pub config: PathBuf,
-    pub log: PathBuf,
-    envs: Vec<(String, String)>,
-}
-
-impl Server {
-    /// Writes `config_text` into `dir/fencepost.toml` and starts serve.
-    pub fn start(dir: &Path, config_text: &str) -> Server {
-        Self::start_with_env(dir, config_text, &[])
-    }
-
-    pub fn start_with_env(dir: &Path, config_text: &str, envs: &[(&str, &str)]) -> Server {
-        let config = dir.join("fencepost.toml");
-        std::fs::write(&config, config_text).expect("write config");
-        let mut s = Server {
-            child: None,
-            log: dir.join(format!("serve-{}.log", rand::random::<u32>())),
-            config,
-            envs: envs
-                .iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect(),
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::File::create(&self.log).expect("create log file");
-        let child = Command::new(bin())
-            .arg("serve")
-            .arg("--config")
-            .arg(&self.config)
-            .current_dir(self.config.parent().unwrap_or(Path::new(".")))
-            .envs(self.envs.iter().map(|(a, b)| (a.as_str(), b.as_str())))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn fencepost serve");
-        self.child = Some(child);
-    }
-
-    /// kill -9, as a crash would.
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM and wait for exit: the graceful path.
-    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let mut c = self.child.take()?;
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = c.try_wait() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = c.kill();
-        c.wait().ok()
-    }
-
-    pub fn restart(&mut self) {
-        self.kill9();
-        self.spawn();
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }
 

@@ -8,18 +8,13 @@
 //! library would send (a length with chunked framing, an unasked-for
 //! 101, an answer before the request body is in).
 
-// A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use support::{free_addr, wait_port, Server, TempDir, Upstream};
+use crate::support::{free_addr, wait_port, Server, TempDir, Upstream};
 
 /// `fencepost serve` with one HTTP proxy (route `/kv/` → `kv`) in front
 /// of `upstream`.

@@ -15,18 +15,13 @@
 //! the high-water mark never moves for a refused token: the resource stays
 //! writable by the next token the elector really issues.
 
-// A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::support::*;
 use fencing::Signer;
 use serde_json::{json, Value};
-use support::*;
 use tokio_postgres::{Client, NoTls};
 
 const PROBLEM: &str = "application/problem+json";

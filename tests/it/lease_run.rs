@@ -5,16 +5,11 @@
 //! runners alone or with their commands; exit codes and signal forwarding
 //! are checked as `lease run --help` documents them.
 
-// A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 const RESOURCE: &str = "jobs";
 const BEARER: &str = "s3cret-elector-token";

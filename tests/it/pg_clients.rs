@@ -4,18 +4,13 @@
 //! notifications against the machine's Postgres, for tokio-postgres and
 //! psql alike.
 
-// A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::{code, free_addr, free_port, opts, wait_port, Server, TempDir, TestDb};
 use futures_util::StreamExt;
-use support::{code, free_addr, free_port, opts, wait_port, Server, TempDir, TestDb};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 

@@ -30,7 +30,7 @@
 //! down 50-400 ms, then restarted on the same store), `pg_terminate`
 //! (`pg_terminate_backend` of every backend of the test database but the
 //! nemesis's own, so the proxy's backends die mid-session), `cut` (the
-//! writers' TCP path to both proxies, a `support::Shim`, severed for
+//! writers' TCP path to both proxies, a `crate::support::Shim`, severed for
 //! 150-700 ms, then restored).
 //!
 //! Checks, each failure counted as a violation (the test requires 0):
@@ -81,11 +81,6 @@
 //! network faults cut connections rather than delay them; the SQLite store
 //! itself is never taken away (fail-closed 503/ZF004 is tested elsewhere).
 
-// A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -93,10 +88,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::support::{free_addr, wait_port, Server, Shim, TempDir, TestDb, Upstream};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-use support::{free_addr, wait_port, Server, Shim, TempDir, TestDb, Upstream};
 use tokio_postgres::NoTls;
 
 const HTTP_RES: &str = "ck-http";
@@ -450,7 +445,7 @@ enforce = "proxy"
     // Wait for the proxy to answer again (a kill may have been the last
     // fault), then take the final marks.
     let c = http_client();
-    let final_fences: HashMap<String, u64> = support::eventually(20, || {
+    let final_fences: HashMap<String, u64> = crate::support::eventually(20, || {
         let c = c.clone();
         async move {
             let f = fences(&c, admin).await;
@@ -922,7 +917,7 @@ async fn psql_writer(w: usize, seed: u64, addrs: Arc<Addrs>, shared: Arc<Shared>
         let _ = tokio::time::timeout(Duration::from_secs(10), ch.wait()).await;
         let _ = ch.start_kill();
     }
-    let _ = support::eventually(5, || {
+    let _ = crate::support::eventually(5, || {
         let pending = pending.clone();
         async move { pending.lock().unwrap().is_empty().then_some(()) }
     })
@@ -1148,7 +1143,7 @@ fn read_audit(config: &Path) -> Vec<AuditRec> {
     let cfg = config.to_string_lossy().into_owned();
     let mut out = Vec::new();
     for res in [HTTP_RES, PG_RES] {
-        let (code, stdout, stderr) = support::run_cli(
+        let (code, stdout, stderr) = crate::support::run_cli(
             &[
                 "audit",
                 "--config",

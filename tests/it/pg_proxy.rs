@@ -3,36 +3,61 @@
 //! machine's Postgres. Every assertion about what landed is made from the
 //! table itself, read directly from Postgres, not through the proxy.
 
-// A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{code, direct, free_addr, opts, wait_port, Server, TempDir, TestDb};
+use crate::support::{code, direct, opts, Conf, InProc, Section, Server, TempDir, TestDb};
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 struct Env {
     _dir: TempDir,
-    server: Server,
+    /// A process where the test needs one (SIGTERM), else in-process.
+    server: Served,
     db: TestDb,
     proxy: SocketAddr,
     admin: SocketAddr,
 }
 
+enum Served {
+    // Held for its drop, which stops the server.
+    #[allow(dead_code)]
+    InProc(InProc),
+    Process(Server),
+}
+
+impl Served {
+    /// The process's log, for a failure message (an in-process server
+    /// logs nowhere).
+    fn log_text(&self) -> String {
+        match self {
+            Served::InProc(_) => String::new(),
+            Served::Process(s) => s.log_text(),
+        }
+    }
+}
+
 impl Env {
     /// A fresh database with table `t(v int)`, and a proxy in front of it.
     async fn start(prefix: &str) -> Env {
-        Env::start_with(prefix, |_| (String::new(), String::new())).await
+        Env::start_with(prefix, |_, _, pg| pg).await
     }
 
-    /// As `start`, with config text from `extra(dir)`: (top-level
-    /// sections, keys of the `[[postgres]]` block).
-    async fn start_with(prefix: &str, extra: impl FnOnce(&Path) -> (String, String)) -> Env {
+    /// As `start`, the config shaped by `extra(dir, conf, [[postgres]])`,
+    /// which returns the `[[postgres]]` section.
+    async fn start_with(
+        prefix: &str,
+        extra: impl FnOnce(&Path, &mut Conf, Section) -> Section,
+    ) -> Env {
+        Env::start_as(prefix, false, extra).await
+    }
+
+    async fn start_as(
+        prefix: &str,
+        process: bool,
+        extra: impl FnOnce(&Path, &mut Conf, Section) -> Section,
+    ) -> Env {
         let db = TestDb::create(prefix).await;
         let direct = direct(&db).await;
         direct
@@ -40,23 +65,15 @@ impl Env {
             .await
             .expect("create table");
         let dir = TempDir::new(prefix);
-        let proxy = free_addr();
-        let admin = free_addr();
-        let (top, pg) = extra(dir.path());
-        let config = format!(
-            r#"store = "sqlite://{}/fencepost.db"
-{top}
-[admin]
-listen = "{admin}"
-[[postgres]]
-listen = "{proxy}"
-upstream = "127.0.0.1:5432"
-{pg}
-"#,
-            dir.path().display()
-        );
-        let server = Server::start(dir.path(), &config);
-        wait_port(proxy).await;
+        let mut conf = Conf::sqlite(dir.path());
+        let admin = conf.admin(Section::new());
+        let pg = extra(dir.path(), &mut conf, Section::to("127.0.0.1:5432"));
+        let proxy = conf.postgres(pg);
+        let server = if process {
+            Served::Process(Server::run(dir.path(), conf))
+        } else {
+            Served::InProc(InProc::start(conf))
+        };
         Env {
             _dir: dir,
             server,
@@ -137,10 +154,10 @@ async fn stale_write_from_startup_options_is_refused_with_zf001_and_leaves_no_ro
 
     // The refusal is audited with a fingerprint, not the values.
     let url = format!("http://{}/v1/audit?resource=r", env.admin);
-    let audit = support::eventually(10, || {
+    let audit = crate::support::eventually(10, || {
         let url = url.clone();
         async move {
-            let (status, body) = support::get(&url, None).await;
+            let (status, body) = crate::support::get(&url, None).await;
             (status == 200 && body.contains("stale")).then_some(body)
         }
     })
@@ -570,12 +587,15 @@ async fn pipelined_statements_get_their_own_verdicts() {
 
 #[tokio::test]
 async fn graceful_shutdown_closes_idle_sessions_promptly() {
-    let mut env = Env::start("fp_pg_shutdown").await;
+    let mut env = Env::start_as("fp_pg_shutdown", true, |_, _, pg| pg).await;
     let c = env.client(Some(&opts(1, "r"))).await;
     simple(&c, "INSERT INTO t VALUES (1)").await.expect("write");
     let started = std::time::Instant::now();
     let status = tokio::task::spawn_blocking(move || {
-        let st = env.server.terminate();
+        let Served::Process(server) = &mut env.server else {
+            unreachable!("started as a process")
+        };
+        let st = server.terminate();
         (env, st)
     })
     .await
@@ -604,80 +624,14 @@ async fn graceful_shutdown_closes_idle_sessions_promptly() {
 #[tokio::test]
 async fn failovers_under_load_never_land_a_stale_write_after_a_newer_one() {
     let env = Env::start("fp_pg_failover").await;
-    direct(&env.db)
-        .await
-        .batch_execute(
-            "CREATE TABLE h (id bigserial PRIMARY KEY, token int NOT NULL, committed bigint);
-             CREATE SEQUENCE commits;
-             -- A deferred trigger runs at COMMIT: it stamps commit order.
-             CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               UPDATE h SET committed = nextval('commits') WHERE id = NEW.id;
-               RETURN NULL;
-             END $$;
-             CREATE CONSTRAINT TRIGGER stamp AFTER INSERT ON h
-               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION stamp();",
-        )
-        .await
-        .expect("history table");
-    const WRITERS: u64 = 6;
-    let mut tasks = Vec::new();
-    for token in 1..=WRITERS {
-        let conninfo = env.conninfo(Some(&opts(token, "h")));
-        tasks.push(tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(150 * token)).await;
-            let (c, conn) = tokio_postgres::connect(&conninfo, NoTls)
-                .await
-                .expect("connect");
-            tokio::spawn(conn);
-            let stmt = c
-                .prepare("INSERT INTO h (token) VALUES ($1)")
-                .await
-                .expect("prepare");
-            let (mut ok, mut stale) = (0u32, 0u32);
-            let until = std::time::Instant::now() + Duration::from_millis(600);
-            let mut i = 0u32;
-            while std::time::Instant::now() < until {
-                i += 1;
-                // Rotate through autocommit in the simple and the
-                // extended protocol, and blocks of two writes.
-                let r = match i % 3 {
-                    0 => c
-                        .simple_query(&format!("INSERT INTO h (token) VALUES ({token})"))
-                        .await
-                        .map(|_| ()),
-                    1 => c.execute(&stmt, &[&(token as i32)]).await.map(|_| ()),
-                    _ => {
-                        let block = async {
-                            c.batch_execute("BEGIN").await?;
-                            c.execute(&stmt, &[&(token as i32)]).await?;
-                            c.execute(&stmt, &[&(token as i32)]).await?;
-                            c.batch_execute("COMMIT").await
-                        };
-                        let r = block.await;
-                        // A refused write leaves the block failed; a
-                        // refused COMMIT has already ended it.
-                        let _ = c.batch_execute("ROLLBACK").await;
-                        r
-                    }
-                };
-                match r {
-                    Ok(()) => ok += 1,
-                    Err(e) if code(&e) == "ZF001" => stale += 1,
-                    Err(e) => panic!("token {token}: unexpected error {e:?}"),
-                }
-            }
-            (token, ok, stale)
-        }));
-    }
+    let writers = failover_campaign(&env.db, &[env.proxy.port()], Duration::ZERO).await;
     let mut refused = 0;
-    for t in tasks {
-        let (token, ok, stale) = t.await.expect("writer");
+    for w in &writers {
         assert!(
-            ok > 0 || token < WRITERS,
+            w.ok > 0 || w.token < WRITERS,
             "the newest writer must get through"
         );
-        refused += stale;
+        refused += w.stale;
     }
     assert!(refused > 0, "older writers kept writing and were fenced");
     assert_no_stale_write_after_a_newer_one(&env.db).await;
@@ -733,22 +687,18 @@ async fn newer_token_waits_for_older_write_still_running() {
 /// does a plain number when plain tokens are not allowed.
 #[tokio::test]
 async fn signed_tokens_in_startup_options_are_verified() {
-    let el = free_addr();
-    let env = Env::start_with("fp_pg_signed", |dir| {
+    let mut el = None;
+    let env = Env::start_with("fp_pg_signed", |dir, conf, pg| {
         let key = dir.join("elector");
         let (code, _, err) =
-            support::run_cli(&["keygen", "--out", &key.display().to_string()], &[]);
+            crate::support::run_cli(&["keygen", "--out", &key.display().to_string()], &[]);
         assert_eq!(code, 0, "keygen: {err}");
-        (
-            format!(
-                "[elector]\nlisten = \"{el}\"\nsigning_key = \"{}.key\"\n",
-                key.display()
-            ),
-            format!("verify_key = \"{}.pub\"\n", key.display()),
-        )
+        el =
+            Some(conf.elector(Section::new().set("signing_key", format!("{}.key", key.display()))));
+        pg.set("verify_key", format!("{}.pub", key.display()))
     })
     .await;
-    wait_port(el).await;
+    let el = el.expect("elector address");
     let resp = reqwest::Client::new()
         .post(format!("http://{el}/v1/leases/signed/acquire"))
         .json(&serde_json::json!({ "holder": "a", "ttl_ms": 60_000 }))
@@ -788,10 +738,10 @@ async fn signed_tokens_in_startup_options_are_verified() {
     assert_eq!(env.rows().await, vec![1]);
 
     let url = format!("http://{}/v1/audit?resource=signed", env.admin);
-    let audit = support::eventually(10, || {
+    let audit = crate::support::eventually(10, || {
         let url = url.clone();
         async move {
-            let (status, body) = support::get(&url, None).await;
+            let (status, body) = crate::support::get(&url, None).await;
             (status == 200 && body.contains("forged")).then_some(body)
         }
     })
@@ -805,10 +755,7 @@ async fn signed_tokens_in_startup_options_are_verified() {
 /// block, reads stay free.
 #[tokio::test]
 async fn strict_mode_makes_a_select_inside_begin_a_write() {
-    let env = Env::start_with("fp_pg_strict", |_| {
-        (String::new(), "strict = true\n".to_string())
-    })
-    .await;
+    let env = Env::start_with("fp_pg_strict", |_, _, pg| pg.set("strict", true)).await;
     let c = env.client(None).await;
     simple(&c, "SELECT * FROM t")
         .await
@@ -851,7 +798,7 @@ async fn strict_mode_makes_a_select_inside_begin_a_write() {
 /// `fencepost migrate --guard URL`, twice (it is idempotent).
 fn install_guard(db: &TestDb) {
     for _ in 0..2 {
-        let (code, out, err) = support::run_cli(&["migrate", "--guard", &db.url], &[]);
+        let (code, out, err) = crate::support::run_cli(&["migrate", "--guard", &db.url], &[]);
         assert_eq!(code, 0, "migrate --guard: {out}{err}");
     }
 }
@@ -886,10 +833,7 @@ async fn guard_mark(db: &TestDb, resource: &str) -> Option<String> {
 /// write fails with ZF001 raised by Postgres itself and leaves no row.
 #[tokio::test]
 async fn guard_mode_fences_in_the_database_and_hides_the_guard() {
-    let env = Env::start_with("fp_pg_guard", |_| {
-        (String::new(), "enforce = \"database\"\n".to_string())
-    })
-    .await;
+    let env = Env::start_with("fp_pg_guard", |_, _, pg| pg.set("enforce", "database")).await;
     install_guard(&env.db);
     let c = env.client(Some(&opts(5, "g"))).await;
     let through = simple(&c, "INSERT INTO t VALUES (1) RETURNING v; SELECT 42")
@@ -962,10 +906,10 @@ async fn guard_mode_fences_in_the_database_and_hides_the_guard() {
     simple(&c, "SELECT 1").await.expect("session still usable");
     // The guard's refusals are audited too (the proxy had admitted them).
     let url = format!("http://{}/v1/audit?resource=g", env.admin);
-    let audit = support::eventually(10, || {
+    let audit = crate::support::eventually(10, || {
         let url = url.clone();
         async move {
-            let (status, body) = support::get(&url, None).await;
+            let (status, body) = crate::support::get(&url, None).await;
             let v: serde_json::Value = serde_json::from_str(&body).ok()?;
             let n = v.as_array().map_or(0, |a| a.len());
             (status == 200 && n >= 4).then_some(v)
@@ -998,7 +942,7 @@ async fn guard_mode_fences_in_the_database_and_hides_the_guard() {
     assert_eq!(env.rows().await, expect);
 }
 
-/// Guarantee 3: two `fencepost serve` processes with separate SQLite
+/// Guarantee 3: two fencepost servers with separate SQLite
 /// stores (so neither knows what the other admitted) in front of one
 /// database, in guard mode. Writers with ever newer tokens take over
 /// through alternating proxies while older ones keep writing, in
@@ -1008,106 +952,28 @@ async fn guard_mode_fences_in_the_database_and_hides_the_guard() {
 /// transactions of the resource and a stale one fails in Postgres.
 #[tokio::test]
 async fn two_guard_proxies_never_commit_a_stale_transaction_after_a_newer_one() {
-    let env = Env::start_with("fp_pg_guard2", |_| {
-        (String::new(), "enforce = \"database\"\n".to_string())
-    })
-    .await;
+    let env = Env::start_with("fp_pg_guard2", |_, _, pg| pg.set("enforce", "database")).await;
     install_guard(&env.db);
     let dir2 = TempDir::new("fp_pg_guard2b");
-    let proxy2 = free_addr();
-    let _server2 = Server::start(
-        dir2.path(),
-        &format!(
-            "store = \"sqlite://{}/fencepost.db\"\n[[postgres]]\nlisten = \"{proxy2}\"\nupstream = \"127.0.0.1:5432\"\nenforce = \"database\"\n",
-            dir2.path().display()
-        ),
-    );
-    wait_port(proxy2).await;
-    direct(&env.db)
-        .await
-        .batch_execute(
-            "CREATE TABLE h (id bigserial PRIMARY KEY, token int NOT NULL, committed bigint);
-             CREATE SEQUENCE commits;
-             CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               UPDATE h SET committed = nextval('commits') WHERE id = NEW.id;
-               RETURN NULL;
-             END $$;
-             CREATE CONSTRAINT TRIGGER stamp AFTER INSERT ON h
-               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION stamp();",
-        )
-        .await
-        .expect("history table");
-    const WRITERS: u64 = 6;
-    let mut tasks = Vec::new();
-    for token in 1..=WRITERS {
-        let port = if token % 2 == 0 {
-            proxy2.port()
-        } else {
-            env.proxy.port()
-        };
-        let conninfo = format!(
-            "host=127.0.0.1 port={port} dbname={} user=postgres options='{}'",
-            env.db.name,
-            opts(token, "h")
-        );
-        tasks.push(tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(150 * token)).await;
-            let (c, conn) = tokio_postgres::connect(&conninfo, NoTls)
-                .await
-                .expect("connect");
-            tokio::spawn(conn);
-            let stmt = c
-                .prepare("INSERT INTO h (token) VALUES ($1)")
-                .await
-                .expect("prepare");
-            let (mut ok, mut stale, mut by_guard) = (0u32, 0u32, 0u32);
-            let until = std::time::Instant::now() + Duration::from_millis(600);
-            let mut i = 0u32;
-            while std::time::Instant::now() < until {
-                i += 1;
-                let r = match i % 3 {
-                    0 => c
-                        .simple_query(&format!("INSERT INTO h (token) VALUES ({token})"))
-                        .await
-                        .map(|_| ()),
-                    1 => c.execute(&stmt, &[&(token as i32)]).await.map(|_| ()),
-                    _ => {
-                        let block = async {
-                            c.batch_execute("BEGIN").await?;
-                            c.execute(&stmt, &[&(token as i32)]).await?;
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                            c.execute(&stmt, &[&(token as i32)]).await?;
-                            c.batch_execute("COMMIT").await
-                        };
-                        let r = block.await;
-                        let _ = c.batch_execute("ROLLBACK").await;
-                        r
-                    }
-                };
-                match r {
-                    Ok(()) => ok += 1,
-                    Err(e) if code(&e) == "ZF001" => {
-                        stale += 1;
-                        if message(&e).contains("database guard") {
-                            by_guard += 1;
-                        }
-                    }
-                    Err(e) => panic!("token {token}: unexpected error {e:?}"),
-                }
-            }
-            (token, ok, stale, by_guard)
-        }));
-    }
+    let mut conf2 = Conf::sqlite(dir2.path());
+    let proxy2 = conf2.postgres(Section::to("127.0.0.1:5432").set("enforce", "database"));
+    let _server2 = InProc::start(conf2);
+    // Even tokens through the second proxy, odd ones through the first;
+    // a pause inside each block lets a newer token overtake it.
+    let writers = failover_campaign(
+        &env.db,
+        &[proxy2.port(), env.proxy.port()],
+        Duration::from_millis(5),
+    )
+    .await;
     let (mut refused, mut refused_by_guard) = (0, 0);
-    for t in tasks {
-        let (token, ok, stale, by_guard) = t.await.expect("writer");
+    for w in &writers {
         assert!(
-            ok > 0 || token < WRITERS,
+            w.ok > 0 || w.token < WRITERS,
             "the newest writer must get through"
         );
-        refused += stale;
-        refused_by_guard += by_guard;
+        refused += w.stale;
+        refused_by_guard += w.by_guard;
     }
     assert!(refused > 0, "older writers kept writing and were fenced");
     assert!(
@@ -1302,20 +1168,14 @@ except psycopg.Error as e:
 /// still served.
 #[tokio::test]
 async fn psql_over_tls_with_sslmode_require() {
-    let env = Env::start_with("fp_pg_tls", |dir| {
+    let env = Env::start_with("fp_pg_tls", |dir, _, pg| {
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
             .expect("self-signed certificate");
         let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
         std::fs::write(&cert, ck.cert.pem()).expect("write cert");
         std::fs::write(&key, ck.key_pair.serialize_pem()).expect("write key");
-        (
-            String::new(),
-            format!(
-                "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
-                cert.display(),
-                key.display()
-            ),
-        )
+        pg.set("tls_cert", cert.display().to_string())
+            .set("tls_key", key.display().to_string())
     })
     .await;
     let run = |conninfo: String, sql: &str| {
@@ -1353,10 +1213,7 @@ async fn psql_over_tls_with_sslmode_require() {
 /// a protocol-violation error; other sessions go on.
 #[tokio::test]
 async fn messages_above_max_frame_bytes_cost_one_connection() {
-    let env = Env::start_with("fp_pg_maxframe", |_| {
-        (String::new(), "max_frame_bytes = 4096\n".to_string())
-    })
-    .await;
+    let env = Env::start_with("fp_pg_maxframe", |_, _, pg| pg.set("max_frame_bytes", 4096)).await;
     let other = env.client(None).await;
     let c = env.client(None).await;
     let big = format!("SELECT '{}'", "x".repeat(8192));
@@ -1380,10 +1237,7 @@ async fn messages_above_max_frame_bytes_cost_one_connection() {
 /// (another proxy admitted a newer token), the guard itself fails the run.
 #[tokio::test]
 async fn pgbench_in_guard_mode() {
-    let env = Env::start_with("fp_pg_benchguard", |_| {
-        (String::new(), "enforce = \"database\"\n".to_string())
-    })
-    .await;
+    let env = Env::start_with("fp_pg_benchguard", |_, _, pg| pg.set("enforce", "database")).await;
     install_guard(&env.db);
     let (ok, out) = pgbench(&env, 5, &["-i", "-q"]).await;
     assert!(ok, "pgbench -i failed:\n{out}");
@@ -1414,6 +1268,119 @@ async fn pgbench_in_guard_mode() {
         .expect("history")
         .get(0);
     assert_eq!(history, 3 * 400, "the stale run left rows behind");
+}
+
+/// Writers in a failover campaign.
+const WRITERS: u64 = 6;
+
+/// What one writer of [`failover_campaign`] saw.
+struct Writer {
+    token: u64,
+    ok: u32,
+    /// Refused with ZF001.
+    stale: u32,
+    /// Of those, refused by the database guard.
+    by_guard: u32,
+}
+
+/// The failover campaign, on a fresh history table `h`: writers with ever
+/// newer tokens 1..=WRITERS take over one after another (150 ms apart)
+/// while the older ones keep writing for 600 ms each, in autocommit in the
+/// simple and the extended protocol and in blocks of two writes
+/// (`pause_in_block` between them). Writer `token` goes through proxy
+/// `ports[token % ports.len()]`. Every row gets its id from a sequence
+/// when the server runs the INSERT, and a commit stamp from a deferred
+/// trigger when its transaction commits
+/// (see [`assert_no_stale_write_after_a_newer_one`]).
+async fn failover_campaign(db: &TestDb, ports: &[u16], pause_in_block: Duration) -> Vec<Writer> {
+    direct(db)
+        .await
+        .batch_execute(
+            "CREATE TABLE h (id bigserial PRIMARY KEY, token int NOT NULL, committed bigint);
+             CREATE SEQUENCE commits;
+             -- A deferred trigger runs at COMMIT: it stamps commit order.
+             CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               UPDATE h SET committed = nextval('commits') WHERE id = NEW.id;
+               RETURN NULL;
+             END $$;
+             CREATE CONSTRAINT TRIGGER stamp AFTER INSERT ON h
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION stamp();",
+        )
+        .await
+        .expect("history table");
+    let mut tasks = Vec::new();
+    for token in 1..=WRITERS {
+        let port = ports[token as usize % ports.len()];
+        let conninfo = format!(
+            "host=127.0.0.1 port={port} dbname={} user=postgres options='{}'",
+            db.name,
+            opts(token, "h")
+        );
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(150 * token)).await;
+            let (c, conn) = tokio_postgres::connect(&conninfo, NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            let stmt = c
+                .prepare("INSERT INTO h (token) VALUES ($1)")
+                .await
+                .expect("prepare");
+            let mut w = Writer {
+                token,
+                ok: 0,
+                stale: 0,
+                by_guard: 0,
+            };
+            let until = std::time::Instant::now() + Duration::from_millis(600);
+            let mut i = 0u32;
+            while std::time::Instant::now() < until {
+                i += 1;
+                // Rotate through autocommit in the simple and the
+                // extended protocol, and blocks of two writes.
+                let r = match i % 3 {
+                    0 => c
+                        .simple_query(&format!("INSERT INTO h (token) VALUES ({token})"))
+                        .await
+                        .map(|_| ()),
+                    1 => c.execute(&stmt, &[&(token as i32)]).await.map(|_| ()),
+                    _ => {
+                        let block = async {
+                            c.batch_execute("BEGIN").await?;
+                            c.execute(&stmt, &[&(token as i32)]).await?;
+                            if !pause_in_block.is_zero() {
+                                tokio::time::sleep(pause_in_block).await;
+                            }
+                            c.execute(&stmt, &[&(token as i32)]).await?;
+                            c.batch_execute("COMMIT").await
+                        };
+                        let r = block.await;
+                        // A refused write leaves the block failed; a
+                        // refused COMMIT has already ended it.
+                        let _ = c.batch_execute("ROLLBACK").await;
+                        r
+                    }
+                };
+                match r {
+                    Ok(()) => w.ok += 1,
+                    Err(e) if code(&e) == "ZF001" => {
+                        w.stale += 1;
+                        if message(&e).contains("database guard") {
+                            w.by_guard += 1;
+                        }
+                    }
+                    Err(e) => panic!("token {token}: unexpected error {e:?}"),
+                }
+            }
+            w
+        }));
+    }
+    let mut writers = Vec::new();
+    for t in tasks {
+        writers.push(t.await.expect("writer"));
+    }
+    writers
 }
 
 /// Reads the history table `h` (one row per landed write, with its token

@@ -11,11 +11,6 @@
 //! bounded. Figures are printed, never compared with fixed expectations;
 //! the only time bounds are the abusers' own timeouts.
 
-// A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_postgres::NoTls;
 
-use support::{direct, free_addr, get, opts, wait_port, Server, TempDir, TestDb, Upstream};
+use crate::support::{direct, free_addr, get, opts, wait_port, Server, TempDir, TestDb, Upstream};
 
 // ------------------------------------------------------------------ setup
 
@@ -202,7 +197,7 @@ max_frame_bytes = {mfb}
 
     /// Waits until the open-connection gauges read `pg` and `http`.
     async fn settle(&self, pg: f64, http: f64) {
-        let ok = support::eventually(10, || async {
+        let ok = crate::support::eventually(10, || async {
             let (p, h) = (
                 self.open_connections("postgres", self.pg).await,
                 self.open_connections("http", self.http).await,
@@ -1026,7 +1021,7 @@ async fn a_connection_flood_is_refused_past_max_connections_while_a_good_client_
     c.simple_query("INSERT INTO t VALUES (7)")
         .await
         .expect("and writes");
-    let (status, _) = support::put(
+    let (status, _) = crate::support::put(
         &format!("http://{}/after", env.http),
         Some("1"),
         Some("probe-http"),
@@ -1259,7 +1254,7 @@ async fn a_client_vanishing_mid_copy_releases_its_guard_and_commits_nothing() {
         }
         // Make sure the server is in the COPY (rows arriving) before the
         // client vanishes.
-        support::eventually(5, || async {
+        crate::support::eventually(5, || async {
             let rows = observer
                 .query(
                     "SELECT 1 FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'COPY%'",
@@ -1294,7 +1289,7 @@ async fn a_client_vanishing_mid_copy_releases_its_guard_and_commits_nothing() {
         );
 
         // The server backend went away and nothing of the COPY landed.
-        let gone = support::eventually(10, || async {
+        let gone = crate::support::eventually(10, || async {
             let rows = observer
                 .query(
                     "SELECT 1 FROM pg_stat_activity WHERE application_name = $1",

@@ -4,13 +4,8 @@
 //! and audited as forged; genuine ones pass, and the proxy's watch of the
 //! elector verifies the grants it fences with.
 
-// A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
+use crate::support::*;
 use serde_json::Value;
-use support::*;
 
 async fn acquire(elector: &str, resource: &str, holder: &str) -> String {
     let resp = reqwest::Client::new()

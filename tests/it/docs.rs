@@ -8,14 +8,9 @@
 //! through both proxies, and problem types and SQLSTATEs against the
 //! source tree as text.
 
-// A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
+use crate::support::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use support::*;
 
 // ------------------------------------------------------------ reading docs
 

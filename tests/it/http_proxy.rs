@@ -7,11 +7,6 @@
 //! rather than hoped for, and every assertion about what reached the
 //! upstream is made from the upstream's own record.
 
-// A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -34,7 +29,7 @@ use tokio::sync::watch;
 
 use std::path::Path;
 
-use support::{free_addr, Server, TempDir, TestDb};
+use crate::support::{free_addr, Server, TempDir, TestDb};
 
 // ------------------------------------------------------------ the upstream
 

@@ -4,13 +4,8 @@
 //! errors, JSON logs, and failing closed (then recovering) while the store
 //! is away.
 
-// A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
+use crate::support::*;
 use serde_json::Value;
-use support::*;
 
 fn config(
     dir: &TempDir,

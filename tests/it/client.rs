@@ -5,16 +5,12 @@
 //! every refusal comes back typed, the `leader_worker` example stops
 //! cleanly when it loses its lease, and the demo is written with it.
 
-// A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use fencepost_client::pg::{
     fence_sqlx, fence_tokio_postgres, refusal_sqlx, refusal_tokio_postgres,
 };
@@ -23,7 +19,6 @@ use fencepost_client::{
     check_response, ElectorClient, EndReason, Error, FencedClient, LeaseKeeper, LeaseState,
     LossReason, RefusalKind, RefusedBy, RequestBuilderExt,
 };
-use support::*;
 
 const R: &str = "ledger";
 

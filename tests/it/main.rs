@@ -1,0 +1,36 @@
+//! The end-to-end tests, one binary (one link of the crate and the
+//! harness, not twelve): each module proves one area against real
+//! sockets, a real Postgres and, where a process is the point (kill -9,
+//! SIGSTOP, the CLI, `lease run`), the real `fencepost` binary.
+//!
+//! - `support`: the shared harness: temp dirs and databases, the typed
+//!   config builder, servers in-process or as processes, test upstreams.
+//! - `ops`: audit flush, admin API, metrics, CLI commands, config errors.
+//! - `elector`: leases, tokens and the event stream over the elector API.
+//! - `http_proxy`, `pg_proxy`: the two fencing proxies end to end.
+//! - `framing`: HTTP/1.1 framing through the HTTP proxy over raw sockets.
+//! - `signed`: signed tokens across elector and proxy.
+//! - `pg_clients`: real Postgres clients (psql, pgbench, psycopg) through the proxy.
+//! - `checker`: the fault-injection checker, judged by the storages' histories.
+//! - `security`, `hostile`: abuse cases and hostile input.
+//! - `docs`: docs/ kept true against the code.
+//! - `lease_run`, `client`: `fencepost lease run` and `fencepost-client` as leaders use them.
+
+// A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+mod checker;
+mod client;
+mod docs;
+mod elector;
+mod framing;
+mod hostile;
+mod http_proxy;
+mod lease_run;
+mod ops;
+mod pg_clients;
+mod pg_proxy;
+mod security;
+mod signed;
