@@ -88,7 +88,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::support::{free_addr, wait_port, Server, Shim, TempDir, TestDb, Upstream};
+use crate::support::{Conf, Section, Server, Shim, TempDir, TestDb, Upstream};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -253,32 +253,18 @@ async fn one_run(seed: u64, secs: u64, writers: usize, bypass: bool) -> usize {
 
     let dir = TempDir::new("fp-checker");
     let upstream = Upstream::start().await;
-    let (http, pg, admin, elector) = (free_addr(), free_addr(), free_addr(), free_addr());
-    let config = format!(
-        r#"store = "sqlite://{dir}/fencepost.db"
-[audit]
-flush_interval = "20ms"
-[fencing]
-store_timeout = "3s"
-drain_timeout = "10s"
-[admin]
-listen = "{admin}"
-[elector]
-listen = "{elector}"
-min_ttl = "50ms"
-[[http]]
-listen = "{http}"
-upstream = "http://{up}"
-elector_watch = "http://{elector}"
-watch_resources = ["{HTTP_RES}"]
-[[postgres]]
-listen = "{pg}"
-upstream = "127.0.0.1:5432"
-enforce = "proxy"
-"#,
-        dir = dir.path().display(),
-        up = upstream.addr,
+    let mut conf = Conf::sqlite(dir.path());
+    conf.set("audit", "flush_interval", "20ms")
+        .set("fencing", "store_timeout", "3s")
+        .set("fencing", "drain_timeout", "10s");
+    let admin = conf.admin(Section::new());
+    let elector = conf.elector(Section::new().set("min_ttl", "50ms"));
+    let http = conf.http(
+        Section::to(format!("http://{}", upstream.addr))
+            .set("elector_watch", format!("http://{elector}"))
+            .set("watch_resources", vec![HTTP_RES]),
     );
+    let pg = conf.postgres(Section::to("127.0.0.1:5432").set("enforce", "proxy"));
     let shared = Arc::new(Shared {
         pauses: (0..2 * writers).map(|_| AtomicU64::new(0)).collect(),
         ..Default::default()
@@ -288,10 +274,8 @@ enforce = "proxy"
         end_ms: None,
         graceful: false,
     });
-    let server = Arc::new(Mutex::new(Server::start(dir.path(), &config)));
-    for a in [http, pg, admin, elector] {
-        wait_port(a).await;
-    }
+    // A process: the nemesis kills it (-9) and stops it (SIGTERM).
+    let server = Arc::new(Mutex::new(Server::run(dir.path(), conf).await));
     let (http_target, pg_target) = if bypass {
         (upstream.addr, SocketAddr::from(([127, 0, 0, 1], 5432)))
     } else {

@@ -1,4 +1,4 @@
-//! The `fencepost-client` crate against a real `fencepost serve` (elector,
+//! The `fencepost-client` crate against a real fencepost server (elector,
 //! HTTP proxy, Postgres proxy) and a real Postgres: the keeper's loss
 //! fires before the elector can grant the lease to anyone else, a
 //! refused renewal ends the term, every helper's writes are fenced,
@@ -22,11 +22,11 @@ use fencepost_client::{
 
 const R: &str = "ledger";
 
-/// serve with an elector, an HTTP proxy (watching the elector) and a
+/// A server (in-process) with an elector, an HTTP proxy (watching the elector) and a
 /// Postgres proxy, on SQLite; a fresh database behind the Postgres proxy.
 struct Tier {
     _dir: TempDir,
-    _server: Server,
+    _server: InProc,
     db: TestDb,
     upstream: Upstream,
     elector_addr: SocketAddr,
@@ -48,28 +48,15 @@ impl Tier {
             .expect("tables");
         let dir = TempDir::new(prefix);
         let upstream = Upstream::start().await;
-        let (el, px, pg) = (free_addr(), free_addr(), free_addr());
-        let config = format!(
-            r#"store = "sqlite://{}/fp.db"
-[elector]
-listen = "{el}"
-min_ttl = "50ms"
-[[http]]
-listen = "{px}"
-upstream = "http://{}"
-elector_watch = "http://{el}"
-watch_resources = ["{R}"]
-[[postgres]]
-listen = "{pg}"
-upstream = "127.0.0.1:5432"
-"#,
-            dir.path().display(),
-            upstream.addr
+        let mut conf = Conf::sqlite(dir.path());
+        let el = conf.elector(Section::new().set("min_ttl", "50ms"));
+        let px = conf.http(
+            Section::to(format!("http://{}", upstream.addr))
+                .set("elector_watch", format!("http://{el}"))
+                .set("watch_resources", vec![R]),
         );
-        let server = Server::start(dir.path(), &config);
-        for a in [el, px, pg] {
-            wait_port(a).await;
-        }
+        let pg = conf.postgres(Section::to("127.0.0.1:5432"));
+        let server = InProc::start(conf).await;
         Tier {
             _dir: dir,
             _server: server,
@@ -457,28 +444,16 @@ async fn refusals_from_both_proxies_come_back_typed() {
     let (code, _, err) = run_cli(&["keygen", "--out", key.to_str().unwrap()], &[]);
     assert_eq!(code, 0, "{err}");
     let up = Upstream::start().await;
-    let (el, px, pg) = (free_addr(), free_addr(), free_addr());
-    let config = format!(
-        r#"store = "{store_url}"
-[elector]
-listen = "{el}"
-signing_key = "{key}.key"
-[[http]]
-listen = "{px}"
-upstream = "http://{}"
-verify_key = "{key}.pub"
-[[postgres]]
-listen = "{pg}"
-upstream = "127.0.0.1:5432"
-verify_key = "{key}.pub"
-"#,
-        up.addr,
-        key = key.display()
+    let mut conf = Conf::store(store_url);
+    let el = conf.elector(Section::new().set("signing_key", format!("{}.key", key.display())));
+    let px = conf.http(
+        Section::to(format!("http://{}", up.addr))
+            .set("verify_key", format!("{}.pub", key.display())),
     );
-    let _server = Server::start(dir.path(), &config);
-    for a in [el, px, pg] {
-        wait_port(a).await;
-    }
+    let pg = conf.postgres(
+        Section::to("127.0.0.1:5432").set("verify_key", format!("{}.pub", key.display())),
+    );
+    let _server = InProc::start(conf).await;
     let elector = ElectorClient::new(&format!("http://{el}")).unwrap();
     let url = format!("http://{px}/kv/k");
     let conninfo = |options: Option<&str>| {

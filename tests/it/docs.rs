@@ -892,21 +892,13 @@ async fn every_documented_metric_appears_and_every_exported_one_is_documented() 
     let dir = TempDir::new("fp-docs-metrics");
     let db = TestDb::create("fp_docs_metrics").await;
     let up = Upstream::start().await;
-    let (admin, elector, http, pg) = (free_addr(), free_addr(), free_addr(), free_addr());
-    let config = format!(
-        "store = \"sqlite://{store}\"\n\
-         [admin]\nlisten = \"{admin}\"\n\
-         [elector]\nlisten = \"{elector}\"\n\
-         [[http]]\nlisten = \"{http}\"\nupstream = \"http://{upstream}\"\n\
-         [[postgres]]\nlisten = \"{pg}\"\nupstream = \"{db_url}\"\n",
-        store = dir.path().join("fp.db").display(),
-        upstream = up.addr,
-        db_url = db.url,
-    );
-    let server = Server::start(dir.path(), &config);
-    for addr in [admin, elector, http, pg] {
-        wait_port(addr).await;
-    }
+    let mut conf = Conf::store(format!("sqlite://{}", dir.path().join("fp.db").display()));
+    let admin = conf.admin(Section::new());
+    let elector = conf.elector(Section::new());
+    let http = conf.http(Section::to(format!("http://{}", up.addr)));
+    let pg = conf.postgres(Section::to(db.url.clone()));
+    // A process: /metrics is per process.
+    let server = Server::run(dir.path(), conf).await;
 
     // Before any traffic: what the docs say is there from the start.
     let fresh = scrape(admin).await;

@@ -19,53 +19,18 @@ fn sqlite_url(dir: &TempDir) -> String {
     format!("sqlite://{}/fp.db", dir.path().display())
 }
 
-/// A config running only the elector, with `extra` appended to `[elector]`.
-fn config(store: &str, elector: SocketAddr, extra: &str) -> String {
-    format!("store = \"{store}\"\n[elector]\nlisten = \"{elector}\"\nmin_ttl = \"50ms\"\n{extra}\n")
+/// A config running only the elector on `store`, its `[elector]` shaped
+/// by `extra`; returns it with the elector's address.
+fn config(store: &str, extra: impl FnOnce(Section) -> Section) -> (Conf, SocketAddr) {
+    let mut conf = Conf::store(store);
+    let addr = conf.elector(extra(Section::new().set("min_ttl", "50ms")));
+    (conf, addr)
 }
 
-async fn start(dir: &TempDir, store: &str, extra: &str) -> (Server, String) {
-    let addr = free_addr();
-    let server = Server::start(dir.path(), &config(store, addr, extra));
-    wait_port(addr).await;
-    (server, format!("http://{addr}"))
-}
-
-/// A response reduced to what the tests look at.
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    content_type: String,
-    body: Value,
-    text: String,
-    headers: reqwest::header::HeaderMap,
-}
-
-async fn send(req: reqwest::RequestBuilder) -> Resp {
-    let r = req.send().await.expect("request reaches the elector");
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    let content_type = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let text = r.text().await.unwrap_or_default();
-    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-    Resp {
-        status,
-        content_type,
-        body,
-        text,
-        headers,
-    }
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("client")
+/// An elector in this process; returns it with its base URL.
+async fn start(store: &str, extra: impl FnOnce(Section) -> Section) -> (InProc, String) {
+    let (conf, addr) = config(store, extra);
+    (InProc::start(conf).await, format!("http://{addr}"))
 }
 
 async fn post(base: &str, path: &str, body: Value) -> Resp {
@@ -127,7 +92,7 @@ fn assert_problem(r: &Resp, status: u16, kind: &str) {
 #[tokio::test]
 async fn concurrent_acquires_grant_exactly_one() {
     let dir = TempDir::new("fp-el-race");
-    let (_server, base) = start(&dir, &sqlite_url(&dir), "").await;
+    let (_server, base) = start(&sqlite_url(&dir), |e| e).await;
     let base = Arc::new(base);
     let mut tasks = Vec::new();
     for i in 0..32 {
@@ -191,7 +156,7 @@ async fn concurrent_acquires_grant_exactly_one() {
 #[tokio::test]
 async fn tokens_strictly_increase_across_expiry_and_release() {
     let dir = TempDir::new("fp-el-mono");
-    let (_server, base) = start(&dir, &sqlite_url(&dir), "").await;
+    let (_server, base) = start(&sqlite_url(&dir), |e| e).await;
     let r = "orders";
     let t1 = token_of(&acquire(&base, r, "a", 300).await);
     assert_problem(
@@ -256,9 +221,8 @@ async fn tokens_strictly_increase_across_expiry_and_release() {
 /// Clients hammer acquire/release while the server is killed with -9;
 /// after the restart, the next token is above every token ever returned.
 async fn tokens_survive_kill9(store: &str, dir: &TempDir) {
-    let addr = free_addr();
-    let mut server = Server::start(dir.path(), &config(store, addr, ""));
-    wait_port(addr).await;
+    let (conf, addr) = config(store, |e| e);
+    let mut server = Server::run(dir.path(), conf).await;
     let base = format!("http://{addr}");
     let mut issued: BTreeSet<u64> = BTreeSet::new();
     for round in 0..3 {
@@ -314,7 +278,7 @@ async fn tokens_survive_kill9(store: &str, dir: &TempDir) {
             "round {round}: tokens were issued before the crash: {issued:?}"
         );
         server.restart();
-        wait_port(addr).await;
+        server.wait_ready().await;
         let max = *issued.iter().next_back().expect("some tokens");
         // The lease may still be held by a worker that never released it.
         let t = eventually(10, || async {
@@ -363,9 +327,8 @@ async fn tokens_survive_kill9_postgres() {
 #[tokio::test]
 async fn replicas_on_postgres_grant_exactly_one() {
     let db = TestDb::create("fp_elector").await;
-    let (dir_a, dir_b) = (TempDir::new("fp-el-rep-a"), TempDir::new("fp-el-rep-b"));
-    let (_a, base_a) = start(&dir_a, &db.url, "").await;
-    let (_b, base_b) = start(&dir_b, &db.url, "").await;
+    let (_a, base_a) = start(&db.url, |e| e).await;
+    let (_b, base_b) = start(&db.url, |e| e).await;
     let mut on_b = Sse::open(&format!("{base_b}/v1/leases/pg/race/watch")).await;
     let mut tasks = Vec::new();
     for i in 0..32 {
@@ -436,8 +399,10 @@ async fn signed_tokens_verify_and_carry_the_resource() {
         verifier: Some(verifier),
         allow_plain: false,
     };
-    let extra = format!("signing_key = \"{}\"", key.display());
-    let (_server, base) = start(&dir, &sqlite_url(&dir), &extra).await;
+    let (_server, base) = start(&sqlite_url(&dir), |e| {
+        e.set("signing_key", key.display().to_string())
+    })
+    .await;
 
     let r = acquire(&base, "billing/eu", "a", 10_000).await;
     assert_eq!(r.status, 200, "{}", r.text);
@@ -477,7 +442,7 @@ async fn signed_tokens_verify_and_carry_the_resource() {
 #[tokio::test]
 async fn lock_delay_holds_off_grants_after_expiry_only() {
     let dir = TempDir::new("fp-el-delay");
-    let (_server, base) = start(&dir, &sqlite_url(&dir), "lock_delay = \"1500ms\"").await;
+    let (_server, base) = start(&sqlite_url(&dir), |e| e.set("lock_delay", "1500ms")).await;
     let t1 = token_of(&acquire(&base, "r", "a", 200).await);
     tokio::time::sleep(Duration::from_millis(350)).await;
     // Expired, but inside the lock delay: refused, with a hint when to retry.
@@ -509,7 +474,7 @@ async fn lock_delay_holds_off_grants_after_expiry_only() {
 #[tokio::test]
 async fn bad_input_gets_problem_json() {
     let dir = TempDir::new("fp-el-bad");
-    let (_server, base) = start(&dir, &sqlite_url(&dir), "max_ttl = \"1h\"").await;
+    let (_server, base) = start(&sqlite_url(&dir), |e| e.set("max_ttl", "1h")).await;
     let c = client();
     let url = format!("{base}/v1/leases/orders/acquire");
 
@@ -645,7 +610,7 @@ async fn bad_input_gets_problem_json() {
 #[tokio::test]
 async fn bearer_token_is_enforced() {
     let dir = TempDir::new("fp-el-auth");
-    let (_server, base) = start(&dir, &sqlite_url(&dir), "token = \"s3cret\"").await;
+    let (_server, base) = start(&sqlite_url(&dir), |e| e.set("token", "s3cret")).await;
     let c = client();
     let body = json!({"holder": "a"});
     let url = format!("{base}/v1/leases/orders/acquire");
@@ -745,14 +710,11 @@ fn metric(text: &str, name: &str) -> f64 {
 #[tokio::test]
 async fn watch_stream_delivers_grants_releases_and_expiries() {
     let dir = TempDir::new("fp-el-watch");
-    let (el, admin) = (free_addr(), free_addr());
-    let text = format!(
-        "store = \"{}\"\n[admin]\nlisten = \"{admin}\"\n[elector]\nlisten = \"{el}\"\nmin_ttl = \"50ms\"\n",
-        sqlite_url(&dir)
-    );
-    let mut server = Server::start(dir.path(), &text);
-    wait_port(el).await;
-    wait_port(admin).await;
+    // A process: the test reads /metrics (the recorder is per process)
+    // and ends with SIGTERM.
+    let (mut conf, el) = config(&sqlite_url(&dir), |e| e);
+    let admin = conf.admin(Section::new());
+    let mut server = Server::run(dir.path(), conf).await;
     let base = format!("http://{el}");
     let mut w = Sse::open(&format!("{base}/v1/leases/feed/watch")).await;
     let mut other = Sse::open(&format!("{base}/v1/leases/other/watch")).await;
@@ -836,7 +798,7 @@ async fn watch_stream_delivers_grants_releases_and_expiries() {
 #[tokio::test]
 async fn cli_acquire_prints_only_the_token() {
     let dir = TempDir::new("fp-el-cli");
-    let (_server, base) = start(&dir, &sqlite_url(&dir), "").await;
+    let (_server, base) = start(&sqlite_url(&dir), |e| e).await;
     let target = |r: &'static str| {
         vec![
             "--elector".to_owned(),
@@ -955,9 +917,8 @@ async fn cli_acquire_prints_only_the_token() {
 
 #[tokio::test]
 async fn store_down_fails_closed() {
-    let dir = TempDir::new("fp-el-down");
     let dead = format!("postgres://postgres@127.0.0.1:{}/nothing", free_port());
-    let (_server, base) = start(&dir, &dead, "").await;
+    let (_server, base) = start(&dead, |e| e).await;
     for i in 0..3 {
         let r = acquire(&base, "orders", &format!("h{i}"), 10_000).await;
         assert_ne!(r.status, 200, "granted without a store: {}", r.text);
@@ -1015,6 +976,10 @@ fn serve_refuses(dir: &TempDir, config_text: &str) -> String {
     }
 }
 
+/// Any free port, bound by serve itself: a serve that must refuse to
+/// start needs no socket held for it.
+const ANY: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
 #[tokio::test]
 async fn bad_elector_settings_stop_serve() {
     let dir = TempDir::new("fp-el-badcfg");
@@ -1022,24 +987,31 @@ async fn bad_elector_settings_stop_serve() {
     let missing = dir.path().join("nope.key");
     let err = serve_refuses(
         &dir,
-        &config(
-            &store,
-            free_addr(),
-            &format!("signing_key = \"{}\"", missing.display()),
-        ),
+        &config(&store, |e| {
+            e.listen(ANY)
+                .set("signing_key", missing.display().to_string())
+        })
+        .0
+        .render(),
     );
     assert!(err.contains("nope.key"), "names the key file: {err}");
     let garbage = dir.path().join("garbage.key");
     std::fs::write(&garbage, "not a key!\n").expect("write key");
     let err = serve_refuses(
         &dir,
-        &config(
-            &store,
-            free_addr(),
-            &format!("signing_key = \"{}\"", garbage.display()),
-        ),
+        &config(&store, |e| {
+            e.listen(ANY)
+                .set("signing_key", garbage.display().to_string())
+        })
+        .0
+        .render(),
     );
     assert!(err.contains("garbage.key"), "names the key file: {err}");
-    let err = serve_refuses(&dir, &config(&store, free_addr(), "default_ttl = \"10ms\""));
+    let err = serve_refuses(
+        &dir,
+        &config(&store, |e| e.listen(ANY).set("default_ttl", "10ms"))
+            .0
+            .render(),
+    );
     assert!(err.contains("default_ttl"), "{err}");
 }

@@ -14,32 +14,26 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::{free_addr, wait_port, Server, TempDir, Upstream};
+use crate::support::{Conf, InProc, Section, TempDir, Upstream};
 
-/// `fencepost serve` with one HTTP proxy (route `/kv/` → `kv`) in front
-/// of `upstream`.
+/// A fencepost server (in-process) with one HTTP proxy (route `/kv/` →
+/// `kv`) in front of `upstream`.
 struct Env {
     _dir: TempDir,
-    _server: Server,
+    _server: InProc,
     proxy: SocketAddr,
 }
 
 impl Env {
     async fn start(prefix: &str, upstream: SocketAddr) -> Env {
         let dir = TempDir::new(prefix);
-        let proxy = free_addr();
-        let config = format!(
-            r#"store = "sqlite://{dir}/fencepost.db"
-[[http]]
-listen = "{proxy}"
-upstream = "http://{upstream}"
-upstream_timeout = "5s"
-routes = [{{ prefix = "/kv/", resource = "kv" }}]
-"#,
-            dir = dir.path().display(),
+        let mut conf = Conf::sqlite(dir.path());
+        let proxy = conf.http(
+            Section::to(format!("http://{upstream}"))
+                .set("upstream_timeout", "5s")
+                .raw("routes", r#"[{ prefix = "/kv/", resource = "kv" }]"#),
         );
-        let server = Server::start(dir.path(), &config);
-        wait_port(proxy).await;
+        let server = InProc::start(conf).await;
         Env {
             _dir: dir,
             _server: server,

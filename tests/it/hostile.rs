@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_postgres::NoTls;
 
-use crate::support::{direct, free_addr, get, opts, wait_port, Server, TempDir, TestDb, Upstream};
+use crate::support::{direct, get, opts, Conf, Section, Server, TempDir, TestDb, Upstream};
 
 // ------------------------------------------------------------------ setup
 
@@ -78,40 +78,25 @@ impl Env {
             .expect("create table");
         let upstream = Upstream::start().await;
         let dir = TempDir::new(prefix);
-        let (http, pg, admin, elector) = (free_addr(), free_addr(), free_addr(), free_addr());
-        let config = format!(
-            r#"store = "sqlite://{dir}/fencepost.db"
-[admin]
-listen = "{admin}"
-[elector]
-listen = "{elector}"
-[fencing]
-drain_timeout = "10s"
-[[http]]
-listen = "{http}"
-upstream = "http://{up}"
-max_connections = {max}
-header_read_timeout = "{hrt}"
-max_header_bytes = {mhb}
-[[postgres]]
-listen = "{pg}"
-upstream = "127.0.0.1:5432"
-max_connections = {max}
-startup_timeout = "{st}"
-max_frame_bytes = {mfb}
-"#,
-            dir = dir.path().display(),
-            up = upstream.addr,
-            max = limits.max_connections,
-            hrt = limits.header_read_timeout,
-            mhb = limits.max_header_bytes,
-            st = limits.startup_timeout,
-            mfb = limits.max_frame_bytes,
+        let mut conf = Conf::sqlite(dir.path());
+        conf.set("fencing", "drain_timeout", "10s");
+        let admin = conf.admin(Section::new());
+        let elector = conf.elector(Section::new());
+        let max = limits.max_connections as i64;
+        let http = conf.http(
+            Section::to(format!("http://{}", upstream.addr))
+                .set("max_connections", max)
+                .set("header_read_timeout", limits.header_read_timeout)
+                .set("max_header_bytes", limits.max_header_bytes as i64),
         );
-        let server = Server::start(dir.path(), &config);
-        for a in [http, pg, admin, elector] {
-            wait_port(a).await;
-        }
+        let pg = conf.postgres(
+            Section::to("127.0.0.1:5432")
+                .set("max_connections", max)
+                .set("startup_timeout", limits.startup_timeout)
+                .set("max_frame_bytes", limits.max_frame_bytes as i64),
+        );
+        // A process: the tests read its memory, its log and /metrics.
+        let server = Server::run(dir.path(), conf).await;
         Env {
             _dir: dir,
             server,

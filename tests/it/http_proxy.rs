@@ -29,7 +29,7 @@ use tokio::sync::watch;
 
 use std::path::Path;
 
-use crate::support::{free_addr, Server, TempDir, TestDb};
+use crate::support::{client, Conf, InProc, Resp, Section, Served, TempDir, TestDb};
 
 // ------------------------------------------------------------ the upstream
 
@@ -228,80 +228,19 @@ async fn up_handle(st: Arc<UpState>, req: Request<Incoming>) -> Response<UpBody>
 
 // ------------------------------------------------------------ the proxy
 
-fn http_section(listen: SocketAddr, upstream: &str, extra: &str) -> String {
-    format!("[[http]]\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\n{extra}\n")
-}
-
-/// A config with an admin API, a fast audit flush, `fencing` lines for the
-/// `[fencing]` table, and the given `[[http]]` sections.
-fn config(admin: SocketAddr, fencing: &str, http: &[String]) -> String {
-    config_with(admin, fencing, "", http)
-}
-
-/// `config`, plus whole tables (`[elector]`...) placed before `[[http]]`.
-fn config_with(admin: SocketAddr, fencing: &str, tables: &str, http: &[String]) -> String {
-    format!(
-        "store = \"sqlite://fencepost.db\"\n[audit]\nflush_interval = \"20ms\"\n[fencing]\n{fencing}\n[admin]\nlisten = \"{admin}\"\n{tables}\n{}",
-        http.concat()
-    )
-}
-
-/// Starts `fencepost serve` with the config `make` builds for `n` fresh
-/// loopback addresses, and waits until all of them accept. `free_addr` can
-/// race other tests for a port; when serve exits because one was taken, it
-/// is started again on new ones.
-async fn launch(
-    dir: &Path,
-    n: usize,
-    make: impl Fn(&[SocketAddr]) -> String,
-) -> (Server, Vec<SocketAddr>) {
-    for _ in 0..5 {
-        let addrs: Vec<SocketAddr> = (0..n).map(|_| free_addr()).collect();
-        let mut server = Server::start(dir, &make(&addrs));
-        if listening(&mut server, &addrs).await {
-            return (server, addrs);
-        }
-        eprintln!(
-            "serve did not come up, retrying on new ports:\n{}",
-            server.log_text()
-        );
-        server.kill9();
-    }
-    panic!("fencepost serve never came up");
-}
-
-/// Whether `server` is up and serving every address in `addrs`.
-async fn listening(server: &mut Server, addrs: &[SocketAddr]) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut alive = || {
-        server
-            .child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    };
-    while Instant::now() < deadline {
-        if !alive() {
-            return false;
-        }
-        let mut all = true;
-        for a in addrs {
-            all &= TcpStream::connect(a).await.is_ok();
-        }
-        if all {
-            // A port can answer for another process while ours is failing
-            // to bind a later one: make sure ours is still there.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            return alive();
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    false
+/// A config with an admin API and a fast audit flush, over a SQLite
+/// store in `dir`; returns it with the admin API's address.
+fn config(dir: &Path) -> (Conf, SocketAddr) {
+    let mut conf = Conf::sqlite(dir);
+    conf.set("audit", "flush_interval", "20ms");
+    let admin = conf.admin(Section::new());
+    (conf, admin)
 }
 
 /// One proxy in front of one test upstream, with an admin API.
 struct Env {
     _dir: TempDir,
-    server: Server,
+    server: Served,
     upstream: Arc<Upstream>,
     proxy: SocketAddr,
     admin: SocketAddr,
@@ -309,34 +248,37 @@ struct Env {
 }
 
 impl Env {
-    async fn start(http_extra: &str, fencing: &str) -> Env {
-        let dir = TempDir::new("fp-http");
-        let upstream = Upstream::start().await;
-        let (server, addrs) = launch(dir.path(), 2, |a| {
-            config(
-                a[1],
-                fencing,
-                &[http_section(a[0], &upstream.url(), http_extra)],
-            )
-        })
-        .await;
-        Env {
-            _dir: dir,
-            server,
-            upstream,
-            proxy: addrs[0],
-            admin: addrs[1],
-            c: client(),
-        }
+    /// In-process; `http` shapes the `[[http]]` section, `fencing` sets
+    /// keys of `[fencing]`.
+    async fn start(http: impl FnOnce(Section) -> Section, fencing: &[(&str, &str)]) -> Env {
+        Env::start_as(false, http, fencing).await
     }
 
-    /// After a restart on the same ports.
-    async fn wait_ready(&mut self) {
-        assert!(
-            listening(&mut self.server, &[self.proxy, self.admin]).await,
-            "serve did not come back:\n{}",
-            self.server.log_text()
-        );
+    /// As a `fencepost serve` process (kill -9, SIGTERM, its memory).
+    async fn process() -> Env {
+        Env::start_as(true, |h| h, &[]).await
+    }
+
+    async fn start_as(
+        process: bool,
+        http: impl FnOnce(Section) -> Section,
+        fencing: &[(&str, &str)],
+    ) -> Env {
+        let dir = TempDir::new("fp-http");
+        let upstream = Upstream::start().await;
+        let (mut conf, admin) = config(dir.path());
+        for (k, v) in fencing {
+            conf.set("fencing", k, *v);
+        }
+        let proxy = conf.http(http(Section::to(upstream.url())));
+        Env {
+            server: Served::start(process, dir.path(), conf).await,
+            _dir: dir,
+            upstream,
+            proxy,
+            admin,
+            c: client(),
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -391,35 +333,7 @@ impl Env {
     }
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
-}
-
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: String,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or(Value::Null)
-    }
-
-    fn problem_type(&self) -> String {
-        self.json()["type"].as_str().unwrap_or("").to_owned()
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-}
-
+/// Sends `req` with the fencing headers given.
 async fn send(
     mut req: reqwest::RequestBuilder,
     resource: Option<&str>,
@@ -431,12 +345,7 @@ async fn send(
     if let Some(t) = token {
         req = req.header("fencing-token", t);
     }
-    let resp = req.send().await.expect("proxy reachable");
-    Resp {
-        status: resp.status().as_u16(),
-        headers: resp.headers().clone(),
-        body: resp.text().await.unwrap_or_default(),
-    }
+    crate::support::send(req).await
 }
 
 fn num(v: &Value) -> Option<u64> {
@@ -492,8 +401,13 @@ impl Drop for RssWatch {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_cannot_leave_its_route_by_header_or_by_path() {
     let env = Env::start(
-        "routes = [{ prefix = \"/orders/\", resource = \"orders\" }, { prefix = \"/payments/\", resource = \"payments\" }]",
-        "",
+        |h| {
+            h.raw(
+                "routes",
+                r#"[{ prefix = "/orders/", resource = "orders" }, { prefix = "/payments/", resource = "payments" }]"#,
+            )
+        },
+        &[],
     )
     .await;
     assert_eq!(env.put("/orders/1", None, Some("1")).await.status, 200);
@@ -505,7 +419,7 @@ async fn a_write_cannot_leave_its_route_by_header_or_by_path() {
     assert_eq!(by_header.status, 400, "{by_header:?}");
     assert_eq!(by_header.problem_type(), "urn:fencepost:invalid-resource");
     assert!(
-        by_header.json()["detail"]
+        by_header.body["detail"]
             .as_str()
             .is_some_and(|d| d.contains("payments")),
         "{by_header:?}"
@@ -548,8 +462,13 @@ async fn a_write_cannot_leave_its_route_by_header_or_by_path() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_write_gets_409_is_never_forwarded_and_audited_once() {
     let env = Env::start(
-        "routes = [{ prefix = \"/orders/\", resource = \"orders\" }]",
-        "",
+        |h| {
+            h.raw(
+                "routes",
+                r#"[{ prefix = "/orders/", resource = "orders" }]"#,
+            )
+        },
+        &[],
     )
     .await;
 
@@ -563,7 +482,7 @@ async fn stale_write_gets_409_is_never_forwarded_and_audited_once() {
         stale.header("content-type"),
         Some("application/problem+json")
     );
-    let p = stale.json();
+    let p = &stale.body;
     assert_eq!(p["type"], "urn:fencepost:stale-token");
     assert_eq!(p["status"], 409);
     assert_eq!(p["resource"], "orders");
@@ -617,7 +536,7 @@ async fn stale_write_gets_409_is_never_forwarded_and_audited_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn newer_token_waits_for_older_write_to_complete_at_the_upstream() {
-    let env = Arc::new(Env::start("", "drain_timeout = \"20s\"").await);
+    let env = Arc::new(Env::start(|h| h, &[("drain_timeout", "20s")]).await);
     // Held before the upstream's response headers, then after them.
     drain_case(&env, "/hold/", 5, 6).await;
     drain_case(&env, "/hold-body/", 7, 8).await;
@@ -629,7 +548,7 @@ async fn newer_token_waits_for_older_write_to_complete_at_the_upstream() {
 /// waits until the upstream has really answered it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_hanging_up_mid_write_keeps_the_drain_waiting() {
-    let env = Arc::new(Env::start("", "drain_timeout = \"20s\"").await);
+    let env = Arc::new(Env::start(|h| h, &[("drain_timeout", "20s")]).await);
     // Held before the upstream's response headers, then after them.
     for (hold, old, new) in [("/hold/", 5u64, 6u64), ("/hold-body/", 7, 8)] {
         let held_path = format!("{hold}h{old}");
@@ -695,7 +614,7 @@ async fn drain_case(env: &Arc<Env>, hold: &str, old: u64, new: u64) {
     let late_path = format!("/late{old}");
     let late = env.put(&late_path, Some("drain"), Some(&old_s)).await;
     assert_eq!(late.status, 409, "{late:?}");
-    assert_eq!(num(&late.json()["current_token"]), Some(new));
+    assert_eq!(num(&late.body["current_token"]), Some(new));
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
@@ -710,7 +629,7 @@ async fn drain_case(env: &Arc<Env>, hold: &str, old: u64, new: u64) {
     env.upstream.release(&format!("d{old}"));
     let held = held.await.unwrap();
     assert_eq!(held.status, 200, "{held:?}");
-    assert_eq!(held.body, "1", "the held write's full answer");
+    assert_eq!(held.text, "1", "the held write's full answer");
     let newer = newer.await.unwrap();
     assert_eq!(newer.status, 200, "{newer:?}");
 
@@ -736,14 +655,13 @@ async fn drain_case(env: &Arc<Env>, hold: &str, old: u64, new: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_token_is_still_refused_after_kill_9_and_restart() {
-    let mut env = Env::start("", "").await;
+    let mut env = Env::process().await;
     assert_eq!(env.put("/a", Some("dur"), Some("7")).await.status, 200);
     // The first write with 8 is forwarded only once 8 is durable.
     assert_eq!(env.put("/b", Some("dur"), Some("8")).await.status, 200);
 
-    env.server.kill9();
-    env.server.restart();
-    env.wait_ready().await;
+    env.server.process().restart();
+    env.server.process().wait_ready().await;
 
     let stale = env.put("/c", Some("dur"), Some("7")).await;
     assert_eq!(stale.status, 409, "{stale:?}");
@@ -754,7 +672,7 @@ async fn stale_token_is_still_refused_after_kill_9_and_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
 async fn concurrent_writers_across_failovers_never_land_out_of_order() {
-    let env = Arc::new(Env::start("", "").await);
+    let env = Arc::new(Env::start(|h| h, &[]).await);
     let leader = Arc::new(AtomicU64::new(1));
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
@@ -857,8 +775,8 @@ async fn concurrent_writers_across_failovers_never_land_out_of_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_64_mib_body_streams_through_both_ways_without_the_proxy_holding_it() {
     const MIB: usize = 1 << 20;
-    let env = Env::start("", "").await;
-    let pid = env.server.child.as_ref().unwrap().id();
+    let mut env = Env::process().await;
+    let pid = env.server.process().child.as_ref().unwrap().id();
     // Warm up: first requests allocate pools and buffers once.
     assert_eq!(env.put("/warm", Some("big"), Some("1")).await.status, 200);
     let baseline = rss_kib(pid);
@@ -877,7 +795,7 @@ async fn a_64_mib_body_streams_through_both_ways_without_the_proxy_holding_it() 
     .await;
     assert_eq!(up.status, 200, "{up:?}");
     assert_eq!(
-        up.body,
+        up.text,
         (64 * MIB).to_string(),
         "the upstream got every byte"
     );
@@ -901,8 +819,13 @@ async fn a_64_mib_body_streams_through_both_ways_without_the_proxy_holding_it() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn missing_malformed_and_duplicate_tokens_and_bad_resources_get_contract_codes() {
     let env = Env::start(
-        "routes = [{ prefix = \"/orders/\", resource = \"orders\" }]",
-        "",
+        |h| {
+            h.raw(
+                "routes",
+                r#"[{ prefix = "/orders/", resource = "orders" }]"#,
+            )
+        },
+        &[],
     )
     .await;
     let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
@@ -1053,8 +976,13 @@ async fn missing_malformed_and_duplicate_tokens_and_bad_resources_get_contract_c
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reads_pass_without_a_token_and_headers_are_rewritten() {
     let env = Env::start(
-        "routes = [{ prefix = \"/orders/\", resource = \"orders\" }]",
-        "",
+        |h| {
+            h.raw(
+                "routes",
+                r#"[{ prefix = "/orders/", resource = "orders" }]"#,
+            )
+        },
+        &[],
     )
     .await;
     let get = send(env.c.get(env.url("/orders/1")), None, None).await;
@@ -1126,18 +1054,12 @@ async fn unreachable_upstream_is_502_and_hung_upstream_is_504_within_the_timeout
     let upstream = Upstream::start().await;
     // Port 1: nothing listens there, and no other test can bind it.
     let dead_upstream = "http://127.0.0.1:1";
-    let (_server, a) = launch(dir.path(), 3, |a| {
-        config(
-            a[2],
-            "drain_timeout = \"3s\"",
-            &[
-                http_section(a[0], dead_upstream, ""),
-                http_section(a[1], &upstream.url(), "upstream_timeout = \"1s\""),
-            ],
-        )
-    })
-    .await;
-    let (dead_px, slow_px, admin) = (a[0], a[1], a[2]);
+    let (mut conf, admin) = config(dir.path());
+    conf.set("fencing", "drain_timeout", "3s");
+    let dead_px = conf.http(Section::to(dead_upstream));
+    let slow_px = conf.http(Section::to(upstream.url()).set("upstream_timeout", "1s"));
+    // A process: the test reads /metrics, whose recorder is per process.
+    let _server = Served::start(true, dir.path(), conf).await;
     let c = client();
 
     let r = send(c.get(format!("http://{dead_px}/x")), None, None).await;
@@ -1194,8 +1116,8 @@ async fn unreachable_upstream_is_502_and_hung_upstream_is_504_within_the_timeout
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slowloris_client_does_not_stop_others_from_being_served() {
     let env = Env::start(
-        "header_read_timeout = \"1s\"\nidle_timeout = \"1s\"",
-        "drain_timeout = \"10s\"",
+        |h| h.set("header_read_timeout", "1s").set("idle_timeout", "1s"),
+        &[("drain_timeout", "10s")],
     )
     .await;
     let mut slow = Vec::new();
@@ -1266,7 +1188,7 @@ async fn a_slowloris_client_does_not_stop_others_from_being_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_past_the_concurrency_bound_get_503_with_retry_after() {
-    let env = Arc::new(Env::start("max_concurrent_requests = 2", "").await);
+    let env = Arc::new(Env::start(|h| h.set("max_concurrent_requests", 2), &[]).await);
     let mut held = Vec::new();
     for name in ["c1", "c2"] {
         let e = Arc::clone(&env);
@@ -1294,14 +1216,10 @@ async fn requests_past_the_concurrency_bound_get_503_with_retry_after() {
 async fn writes_fail_closed_with_503_when_the_store_is_down() {
     let dir = TempDir::new("fp-http-store");
     let upstream = Upstream::start().await;
-    let (server, a) = launch(dir.path(), 1, |a| {
-        format!(
-            "store = \"postgres://postgres@127.0.0.1:1/x\"\n[fencing]\nstore_timeout = \"1s\"\n{}",
-            http_section(a[0], &upstream.url(), "")
-        )
-    })
-    .await;
-    let proxy = a[0];
+    let mut conf = Conf::store("postgres://postgres@127.0.0.1:1/x");
+    conf.set("fencing", "store_timeout", "1s");
+    let proxy = conf.http(Section::to(upstream.url()));
+    let server = Served::start(false, dir.path(), conf).await;
     let c = client();
 
     let r = send(c.put(format!("http://{proxy}/w")), Some("down"), Some("1")).await;
@@ -1336,14 +1254,10 @@ async fn a_store_timeout_above_five_seconds_is_honoured() {
         let dir = TempDir::new("fp-http-slow");
         let shim = StallShim::start(&db.url).await;
         let store = shim.url.clone();
-        let (server, a) = launch(dir.path(), 1, |a| {
-            format!(
-                "store = \"{store}\"\n[fencing]\nstore_timeout = \"{timeout}\"\n{}",
-                http_section(a[0], &upstream.url(), "")
-            )
-        })
-        .await;
-        let proxy = a[0];
+        let mut conf = Conf::store(store);
+        conf.set("fencing", "store_timeout", timeout);
+        let proxy = conf.http(Section::to(upstream.url()));
+        let server = Served::start(false, dir.path(), conf).await;
         // The store answers: a first write lands (and the pool is warm).
         let warm = format!("warm-{timeout}");
         let r = send(
@@ -1477,28 +1391,20 @@ async fn the_elector_watch_presents_the_elector_bearer_token() {
 async fn grant_fences_via_the_watch(bearer: Option<&'static str>, explicit: bool) {
     let dir = TempDir::new("fp-http-elector");
     let upstream = Upstream::start().await;
-    let (_server, a) = launch(dir.path(), 3, |a| {
-        let elector_token = bearer.map_or(String::new(), |t| format!("token = \"{t}\"\n"));
-        let watch_token = match bearer {
-            Some(t) if explicit => format!("elector_token = \"{t}\"\n"),
-            _ => String::new(),
-        };
-        config_with(
-            a[1],
-            "",
-            &format!("[elector]\nlisten = \"{}\"\n{elector_token}", a[2]),
-            &[http_section(
-                a[0],
-                &upstream.url(),
-                &format!(
-                    "elector_watch = \"http://{}\"\n{watch_token}routes = [{{ prefix = \"/acct/\", resource = \"acct\" }}]",
-                    a[2]
-                ),
-            )],
-        )
-    })
-    .await;
-    let (proxy, elector) = (a[0], a[2]);
+    let (mut conf, _admin) = config(dir.path());
+    let mut el = Section::new();
+    if let Some(t) = bearer {
+        el = el.set("token", t);
+    }
+    let elector = conf.elector(el);
+    let mut http = Section::to(upstream.url())
+        .set("elector_watch", format!("http://{elector}"))
+        .raw("routes", r#"[{ prefix = "/acct/", resource = "acct" }]"#);
+    if let Some(t) = bearer.filter(|_| explicit) {
+        http = http.set("elector_token", t);
+    }
+    let proxy = conf.http(http);
+    let _server = InProc::start(conf).await;
     let c = client();
     let el = format!("http://{elector}/v1/leases/acct");
     let auth = move |r: reqwest::RequestBuilder| match bearer {
@@ -1563,7 +1469,7 @@ async fn grant_fences_via_the_watch(bearer: Option<&'static str>, explicit: bool
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert_eq!(num(&refused.json()["current_token"]), Some(b));
+    assert_eq!(num(&refused.body["current_token"]), Some(b));
     assert!(upstream
         .arrivals()
         .iter()
@@ -1581,13 +1487,13 @@ async fn grant_fences_via_the_watch(bearer: Option<&'static str>, explicit: bool
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn graceful_shutdown_stops_accepting_and_finishes_the_write_in_flight() {
-    let mut env = Env::start("", "").await;
+    let mut env = Env::process().await;
     let env_c = env.c.clone();
     let url = env.url("/hold/sd");
     let held = tokio::spawn(async move { send(env_c.put(url), Some("sd"), Some("1")).await });
     env.upstream.wait_arrival("/hold/sd").await;
 
-    let mut child = env.server.child.take().unwrap();
+    let mut child = env.server.process().child.take().unwrap();
     let pid = child.id().to_string();
     std::process::Command::new("kill")
         .args(["-TERM", &pid])

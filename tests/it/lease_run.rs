@@ -30,7 +30,7 @@ done"#;
 /// front of a recording upstream.
 struct Env {
     dir: TempDir,
-    _server: Server,
+    _server: InProc,
     upstream: Upstream,
     elector: String,
     proxy: String,
@@ -40,25 +40,14 @@ impl Env {
     async fn start() -> Env {
         let dir = TempDir::new("fp-lease-run");
         let upstream = Upstream::start().await;
-        let (el, px) = (free_addr(), free_addr());
-        let config = format!(
-            r#"store = "sqlite://{}/fp.db"
-[elector]
-listen = "{el}"
-min_ttl = "50ms"
-token = "{BEARER}"
-[[http]]
-listen = "{px}"
-upstream = "http://{}"
-elector_watch = "http://{el}"
-watch_resources = ["{RESOURCE}"]
-"#,
-            dir.path().display(),
-            upstream.addr
+        let mut conf = Conf::sqlite(dir.path());
+        let el = conf.elector(Section::new().set("min_ttl", "50ms").set("token", BEARER));
+        let px = conf.http(
+            Section::to(format!("http://{}", upstream.addr))
+                .set("elector_watch", format!("http://{el}"))
+                .set("watch_resources", vec![RESOURCE]),
         );
-        let server = Server::start(dir.path(), &config);
-        wait_port(el).await;
-        wait_port(px).await;
+        let server = InProc::start(conf).await;
         Env {
             dir,
             _server: server,

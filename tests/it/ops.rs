@@ -7,27 +7,19 @@
 use crate::support::*;
 use serde_json::Value;
 
+/// An admin API (shaped by `admin`) and an HTTP proxy in front of
+/// `upstream`, over `store`, with a 1 s store timeout; returns the config
+/// with the admin API's and the proxy's addresses.
 fn config(
-    dir: &TempDir,
     store: &str,
-    admin: std::net::SocketAddr,
-    http: std::net::SocketAddr,
+    admin: impl FnOnce(Section) -> Section,
     upstream: std::net::SocketAddr,
-    extra: &str,
-) -> String {
-    let _ = dir;
-    format!(
-        r#"store = "{store}"
-[admin]
-listen = "{admin}"
-{extra}
-[fencing]
-store_timeout = "1s"
-[[http]]
-listen = "{http}"
-upstream = "http://{upstream}"
-"#
-    )
+) -> (Conf, std::net::SocketAddr, std::net::SocketAddr) {
+    let mut conf = Conf::store(store);
+    conf.set("fencing", "store_timeout", "1s");
+    let admin = conf.admin(admin(Section::new()));
+    let http = conf.http(Section::to(format!("http://{upstream}")));
+    (conf, admin, http)
 }
 
 fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
@@ -42,15 +34,13 @@ fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
 async fn audit_records_are_flushed_on_graceful_shutdown() {
     let dir = TempDir::new("fp-flush");
     let up = Upstream::start().await;
-    let (admin, http) = (free_addr(), free_addr());
     let store = format!("sqlite://{}/fp.db", dir.path().display());
+    let (mut conf, _admin, http) = config(&store, |a| a, up.addr);
     // Nothing would be written before shutdown but for the flush: the
     // interval is an hour and the batch larger than the test.
-    let extra = "[audit]\nflush_interval = \"1h\"\nbatch_size = 100000\n";
-    let text = config(&dir, &store, admin, http, up.addr, "")
-        .replace("[fencing]", &format!("{extra}[fencing]"));
-    let mut server = Server::start(dir.path(), &text);
-    wait_port(http).await;
+    conf.set("audit", "flush_interval", "1h")
+        .set("audit", "batch_size", 100000);
+    let mut server = Server::run(dir.path(), conf).await;
     let url = format!("http://{http}/kv/x");
     assert_eq!(put(&url, Some("5"), Some("orders"), "new").await.0, 200);
     let n = 40;
@@ -109,12 +99,9 @@ async fn store_outage_fails_closed_counts_lost_audit_records_and_recovers() {
     let store = db.url.replace("127.0.0.1:5432", &shim.addr.to_string());
     let dir = TempDir::new("fp-outage");
     let up = Upstream::start().await;
-    let (admin, http) = (free_addr(), free_addr());
-    let extra = "[audit]\nflush_interval = \"50ms\"\n";
-    let text = config(&dir, &store, admin, http, up.addr, "")
-        .replace("[fencing]", &format!("{extra}[fencing]"));
-    let _server = Server::start(dir.path(), &text);
-    wait_port(http).await;
+    let (mut conf, admin, http) = config(&store, |a| a, up.addr);
+    conf.set("audit", "flush_interval", "50ms");
+    let _server = Server::run(dir.path(), conf).await;
     let url = format!("http://{http}/kv/x");
     let ok = eventually(20, || async {
         (put(&url, Some("5"), Some("orders"), "a").await.0 == 200).then_some(())
@@ -161,11 +148,9 @@ async fn store_outage_fails_closed_counts_lost_audit_records_and_recovers() {
 async fn admin_api_needs_its_token_and_reports_fences_audit_and_metrics() {
     let dir = TempDir::new("fp-admin");
     let up = Upstream::start().await;
-    let (admin, http) = (free_addr(), free_addr());
     let store = format!("sqlite://{}/fp.db", dir.path().display());
-    let text = config(&dir, &store, admin, http, up.addr, "token = \"s3cret\"\n");
-    let _server = Server::start(dir.path(), &text);
-    wait_port(admin).await;
+    let (conf, admin, http) = config(&store, |a| a.set("token", "s3cret"), up.addr);
+    let _server = Server::run(dir.path(), conf).await;
     let base = format!("http://{admin}");
     let url = format!("http://{http}/kv/y");
     assert_eq!(put(&url, Some("7"), Some("shard/1"), "a").await.0, 200);
@@ -364,16 +349,10 @@ fn migrate_applies_and_help_teaches() {
 async fn logs_are_json_on_request() {
     let dir = TempDir::new("fp-json");
     let up = Upstream::start().await;
-    let (admin, http) = (free_addr(), free_addr());
     let store = format!("sqlite://{}/fp.db", dir.path().display());
-    // Top-level keys first, then the [log] table, then the rest.
-    let text = config(&dir, &store, admin, http, up.addr, "").replacen(
-        "[admin]",
-        "[log]\nformat = \"json\"\n[admin]",
-        1,
-    );
-    let mut server = Server::start(dir.path(), &text);
-    wait_port(http).await;
+    let (mut conf, _admin, http) = config(&store, |a| a, up.addr);
+    conf.set("log", "format", "json");
+    let mut server = Server::run(dir.path(), conf).await;
     assert_eq!(
         put(&format!("http://{http}/kv/z"), Some("1"), Some("r"), "x")
             .await
@@ -408,10 +387,13 @@ async fn logs_are_json_on_request() {
 async fn serve_on_port_zero_writes_the_bound_addresses_to_the_ready_file() {
     let dir = TempDir::new("fp-ready");
     let up = Upstream::start().await;
-    let any = "127.0.0.1:0".parse().unwrap();
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
     let store = format!("sqlite://{}/fp.db", dir.path().display());
+    let mut conf = Conf::store(store);
+    conf.admin(Section::new().listen(any));
+    conf.http(Section::to(format!("http://{}", up.addr)).listen(any));
     let config = dir.path().join("fencepost.toml");
-    std::fs::write(&config, self::config(&dir, &store, any, any, up.addr, "")).unwrap();
+    std::fs::write(&config, conf.render()).unwrap();
     let ready = dir.path().join("ready.json");
     let mut child = std::process::Command::new(bin())
         .args([

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::{code, free_addr, free_port, opts, wait_port, Server, TempDir, TestDb};
+use crate::support::{code, free_port, opts, Conf, Section, Served, TempDir, TestDb};
 use futures_util::StreamExt;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
@@ -135,23 +135,13 @@ fn run_ok(cmd: &mut Command) {
     );
 }
 
-/// `fencepost serve` with one `[[postgres]]` proxy in front of `upstream`.
-async fn proxy_for(dir: &Path, upstream: SocketAddr) -> (Server, SocketAddr) {
-    let proxy = free_addr();
-    let admin = free_addr();
-    let config = format!(
-        r#"store = "sqlite://{}/fencepost.db"
-[admin]
-listen = "{admin}"
-[[postgres]]
-listen = "{proxy}"
-upstream = "{upstream}"
-"#,
-        dir.display()
-    );
-    let server = Server::start(dir, &config);
-    wait_port(proxy).await;
-    (server, proxy)
+/// A fencepost server (in-process) with one `[[postgres]]` proxy in front
+/// of `upstream`, and an admin API.
+async fn proxy_for(dir: &Path, upstream: SocketAddr) -> (Served, SocketAddr) {
+    let mut conf = Conf::sqlite(dir);
+    conf.admin(Section::new());
+    let proxy = conf.postgres(Section::to(upstream.to_string()));
+    (Served::start(false, dir, conf).await, proxy)
 }
 
 /// Runs psql with `conninfo` and `-c` commands, bounded; returns (exit

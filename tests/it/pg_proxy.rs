@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::{code, direct, opts, Conf, InProc, Section, Server, TempDir, TestDb};
+use crate::support::{code, direct, opts, Conf, InProc, Section, Served, TempDir, TestDb};
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 struct Env {
@@ -18,24 +18,6 @@ struct Env {
     db: TestDb,
     proxy: SocketAddr,
     admin: SocketAddr,
-}
-
-enum Served {
-    // Held for its drop, which stops the server.
-    #[allow(dead_code)]
-    InProc(InProc),
-    Process(Server),
-}
-
-impl Served {
-    /// The process's log, for a failure message (an in-process server
-    /// logs nowhere).
-    fn log_text(&self) -> String {
-        match self {
-            Served::InProc(_) => String::new(),
-            Served::Process(s) => s.log_text(),
-        }
-    }
 }
 
 impl Env {
@@ -69,11 +51,7 @@ impl Env {
         let admin = conf.admin(Section::new());
         let pg = extra(dir.path(), &mut conf, Section::to("127.0.0.1:5432"));
         let proxy = conf.postgres(pg);
-        let server = if process {
-            Served::Process(Server::run(dir.path(), conf))
-        } else {
-            Served::InProc(InProc::start(conf))
-        };
+        let server = Served::start(process, dir.path(), conf).await;
         Env {
             _dir: dir,
             server,
@@ -592,10 +570,7 @@ async fn graceful_shutdown_closes_idle_sessions_promptly() {
     simple(&c, "INSERT INTO t VALUES (1)").await.expect("write");
     let started = std::time::Instant::now();
     let status = tokio::task::spawn_blocking(move || {
-        let Served::Process(server) = &mut env.server else {
-            unreachable!("started as a process")
-        };
-        let st = server.terminate();
+        let st = env.server.process().terminate();
         (env, st)
     })
     .await
@@ -957,7 +932,7 @@ async fn two_guard_proxies_never_commit_a_stale_transaction_after_a_newer_one() 
     let dir2 = TempDir::new("fp_pg_guard2b");
     let mut conf2 = Conf::sqlite(dir2.path());
     let proxy2 = conf2.postgres(Section::to("127.0.0.1:5432").set("enforce", "database"));
-    let _server2 = InProc::start(conf2);
+    let _server2 = InProc::start(conf2).await;
     // Even tokens through the second proxy, odd ones through the first;
     // a pause inside each block lets a newer token overtake it.
     let writers = failover_campaign(

@@ -29,48 +29,6 @@ const TWO_63: u64 = 1 << 63;
 
 // ------------------------------------------------------------ responses
 
-/// An HTTP response reduced to what the tests look at.
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    content_type: String,
-    headers: reqwest::header::HeaderMap,
-    text: String,
-    body: Value,
-}
-
-async fn send(req: reqwest::RequestBuilder) -> Resp {
-    let r = req.send().await.expect("request reaches the server");
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    let content_type = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    // Event streams never end; their head is all a test needs.
-    let text = if content_type.starts_with("text/event-stream") {
-        String::new()
-    } else {
-        r.text().await.unwrap_or_default()
-    };
-    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-    Resp {
-        status,
-        content_type,
-        headers,
-        text,
-        body,
-    }
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client")
-}
-
 #[track_caller]
 fn assert_problem(r: &Resp, status: u16, kind: &str, what: &str) {
     assert_eq!(r.status, status, "{what}: status of {}", r.text);
@@ -146,14 +104,14 @@ struct Setup {
     guard: bool,
 }
 
-/// One `fencepost serve` running everything, signing on: an elector with
+/// One fencepost server (in-process) running everything, signing on: an elector with
 /// a secret key, an HTTP proxy and a Postgres proxy verifying with the
 /// public key, the admin API. The Postgres proxy guards a fresh database
 /// with table `t(v int)`; the HTTP proxy a recording upstream, with the
 /// route `/orders/` bound to resource `orders`.
 struct Stack {
     dir: TempDir,
-    server: Server,
+    server: Served,
     db: TestDb,
     up: Upstream,
     admin: String,
@@ -179,57 +137,43 @@ impl Stack {
         let dir = TempDir::new(prefix);
         let key = keygen(dir.path(), "elector");
         let up = Upstream::start().await;
-        let (admin, el, http, pg) = (free_addr(), free_addr(), free_addr(), free_addr());
         let store = if setup.postgres_store {
             db.url.clone()
         } else {
             format!("sqlite://{}/fp.db", dir.path().display())
         };
-        let line =
-            |k: &str, v: Option<&str>| v.map(|v| format!("{k} = \"{v}\"\n")).unwrap_or_default();
-        let watch = if setup.watch.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "elector_watch = \"http://{el}\"\nwatch_resources = {:?}\n",
-                setup.watch
-            )
-        };
-        let text = format!(
-            r#"store = "{store}"
-[admin]
-listen = "{admin}"
-{admin_token}
-[audit]
-flush_interval = "20ms"
-[elector]
-listen = "{el}"
-signing_key = "{key}.key"
-min_ttl = "50ms"
-{elector_token}
-[[http]]
-listen = "{http}"
-upstream = "http://{upstream}"
-verify_key = "{key}.pub"
-routes = [{{ prefix = "/orders/", resource = "orders" }}]
-{watch}
-[[postgres]]
-listen = "{pg}"
-upstream = "{pg_upstream}"
-verify_key = "{key}.pub"
-{enforce}
-"#,
-            key = key.display(),
-            upstream = up.addr,
-            pg_upstream = pg_upstream(),
-            admin_token = line("token", setup.admin_token),
-            elector_token = line("token", setup.elector_token),
-            enforce = line("enforce", setup.guard.then_some("database")),
-        );
-        let server = Server::start(dir.path(), &text);
-        for a in [admin, el, http, pg] {
-            wait_port(a).await;
+        let mut conf = Conf::store(store);
+        conf.set("audit", "flush_interval", "20ms");
+        let mut admin = Section::new();
+        if let Some(t) = setup.admin_token {
+            admin = admin.set("token", t);
         }
+        let admin = conf.admin(admin);
+        let mut el = Section::new()
+            .set("signing_key", format!("{}.key", key.display()))
+            .set("min_ttl", "50ms");
+        if let Some(t) = setup.elector_token {
+            el = el.set("token", t);
+        }
+        let el = conf.elector(el);
+        let mut http = Section::to(format!("http://{}", up.addr))
+            .set("verify_key", format!("{}.pub", key.display()))
+            .raw(
+                "routes",
+                r#"[{ prefix = "/orders/", resource = "orders" }]"#,
+            );
+        if !setup.watch.is_empty() {
+            http = http
+                .set("elector_watch", format!("http://{el}"))
+                .set("watch_resources", setup.watch.to_vec());
+        }
+        let http = conf.http(http);
+        let mut pg = Section::to(pg_upstream()).set("verify_key", format!("{}.pub", key.display()));
+        if setup.guard {
+            pg = pg.set("enforce", "database");
+        }
+        let pg = conf.postgres(pg);
+        let server = Served::start(false, dir.path(), conf).await;
         Stack {
             dir,
             server,
@@ -1199,13 +1143,9 @@ impl StoreProbe {
 /// characters are refused, and the store's tables are intact afterwards.
 async fn hostile_holders_round_trip(dir: TempDir, store: &str, probe: StoreProbe) {
     let key = keygen(dir.path(), "elector");
-    let el = free_addr();
-    let text = format!(
-        "store = \"{store}\"\n[elector]\nlisten = \"{el}\"\nsigning_key = \"{}.key\"\n",
-        key.display()
-    );
-    let _server = Server::start(dir.path(), &text);
-    wait_port(el).await;
+    let mut conf = Conf::store(store);
+    let el = conf.elector(Section::new().set("signing_key", format!("{}.key", key.display())));
+    let _server = InProc::start(conf).await;
     let base = format!("http://{el}");
     let post = |resource: &str, action: &str, body: Value| {
         let url = format!("{base}/v1/leases/{resource}/{action}");

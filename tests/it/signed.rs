@@ -36,28 +36,16 @@ async fn only_tokens_the_elector_signed_for_this_resource_are_admitted() {
     let (code, _, err) = run_cli(&["keygen", "--out", key.to_str().unwrap()], &[]);
     assert_eq!(code, 0, "{err}");
     let up = Upstream::start().await;
-    let (admin, el, http) = (free_addr(), free_addr(), free_addr());
-    let text = format!(
-        r#"store = "sqlite://{db}"
-[admin]
-listen = "{admin}"
-[elector]
-listen = "{el}"
-signing_key = "{key}.key"
-[[http]]
-listen = "{http}"
-upstream = "http://{upstream}"
-verify_key = "{key}.pub"
-elector_watch = "http://{el}"
-watch_resources = ["orders", "payments"]
-"#,
-        db = dir.path().join("fp.db").display(),
-        key = key.display(),
-        upstream = up.addr,
+    let mut conf = Conf::store(format!("sqlite://{}", dir.path().join("fp.db").display()));
+    let admin = conf.admin(Section::new());
+    let el = conf.elector(Section::new().set("signing_key", format!("{}.key", key.display())));
+    let http = conf.http(
+        Section::to(format!("http://{}", up.addr))
+            .set("verify_key", format!("{}.pub", key.display()))
+            .set("elector_watch", format!("http://{el}"))
+            .set("watch_resources", vec!["orders", "payments"]),
     );
-    let _server = Server::start(dir.path(), &text);
-    wait_port(http).await;
-    wait_port(el).await;
+    let _server = InProc::start(conf).await;
     let elector = format!("http://{el}");
     let url = format!("http://{http}/kv/a");
 

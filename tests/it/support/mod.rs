@@ -4,16 +4,19 @@
 //!
 //! - `config`: [`Conf`], the typed config builder, which binds each
 //!   listener when it is declared.
+//! - `http`: one HTTP client and [`Resp`], a response as tests read it.
 //! - `server`: [`InProc`] (the library's `serve::start` on those very
 //!   sockets) and [`Server`] (the `fencepost serve` process, for kill -9,
 //!   SIGTERM, SIGSTOP and whatever else needs a process).
 #![allow(dead_code)]
 
 mod config;
+mod http;
 mod server;
 
 pub use self::config::{Conf, Section};
-pub use self::server::{InProc, Server};
+pub use self::http::{client, send, Resp};
+pub use self::server::{InProc, Served, Server};
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};

@@ -25,7 +25,7 @@ impl Server {
     /// Writes `conf` into `dir/fencepost.toml`, starts serve on its
     /// addresses (the held sockets are closed just before) and waits
     /// until every listener is bound (`--ready-file`).
-    pub fn run(dir: &Path, mut conf: Conf) -> Server {
+    pub async fn run(dir: &Path, mut conf: Conf) -> Server {
         conf.release();
         let config = dir.join("fencepost.toml");
         std::fs::write(&config, conf.render()).expect("write config");
@@ -37,13 +37,14 @@ impl Server {
             ready: Some(dir.join(format!("ready-{}.json", rand::random::<u32>()))),
         };
         s.spawn();
-        s.wait_ready();
+        s.wait_ready().await;
         s
     }
 
-    /// Blocks until serve has written its ready file (every listener
-    /// bound, the store opened).
-    pub fn wait_ready(&self) -> Addrs {
+    /// Waits until serve has written its ready file (every listener
+    /// bound, the store opened). Async, so what the test runs on its own
+    /// runtime (a [`super::Shim`] in front of the store) keeps running.
+    pub async fn wait_ready(&self) -> Addrs {
         let Some(path) = &self.ready else {
             panic!("a server started from text has no ready file");
         };
@@ -57,7 +58,7 @@ impl Server {
                 "serve not ready after 30s\n{}",
                 self.log_text()
             );
-            std::thread::sleep(Duration::from_millis(10));
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -133,6 +134,8 @@ impl Server {
         c.wait().ok()
     }
 
+    /// kill -9, then start again on the same config (and so the same
+    /// ports); [`Server::wait_ready`] says when it is up.
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
@@ -160,12 +163,15 @@ pub struct InProc {
 }
 
 impl InProc {
-    pub fn start(mut conf: Conf) -> InProc {
+    /// Starts the server and waits until it serves; async, so what the
+    /// test runs on its own runtime (a [`super::Shim`] in front of the
+    /// store) keeps running meanwhile.
+    pub async fn start(mut conf: Conf) -> InProc {
         let text = conf.render();
         let held = conf.take_listeners();
         let env = conf.env.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let thread = std::thread::spawn(move || -> Result<(), String> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -196,7 +202,7 @@ impl InProc {
                     .map_err(|e| e.to_string())
             })
         });
-        let addrs = match ready_rx.recv() {
+        let addrs = match ready_rx.await {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => panic!("in-process server did not start: {e}"),
             Err(_) => panic!("in-process server thread died: {:?}", thread.join()),
@@ -227,6 +233,44 @@ impl Drop for InProc {
         // Begin the shutdown; the thread finishes on its own.
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
+        }
+    }
+}
+
+/// A server a test may start either way: in-process unless the test is
+/// about the process (a signal, kill -9, its memory, its log).
+pub enum Served {
+    // Held for its drop, which stops the server.
+    #[allow(dead_code)]
+    InProc(InProc),
+    Process(Server),
+}
+
+impl Served {
+    /// Starts `conf` in a process (`dir` holds its config and log) or in
+    /// this one.
+    pub async fn start(process: bool, dir: &Path, conf: Conf) -> Served {
+        if process {
+            Served::Process(Server::run(dir, conf).await)
+        } else {
+            Served::InProc(InProc::start(conf).await)
+        }
+    }
+
+    /// The process, for a test that started one.
+    pub fn process(&mut self) -> &mut Server {
+        match self {
+            Served::Process(s) => s,
+            Served::InProc(_) => panic!("the test started its server in-process"),
+        }
+    }
+
+    /// The process's log, for a failure message (an in-process server
+    /// logs nowhere).
+    pub fn log_text(&self) -> String {
+        match self {
+            Served::InProc(_) => String::new(),
+            Served::Process(s) => s.log_text(),
         }
     }
 }
