@@ -343,3 +343,149 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
         n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
     })
 }
+
+/// What a hyper server (the reference the relay is judged against) made
+/// of one connection's bytes: each request's path and body, in order.
+async fn hyper_reads(raw: Vec<u8>) -> Vec<(String, Vec<u8>)> {
+    use http_body_util::BodyExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let log = log.clone();
+            async move {
+                let path = req.uri().path().to_owned();
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes().to_vec());
+                if let Ok(body) = body {
+                    log.lock().unwrap().push((path, body));
+                }
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from_static(b"ok"),
+                )))
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+            .await;
+    });
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&raw).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out)).await;
+    server.abort();
+    let seen = seen.lock().unwrap().clone();
+    seen
+}
+
+/// The chunk data of a chunked body `wire` has validated.
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = body.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size_text = std::str::from_utf8(&body[..line_end]).unwrap();
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap(), 16).unwrap();
+        body = &body[line_end + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&body[..size]);
+        body = &body[size + 2..];
+    }
+}
+
+/// The relay's framing (`wire::http1`) against hyper's, on the crafted
+/// requests of the framing review: wherever `wire` accepts a request,
+/// hyper reads the same body and then the same next request (so the two
+/// can never disagree about where a message ends); where `wire` refuses,
+/// hyper may accept (`wire` is stricter by design), which is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wire_framing_agrees_with_hyper_or_is_stricter() {
+    use wire::http1::body::{BodyReader, Framing};
+    use wire::http1::head::{header_slots, parse_request};
+
+    let heads_and_bodies: &[&str] = &[
+        "Content-Length: 5\r\n\r\nhello",
+        "Content-Length: 0\r\n\r\n",
+        "Content-Length: 005\r\n\r\nhello",
+        "Content-Length: +5\r\n\r\nhello",
+        "Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        "Content-Length: 5, 5\r\n\r\nhello",
+        "Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "Transfer-Encoding: chunked\r\n\r\n5;a=b\r\nhello\r\n0\r\n\r\n",
+        "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n",
+        "Transfer-Encoding: chunked\r\n\r\nA\r\n0123456789\r\n0\r\n\r\n",
+        "Transfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
+        "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\n0\r\n\r\n",
+        "Transfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+        "Transfer-Encoding: chunked\r\n\r\n 5\r\nhello\r\n0\r\n\r\n",
+        "Transfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n",
+        "Transfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+        "Transfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\nx\r\n0\r\n\r\n",
+        "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\n",
+        "Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "Transfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "Transfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "Transfer-Encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "Transfer-Encoding:\tchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nbad trailer\r\n\r\n",
+        "X: a\r\n b\r\nContent-Length: 5\r\n\r\nhello",
+        "Content-Length : 5\r\n\r\nhello",
+        "Content-Length: 5\n\r\nhello",
+        "Content-Length: 5\r\n\nhello",
+        "Connection: Content-Length\r\nContent-Length: 5\r\n\r\nhello",
+    ];
+    let mut stricter = Vec::new();
+    for (i, tail) in heads_and_bodies.iter().enumerate() {
+        let first = format!("POST /case/{i} HTTP/1.1\r\nHost: h\r\n{tail}");
+        let next = format!("GET /next/{i} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+        let raw = [first.as_bytes(), next.as_bytes()].concat();
+
+        let mut headers = header_slots();
+        let wire_body = match parse_request(&raw, &mut headers) {
+            Ok(Some(head)) => {
+                let mut reader = BodyReader::new(head.framing);
+                let rest = &raw[head.len..];
+                match reader.advance(rest) {
+                    Ok(p) if p.done => {
+                        let body = &rest[..p.consumed];
+                        assert_eq!(&rest[p.consumed..], next.as_bytes(), "case {i}: {tail:?}");
+                        Some(match head.framing {
+                            Framing::Chunked => dechunk(body),
+                            _ => body.to_vec(),
+                        })
+                    }
+                    Ok(_) => panic!("case {i}: wire wants more of a complete body: {tail:?}"),
+                    Err(_) => None,
+                }
+            }
+            Ok(None) => panic!("case {i}: wire wants more of a complete head: {tail:?}"),
+            Err(_) => None,
+        };
+        let hyper = hyper_reads(raw.clone()).await;
+        match wire_body {
+            Some(body) => {
+                assert_eq!(
+                    hyper,
+                    vec![
+                        (format!("/case/{i}"), body),
+                        (format!("/next/{i}"), Vec::new())
+                    ],
+                    "case {i}: wire and hyper read {tail:?} differently"
+                );
+            }
+            None if !hyper.is_empty() => stricter.push(tail),
+            None => {}
+        }
+    }
+    println!("refused by wire, accepted by hyper: {stricter:#?}");
+}

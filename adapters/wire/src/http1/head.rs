@@ -39,6 +39,11 @@ use crate::http::HeaderText;
 /// header array stays on the stack.
 pub const MAX_HEADERS: usize = 100;
 
+/// The header array a parse borrows, on the caller's stack.
+pub fn header_slots<'b>() -> [httparse::Header<'b>; MAX_HEADERS] {
+    [httparse::EMPTY_HEADER; MAX_HEADERS]
+}
+
 /// What a header line is to a proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
