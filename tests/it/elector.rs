@@ -55,15 +55,6 @@ async fn release(base: &str, resource: &str, holder: &str, token: &str) -> Resp 
     .await
 }
 
-/// The number in a token string (`n` or `n.sig`).
-fn token_value(token: &str) -> u64 {
-    token
-        .split('.')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("not a token: {token:?}"))
-}
-
 fn token_of(r: &Resp) -> u64 {
     assert_eq!(r.status, 200, "expected a grant: {}", r.text);
     let t = r.body["token"]

@@ -61,6 +61,21 @@ impl Env {
         }
     }
 
+    /// The admin API's audit records of `resource` once they mention
+    /// `needle` (bounded: 10 s), as JSON text.
+    async fn audit_until(&self, resource: &str, needle: &str) -> String {
+        let url = format!("http://{}/v1/audit?resource={resource}", self.admin);
+        crate::support::eventually(10, || {
+            let url = url.clone();
+            async move {
+                let (status, body) = crate::support::get(&url, None).await;
+                (status == 200 && body.contains(needle)).then_some(body)
+            }
+        })
+        .await
+        .unwrap_or_else(|| panic!("no audit record of {resource} mentions {needle:?}"))
+    }
+
     fn conninfo(&self, options: Option<&str>) -> String {
         let mut s = format!(
             "host=127.0.0.1 port={} dbname={} user=postgres",
@@ -131,16 +146,7 @@ async fn stale_write_from_startup_options_is_refused_with_zf001_and_leaves_no_ro
     assert_eq!(env.rows().await, vec![5]);
 
     // The refusal is audited with a fingerprint, not the values.
-    let url = format!("http://{}/v1/audit?resource=r", env.admin);
-    let audit = crate::support::eventually(10, || {
-        let url = url.clone();
-        async move {
-            let (status, body) = crate::support::get(&url, None).await;
-            (status == 200 && body.contains("stale")).then_some(body)
-        }
-    })
-    .await
-    .expect("audit record of the refusal");
+    let audit = env.audit_until("r", "stale").await;
     assert!(audit.contains("postgres"), "{audit}");
     assert!(audit.contains("INSERT INTO t"), "{audit}");
     assert!(!audit.contains("VALUES (4)"), "values leaked: {audit}");
@@ -712,16 +718,7 @@ async fn signed_tokens_in_startup_options_are_verified() {
     assert_eq!(code(&err), "ZF003", "{err:?}");
     assert_eq!(env.rows().await, vec![1]);
 
-    let url = format!("http://{}/v1/audit?resource=signed", env.admin);
-    let audit = crate::support::eventually(10, || {
-        let url = url.clone();
-        async move {
-            let (status, body) = crate::support::get(&url, None).await;
-            (status == 200 && body.contains("forged")).then_some(body)
-        }
-    })
-    .await
-    .expect("audit record saying forged");
+    let audit = env.audit_until("signed", "forged").await;
     assert!(audit.contains("postgres"), "{audit}");
 }
 

@@ -46,15 +46,6 @@ fn assert_problem(r: &Resp, status: u16, kind: &str, what: &str) {
     );
 }
 
-/// The number in a token (`n` or `n.sig`).
-fn num(token: &str) -> u64 {
-    token
-        .split('.')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("not a token: {token:?}"))
-}
-
 /// Percent-encodes every byte outside `[A-Za-z0-9]`, so the URL carries
 /// exactly these bytes whatever the HTTP client would otherwise normalize.
 fn encode(s: &str) -> String {
@@ -236,7 +227,11 @@ impl Stack {
     async fn next_grant(&self, resource: &str, old: (&str, &str), holder: &str) -> String {
         self.release(resource, old.0, old.1).await;
         let t = self.acquire(resource, holder).await;
-        assert!(num(&t) > num(old.1), "tokens increase: {} then {t}", old.1);
+        assert!(
+            token_value(&t) > token_value(old.1),
+            "tokens increase: {} then {t}",
+            old.1
+        );
         t
     }
 
@@ -468,7 +463,7 @@ async fn http_proxy_refuses_and_audits_every_forgery() {
     let s = Stack::start("fp_sec_http_forged", Setup::default()).await;
     let t1 = s.acquire("orders", "a").await;
     assert_eq!(s.put("/kv/1", Some(&t1), Some("orders")).await.status, 200);
-    assert_eq!(s.mark("orders").await, Some(num(&t1)));
+    assert_eq!(s.mark("orders").await, Some(token_value(&t1)));
 
     let cases = forgeries("orders", &t1);
     for c in &cases {
@@ -502,12 +497,16 @@ async fn http_proxy_refuses_and_audits_every_forgery() {
     let expected: Vec<&Case> = cases.iter().chain(routed.iter().copied()).collect();
     let audit = s.audit(Some("orders"), expected.len()).await;
     assert_audited(&audit, &expected, "orders", "http");
-    assert_eq!(s.mark("orders").await, Some(num(&t1)), "the mark moved");
+    assert_eq!(
+        s.mark("orders").await,
+        Some(token_value(&t1)),
+        "the mark moved"
+    );
 
     // Nothing was bricked: the next token the elector issues writes.
     let t2 = s.next_grant("orders", ("a", &t1), "b").await;
     assert_eq!(s.put("/kv/2", Some(&t2), Some("orders")).await.status, 200);
-    assert_eq!(s.mark("orders").await, Some(num(&t2)));
+    assert_eq!(s.mark("orders").await, Some(token_value(&t2)));
     let r = s.put("/kv/3", Some(&t1), Some("orders")).await;
     assert_problem(&r, 409, "urn:fencepost:stale-token", "old leader");
 }
@@ -575,7 +574,11 @@ async fn postgres_proxy_refuses_and_audits_every_forgery() {
         .collect();
     let audit = s.audit(Some("orders"), expected.len()).await;
     assert_audited(&audit, &expected, "orders", "postgres");
-    assert_eq!(s.mark("orders").await, Some(num(&t1)), "the mark moved");
+    assert_eq!(
+        s.mark("orders").await,
+        Some(token_value(&t1)),
+        "the mark moved"
+    );
 
     let t2 = s.next_grant("orders", ("a", &t1), "b").await;
     s.pg(Some(&opts(&t2, "orders")))
@@ -583,7 +586,7 @@ async fn postgres_proxy_refuses_and_audits_every_forgery() {
         .simple_query("INSERT INTO t VALUES (5)")
         .await
         .expect("the next genuine token writes");
-    assert_eq!(s.mark("orders").await, Some(num(&t2)));
+    assert_eq!(s.mark("orders").await, Some(token_value(&t2)));
     let err = good
         .simple_query("INSERT INTO t VALUES (6)")
         .await
@@ -623,7 +626,7 @@ async fn replayed_tokens_are_refused_on_both_proxies() {
     for _ in 0..3 {
         a1 = s.next_grant("orders", ("a", &a1), "a").await;
     }
-    assert!(num(&a1) > num(&p1));
+    assert!(token_value(&a1) > token_value(&p1));
     assert_eq!(s.put("/orders/1", Some(&a1), None).await.status, 200);
     let old = s.pg(Some(&opts(&a1, "orders"))).await;
     old.simple_query("INSERT INTO t VALUES (1)").await.unwrap();
@@ -631,20 +634,20 @@ async fn replayed_tokens_are_refused_on_both_proxies() {
     // Failover. The HTTP proxy watches orders, so the grant alone fences.
     let a2 = s.next_grant("orders", ("a", &a1), "b").await;
     let fenced = eventually(10, || async {
-        (s.mark("orders").await == Some(num(&a2))).then_some(())
+        (s.mark("orders").await == Some(token_value(&a2))).then_some(())
     })
     .await;
     assert!(fenced.is_some(), "the grant of {a2} was not fenced");
 
     let r = s.put("/orders/late", Some(&a1), None).await;
     assert_problem(&r, 409, "urn:fencepost:stale-token", "old leader over HTTP");
-    assert_eq!(r.body["presented_token"], num(&a1));
-    assert_eq!(r.body["current_token"], num(&a2));
+    assert_eq!(r.body["presented_token"], token_value(&a1));
+    assert_eq!(r.body["current_token"], token_value(&a2));
     assert_eq!(
         r.headers
             .get("fencing-current-token")
             .and_then(|v| v.to_str().ok()),
-        Some(num(&a2).to_string().as_str())
+        Some(token_value(&a2).to_string().as_str())
     );
     let err = old
         .simple_query("INSERT INTO t VALUES (2)")
@@ -652,7 +655,11 @@ async fn replayed_tokens_are_refused_on_both_proxies() {
         .expect_err("old leader's session is stale");
     assert_eq!(sqlstate(&err), "ZF001", "{err:?}");
     let msg = err.as_db_error().unwrap().message().to_owned();
-    for part in ["orders", &num(&a1).to_string(), &num(&a2).to_string()] {
+    for part in [
+        "orders",
+        &token_value(&a1).to_string(),
+        &token_value(&a2).to_string(),
+    ] {
         assert!(msg.contains(part), "message {msg:?} lacks {part}");
     }
     let err = s
@@ -711,7 +718,11 @@ async fn replayed_tokens_are_refused_on_both_proxies() {
         "payments token on ledger",
     );
 
-    assert_eq!(s.mark("payments").await, Some(num(&p1)), "payments moved");
+    assert_eq!(
+        s.mark("payments").await,
+        Some(token_value(&p1)),
+        "payments moved"
+    );
     assert_eq!(s.mark("ledger").await, None, "ledger got a mark");
     assert_eq!(s.rows().await, vec![1, 10], "a replayed statement ran");
     let tokens: Vec<_> =
@@ -728,8 +739,8 @@ async fn replayed_tokens_are_refused_on_both_proxies() {
     let stale = s.audit(Some("orders"), 3).await;
     for rec in &stale {
         assert_eq!(rec["reason"], "stale", "{rec}");
-        assert_eq!(rec["presented_token"], num(&a1), "{rec}");
-        assert_eq!(rec["current_token"], num(&a2), "{rec}");
+        assert_eq!(rec["presented_token"], token_value(&a1), "{rec}");
+        assert_eq!(rec["current_token"], token_value(&a2), "{rec}");
     }
     let protocols: Vec<_> = stale.iter().map(|r| r["protocol"].clone()).collect();
     assert_eq!(
@@ -738,7 +749,7 @@ async fn replayed_tokens_are_refused_on_both_proxies() {
     );
     let cross = s.audit(Some("payments"), 5).await;
     let presented: Vec<_> = cross.iter().map(|r| r["presented_token"].clone()).collect();
-    let (n1, n2) = (json!(num(&a1)), json!(num(&a2)));
+    let (n1, n2) = (json!(token_value(&a1)), json!(token_value(&a2)));
     assert_eq!(presented, [n2.clone(), n2.clone(), n2, n1.clone(), n1]);
     for rec in &cross {
         assert_eq!(rec["reason"], "forged", "{rec}");
@@ -813,7 +824,7 @@ async fn a_token_above_every_issued_one_never_bricks_the_resource() {
     let shown = s.show("big").await;
     assert_eq!(
         shown.body["token"],
-        num(&genuine).to_string(),
+        token_value(&genuine).to_string(),
         "{}",
         shown.text
     );
@@ -825,14 +836,14 @@ async fn a_token_above_every_issued_one_never_bricks_the_resource() {
         200
     );
     let next = s.next_grant("big", ("a", &genuine), "b").await;
-    assert!(num(&next) < TWO_63);
+    assert!(token_value(&next) < TWO_63);
     assert_eq!(s.put("/kv/big", Some(&next), Some("big")).await.status, 200);
     s.pg(Some(&opts(&next, "big")))
         .await
         .simple_query("INSERT INTO t VALUES (100)")
         .await
         .expect("the next genuine token writes");
-    assert_eq!(s.mark("big").await, Some(num(&next)));
+    assert_eq!(s.mark("big").await, Some(token_value(&next)));
     assert_eq!(s.rows().await, vec![100]);
 }
 
@@ -919,7 +930,7 @@ async fn bearer_tokens_guard_every_admin_and_elector_endpoint() {
     let r = send(client().get(format!("{}/healthz", s.admin))).await;
     assert_eq!(r.status, 200, "healthz is open");
     let r = s.admin_get("/v1/fences/orders").await;
-    assert_eq!(r.body["token"], num(&t));
+    assert_eq!(r.body["token"], token_value(&t));
     let audit = s.audit(Some("orders"), 1).await;
     assert_eq!(audit[0]["reason"], "forged");
 
@@ -982,7 +993,7 @@ async fn bearer_tokens_guard_every_admin_and_elector_endpoint() {
     );
     let shown = s.show("orders").await;
     assert_eq!(shown.body["holder"], "a", "{}", shown.text);
-    assert_eq!(shown.body["token"], num(&t).to_string());
+    assert_eq!(shown.body["token"], token_value(&t).to_string());
 
     // With the right token (any case of the scheme) each one answers.
     for (i, scheme) in ["Bearer", "bearer"].into_iter().enumerate() {
@@ -1483,7 +1494,7 @@ async fn guard_mode_keeps_forged_and_huge_tokens_out_of_the_database_mark() {
     good.simple_query("INSERT INTO t VALUES (1)")
         .await
         .expect("guarded genuine write");
-    assert_eq!(guard_mark(&s.db, "orders").await, Some(num(&t1)));
+    assert_eq!(guard_mark(&s.db, "orders").await, Some(token_value(&t1)));
 
     let forged: Vec<Case> = forgeries("orders", &t1);
     for c in &forged {
@@ -1537,12 +1548,12 @@ async fn guard_mode_keeps_forged_and_huge_tokens_out_of_the_database_mark() {
     }
     assert_eq!(
         guard_mark(&s.db, "orders").await,
-        Some(num(&t1)),
+        Some(token_value(&t1)),
         "mark moved"
     );
     assert_eq!(guard_mark(&s.db, "fresh").await, None, "fresh got a mark");
     assert_eq!(s.rows().await, vec![1]);
-    assert_eq!(s.mark("orders").await, Some(num(&t1)));
+    assert_eq!(s.mark("orders").await, Some(token_value(&t1)));
 
     // The next genuine token passes the proxy and the guard.
     let t2 = s.next_grant("orders", ("a", &t1), "b").await;
@@ -1551,6 +1562,6 @@ async fn guard_mode_keeps_forged_and_huge_tokens_out_of_the_database_mark() {
         .simple_query("INSERT INTO t VALUES (3)")
         .await
         .expect("the next genuine token writes");
-    assert_eq!(guard_mark(&s.db, "orders").await, Some(num(&t2)));
+    assert_eq!(guard_mark(&s.db, "orders").await, Some(token_value(&t2)));
     assert_eq!(s.rows().await, vec![1, 3]);
 }

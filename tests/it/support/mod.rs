@@ -384,3 +384,12 @@ pub fn code(e: &tokio_postgres::Error) -> String {
         .map(|d| d.code().code().to_owned())
         .unwrap_or_else(|| format!("not a server error: {e}"))
 }
+
+/// The number in a token string (`n` or `n.sig`).
+pub fn token_value(token: &str) -> u64 {
+    token
+        .split('.')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a token: {token:?}"))
+}
