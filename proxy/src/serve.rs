@@ -140,6 +140,9 @@ pub struct Server {
     audit: AuditSink,
     shutdown_timeout: Duration,
     addrs: Addrs,
+    /// The store's migration, which keeps retrying in the background
+    /// while the store is unreachable.
+    migrate: tokio::task::JoinHandle<()>,
 }
 
 fn local(listener: &TcpListener, what: &str) -> Result<SocketAddr, Error> {
@@ -338,6 +341,7 @@ pub async fn start(
         audit,
         shutdown_timeout,
         addrs,
+        migrate,
     })
 }
 
@@ -345,6 +349,13 @@ impl Server {
     /// The bound addresses, in config order.
     pub fn addrs(&self) -> &Addrs {
         &self.addrs
+    }
+
+    /// Whether the store's migration has finished (start waits for it
+    /// only 3 s, so a server can start, failing closed, while its store
+    /// is away).
+    pub fn is_migrated(&self) -> bool {
+        self.migrate.is_finished()
     }
 
     /// Serves until `stop` resolves or a listener dies on its own, then

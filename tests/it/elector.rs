@@ -909,7 +909,10 @@ async fn cli_acquire_prints_only_the_token() {
 #[tokio::test]
 async fn store_down_fails_closed() {
     let dead = format!("postgres://postgres@127.0.0.1:{}/nothing", free_port());
-    let (_server, base) = start(&dead, |e| e).await;
+    let (mut conf, addr) = config(&dead, |e| e);
+    conf.store_up = false;
+    let _server = InProc::start(conf).await;
+    let base = format!("http://{addr}");
     for i in 0..3 {
         let r = acquire(&base, "orders", &format!("h{i}"), 10_000).await;
         assert_ne!(r.status, 200, "granted without a store: {}", r.text);

@@ -1216,7 +1216,7 @@ async fn requests_past_the_concurrency_bound_get_503_with_retry_after() {
 async fn writes_fail_closed_with_503_when_the_store_is_down() {
     let dir = TempDir::new("fp-http-store");
     let upstream = Upstream::start().await;
-    let mut conf = Conf::store("postgres://postgres@127.0.0.1:1/x");
+    let mut conf = Conf::unreachable_store("postgres://postgres@127.0.0.1:1/x");
     conf.set("fencing", "store_timeout", "1s");
     let proxy = conf.http(Section::to(upstream.url()));
     let server = Served::start(false, dir.path(), conf).await;

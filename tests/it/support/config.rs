@@ -103,6 +103,9 @@ pub struct Conf {
     http: Vec<Section>,
     postgres: Vec<Section>,
     pub env: Vec<(String, String)>,
+    /// Whether the store is expected to answer: an in-process server
+    /// over one waits for its migration before the test begins.
+    pub store_up: bool,
 }
 
 impl Conf {
@@ -116,6 +119,15 @@ impl Conf {
             http: Vec::new(),
             postgres: Vec::new(),
             env: Vec::new(),
+            store_up: true,
+        }
+    }
+
+    /// A config over a store the test has taken away (or never had).
+    pub fn unreachable_store(url: impl Into<String>) -> Conf {
+        Conf {
+            store_up: false,
+            ..Conf::store(url)
         }
     }
 

@@ -170,6 +170,7 @@ impl InProc {
         let text = conf.render();
         let held = conf.take_listeners();
         let env = conf.env.clone();
+        let store_up = conf.store_up;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let thread = std::thread::spawn(move || -> Result<(), String> {
@@ -193,6 +194,12 @@ impl InProc {
                         return Err(e);
                     }
                 };
+                // A store that is up is migrated before the test begins,
+                // however slow the machine (serve itself waits 3 s).
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while store_up && !server.is_migrated() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 let _ = ready_tx.send(Ok(server.addrs().clone()));
                 server
                     .run_until(async {
