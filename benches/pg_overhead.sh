@@ -4,7 +4,9 @@
 #
 #   bash benches/pg_overhead.sh [--rounds N] [--duration S] [--sweep-rounds N]
 #                               [--clients C] [--idle-conns N] [--resources N]
-#                               [--private-server] [--skip-install]
+#                               [--private-server] [--fsync on|off]
+#                               [--workloads "select tpcb"] [--no-sweep]
+#                               [--results DIR] [--skip-install]
 #                               [--skip-build] [--keep-tmp]
 #
 # Needs the machine's Postgres at 127.0.0.1:5432 (user postgres, trust
@@ -12,7 +14,12 @@
 # and drops it on exit. With --private-server it instead initdb's and runs
 # a throwaway cluster of the same Postgres (default settings but
 # max_connections=300) on a free port, so the 128-client level fits
-# beside PgBouncer's own server connections; stopped and removed on exit. Targets (all on 127.0.0.1, ports picked at start):
+# beside PgBouncer's own server connections; stopped and removed on exit.
+# --fsync on|off (with --private-server) sets that cluster's fsync, to
+# compare the targets with and without the cost of flushing the WAL.
+# --workloads picks the pgbench scripts (default both), --no-sweep skips
+# the client-count sweep, --results writes the results elsewhere (e.g. one
+# directory per fsync setting). Targets (all on 127.0.0.1, ports picked at start):
 #   direct     pgbench -> Postgres
 #   pgbouncer  pgbench -> PgBouncer (pool_mode=session) -> Postgres
 #   fp-proxy   pgbench -> fencepost [[postgres]] enforce="proxy" -> Postgres
@@ -49,6 +56,10 @@ KEEP_TMP=0
 SCALE=10
 
 PRIVATE=0
+FSYNC=""
+WORKLOADS="select tpcb"
+NO_SWEEP=0
+RESULTS_DIR=""
 
 usage() { sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; }
 
@@ -61,6 +72,10 @@ while [ $# -gt 0 ]; do
         --idle-conns) IDLE_CONNS="$2"; shift 2 ;;
         --resources) RESOURCES="$2"; shift 2 ;;
         --private-server) PRIVATE=1; shift ;;
+        --fsync) FSYNC="$2"; shift 2 ;;
+        --workloads) WORKLOADS="$2"; shift 2 ;;
+        --no-sweep) NO_SWEEP=1; shift ;;
+        --results) RESULTS_DIR="$2"; shift 2 ;;
         --skip-install) INSTALL=0; shift ;;
         --skip-build) BUILD=0; shift ;;
         --keep-tmp) KEEP_TMP=1; shift ;;
@@ -68,6 +83,15 @@ while [ $# -gt 0 ]; do
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
+case "$FSYNC" in
+    "") ;;
+    on|off) [ "$PRIVATE" = 1 ] || { echo "--fsync needs --private-server (it sets the private cluster's fsync)" >&2; exit 2; } ;;
+    *) echo "--fsync takes on or off" >&2; exit 2 ;;
+esac
+for w in $WORKLOADS; do
+    [ "$w" = select ] || [ "$w" = tpcb ] || { echo "--workloads: select and/or tpcb, not $w" >&2; exit 2; }
+done
+[ -n "$WORKLOADS" ] || { echo "--workloads: at least one of select, tpcb" >&2; exit 2; }
 for v in "$ROUNDS" "$DURATION" "$SWEEP_ROUNDS" "$CLIENTS" "$IDLE_CONNS" "$RESOURCES"; do
     [[ "$v" =~ ^[1-9][0-9]*$ ]] || { echo "numeric arguments must be positive integers" >&2; exit 2; }
 done
@@ -78,7 +102,7 @@ fi
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
-RESULTS="$HERE/results"
+RESULTS="${RESULTS_DIR:-$HERE/results}"
 HELPER="$HERE/pg_overhead.py"
 PGHOST_=127.0.0.1
 PGPORT_=5432
@@ -184,9 +208,9 @@ if [ "$PRIVATE" = 1 ]; then
     "${RUN_AS[@]}" "$PGBIN/initdb" -D "$PRIVATE_DATA" -U "$PGUSER_" -A trust >"$TMP/initdb.log" 2>&1 \
         || { cat "$TMP/initdb.log" >&2; exit 1; }
     PGPORT_="$(free_port)"
-    log "starting a private Postgres ($PGBIN) on $PGHOST_:$PGPORT_, max_connections=300"
+    log "starting a private Postgres ($PGBIN) on $PGHOST_:$PGPORT_, max_connections=300${FSYNC:+, fsync=$FSYNC}"
     "${RUN_AS[@]}" "$PGBIN/pg_ctl" -D "$PRIVATE_DATA" -l "$PRIVATE_DATA/postgres.log" -w -t 60 \
-        -o "-p $PGPORT_ -c listen_addresses=$PGHOST_ -c max_connections=300 -c unix_socket_directories=$PRIVATE_DATA" \
+        -o "-p $PGPORT_ -c listen_addresses=$PGHOST_ -c max_connections=300 -c unix_socket_directories=$PRIVATE_DATA${FSYNC:+ -c fsync=$FSYNC}" \
         start >/dev/null || { cat "$PRIVATE_DATA/postgres.log" >&2; exit 1; }
 fi
 pg -d postgres -tAc 'SELECT 1' >/dev/null || { echo "no Postgres at $PGHOST_:$PGPORT_ (user $PGUSER_, trust)" >&2; exit 1; }
@@ -381,6 +405,7 @@ run_pgbench() { # phase script mode target clients round duration
 IN_USE="$(pg -d postgres -tAc "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'")"
 AVAILABLE=$((MAX_CONN - RESERVED - IN_USE - 8))
 SWEEP=(); SKIPPED=()
+[ "$NO_SWEEP" = 1 ] && SWEEP_CLIENTS=()
 for c in "${SWEEP_CLIENTS[@]}"; do
     if [ $((2 * c)) -le "$AVAILABLE" ]; then SWEEP+=("$c"); else SKIPPED+=("$c"); fi
 done
@@ -391,11 +416,12 @@ LOAD_START="$(cut -d' ' -f1 /proc/loadavg)"
 if awk -v l="$LOAD_START" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; then
     log "warning: load average is $LOAD_START before the load starts; other work on this machine will skew the numbers"
 fi
-total=$(( 6 * ROUNDS * 4 * (DURATION + 1) + ${#SWEEP[@]} * SWEEP_ROUNDS * 4 * (DURATION + 1) + 4 * 3 ))
-log "measuring: ~$((total / 60 + 1)) min ($ROUNDS rounds x ${DURATION}s, 6 workloads, 4 targets; sweep ${SWEEP[*]})"
+NW=$(( $(wc -w <<<"$WORKLOADS") * 3 ))
+total=$(( NW * ROUNDS * 4 * (DURATION + 1) + ${#SWEEP[@]} * SWEEP_ROUNDS * 4 * (DURATION + 1) + 4 * 3 ))
+log "measuring: ~$((total / 60 + 1)) min ($ROUNDS rounds x ${DURATION}s, $NW workloads, 4 targets; sweep ${SWEEP[*]:-none})"
 
 for t in "${TARGETS[@]}"; do run_pgbench warmup select prepared "$t" "$CLIENTS" 0 2; done
-for script in select tpcb; do
+for script in $WORKLOADS; do
     for mode in simple extended prepared; do
         for r in $(seq "$ROUNDS"); do
             for t in "${TARGETS[@]}"; do run_pgbench main "$script" "$mode" "$t" "$CLIENTS" "$r" "$DURATION"; done
@@ -431,7 +457,7 @@ python3 "$HELPER" report \
     --manifest "$MANIFEST" \
     --out "$RESULTS" \
     --meta "rounds=$ROUNDS" "duration_s=$DURATION" "sweep_rounds=$SWEEP_ROUNDS" "clients=$CLIENTS" \
-           "scale=$SCALE" "private_server=$PRIVATE" "cpus=$(nproc)" "kernel=$(uname -r)" "max_connections=$MAX_CONN" \
+           "scale=$SCALE" "private_server=$PRIVATE" "fsync=${FSYNC:-server default}" "cpus=$(nproc)" "kernel=$(uname -r)" "max_connections=$MAX_CONN" \
            "postgres=$(pg -d postgres -tAc 'SHOW server_version' | awk '{print $1}')" \
            "pgbouncer=$("$PGBOUNCER" --version 2>&1 | head -1 | awk '{print $2}')" \
            "pgbench=$(pgbench --version | awk '{print $3}')" \

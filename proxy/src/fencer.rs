@@ -154,6 +154,11 @@ impl Fencer {
         &self.table
     }
 
+    /// `[fencing] drain_timeout`: also guard mode's default `guard_wait`.
+    pub fn drain_timeout(&self) -> Duration {
+        self.opts.drain_timeout
+    }
+
     /// The resource's slot, loading its durable mark on first sight. Fails
     /// closed: without the stored mark we cannot know what is stale.
     pub async fn slot(&self, resource: &str) -> Result<Arc<Slot>, StoreError> {

@@ -155,6 +155,9 @@ struct Attempt {
     at_commit: bool,
     /// Inside BEGIN ... COMMIT.
     txn: bool,
+    /// Which proxy process answered: 0, or 1 for the second one of the
+    /// guard-mode run.
+    via: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -192,7 +195,23 @@ struct Addrs {
     elector: SocketAddr,
     http_shim: SocketAddr,
     pg_shim: SocketAddr,
+    /// Guard mode: the second process's Postgres proxy (behind its own
+    /// shim); the Postgres writers with odd ids write through it.
+    pg_shim2: Option<SocketAddr>,
     db_name: String,
+}
+
+/// What the writers go through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// One process, the Postgres proxy in `enforce = "proxy"`.
+    Proxy,
+    /// Two processes with separate stores (neither learns the other's
+    /// tokens), both Postgres proxies in `enforce = "database"`: only the
+    /// database's guard orders writes across them.
+    Guard,
+    /// Straight at the storage: the checker's self-test.
+    Bypass,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -209,10 +228,37 @@ async fn fencing_holds_under_faults() {
     let mut total_violations = 0;
     for run in 0..runs {
         let s = seed.wrapping_add(run);
-        let v = one_run(s, secs, writers, false).await;
+        let v = one_run(s, secs, writers, Mode::Proxy).await;
         total_violations += v;
     }
     assert_eq!(total_violations, 0, "fencing violations (seed {seed})");
+}
+
+/// Guarantee 3 under faults: the same writers and nemesis with the
+/// Postgres writers split over two guard-mode proxies in two processes
+/// with separate stores, so a proxy keeps admitting a token the other has
+/// already superseded and only the database's gate can refuse it. A
+/// `pause` of a Postgres writer lands inside its transaction, between its
+/// two statements, past its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fencing_holds_in_guard_mode_through_two_proxies() {
+    let secs = env_u64("FENCEPOST_CHECKER_SECS").unwrap_or(20).max(8);
+    let runs = env_u64("FENCEPOST_CHECKER_RUNS").unwrap_or(1).max(1);
+    let writers = env_u64("FENCEPOST_CHECKER_WRITERS")
+        .unwrap_or(3)
+        .clamp(2, 16) as usize;
+    let seed = env_u64("FENCEPOST_CHECKER_SEED").unwrap_or_else(rand::random);
+    println!(
+        "checker, guard mode through two proxies: seed {seed} (replay with FENCEPOST_CHECKER_SEED={seed}), {runs} run(s) of {secs}s"
+    );
+    let mut total_violations = 0;
+    for run in 0..runs {
+        total_violations += one_run(seed.wrapping_add(run), secs, writers, Mode::Guard).await;
+    }
+    assert_eq!(
+        total_violations, 0,
+        "fencing violations in guard mode (seed {seed})"
+    );
 }
 
 /// The checker can fail: with the writers going around the proxies, the
@@ -221,16 +267,19 @@ async fn fencing_holds_under_faults() {
 async fn the_checker_catches_writes_that_bypass_the_proxies() {
     let seed = env_u64("FENCEPOST_CHECKER_SEED").unwrap_or_else(rand::random);
     println!("checker self-test: seed {seed}, writers bypass the proxies");
-    let v = one_run(seed, 8, 2, true).await;
+    let v = one_run(seed, 8, 2, Mode::Bypass).await;
     assert!(
         v > 0,
         "the checker found nothing wrong with unfenced writes (seed {seed})"
     );
 }
 
-/// One run; returns the number of violations. `bypass` points the writers
-/// straight at the storage, around the proxies: the checker's self-test.
-async fn one_run(seed: u64, secs: u64, writers: usize, bypass: bool) -> usize {
+/// One run; returns the number of violations. [`Mode::Bypass`] points
+/// the writers straight at the storage, around the proxies: the checker's
+/// self-test.
+async fn one_run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usize {
+    let bypass = mode == Mode::Bypass;
+    let guard = mode == Mode::Guard;
     let mut rng = StdRng::seed_from_u64(seed);
     let db = TestDb::create("fpcheck").await;
     let direct = connect_direct(&db.url).await;
@@ -246,10 +295,16 @@ async fn one_run(seed: u64, secs: u64, writers: usize, bypass: bool) -> usize {
                RETURN NEW; END $$ LANGUAGE plpgsql;
              CREATE TRIGGER register_history AFTER INSERT OR UPDATE ON register
                FOR EACH ROW EXECUTE FUNCTION record_change();
+             CREATE TABLE notes (key text);
              INSERT INTO register VALUES ('ck-pg', 0, 0, 'init');",
         )
         .await
         .expect("create register and history");
+    if guard {
+        let (code, out, err) = crate::support::run_cli(&["migrate", "--guard", &db.url], &[]);
+        assert_eq!(code, 0, "migrate --guard: {out}{err}");
+    }
+    let enforce = if guard { "database" } else { "proxy" };
 
     let dir = TempDir::new("fp-checker");
     let upstream = Upstream::start().await;
@@ -264,7 +319,21 @@ async fn one_run(seed: u64, secs: u64, writers: usize, bypass: bool) -> usize {
             .set("elector_watch", format!("http://{elector}"))
             .set("watch_resources", vec![HTTP_RES]),
     );
-    let pg = conf.postgres(Section::to("127.0.0.1:5432").set("enforce", "proxy"));
+    let pg = conf.postgres(Section::to("127.0.0.1:5432").set("enforce", enforce));
+    // Guard mode: a second process, its own store, one guard-mode proxy.
+    let dir2 = TempDir::new("fp-checker2");
+    let mut conf2 = Conf::sqlite(dir2.path());
+    conf2
+        .set("audit", "flush_interval", "20ms")
+        .set("fencing", "store_timeout", "3s")
+        .set("fencing", "drain_timeout", "10s");
+    let pg2 = conf2.postgres(Section::to("127.0.0.1:5432").set("enforce", "database"));
+    let mut server2 = if guard {
+        Some(Server::run(dir2.path(), conf2).await)
+    } else {
+        None
+    };
+    let epoch2_start = now_ms();
     let shared = Arc::new(Shared {
         pauses: (0..2 * writers).map(|_| AtomicU64::new(0)).collect(),
         ..Default::default()
@@ -283,10 +352,16 @@ async fn one_run(seed: u64, secs: u64, writers: usize, bypass: bool) -> usize {
     };
     let http_shim = Shim::start(http_target).await;
     let pg_shim = Shim::start(pg_target).await;
+    let pg_shim2 = if guard {
+        Some(Shim::start(pg2).await)
+    } else {
+        None
+    };
     let addrs = Arc::new(Addrs {
         elector,
         http_shim: http_shim.addr,
         pg_shim: pg_shim.addr,
+        pg_shim2: pg_shim2.as_ref().map(|s| s.addr),
         db_name: db.name.clone(),
     });
 
@@ -408,9 +483,15 @@ async fn one_run(seed: u64, secs: u64, writers: usize, bypass: bool) -> usize {
             "cut" => {
                 http_shim.cut();
                 pg_shim.cut();
+                if let Some(s) = &pg_shim2 {
+                    s.cut();
+                }
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(150..700))).await;
                 http_shim.restore();
                 pg_shim.restore();
+                if let Some(s) = &pg_shim2 {
+                    s.restore();
+                }
             }
             _ => unreachable!(),
         }
@@ -450,7 +531,18 @@ async fn one_run(seed: u64, secs: u64, writers: usize, bypass: bool) -> usize {
         }
         s.config.clone()
     };
-    let audit = read_audit(&config_path);
+    let mut audit = read_audit(&config_path, 0);
+    let mut epoch2 = None;
+    if let Some(s2) = server2.as_mut() {
+        s2.terminate();
+        sink_log.scan(&s2.log_text());
+        epoch2 = Some(Epoch {
+            start_ms: epoch2_start,
+            end_ms: Some(now_ms()),
+            graceful: true,
+        });
+        audit.extend(read_audit(&s2.config, 1));
+    }
     let history = read_history(&db.url).await;
     let arrivals: Vec<(String, u64)> = upstream
         .arrivals()
@@ -468,6 +560,7 @@ async fn one_run(seed: u64, secs: u64, writers: usize, bypass: bool) -> usize {
     let mut report = Report::default();
     check(
         &mut report,
+        epoch2,
         &attempts,
         &arrivals,
         &history,
@@ -636,17 +729,32 @@ async fn writer(w: usize, proto: Proto, seed: u64, addrs: Arc<Addrs>, shared: Ar
                 return;
             }
             let pause = shared.pauses[w].swap(0, Ordering::SeqCst);
+            let mut txn = (rng.gen_range(0..3) == 0).then(|| rng.gen_range(0..40));
             if pause > 0 {
-                // The in-process SIGSTOP: no renewals, no writes.
-                tokio::time::sleep(Duration::from_millis(pause)).await;
+                if proto == Proto::Pg {
+                    // The in-process SIGSTOP, inside a transaction: after
+                    // its first write, before its second and its COMMIT.
+                    txn = Some(pause);
+                } else {
+                    // The in-process SIGSTOP: no renewals, no writes.
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
             }
             seq += 1;
             let key = format!("k{w}x{seq}y");
             let sent_ms = now_ms();
-            let txn = (rng.gen_range(0..3) == 0).then(|| rng.gen_range(0..40));
+            // Guard mode: odd Postgres writers go through the second process.
+            let via = match addrs.pg_shim2 {
+                Some(_) if proto == Proto::Pg && w % 2 == 1 => 1,
+                _ => 0,
+            };
+            let shim = match (via, addrs.pg_shim2) {
+                (1, Some(s)) => s,
+                _ => addrs.pg_shim,
+            };
             let (outcome, at_commit) = match proto {
                 Proto::Http => (http_write(&c, &addrs, &key, token).await, false),
-                Proto::Pg => pg_write(&mut pg, &addrs, &key, token, txn).await,
+                Proto::Pg => pg_write(&mut pg, shim, &addrs.db_name, &key, token, txn).await,
             };
             shared.attempts.lock().unwrap().push(Attempt {
                 proto,
@@ -657,6 +765,7 @@ async fn writer(w: usize, proto: Proto, seed: u64, addrs: Arc<Addrs>, shared: Ar
                 outcome,
                 at_commit,
                 txn: proto == Proto::Pg && txn.is_some(),
+                via,
             });
             tokio::time::sleep(Duration::from_millis(rng.gen_range(2..15))).await;
             let now = Instant::now();
@@ -768,6 +877,7 @@ async fn psql_writer(w: usize, seed: u64, addrs: Arc<Addrs>, shared: Arc<Shared>
                         outcome,
                         at_commit: false,
                         txn: false,
+                        via: 0,
                     });
                 }
                 // psql is gone: what it never answered is unknown.
@@ -782,6 +892,7 @@ async fn psql_writer(w: usize, seed: u64, addrs: Arc<Addrs>, shared: Arc<Shared>
                         outcome: Outcome::Unknown("psql exited".into()),
                         at_commit: false,
                         txn: false,
+                        via: 0,
                     });
                 }
             });
@@ -939,21 +1050,22 @@ struct PgConn {
     token: Option<u64>,
 }
 
-/// One write through the Postgres proxy: a lone UPDATE, or with `txn`
-/// one inside BEGIN ... COMMIT held open that long. Returns the outcome and
-/// whether it was the COMMIT's.
+/// One write through the Postgres proxy at `shim`: a lone UPDATE, or
+/// with `txn` a transaction of two writes, `BEGIN; UPDATE; (held open that
+/// long); INSERT; COMMIT`. Returns the outcome and whether it was the
+/// COMMIT's.
 async fn pg_write(
     pg: &mut Option<PgConn>,
-    addrs: &Addrs,
+    shim: SocketAddr,
+    db_name: &str,
     key: &str,
     token: u64,
     txn: Option<u64>,
 ) -> (Outcome, bool) {
     if pg.as_ref().is_none_or(|p| p.client.is_closed()) {
         let conninfo = format!(
-            "host=127.0.0.1 port={} dbname={} user=postgres connect_timeout=5 options='-c fencing.resource={PG_RES}'",
-            addrs.pg_shim.port(),
-            addrs.db_name
+            "host=127.0.0.1 port={} dbname={db_name} user=postgres connect_timeout=5 options='-c fencing.resource={PG_RES}'",
+            shim.port(),
         );
         let r = tokio::time::timeout(
             Duration::from_secs(5),
@@ -1016,6 +1128,23 @@ async fn pg_write(
         other => return (other, false),
     }
     tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+    // A second write in the same transaction, after the hold: the one a
+    // leader paused mid-transaction past its lease makes on waking.
+    match pg_exec(
+        pg,
+        &format!("INSERT INTO notes AS {key} (key) VALUES ('{key}')"),
+    )
+    .await
+    {
+        Outcome::Admitted => {}
+        Outcome::Refused(r) => {
+            if !matches!(pg_exec(pg, "ROLLBACK").await, Outcome::Admitted) {
+                *pg = None;
+            }
+            return (Outcome::Refused(r), false);
+        }
+        other => return (other, false),
+    }
     match pg_exec(pg, "COMMIT").await {
         Outcome::Refused(r) => {
             // The contract says the block is rolled back; make sure the
@@ -1115,6 +1244,8 @@ async fn fences(c: &reqwest::Client, admin: SocketAddr) -> Vec<(String, u64)> {
 #[derive(Debug, Clone)]
 struct AuditRec {
     proto: Proto,
+    /// The process whose store holds it (see [`Attempt::via`]).
+    via: usize,
     reason: String,
     key: Option<String>,
     at_ms: i64,
@@ -1123,7 +1254,7 @@ struct AuditRec {
 
 /// The audit log of the test's resources, read from the store with
 /// `fencepost audit --config` (the server has been shut down gracefully).
-fn read_audit(config: &Path) -> Vec<AuditRec> {
+fn read_audit(config: &Path, via: usize) -> Vec<AuditRec> {
     let cfg = config.to_string_lossy().into_owned();
     let mut out = Vec::new();
     for res in [HTTP_RES, PG_RES] {
@@ -1161,6 +1292,7 @@ fn read_audit(config: &Path) -> Vec<AuditRec> {
                 .unwrap_or(0);
             out.push(AuditRec {
                 proto,
+                via,
                 reason: v["reason"].as_str().unwrap_or_default().to_owned(),
                 key: key_in(&detail),
                 at_ms,
@@ -1246,6 +1378,7 @@ const KILL_MARGIN_MS: i64 = 10_000;
 #[allow(clippy::too_many_arguments)]
 fn check(
     rep: &mut Report,
+    epoch2: Option<Epoch>,
     attempts: &[Attempt],
     arrivals: &[(String, u64)],
     history: &[(i64, u64, i64, String, i64)],
@@ -1405,40 +1538,50 @@ fn check(
             }
         }
     }
-    let epoch_of = |ms: i64| epochs.iter().rposition(|e| e.start_ms <= ms);
+    // The lifetimes of each process: the first one's (killed and
+    // restarted), and in guard mode the second one's (never killed).
+    let second: Vec<Epoch> = epoch2.into_iter().collect();
+    let lifetimes = |via: usize| if via == 0 { epochs } else { &second[..] };
     let in_epoch =
         |e: &Epoch, ms: i64| e.start_ms - 5 <= ms && ms <= e.end_ms.unwrap_or(i64::MAX) + 5;
-    for (i, e) in epochs.iter().enumerate() {
-        let end = e.end_ms.unwrap_or(i64::MAX);
-        let mine = |a: &&Attempt| a.txn && epoch_of(a.sent_ms) == Some(i);
-        let refused: Vec<&Attempt> = attempts
-            .iter()
-            .filter(mine)
-            .filter(|a| a.at_commit && matches!(a.outcome, Outcome::Refused(_)))
-            .collect();
-        let sure = refused
-            .iter()
-            .filter(|a| e.graceful || a.recv_ms + KILL_MARGIN_MS < end)
-            .count();
-        let unknown = attempts
-            .iter()
-            .filter(mine)
-            .filter(|a| matches!(a.outcome, Outcome::Unknown(_)))
-            .count();
-        let recorded = commit_recs.iter().filter(|r| in_epoch(e, r.at_ms)).count();
-        if recorded < sure {
-            v.push(format!(
-                "process lifetime {i}: {sure} refused COMMITs must have records, found {recorded}"
+    for via in 0..1 + second.len().min(1) {
+        let epochs = lifetimes(via);
+        let epoch_of = |ms: i64| epochs.iter().rposition(|e| e.start_ms <= ms);
+        for (i, e) in epochs.iter().enumerate() {
+            let end = e.end_ms.unwrap_or(i64::MAX);
+            let mine = |a: &&Attempt| a.txn && a.via == via && epoch_of(a.sent_ms) == Some(i);
+            let refused: Vec<&Attempt> = attempts
+                .iter()
+                .filter(mine)
+                .filter(|a| a.at_commit && matches!(a.outcome, Outcome::Refused(_)))
+                .collect();
+            let sure = refused
+                .iter()
+                .filter(|a| e.graceful || a.recv_ms + KILL_MARGIN_MS < end)
+                .count();
+            let unknown = attempts
+                .iter()
+                .filter(mine)
+                .filter(|a| matches!(a.outcome, Outcome::Unknown(_)))
+                .count();
+            let recorded = commit_recs
+                .iter()
+                .filter(|r| r.via == via && in_epoch(e, r.at_ms))
+                .count();
+            if recorded < sure {
+                v.push(format!(
+                "process {via} lifetime {i}: {sure} refused COMMITs must have records, found {recorded}"
             ));
-        }
-        if recorded > refused.len() + unknown {
-            v.push(format!(
-                "process lifetime {i}: {recorded} COMMIT audit records for {} refused COMMITs (+{unknown} unknown)",
+            }
+            if recorded > refused.len() + unknown {
+                v.push(format!(
+                "process {via} lifetime {i}: {recorded} COMMIT audit records for {} refused COMMITs (+{unknown} unknown)",
                 refused.len()
             ));
+            }
+            rep.audited += recorded.min(refused.len());
+            rep.lost_to_kill += refused.len().saturating_sub(recorded);
         }
-        rep.audited += recorded.min(refused.len());
-        rep.lost_to_kill += refused.len().saturating_sub(recorded);
     }
     for a in attempts {
         let Outcome::Refused(reason) = a.outcome else {
@@ -1452,7 +1595,11 @@ fn check(
             continue;
         }
         // The lifetime that answered: the last one started before the send.
-        let Some(e) = epochs.iter().rev().find(|e| e.start_ms <= a.sent_ms) else {
+        let Some(e) = lifetimes(a.via)
+            .iter()
+            .rev()
+            .find(|e| e.start_ms <= a.sent_ms)
+        else {
             continue;
         };
         let end = e.end_ms.unwrap_or(i64::MAX);
@@ -1472,7 +1619,7 @@ fn check(
     }
     // Records fall within the lifetime of the process that wrote them.
     for r in audit {
-        let inside = epochs
+        let inside = lifetimes(r.via)
             .iter()
             .any(|e| e.start_ms - 5 <= r.at_ms && r.at_ms <= e.end_ms.unwrap_or(i64::MAX) + 5);
         if !inside {

@@ -12,6 +12,7 @@
 //! - `signed`: signed tokens across elector and proxy.
 //! - `pg_clients`: real Postgres clients (psql, pgbench, psycopg) through the proxy.
 //! - `checker`: the fault-injection checker, judged by the storages' histories.
+//! - `guard`: guard mode's in-database gate, in SQL and through two proxies.
 //! - `security`, `hostile`: abuse cases and hostile input.
 //! - `docs`: docs/ kept true against the code.
 //! - `lease_run`, `client`: `fencepost lease run` and `fencepost-client` as leaders use them.
@@ -26,6 +27,7 @@ mod client;
 mod docs;
 mod elector;
 mod framing;
+mod guard;
 mod hostile;
 mod http_proxy;
 mod lease_run;

@@ -7,8 +7,15 @@ use sqlx::Connection;
 
 use crate::StoreError;
 
-/// The guard's schema, table and function; every statement is idempotent.
-pub const GUARD_SQL: &str = include_str!("../../../migrations/guard/0001_guard.sql");
+/// The guard's schema, table and functions, every migration in order;
+/// every statement is idempotent, so running them all again upgrades an
+/// installed guard in place (`0002` replaces the row-lock `advance` of
+/// `0001` with the shared/exclusive gate, keeping `fencepost.marks`).
+pub const GUARD_SQL: &str = concat!(
+    include_str!("../../../migrations/guard/0001_guard.sql"),
+    "\n",
+    include_str!("../../../migrations/guard/0002_gate.sql"),
+);
 
 /// Arbitrary key of the advisory lock that keeps two concurrent installs
 /// from racing on `CREATE ... IF NOT EXISTS` (which is not atomic).

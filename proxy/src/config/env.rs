@@ -54,6 +54,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("postgres", "listen"),
     ("postgres", "upstream"),
     ("postgres", "enforce"),
+    ("postgres", "guard_wait"),
     ("postgres", "verify_key"),
     ("postgres", "allow_plain_tokens"),
     ("postgres", "strict"),

@@ -159,6 +159,7 @@ mod tests {
         let c = Config::from_parts(&uncommented, "example", env(&[])).unwrap();
         assert_eq!(c.postgres.len(), 1);
         assert!(c.postgres[0].tls_cert.is_some());
+        assert_eq!(c.postgres[0].guard_wait, Some(Duration::from_secs(30)));
     }
 
     #[test]
@@ -202,6 +203,7 @@ mod tests {
                 ("FENCEPOST_POSTGRES_MAX_FRAME_BYTES", "65536"),
                 ("FENCEPOST_POSTGRES_MAX_CONNECTIONS", "40"),
                 ("FENCEPOST_POSTGRES_STARTUP_TIMEOUT", "3s"),
+                ("FENCEPOST_POSTGRES_GUARD_WAIT", "250ms"),
             ]),
         )
         .unwrap();
@@ -214,13 +216,22 @@ mod tests {
         assert_eq!(p.max_frame_bytes, 65536);
         assert_eq!(p.max_connections, 40);
         assert_eq!(p.startup_timeout, Duration::from_secs(3));
+        assert_eq!(p.guard_wait_ms(Duration::from_secs(9)), 250);
         // Defaults: the classifier's own list, the codec's own bound.
         let d = Config::from_parts("[[postgres]]\nupstream = \"db\"\n", "t", env(&[])).unwrap();
         assert!(d.postgres[0].write_functions.iter().any(|f| f == "nextval"));
         assert!(!d.postgres[0].strict);
         assert_eq!(d.postgres[0].max_connections, 2_000);
         assert_eq!(d.postgres[0].startup_timeout, Duration::from_secs(30));
-        for bad in ["max_connections = 0", "startup_timeout = \"0s\""] {
+        // guard_wait: the drain timeout unless set, at least 1 ms.
+        assert_eq!(d.postgres[0].guard_wait_ms(Duration::from_secs(9)), 9_000);
+        assert_eq!(d.postgres[0].guard_wait_ms(Duration::ZERO), 1);
+        for bad in [
+            "max_connections = 0",
+            "startup_timeout = \"0s\"",
+            "guard_wait = \"0s\"",
+            "guard_wait = \"25days\"",
+        ] {
             let e = Config::from_parts(
                 &format!("[[postgres]]\nupstream = \"db\"\n{bad}\n"),
                 "t",

@@ -16,6 +16,12 @@ pub struct PgProxyConfig {
     pub upstream: PgUpstream,
     #[serde(default)]
     pub enforce: Enforce,
+    /// Guard mode: longest the first transaction with a newer token waits
+    /// in the database for the older-token transactions still in flight
+    /// (through any proxy) before failing with `ZF005`. Unset: `[fencing]
+    /// drain_timeout` (see [`PgProxyConfig::guard_wait_ms`]).
+    #[serde(default, with = "humantime_serde::option")]
+    pub guard_wait: Option<Duration>,
     /// Public key file: when set, tokens must be signed by the elector.
     pub verify_key: Option<PathBuf>,
     /// Accept plain decimal tokens even though `verify_key` is set.
@@ -71,7 +77,19 @@ fn default_pg_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 6432))
 }
 
+/// `guard_wait` goes to the guard as an SQL `integer` of milliseconds.
+const GUARD_WAIT_MAX_MS: u128 = i32::MAX as u128;
+
 impl PgProxyConfig {
+    /// `guard_wait` in milliseconds, as the guard takes it: the configured
+    /// value, else `drain` (the `[fencing] drain_timeout`), clamped to what
+    /// the guard's `integer` holds and to at least 1 ms (0 would mean no
+    /// bound to Postgres's `lock_timeout`).
+    pub fn guard_wait_ms(&self, drain: Duration) -> u32 {
+        let ms = self.guard_wait.unwrap_or(drain).as_millis();
+        u32::try_from(ms.clamp(1, GUARD_WAIT_MAX_MS)).unwrap_or(i32::MAX.unsigned_abs())
+    }
+
     /// What the types cannot say; `i` is the listener's index.
     pub(super) fn validate(&self, i: usize) -> Result<(), String> {
         // Below this no ordinary statement fits; the startup packet has
@@ -87,6 +105,13 @@ impl PgProxyConfig {
         }
         if self.startup_timeout.is_zero() {
             return Err(format!("postgres[{i}].startup_timeout must be above zero"));
+        }
+        if let Some(w) = self.guard_wait {
+            if w.is_zero() || w.as_millis() > GUARD_WAIT_MAX_MS {
+                return Err(format!(
+                    "postgres[{i}].guard_wait must be above zero and at most {GUARD_WAIT_MAX_MS} ms, not {w:?}"
+                ));
+            }
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(format!("postgres[{i}]: tls_cert and tls_key go together"));

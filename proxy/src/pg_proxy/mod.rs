@@ -75,6 +75,10 @@ pub struct PgProxy {
     /// `enforce = "database"`: admitted writes also run the in-database
     /// guard in their own transaction.
     guard: bool,
+    /// `guard_wait` in milliseconds, passed to every guard call: how long
+    /// a newer token's first transaction waits in the database for the
+    /// older ones (`ZF005` past it).
+    guard_wait_ms: u32,
     /// Set when `tls_cert`/`tls_key` are configured: SSLRequest is then
     /// answered `S` and the session upgraded.
     tls: Option<TlsAcceptor>,
@@ -95,6 +99,7 @@ impl PgProxy {
                 _ => None,
             };
         Ok(Arc::new(PgProxy {
+            guard_wait_ms: cfg.guard_wait_ms(fencer.drain_timeout()),
             fencer,
             audit,
             checker,

@@ -7,10 +7,12 @@ use super::frame::ErrorFields;
 
 /// The guard call for one admitted write. `resource` has already been
 /// validated as a resource name (`[A-Za-z0-9._:/-]`), so it needs no
-/// escaping beyond quotes; the token is a number.
-pub fn call(resource: &str, token: u64) -> String {
+/// escaping beyond quotes; the token is a number. `wait_ms` bounds how
+/// long a newer token waits for the older-token transactions still in
+/// flight (`[[postgres]] guard_wait`); past it the guard raises `ZF005`.
+pub fn call(resource: &str, token: u64, wait_ms: u32) -> String {
     format!(
-        "SELECT fencepost.advance('{}', '{token:020}')",
+        "SELECT fencepost.advance('{}', '{token:020}', {wait_ms})",
         resource.replace('\'', "''")
     )
 }
@@ -72,9 +74,9 @@ mod tests {
     #[test]
     fn call_pads_and_quotes() {
         assert_eq!(
-            super::call("orders", 5),
-            "SELECT fencepost.advance('orders', '00000000000000000005')"
+            super::call("orders", 5, 5000),
+            "SELECT fencepost.advance('orders', '00000000000000000005', 5000)"
         );
-        assert!(super::call("a'b", u64::MAX).contains("'a''b', '18446744073709551615'"));
+        assert!(super::call("a'b", u64::MAX, 1).contains("'a''b', '18446744073709551615', 1)"));
     }
 }

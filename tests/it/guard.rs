@@ -1,0 +1,789 @@
+//! The in-database guard of guard mode (`migrations/guard/`), at the SQL
+//! level and through two guard-mode proxies: the shared/exclusive gate of
+//! issue 11. Every promise of `fencepost.advance` has a test here that
+//! fails when it breaks, under READ COMMITTED, REPEATABLE READ and
+//! SERIALIZABLE:
+//! - same-token transactions run concurrently and write nothing to
+//!   `fencepost.marks`;
+//! - a newer token waits for every older-token transaction in flight (the
+//!   drain), bounded by its wait (`ZF005`, naming the holders);
+//! - an older-token transaction cannot commit after the advance (`ZF001`,
+//!   or `40001` under REPEATABLE READ / SERIALIZABLE);
+//! - a stream of same-token writers does not starve the advance;
+//! - a guard in a savepoint that rolls back does not leave later writes
+//!   unprotected; a token change within a transaction is refused;
+//! - an installed 0001 guard is upgraded in place.
+//!
+//! Each test makes its own database and installs the guard with the real
+//! `fencepost migrate --guard`; every fact is read from Postgres itself.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::{code, direct, opts, Conf, Section, Server, TempDir, TestDb};
+use tokio_postgres::{Client, NoTls};
+
+const LEVELS: [&str; 3] = ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"];
+/// Long enough that a wait this long means "blocked", on a loaded machine.
+const BLOCKED: Duration = Duration::from_millis(400);
+/// Longer than any unblocked call takes here.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+async fn guarded(prefix: &str) -> TestDb {
+    let db = TestDb::create(prefix).await;
+    let (rc, out, err) = crate::support::run_cli(&["migrate", "--guard", &db.url], &[]);
+    assert_eq!(rc, 0, "migrate --guard: {out}{err}");
+    direct(&db)
+        .await
+        .batch_execute("CREATE TABLE w (id bigserial PRIMARY KEY, token int NOT NULL)")
+        .await
+        .expect("table w");
+    db
+}
+
+fn call(resource: &str, token: u64, wait_ms: u32) -> String {
+    format!("SELECT fencepost.advance('{resource}', '{token:020}', {wait_ms})")
+}
+
+async fn advance(c: &Client, resource: &str, token: u64) -> Result<(), tokio_postgres::Error> {
+    c.batch_execute(&call(resource, token, 10_000)).await
+}
+
+async fn mark(db: &TestDb, resource: &str) -> Option<u64> {
+    direct(db)
+        .await
+        .query_opt(
+            "SELECT token FROM fencepost.marks WHERE resource = $1",
+            &[&resource],
+        )
+        .await
+        .expect("read the mark")
+        .map(|r| r.get::<_, String>(0).parse().expect("a numeric mark"))
+}
+
+/// The mark row's `xmin`: it changes exactly when a row version is written.
+async fn mark_version(db: &TestDb, resource: &str) -> String {
+    direct(db)
+        .await
+        .query_one(
+            "SELECT xmin::text FROM fencepost.marks WHERE resource = $1",
+            &[&resource],
+        )
+        .await
+        .expect("mark row")
+        .get(0)
+}
+
+/// The gate locks (`mode`, granted) this backend holds or awaits.
+async fn gate_locks(db: &TestDb, pid: i32) -> Vec<(String, bool)> {
+    direct(db)
+        .await
+        .query(
+            "SELECT mode, granted FROM pg_locks
+              WHERE locktype = 'advisory' AND classid = 1717920355 AND objsubid = 2 AND pid = $1",
+            &[&pid],
+        )
+        .await
+        .expect("pg_locks")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+async fn pid(c: &Client) -> i32 {
+    c.query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0)
+}
+
+async fn begin(c: &Client, level: &str) {
+    c.batch_execute(&format!("BEGIN ISOLATION LEVEL {level}"))
+        .await
+        .expect("begin");
+}
+
+/// Starts `sql` on its own task; the handle answers when Postgres does.
+fn spawn_sql(
+    c: &Arc<Client>,
+    sql: String,
+) -> tokio::task::JoinHandle<Result<(), tokio_postgres::Error>> {
+    let c = Arc::clone(c);
+    tokio::spawn(async move { c.batch_execute(&sql).await })
+}
+
+/// True when the task has not finished within [`BLOCKED`].
+async fn still_blocked<T>(h: &mut tokio::task::JoinHandle<T>) -> bool {
+    tokio::time::timeout(BLOCKED, &mut *h).await.is_err()
+}
+
+async fn finish<T>(h: tokio::task::JoinHandle<T>, what: &str) -> T {
+    tokio::time::timeout(PATIENCE, h)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still blocked after {PATIENCE:?}"))
+        .expect("task")
+}
+
+#[tokio::test]
+async fn same_token_transactions_run_concurrently_and_write_nothing() {
+    let db = guarded("fp_gate_same").await;
+    let seed = direct(&db).await;
+    advance(&seed, "r", 5).await.expect("first mark");
+    let before = mark_version(&db, "r").await;
+    for level in LEVELS {
+        let mut open = Vec::new();
+        for _ in 0..8 {
+            let c = direct(&db).await;
+            begin(&c, level).await;
+            // Each call must return while the others' transactions are
+            // open: a serializing guard would block the second one forever.
+            tokio::time::timeout(PATIENCE, async {
+                advance(&c, "r", 5).await.expect("same-token guard");
+                c.batch_execute("INSERT INTO w (token) VALUES (5)")
+                    .await
+                    .expect("write");
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{level}: a same-token transaction waited for another"));
+            open.push(c);
+        }
+        let shared = direct(&db)
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+                  AND classid = 1717920355 AND mode = 'ShareLock' AND granted
+                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[],
+            )
+            .await
+            .expect("pg_locks")
+            .get::<_, i64>(0);
+        assert_eq!(
+            shared, 8,
+            "{level}: every transaction holds the gate shared"
+        );
+        for c in &open {
+            c.batch_execute("COMMIT").await.expect("commit");
+        }
+        assert_eq!(
+            mark_version(&db, "r").await,
+            before,
+            "{level}: a same-token transaction wrote a version of the mark row"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_newer_token_waits_for_every_older_transaction_in_flight() {
+    let db = guarded("fp_gate_drain").await;
+    for (i, level) in LEVELS.into_iter().enumerate() {
+        let old = 10 * (i as u64 + 1);
+        let new = old + 1;
+        advance(&direct(&db).await, "r", old).await.expect("mark");
+        let (h1, h2) = (direct(&db).await, direct(&db).await);
+        for h in [&h1, &h2] {
+            begin(h, level).await;
+            advance(h, "r", old).await.expect("old-token guard");
+            h.batch_execute(&format!("INSERT INTO w (token) VALUES ({old})"))
+                .await
+                .expect("old write");
+        }
+        let a = Arc::new(direct(&db).await);
+        begin(&a, level).await;
+        let mut adv = spawn_sql(&a, call("r", new, 20_000));
+        assert!(
+            still_blocked(&mut adv).await,
+            "{level}: the advance did not wait"
+        );
+        h1.batch_execute("COMMIT").await.expect("commit h1");
+        assert!(
+            still_blocked(&mut adv).await,
+            "{level}: the advance went ahead with an older transaction still in flight"
+        );
+        h2.batch_execute("COMMIT").await.expect("commit h2");
+        finish(adv, "the advance")
+            .await
+            .expect("advance after the drain");
+        assert_eq!(mark(&db, "r").await, Some(old), "not committed yet");
+        a.batch_execute("COMMIT").await.expect("commit the advance");
+        assert_eq!(mark(&db, "r").await, Some(new));
+    }
+}
+
+/// The advancer holds the gate while an older-token writer's guard comes
+/// in: the writer waits, and after the advance commits it fails. Under
+/// REPEATABLE READ / SERIALIZABLE its snapshot was taken before the wait,
+/// so only the guard's `FOR SHARE` re-read catches the advance (40001);
+/// a plain re-read would see the old mark and let it commit.
+#[tokio::test]
+async fn an_older_token_waiting_on_the_advance_cannot_commit() {
+    let db = guarded("fp_gate_after").await;
+    for (i, level) in LEVELS.into_iter().enumerate() {
+        let old = 10 * (i as u64 + 1);
+        advance(&direct(&db).await, "r", old).await.expect("mark");
+        let a = direct(&db).await;
+        begin(&a, level).await;
+        advance(&a, "r", old + 1).await.expect("advance");
+        let w = Arc::new(direct(&db).await);
+        begin(&w, level).await;
+        let mut guard = spawn_sql(&w, call("r", old, 20_000));
+        assert!(
+            still_blocked(&mut guard).await,
+            "{level}: an older-token guard went past a held advance"
+        );
+        a.batch_execute("COMMIT").await.expect("commit the advance");
+        let err = finish(guard, "the older guard")
+            .await
+            .expect_err("an older token after the advance");
+        let expected = if level == "READ COMMITTED" {
+            "ZF001"
+        } else {
+            "40001"
+        };
+        assert_eq!(code(&err), expected, "{level}: {err:?}");
+        w.batch_execute("ROLLBACK").await.expect("rollback");
+    }
+}
+
+/// A writer whose transaction (and, under REPEATABLE READ, snapshot)
+/// began before the advance committed, and whose guard comes after it:
+/// no wait at all, and still no commit.
+#[tokio::test]
+async fn an_older_token_whose_snapshot_predates_the_advance_cannot_commit() {
+    let db = guarded("fp_gate_snap").await;
+    for (i, level) in LEVELS.into_iter().enumerate() {
+        let old = 10 * (i as u64 + 1);
+        advance(&direct(&db).await, "r", old).await.expect("mark");
+        let w = direct(&db).await;
+        begin(&w, level).await;
+        w.batch_execute("SELECT count(*) FROM w")
+            .await
+            .expect("snapshot");
+        advance(&direct(&db).await, "r", old + 1)
+            .await
+            .expect("advance, autocommit");
+        let err = advance(&w, "r", old)
+            .await
+            .expect_err("an older token after the advance");
+        let expected = if level == "READ COMMITTED" {
+            "ZF001"
+        } else {
+            "40001"
+        };
+        assert_eq!(code(&err), expected, "{level}: {err:?}");
+        w.batch_execute("ROLLBACK").await.expect("rollback");
+    }
+}
+
+/// Postgres's lock manager queues a shared request behind a waiting
+/// exclusive one, so writers that keep the gate shared without a gap do
+/// not keep a newer token out: its advance gets the gate once those in
+/// flight when it arrived have ended, well within its wait.
+#[tokio::test]
+async fn a_stream_of_same_token_writers_does_not_starve_the_advance() {
+    let db = guarded("fp_gate_starve").await;
+    advance(&direct(&db).await, "r", 5).await.expect("mark");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for _ in 0..8 {
+        let c = direct(&db).await;
+        let stop = Arc::clone(&stop);
+        writers.push(tokio::spawn(async move {
+            let mut committed = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let r = async {
+                    c.batch_execute("BEGIN").await?;
+                    advance(&c, "r", 5).await?;
+                    c.batch_execute("INSERT INTO w (token) VALUES (5); SELECT pg_sleep(0.03)")
+                        .await?;
+                    c.batch_execute("COMMIT").await
+                }
+                .await;
+                match r {
+                    Ok(()) => committed += 1,
+                    Err(e) => {
+                        let _ = c.batch_execute("ROLLBACK").await;
+                        assert_eq!(code(&e), "ZF001", "{e:?}");
+                        return committed;
+                    }
+                }
+            }
+            committed
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let a = direct(&db).await;
+    a.batch_execute("BEGIN").await.expect("begin");
+    let started = Instant::now();
+    // 15 s of patience: starved, it would fail with ZF005 after them.
+    a.batch_execute(&call("r", 6, 15_000))
+        .await
+        .expect("the advance got the gate amid continuous same-token writers");
+    let took = started.elapsed();
+    a.batch_execute("COMMIT").await.expect("commit");
+    let refused = tokio::time::timeout(PATIENCE, async {
+        let mut n = 0;
+        for w in writers {
+            let committed = w.await.expect("writer");
+            assert!(
+                committed > 0,
+                "a writer never got through before the advance"
+            );
+            n += 1;
+        }
+        n
+    })
+    .await
+    .expect("every older writer was refused after the advance");
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(refused, 8);
+    assert!(
+        took < Duration::from_secs(10),
+        "the advance waited {took:?} behind a stream of same-token writers"
+    );
+    assert_eq!(mark(&db, "r").await, Some(6));
+}
+
+/// A guard taken in a savepoint that rolls back is released with it (and
+/// so is the memo that lets a repeated call skip the gate): the next call
+/// takes the gate again, and the advance must wait for the transaction.
+/// Released (RELEASE) or taken at top level first, the gate stays held.
+#[tokio::test]
+async fn a_guard_in_a_rolled_back_savepoint_is_taken_again() {
+    let db = guarded("fp_gate_savepoint").await;
+    let mut token = 10;
+    for level in LEVELS {
+        for (name, script) in [
+            (
+                "rolled back, guarded again",
+                "SAVEPOINT s; {g}; ROLLBACK TO s; {g}; INSERT INTO w (token) VALUES (1)",
+            ),
+            (
+                "released",
+                "SAVEPOINT s; {g}; INSERT INTO w (token) VALUES (1); RELEASE s",
+            ),
+            (
+                "top level first",
+                "{g}; SAVEPOINT s; {g}; ROLLBACK TO s; INSERT INTO w (token) VALUES (1)",
+            ),
+        ] {
+            token += 10;
+            advance(&direct(&db).await, "r", token).await.expect("mark");
+            let w = direct(&db).await;
+            let w_pid = pid(&w).await;
+            begin(&w, level).await;
+            for step in script.split("; ") {
+                let sql = step.replace("{g}", &call("r", token, 10_000));
+                w.batch_execute(&sql).await.expect(&sql);
+                if step == "ROLLBACK TO s" && name.starts_with("rolled back") {
+                    assert!(
+                        gate_locks(&db, w_pid).await.is_empty(),
+                        "{level}: the rolled-back savepoint's gate is still held"
+                    );
+                }
+            }
+            assert_eq!(
+                gate_locks(&db, w_pid).await,
+                vec![("ShareLock".to_string(), true)],
+                "{level}, {name}: the gate is not held for the transaction's write"
+            );
+            let a = Arc::new(direct(&db).await);
+            a.batch_execute("BEGIN").await.expect("begin");
+            let mut adv = spawn_sql(&a, call("r", token + 1, 20_000));
+            assert!(
+                still_blocked(&mut adv).await,
+                "{level}, {name}: the advance did not wait for a guarded transaction"
+            );
+            w.batch_execute("COMMIT").await.expect("commit");
+            finish(adv, "the advance").await.expect("advance");
+            a.batch_execute("COMMIT").await.expect("commit the advance");
+        }
+    }
+}
+
+/// One transaction keeps one token per resource: taking the gate shared
+/// for one token and exclusive for another would be a lock upgrade (two
+/// such transactions deadlock). The second token is refused at once, not
+/// after waiting for the gate (another transaction holds it shared
+/// throughout, so an exclusive request would wait, then fail with
+/// `ZF005`), and nothing is advanced.
+#[tokio::test]
+async fn a_token_change_within_a_transaction_is_refused() {
+    let db = guarded("fp_gate_change").await;
+    advance(&direct(&db).await, "r", 5).await.expect("mark");
+    let other = direct(&db).await;
+    other.batch_execute("BEGIN").await.expect("begin");
+    advance(&other, "r", 5).await.expect("another holder");
+    for level in LEVELS {
+        let w = direct(&db).await;
+        begin(&w, level).await;
+        advance(&w, "r", 5).await.expect("guard");
+        let started = Instant::now();
+        let err = w
+            .batch_execute(&call("r", 6, 5_000))
+            .await
+            .expect_err("a second token");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{level}: the second token waited for the gate"
+        );
+        assert_eq!(code(&err), "ZF001", "{err:?}");
+        let msg = err.as_db_error().map(|d| d.message().to_owned());
+        assert!(
+            msg.as_deref()
+                .is_some_and(|m| m.contains("changed within a transaction")),
+            "{msg:?}"
+        );
+        w.batch_execute("ROLLBACK").await.expect("rollback");
+        assert_eq!(mark(&db, "r").await, Some(5));
+    }
+    other.batch_execute("COMMIT").await.expect("commit");
+    // Another resource in the same transaction is independent.
+    advance(&direct(&db).await, "q", 9).await.expect("mark q");
+    let w = direct(&db).await;
+    w.batch_execute("BEGIN").await.expect("begin");
+    advance(&w, "r", 5).await.expect("r");
+    advance(&w, "q", 9).await.expect("q, another resource");
+    w.batch_execute("COMMIT").await.expect("commit");
+}
+
+/// The advance waits at most its bound; then `ZF005` names the backends
+/// that held the gate, nothing is advanced, and the caller's own
+/// `lock_timeout` is back in force after a successful advance.
+#[tokio::test]
+async fn the_drain_is_bounded_and_names_who_held_it() {
+    let db = guarded("fp_gate_wait").await;
+    advance(&direct(&db).await, "r", 5).await.expect("mark");
+    let h = direct(&db).await;
+    let h_pid = pid(&h).await;
+    h.batch_execute("SET application_name = 'old-leader-7'; BEGIN")
+        .await
+        .expect("begin");
+    advance(&h, "r", 5).await.expect("old guard");
+    let a = direct(&db).await;
+    a.batch_execute("BEGIN").await.expect("begin");
+    let started = Instant::now();
+    let err = a
+        .batch_execute(&call("r", 6, 300))
+        .await
+        .expect_err("past its wait");
+    let took = started.elapsed();
+    assert_eq!(code(&err), "ZF005", "{err:?}");
+    let msg = err.as_db_error().map(|d| d.message().to_owned()).unwrap();
+    assert!(msg.contains(&format!("pid {h_pid}")), "{msg}");
+    assert!(msg.contains("old-leader-7"), "{msg}");
+    assert!(msg.contains("idle in transaction"), "{msg}");
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    a.batch_execute("ROLLBACK").await.expect("rollback");
+    assert_eq!(
+        mark(&db, "r").await,
+        Some(5),
+        "a timed-out advance advanced"
+    );
+    h.batch_execute("COMMIT").await.expect("commit");
+    a.batch_execute("SET lock_timeout = '7s'; BEGIN")
+        .await
+        .expect("begin");
+    a.batch_execute(&call("r", 6, 300)).await.expect("advance");
+    let lt: String = a
+        .query_one("SHOW lock_timeout", &[])
+        .await
+        .expect("show")
+        .get(0);
+    assert_eq!(lt, "7s", "the guard left its own lock_timeout behind");
+    a.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(mark(&db, "r").await, Some(6));
+}
+
+/// A database whose guard an older fencepost installed (0001: the row-lock
+/// upsert) is upgraded in place by `migrate --guard`: the marks stay, and
+/// the two-argument `advance` an older proxy calls gets the gate.
+#[tokio::test]
+async fn migrate_upgrades_an_installed_guard_in_place() {
+    let db = TestDb::create("fp_gate_upgrade").await;
+    let d = direct(&db).await;
+    d.batch_execute(include_str!("../../migrations/guard/0001_guard.sql"))
+        .await
+        .expect("the 0001 guard");
+    d.batch_execute("SELECT fencepost.advance('r', '00000000000000000007')")
+        .await
+        .expect("old mark");
+    let (rc, out, err) = crate::support::run_cli(&["migrate", "--guard", &db.url], &[]);
+    assert_eq!(rc, 0, "migrate --guard: {out}{err}");
+    assert_eq!(mark(&db, "r").await, Some(7), "the upgrade lost the mark");
+    let version = mark_version(&db, "r").await;
+    let (c1, c2) = (direct(&db).await, direct(&db).await);
+    for c in [&c1, &c2] {
+        c.batch_execute("BEGIN").await.expect("begin");
+        tokio::time::timeout(
+            PATIENCE,
+            c.batch_execute("SELECT fencepost.advance('r', '00000000000000000007')"),
+        )
+        .await
+        .expect("an older proxy's same-token calls no longer serialize")
+        .expect("two-argument guard");
+    }
+    let a = Arc::new(direct(&db).await);
+    a.batch_execute("BEGIN").await.expect("begin");
+    let mut adv = spawn_sql(
+        &a,
+        "SELECT fencepost.advance('r', '00000000000000000008')".into(),
+    );
+    assert!(
+        still_blocked(&mut adv).await,
+        "the two-argument advance did not drain"
+    );
+    for c in [&c1, &c2] {
+        c.batch_execute("COMMIT").await.expect("commit");
+    }
+    finish(adv, "the advance").await.expect("advance");
+    a.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(mark(&db, "r").await, Some(8));
+    assert_ne!(mark_version(&db, "r").await, version);
+    let stale = c1
+        .batch_execute("SELECT fencepost.advance('r', '00000000000000000007')")
+        .await
+        .expect_err("stale");
+    assert_eq!(code(&stale), "ZF001");
+}
+
+// ------------------------------------------------- through two guard proxies
+
+/// Two `fencepost serve` processes with separate SQLite stores (neither
+/// knows what the other admitted), both in guard mode in front of one
+/// database, with a history table: ids in INSERT order and a commit stamp
+/// from a deferred trigger.
+struct TwoProxies {
+    db: TestDb,
+    _dirs: Vec<TempDir>,
+    _servers: Vec<Server>,
+    proxies: Vec<std::net::SocketAddr>,
+}
+
+impl TwoProxies {
+    async fn start(prefix: &str) -> TwoProxies {
+        let db = guarded(prefix).await;
+        direct(&db)
+            .await
+            .batch_execute(
+                "CREATE TABLE h (id bigserial PRIMARY KEY, token int NOT NULL, committed bigint);
+                 CREATE SEQUENCE commits;
+                 CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN
+                   UPDATE h SET committed = nextval('commits') WHERE id = NEW.id;
+                   RETURN NULL;
+                 END $$;
+                 CREATE CONSTRAINT TRIGGER stamp AFTER INSERT ON h
+                   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION stamp();",
+            )
+            .await
+            .expect("history table");
+        let (mut dirs, mut servers, mut proxies) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..2 {
+            // Processes with stores of their own: neither learns the
+            // other's tokens.
+            let dir = TempDir::new(&format!("{prefix}_{i}"));
+            let mut conf = Conf::sqlite(dir.path());
+            let listen = conf.postgres(
+                Section::to("127.0.0.1:5432")
+                    .set("enforce", "database")
+                    .set("guard_wait", "15s"),
+            );
+            servers.push(Server::run(dir.path(), conf).await);
+            dirs.push(dir);
+            proxies.push(listen);
+        }
+        TwoProxies {
+            db,
+            _dirs: dirs,
+            _servers: servers,
+            proxies,
+        }
+    }
+
+    async fn client(&self, i: usize, token: u64, level: &str) -> Client {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} dbname={} user=postgres options='{}'",
+            self.proxies[i % self.proxies.len()].port(),
+            self.db.name,
+            opts(token, "h")
+        );
+        let (c, conn) = tokio_postgres::connect(&conninfo, NoTls)
+            .await
+            .expect("connect through a proxy");
+        tokio::spawn(conn);
+        c.batch_execute(&format!(
+            "SET default_transaction_isolation = '{}'",
+            level.to_lowercase()
+        ))
+        .await
+        .expect("isolation level");
+        c
+    }
+}
+
+/// In both orders, INSERT (id) and COMMIT (stamp), tokens never go down.
+async fn assert_tokens_never_go_down(db: &TestDb) -> usize {
+    let rows: Vec<(i64, i32, Option<i64>)> = direct(db)
+        .await
+        .query("SELECT id, token, committed FROM h ORDER BY id", &[])
+        .await
+        .expect("history")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(!rows.is_empty(), "no write landed at all");
+    for order in ["insert", "commit"] {
+        let mut sorted = rows.clone();
+        if order == "commit" {
+            sorted.sort_by_key(|r| r.2);
+        }
+        let mut highest = 0;
+        for (id, token, committed) in &sorted {
+            assert!(
+                *token >= highest,
+                "by {order}: row {id} with token {token} (commit #{committed:?}) after a write with token {highest}"
+            );
+            highest = *token;
+        }
+    }
+    rows.len()
+}
+
+/// Same-token transactions through two proxies hold the gate together:
+/// neither waits for the other's open block.
+#[tokio::test]
+async fn same_token_blocks_through_two_proxies_do_not_wait_for_each_other() {
+    let env = TwoProxies::start("fp_gate_two_same").await;
+    // The first transaction of a token advances the mark and holds the
+    // gate exclusive to its end; after it, the token's transactions share.
+    env.client(0, 3, "READ COMMITTED")
+        .await
+        .batch_execute("INSERT INTO h (token) VALUES (3)")
+        .await
+        .expect("first write of token 3");
+    for level in LEVELS {
+        let (a, b) = (env.client(0, 3, level).await, env.client(1, 3, level).await);
+        for c in [&a, &b] {
+            tokio::time::timeout(PATIENCE, async {
+                c.batch_execute("BEGIN").await.expect("begin");
+                c.batch_execute("INSERT INTO h (token) VALUES (3)")
+                    .await
+                    .expect("write");
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{level}: a same-token block waited for the other"));
+        }
+        for c in [&a, &b] {
+            c.batch_execute("COMMIT").await.expect("commit");
+        }
+    }
+    assert_eq!(assert_tokens_never_go_down(&env.db).await, 7);
+}
+
+/// Many concurrent writers, failovers to ever newer tokens through
+/// alternating proxies while older writers keep going, in autocommit
+/// (simple and extended) and in multi-statement blocks: no stale
+/// transaction commits after a newer one, in INSERT or in COMMIT order,
+/// and the refusals come from the database (the proxies' stores never
+/// learn each other's tokens).
+async fn failovers_through_two_proxies(level: &'static str) {
+    let env = TwoProxies::start(&format!("fp_gate_two_{}", &level[..4].to_lowercase())).await;
+    const EPOCHS: u64 = 5;
+    const PER_EPOCH: u64 = 4;
+    let env = Arc::new(env);
+    let mut tasks = Vec::new();
+    for token in 1..=EPOCHS {
+        for n in 0..PER_EPOCH {
+            let env = Arc::clone(&env);
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300 * token)).await;
+                let c = env.client((token + n) as usize, token, level).await;
+                let stmt = c
+                    .prepare("INSERT INTO h (token) VALUES ($1)")
+                    .await
+                    .expect("prepare");
+                let t = token as i32;
+                let (mut ok, mut refused, mut by_guard) = (0u32, 0u32, 0u32);
+                let until = Instant::now() + Duration::from_millis(900);
+                let mut i = n;
+                while Instant::now() < until {
+                    i += 1;
+                    let r = match i % 3 {
+                        0 => c
+                            .simple_query(&format!("INSERT INTO h (token) VALUES ({t})"))
+                            .await
+                            .map(|_| ()),
+                        1 => c.execute(&stmt, &[&t]).await.map(|_| ()),
+                        _ => {
+                            let block = async {
+                                c.batch_execute("BEGIN").await?;
+                                c.execute(&stmt, &[&t]).await?;
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                                c.batch_execute(&format!("INSERT INTO h (token) VALUES ({t})"))
+                                    .await?;
+                                c.execute(&stmt, &[&t]).await?;
+                                c.batch_execute("COMMIT").await
+                            };
+                            let r = block.await;
+                            let _ = c.batch_execute("ROLLBACK").await;
+                            r
+                        }
+                    };
+                    match r {
+                        Ok(()) => ok += 1,
+                        Err(e) if code(&e) == "ZF001" || code(&e) == "40001" => {
+                            refused += 1;
+                            let guard = e
+                                .as_db_error()
+                                .is_some_and(|d| d.message().contains("database guard"));
+                            if guard || code(&e) == "40001" {
+                                by_guard += 1;
+                            }
+                        }
+                        Err(e) => panic!("{level}, token {token}: unexpected error {e:?}"),
+                    }
+                }
+                (token, ok, refused, by_guard)
+            }));
+        }
+    }
+    let (mut refused, mut by_guard, mut newest_ok) = (0, 0, 0);
+    for t in tasks {
+        let (token, ok, r, g) = t.await.expect("writer");
+        if token == EPOCHS {
+            newest_ok += ok;
+        }
+        refused += r;
+        by_guard += g;
+    }
+    assert!(
+        newest_ok > 0,
+        "{level}: the newest leader never got through"
+    );
+    assert!(refused > 0, "{level}: no older writer was fenced");
+    assert!(
+        by_guard > 0,
+        "{level}: no refusal came from the database, so the test did not exercise the guard"
+    );
+    let landed = assert_tokens_never_go_down(&env.db).await;
+    assert_eq!(mark(&env.db, "h").await, Some(EPOCHS), "{level}");
+    println!("{level}: {landed} rows landed, {refused} refused ({by_guard} by the database)");
+}
+
+#[tokio::test]
+async fn failovers_through_two_proxies_read_committed() {
+    failovers_through_two_proxies("READ COMMITTED").await;
+}
+
+#[tokio::test]
+async fn failovers_through_two_proxies_repeatable_read() {
+    failovers_through_two_proxies("REPEATABLE READ").await;
+}
+
+#[tokio::test]
+async fn failovers_through_two_proxies_serializable() {
+    failovers_through_two_proxies("SERIALIZABLE").await;
+}
