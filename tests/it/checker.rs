@@ -15,7 +15,7 @@
 //! is gone (lost renewal, a pause, or a term that simply lapses) keep writing
 //! for a while with the old token, as a paused leader does.
 //!
-//! A third of the Postgres writes run as `BEGIN; UPDATE; (0-40 ms); COMMIT`,
+//! A third of the Postgres writes run as `BEGIN; UPDATE; (0-40 ms); INSERT; COMMIT`,
 //! so a token that goes stale inside the block must turn COMMIT into ZF001
 //! and a rollback. One more Postgres leader is a real `psql` process fed
 //! through its stdin, each statement followed by `\echo R <key> :SQLSTATE`
@@ -77,7 +77,19 @@
 //! `DATABASE_URL`'s Postgres on 127.0.0.1:5432 and `psql`, as the other
 //! end-to-end tests do.
 //!
-//! Limits: one proxy process (no replicas sharing a store, no guard mode);
+//! Guard mode (`fencing_holds_in_guard_mode_through_two_proxies`): the
+//! Postgres proxy is `enforce = "database"`, and a second `fencepost serve`
+//! with its own SQLite store (it never learns the first one's tokens, nor
+//! the elector's) runs a second guard-mode proxy; the Postgres writers with
+//! odd ids write through it, so only the database's gate orders the two.
+//! Every Postgres transaction there has two writes (`UPDATE register`, then
+//! `INSERT INTO notes`), and `pause` always hits a Postgres writer between
+//! the two, past its lease. The final-mark check uses the database's own
+//! mark (`fencepost.marks`) for the Postgres resource; audit records are
+//! read from both stores, each checked against its own process's lifetimes
+//! (the second process is never killed).
+//!
+//! Limits: one elector process (no replicas sharing a store);
 //! network faults cut connections rather than delay them; the SQLite store
 //! itself is never taken away (fail-closed 503/ZF004 is tested elsewhere).
 
@@ -188,6 +200,8 @@ struct Shared {
     psql_stop: AtomicU64,
     /// Times the psql writer was really stopped and continued.
     psql_stopped: AtomicU64,
+    /// Postgres writers paused inside a transaction, past their lease.
+    paused_in_txn: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -421,7 +435,13 @@ async fn one_run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usize {
         i += 1;
         match kind {
             "pause" => {
-                let w = rng.gen_range(0..2 * writers);
+                // Guard mode: a Postgres writer, paused inside its
+                // transaction (the case the database's gate must drain).
+                let w = if guard {
+                    rng.gen_range(writers..2 * writers)
+                } else {
+                    rng.gen_range(0..2 * writers)
+                };
                 let ms = rng.gen_range(900..2000);
                 shared.pauses[w].store(ms, Ordering::SeqCst);
             }
@@ -544,6 +564,24 @@ async fn one_run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usize {
         audit.extend(read_audit(&s2.config, 1));
     }
     let history = read_history(&db.url).await;
+    // Guard mode: the second process's tokens never reach the first one's
+    // store, so the mark that must cover every landed Postgres token is
+    // the database's own (the guard's), which orders both proxies.
+    let mut final_fences = final_fences;
+    if guard {
+        let mark: Option<String> = connect_direct(&db.url)
+            .await
+            .query_opt(
+                "SELECT token FROM fencepost.marks WHERE resource = $1",
+                &[&PG_RES],
+            )
+            .await
+            .expect("read the guard's mark")
+            .map(|r| r.get(0));
+        let mark = mark.and_then(|m| m.parse::<u64>().ok()).unwrap_or(0);
+        println!("the database guard's mark of {PG_RES}: {mark}");
+        final_fences.insert(PG_RES.to_owned(), mark);
+    }
     let arrivals: Vec<(String, u64)> = upstream
         .arrivals()
         .into_iter()
@@ -575,13 +613,14 @@ async fn one_run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usize {
     let failovers = count_failovers(&grants);
     println!("---- fencepost checker, seed {seed}");
     println!(
-        "faults: {}; psql really stopped: {}; lapsed terms (writer-driven): {}; process lifetimes: {}",
+        "faults: {}; psql really stopped: {}; Postgres writers paused mid-transaction: {}; lapsed terms (writer-driven): {}; process lifetimes: {}",
         faults
             .iter()
             .map(|(k, v)| format!("{k} {v}"))
             .collect::<Vec<_>>()
             .join(", "),
         shared.psql_stopped.load(Ordering::SeqCst),
+        shared.paused_in_txn.load(Ordering::SeqCst),
         shared.lapses.load(Ordering::SeqCst),
         epochs.len()
     );
@@ -673,6 +712,12 @@ async fn one_run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usize {
     for k in kinds {
         assert!(faults[k] >= 1, "fault {k} never injected (seed {seed})");
     }
+    if guard {
+        assert!(
+            shared.paused_in_txn.load(Ordering::SeqCst) >= 1,
+            "no Postgres writer was paused mid-transaction (seed {seed})"
+        );
+    }
     if !report.violations.is_empty() {
         let s = server.lock().unwrap();
         let log = s.log_text();
@@ -735,6 +780,7 @@ async fn writer(w: usize, proto: Proto, seed: u64, addrs: Arc<Addrs>, shared: Ar
                     // The in-process SIGSTOP, inside a transaction: after
                     // its first write, before its second and its COMMIT.
                     txn = Some(pause);
+                    shared.paused_in_txn.fetch_add(1, Ordering::SeqCst);
                 } else {
                     // The in-process SIGSTOP: no renewals, no writes.
                     tokio::time::sleep(Duration::from_millis(pause)).await;
