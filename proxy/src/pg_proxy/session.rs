@@ -51,17 +51,23 @@
 //!
 //! # Guard mode (`enforce = "database"`)
 //! After the proxy admits a write, it also sends `fencepost.advance(resource,
-//! token)` (installed by `fencepost migrate --guard`) in the write's own
-//! transaction, just before the write: prepended to the same Query in the
-//! simple protocol (one implicit transaction, or the open block), or as a
-//! Parse/Bind/Execute/Close under names of its own just before the
-//! client's Execute, within the same Sync, in the extended protocol. The
-//! upsert holds the resource's row lock until that transaction ends, so
-//! Postgres itself serializes the resource's transactions across any
-//! number of proxies, and a stale one fails with the guard's own `ZF001`.
+//! token, guard_wait)` (installed by `fencepost migrate --guard`) in the
+//! write's own transaction, just before the write: prepended to the same
+//! Query in the simple protocol (one implicit transaction, or the open
+//! block), or as a Parse/Bind/Execute/Close under names of its own just
+//! before the client's Execute, within the same Sync, in the extended
+//! protocol. The function is a shared/exclusive gate per resource
+//! (`migrations/guard/0002_gate.sql`): the mark's own token holds it
+//! shared until the transaction ends, so one leader's transactions run
+//! concurrently, a newer token holds it exclusive, so Postgres drains the
+//! older ones across any number of proxies (at most `guard_wait`, then
+//! `ZF005`), and a stale one fails with the guard's own `ZF001`.
 //! The guard runs before every admitted write (not only a block's first):
-//! repeating it in a transaction that already holds the lock is cheap, and
-//! the proxy need not know which writes the server has already run.
+//! in a transaction that already holds the gate with that token the call
+//! returns at once (a memo Postgres undoes with the lock, so after a
+//! `ROLLBACK TO` that released the gate the next write takes it again),
+//! and the proxy need not know which writes the server has already run or
+//! rolled back.
 //! Statements that Postgres refuses inside a transaction block (VACUUM,
 //! CREATE DATABASE, CREATE INDEX CONCURRENTLY, ...) cannot share one with
 //! the guard; they, and fast-path function calls, are fenced by the proxy
