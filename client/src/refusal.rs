@@ -3,7 +3,7 @@
 //! The HTTP proxy answers with `application/problem+json` and a
 //! `urn:fencepost:*` type (`409` stale with `Fencing-Current-Token`, `428`
 //! missing, `400` invalid, `403` forged, `503` unavailable); the Postgres
-//! proxy with an ErrorResponse whose SQLSTATE is `ZF001`-`ZF004`. Both end
+//! proxy with an ErrorResponse whose SQLSTATE is `ZF001`-`ZF005`. Both end
 //! up as one [`Refusal`], so a leader branches on [`RefusalKind`] and never
 //! on status codes or message text.
 //!
@@ -33,7 +33,9 @@ pub enum RefusalKind {
     /// signatures are required.
     Forged,
     /// The proxy could not read or persist its fence state and failed
-    /// closed. The only retriable refusal.
+    /// closed, or (guard mode, `ZF005`) a newer token's transaction waited
+    /// `guard_wait` for older ones still in flight. The only retriable
+    /// refusal.
     Unavailable,
 }
 
@@ -161,13 +163,14 @@ impl Refusal {
 
     /// Reads a Postgres error from a fencing proxy: `ZF001` stale, `ZF002`
     /// missing, `ZF003` invalid or forged (the message tells them apart),
-    /// `ZF004` unavailable. `None` for any other SQLSTATE.
+    /// `ZF004` unavailable, and the guard's `ZF005` (its drain timed out:
+    /// retry) unavailable too. `None` for any other SQLSTATE.
     pub fn from_sqlstate(sqlstate: &str, message: &str) -> Option<Refusal> {
         let kind = match sqlstate {
             "ZF001" => RefusalKind::Stale,
             "ZF002" => RefusalKind::Missing,
             "ZF003" => invalid_or_forged(message),
-            "ZF004" => RefusalKind::Unavailable,
+            "ZF004" | "ZF005" => RefusalKind::Unavailable,
             _ => return None,
         };
         Some(Refusal {
@@ -381,7 +384,11 @@ mod tests {
             Some(RefusalKind::Unavailable)
         );
         assert_eq!(kind("23505", "duplicate key"), None);
-        assert_eq!(kind("ZF005", "future code"), None);
+        assert_eq!(
+            kind("ZF005", "fencepost guard: token 7 for resource r waited 5000 ms for older transactions to end; held by: pid 1 (application_name 'a', state idle in transaction, transaction started x)"),
+            Some(RefusalKind::Unavailable)
+        );
+        assert_eq!(kind("ZF006", "future code"), None);
     }
 
     #[test]
