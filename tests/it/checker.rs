@@ -566,8 +566,9 @@ async fn one_run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usize {
     let history = read_history(&db.url).await;
     // Guard mode: the second process's tokens never reach the first one's
     // store, so the mark that must cover every landed Postgres token is
-    // the database's own (the guard's), which orders both proxies.
-    let mut final_fences = final_fences;
+    // the database's own (the guard's), which orders both proxies; the
+    // first process's mark still must not fall below what was sampled.
+    let mut guard_mark = None;
     if guard {
         let mark: Option<String> = connect_direct(&db.url)
             .await
@@ -580,7 +581,7 @@ async fn one_run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usize {
             .map(|r| r.get(0));
         let mark = mark.and_then(|m| m.parse::<u64>().ok()).unwrap_or(0);
         println!("the database guard's mark of {PG_RES}: {mark}");
-        final_fences.insert(PG_RES.to_owned(), mark);
+        guard_mark = Some(mark);
     }
     let arrivals: Vec<(String, u64)> = upstream
         .arrivals()
@@ -608,6 +609,15 @@ async fn one_run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usize {
         &final_fences,
         &audit,
     );
+
+    if let Some(mark) = guard_mark {
+        let landed = history.iter().map(|h| h.1).max().unwrap_or(0);
+        if mark < landed {
+            report.violations.push(format!(
+                "the database guard's mark of {PG_RES} is {mark}, below landed token {landed}"
+            ));
+        }
+    }
 
     // Summary.
     let failovers = count_failovers(&grants);
@@ -1484,7 +1494,12 @@ fn check(
             }
         }
     }
-    landed_max.insert(PG_RES, hi);
+    // Guard mode: tokens landed through the second process never reach
+    // the first one's store; the database guard's own mark must cover
+    // them, which the caller checks.
+    if epoch2.is_none() {
+        landed_max.insert(PG_RES, hi);
+    }
     // Every write the client saw admitted landed.
     let landed: std::collections::HashSet<&str> = arrivals
         .iter()
