@@ -188,6 +188,29 @@ async fn reads_with_a_body_are_fenced() {
     assert_eq!(status(&answer), 200, "{answer}");
 }
 
+/// A malformed chunked request body was answered `502` (blamed on the
+/// upstream). The client's framing error is the client's: `400`, and not
+/// counted as an upstream failure. (The part of the body read before the
+/// error has reached the upstream by then: only the byte relay, which
+/// checks each read before writing it, can stop that.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunked_body_is_the_clients_error() {
+    let upstream = Upstream::start().await;
+    let env = Env::start("framing-badchunk", upstream.addr).await;
+    for body in ["5\r\nhelloXX0\r\n\r\n", "zz\r\nhello\r\n0\r\n\r\n"] {
+        let answer = env
+            .exchange(&format!(
+                "PUT /kv/1 HTTP/1.1\r\nHost: p\r\nFencing-Token: 1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{body}"
+            ))
+            .await;
+        assert_eq!(status(&answer), 400, "{body:?}: {answer}");
+        assert!(
+            answer.contains("urn:fencepost:bad-request"),
+            "{body:?}: {answer}"
+        );
+    }
+}
+
 /// CONNECT was forwarded, and a request with two Hosts or none (HTTP/1.1)
 /// accepted: all refused, none forwarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -307,6 +307,17 @@ impl Forwarder {
             )
             .response();
         }
+        if request_body::is_client_body(e) {
+            tracing::info!(%peer, error = %e, "client's request body failed; request abandoned");
+            return Problem::new(
+                StatusCode::BAD_REQUEST,
+                problem::BAD_REQUEST,
+                "Bad request body",
+                "the request body is not valid HTTP/1.1 framing (or ended early)",
+            )
+            .header(header::CONNECTION, HeaderValue::from_static("close"))
+            .response();
+        }
         self.upstream_errors.increment(1);
         tracing::warn!(error = %e, upstream = %self.upstream.authority(), "upstream request failed");
         Problem::new(

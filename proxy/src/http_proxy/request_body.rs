@@ -33,6 +33,12 @@ pub struct RequestBody {
 #[error("the client sent no request body data for {0:?}")]
 pub struct BodyStalled(pub Duration);
 
+/// Reading the client's body failed (bad chunked framing, a client that
+/// hung up mid-body): the client's fault, not the upstream's.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body failed: {0}")]
+pub struct ClientBodyError(#[source] hyper::Error);
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl RequestBody {
@@ -75,7 +81,7 @@ impl Body for RequestBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 this.signal();
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(ClientBodyError(e).into())))
             }
             Poll::Ready(Some(Ok(frame))) => {
                 if this.inner.is_end_stream() {
@@ -115,9 +121,18 @@ impl Body for RequestBody {
 
 /// Whether `e` (or anything that caused it) is a [`BodyStalled`].
 pub fn is_stall(e: &(dyn std::error::Error + 'static)) -> bool {
+    caused_by::<BodyStalled>(e)
+}
+
+/// Whether `e` (or anything that caused it) is a [`ClientBodyError`].
+pub fn is_client_body(e: &(dyn std::error::Error + 'static)) -> bool {
+    caused_by::<ClientBodyError>(e)
+}
+
+fn caused_by<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
-        if err.is::<BodyStalled>() {
+        if err.is::<E>() {
             return true;
         }
         cur = err.source();
