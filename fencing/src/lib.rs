@@ -9,6 +9,8 @@
 //!
 //! - [`resource`]: validated resource names.
 //! - [`token`]: parsing presented tokens, plain and signed.
+//! - [`input`]: a write's resource and token as typed values (or typed
+//!   reasons why not), parsed once by each protocol's front end.
 //! - [`signing`]: Ed25519 signing and verification of tokens.
 //! - [`fence`]: the per-resource high-water mark, compare-and-advance and the
 //!   in-flight accounting behind the drain of guarantee 2.
@@ -19,6 +21,7 @@
 
 pub mod audit;
 pub mod fence;
+pub mod input;
 pub mod lease;
 pub mod resource;
 pub mod signing;
@@ -26,7 +29,8 @@ pub mod token;
 
 pub use audit::{AuditRecord, Protocol, Reason};
 pub use fence::{Admitted, FenceTable, InflightGuard, Persist, Slot, Verdict};
+pub use input::{FenceInput, Field, InputError};
 pub use lease::{LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord};
-pub use resource::{ResourceError, ResourceName};
+pub use resource::{ResourceError, ResourceName, ResourceRef};
 pub use signing::{KeyError, Signer, Verifier};
 pub use token::{Presented, TokenError, TokenPolicy, TokenRejection};

@@ -9,7 +9,7 @@ use std::fmt;
 /// Longest accepted resource name, in bytes.
 pub const MAX_LEN: usize = 128;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ResourceError {
     #[error("resource name is empty")]
     Empty,
@@ -77,6 +77,52 @@ impl AsRef<str> for ResourceName {
 impl fmt::Display for ResourceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// A validated resource name borrowed from where it was presented (a
+/// header, a route, a session variable): the decision's form of a name,
+/// which costs no allocation on the hot path.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceRef<'a>(&'a str);
+
+impl<'a> ResourceRef<'a> {
+    pub fn new(s: &'a str) -> Result<Self, ResourceError> {
+        validate(s)?;
+        Ok(ResourceRef(s))
+    }
+
+    pub fn as_str(&self) -> &'a str {
+        self.0
+    }
+
+    pub fn to_name(&self) -> ResourceName {
+        ResourceName(self.0.into())
+    }
+}
+
+impl ResourceName {
+    /// The name as the decision takes it.
+    pub fn as_ref_name(&self) -> ResourceRef<'_> {
+        ResourceRef(&self.0)
+    }
+}
+
+impl PartialEq<ResourceName> for ResourceRef<'_> {
+    fn eq(&self, other: &ResourceName) -> bool {
+        self.0 == &*other.0
+    }
+}
+
+impl fmt::Display for ResourceRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl fmt::Debug for ResourceRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.0, f)
     }
 }
 

@@ -120,7 +120,11 @@ impl TokenPolicy {
 
     /// Turns a raw token into the number to fence with, or says why not.
     pub fn check(&self, resource: &str, raw: &str) -> Result<u64, TokenRejection> {
-        let presented = Presented::parse(raw)?;
+        self.verify(resource, Presented::parse(raw)?)
+    }
+
+    /// The number to fence `resource` with, for a token already parsed.
+    pub fn verify(&self, resource: &str, presented: Presented) -> Result<u64, TokenRejection> {
         match (&self.verifier, presented) {
             (None, p) => Ok(p.value()),
             (Some(_), Presented::Plain(n)) if self.allow_plain => Ok(n),

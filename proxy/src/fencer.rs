@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fencing::{
-    Admitted, AuditRecord, FenceTable, Persist, Protocol, Reason, Slot, TokenPolicy,
-    TokenRejection, Verdict,
+    AuditRecord, FenceInput, FenceTable, Field, InflightGuard, InputError, Persist, Presented,
+    Protocol, Reason, ResourceName, ResourceRef, Slot, TokenPolicy, TokenRejection, Verdict,
 };
 use store::{Store, StoreError};
 
@@ -24,17 +24,29 @@ use crate::metrics::{WriteCounters, MARK};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub reason: Reason,
-    pub resource: Option<String>,
+    /// The input a `missing` or `invalid` refusal is about.
+    pub field: Option<Field>,
+    pub resource: Option<ResourceName>,
     pub presented: Option<u64>,
     pub current: Option<u64>,
     /// A sentence for the client.
     pub message: String,
 }
 
+/// An admitted write: what it was admitted for, and the guard that holds
+/// newer tokens' drains until the write is over.
 #[derive(Debug)]
-pub enum Decision {
+pub struct Admission<'a> {
     /// Forward; drop the guard when the upstream has finished the write.
-    Admit(Admitted),
+    pub guard: InflightGuard,
+    pub resource: ResourceRef<'a>,
+    /// The token's number, verified.
+    pub token: u64,
+}
+
+#[derive(Debug)]
+pub enum Decision<'a> {
+    Admit(Admission<'a>),
     Refuse(Refusal),
 }
 
@@ -60,8 +72,8 @@ pub struct Fencer {
 #[derive(Clone)]
 pub struct TokenChecker {
     policy: TokenPolicy,
-    /// Keyed by a hash of (resource, token text); the value repeats both so
-    /// a hash collision can never turn into an accepted token.
+    /// Keyed by a hash of (resource, number, signature); the value repeats
+    /// them so a hash collision can never turn into an accepted token.
     cache: Option<moka::sync::Cache<u64, Arc<Verified>>>,
     hasher: ahash::RandomState,
 }
@@ -81,31 +93,47 @@ impl TokenChecker {
         Self::new(TokenPolicy::plain(), 0)
     }
 
+    /// Parses and verifies a token as text (`n` or `n.signature`).
     pub fn check(&self, resource: &str, raw: &str) -> Result<u64, TokenRejection> {
-        let Some(cache) = &self.cache else {
-            return self.policy.check(resource, raw);
+        self.verify(resource, Presented::parse(raw)?)
+    }
+
+    /// The number to fence `resource` with, for a token already parsed.
+    pub fn verify(&self, resource: &str, presented: Presented) -> Result<u64, TokenRejection> {
+        let (Some(cache), Presented::Signed { n, sig }) = (&self.cache, presented) else {
+            // Plain tokens are cheap to check; only signatures are cached.
+            return self.policy.verify(resource, presented);
         };
-        if !raw.contains('.') {
-            // Plain tokens are cheap to parse; only signatures are cached.
-            return self.policy.check(resource, raw);
-        }
         let mut h = self.hasher.build_hasher();
         resource.hash(&mut h);
-        raw.hash(&mut h);
+        n.hash(&mut h);
+        sig.hash(&mut h);
         let key = h.finish();
         if let Some(hit) = cache.get(&key) {
-            if &*hit.0 == resource && &*hit.1 == raw {
-                return Ok(hit.2);
+            if &*hit.resource == resource && hit.n == n && hit.sig == sig {
+                return Ok(n);
             }
         }
-        let n = self.policy.check(resource, raw)?;
-        cache.insert(key, Arc::new((resource.into(), raw.into(), n)));
+        let n = self.policy.verify(resource, presented)?;
+        cache.insert(
+            key,
+            Arc::new(Verified {
+                resource: resource.into(),
+                n,
+                sig,
+            }),
+        );
         Ok(n)
     }
 }
 
-/// A verified token: resource, token text and its number.
-type Verified = (Box<str>, Box<str>, u64);
+/// A verified signed token: the entry repeats what its key hashes, so a
+/// hash collision can never turn into an accepted token.
+struct Verified {
+    resource: Box<str>,
+    n: u64,
+    sig: [u8; fencing::signing::SIGNATURE_LEN],
+}
 
 /// What the caller knows about the write, for refusals and the audit log.
 pub struct WriteInfo<'a> {
@@ -169,31 +197,62 @@ impl Fencer {
         Ok(self.table.insert(resource, loaded.unwrap_or(0)))
     }
 
-    /// Decides one write. Refusals are audited and counted here.
-    pub async fn decide(
+    /// Decides one write from what it presents.
+    pub async fn decide<'a>(
         &self,
         checker: &TokenChecker,
         counters: &WriteCounters,
-        resource: Option<&str>,
-        token: Option<&str>,
+        input: &FenceInput<'a>,
         info: &WriteInfo<'_>,
-    ) -> Decision {
-        let refusal = match self.try_decide(checker, resource, token).await {
-            Ok(admitted) => {
-                counters.accepted();
-                if admitted.advanced_from.is_some() {
-                    if let Some(r) = resource {
-                        self.publish_mark(r);
-                    }
-                }
-                return Decision::Admit(admitted);
-            }
-            Err(r) => r,
+    ) -> Decision<'a> {
+        let decided = match self.inputs(checker, input) {
+            Ok((resource, token)) => self.admit(resource, token).await,
+            Err(r) => Err(r),
         };
+        self.conclude(counters, decided, info)
+    }
+
+    /// Decides again a write admitted before with this verified number (a
+    /// transaction block's write, at its COMMIT).
+    pub async fn decide_again<'a>(
+        &self,
+        counters: &WriteCounters,
+        resource: ResourceRef<'a>,
+        token: u64,
+        info: &WriteInfo<'_>,
+    ) -> Decision<'a> {
+        let decided = self.admit(resource, token).await;
+        self.conclude(counters, decided, info)
+    }
+
+    fn conclude<'a>(
+        &self,
+        counters: &WriteCounters,
+        decided: Result<(Admission<'a>, bool), Refusal>,
+        info: &WriteInfo<'_>,
+    ) -> Decision<'a> {
+        match decided {
+            Ok((admission, advanced)) => {
+                counters.accepted();
+                if advanced {
+                    self.publish_mark(admission.resource.as_str());
+                }
+                Decision::Admit(admission)
+            }
+            Err(refusal) => {
+                self.refused(counters, &refusal, info);
+                Decision::Refuse(refusal)
+            }
+        }
+    }
+
+    /// Every refusal, the proxies' and the database guard's, is audited,
+    /// counted and logged here, once.
+    pub fn refused(&self, counters: &WriteCounters, refusal: &Refusal, info: &WriteInfo<'_>) {
         counters.refused(refusal.reason);
         self.audit.record(AuditRecord::new(
             now_ms(),
-            refusal.resource.as_deref(),
+            refusal.resource.as_ref().map(ResourceName::as_str),
             info.protocol,
             refusal.reason,
             refusal.presented,
@@ -204,85 +263,130 @@ impl Fencer {
         tracing::info!(
             protocol = info.protocol.as_str(),
             reason = refusal.reason.as_str(),
-            resource = refusal.resource.as_deref().unwrap_or(""),
+            resource = refusal.resource.as_ref().map_or("", ResourceName::as_str),
             presented = refusal.presented,
             current = refusal.current,
             client = %info.client,
             "write refused"
         );
-        Decision::Refuse(refusal)
     }
 
-    async fn try_decide(
+    /// The resource and the verified number, or why the inputs cannot be
+    /// decided on: a missing token first, then the resource, then the
+    /// token's form and signature.
+    fn inputs<'a>(
         &self,
         checker: &TokenChecker,
-        resource: Option<&str>,
-        token: Option<&str>,
-    ) -> Result<Admitted, Refusal> {
+        input: &FenceInput<'a>,
+    ) -> Result<(ResourceRef<'a>, u64), Refusal> {
         let refuse =
-            |reason, resource: Option<&str>, presented, current, message: String| Refusal {
+            |reason, field, resource: Option<ResourceRef<'_>>, presented, message| Refusal {
                 reason,
-                resource: resource.map(str::to_owned),
+                field: Some(field),
+                resource: resource.map(|r| r.to_name()),
                 presented,
-                current,
+                current: None,
                 message,
             };
-        let Some(raw) = token else {
-            return Err(refuse(
-                Reason::Missing,
-                resource.filter(|r| fencing::resource::validate(r).is_ok()),
-                None,
-                None,
-                "this write carries no fencing token".into(),
-            ));
+        let presented = match &input.token {
+            Err(InputError::Missing) => {
+                return Err(refuse(
+                    Reason::Missing,
+                    Field::Token,
+                    input.resource.as_ref().ok().copied(),
+                    None,
+                    "this write carries no fencing token".into(),
+                ))
+            }
+            t => t,
         };
-        let Some(resource) = resource else {
-            return Err(refuse(
-                Reason::Missing,
-                None,
-                None,
-                None,
-                "this write names no fencing resource".into(),
-            ));
+        let resource = match &input.resource {
+            Ok(r) => *r,
+            Err(InputError::Missing) => {
+                return Err(refuse(
+                    Reason::Missing,
+                    Field::Resource,
+                    None,
+                    None,
+                    "this write names no fencing resource".into(),
+                ))
+            }
+            Err(e) => {
+                return Err(refuse(
+                    Reason::Invalid,
+                    Field::Resource,
+                    None,
+                    None,
+                    format!("invalid resource: {e}"),
+                ))
+            }
         };
-        if let Err(e) = fencing::resource::validate(resource) {
-            return Err(refuse(
-                Reason::Invalid,
-                None,
-                None,
-                None,
-                format!("invalid resource: {e}"),
-            ));
-        }
-        let presented = checker.check(resource, raw).map_err(|e| {
+        let presented = match presented {
+            Ok(p) => *p,
+            Err(e) => {
+                return Err(refuse(
+                    Reason::Invalid,
+                    Field::Token,
+                    Some(resource),
+                    None,
+                    format!("invalid token: {e}"),
+                ))
+            }
+        };
+        let n = checker.verify(resource.as_str(), presented).map_err(|e| {
             let reason = if e.is_forged() {
                 Reason::Forged
             } else {
                 Reason::Invalid
             };
-            refuse(reason, Some(resource), e.presented(), None, e.to_string())
+            refuse(
+                reason,
+                Field::Token,
+                Some(resource),
+                e.presented(),
+                e.to_string(),
+            )
         })?;
+        Ok((resource, n))
+    }
+
+    /// The fence's verdict on a verified number; `true` with an admission
+    /// that advanced the mark.
+    async fn admit<'a>(
+        &self,
+        resource: ResourceRef<'a>,
+        presented: u64,
+    ) -> Result<(Admission<'a>, bool), Refusal> {
+        let refuse = |reason, current, message| Refusal {
+            reason,
+            field: None,
+            resource: Some(resource.to_name()),
+            presented: Some(presented),
+            current,
+            message,
+        };
         let unavailable = |e: &dyn std::fmt::Display| {
             refuse(
                 Reason::Unavailable,
-                Some(resource),
-                Some(presented),
                 None,
                 format!("fence state unavailable, write refused: {e}"),
             )
         };
-        let slot = self.slot(resource).await.map_err(|e| unavailable(&e))?;
+        let name = resource.as_str();
+        let slot = self.slot(name).await.map_err(|e| unavailable(&e))?;
+        let admission = |guard| Admission {
+            guard,
+            resource,
+            token: presented,
+        };
         // The steady state (the leader's token is the mark) needs no timer,
         // no store and no lock: one CAS.
         if let Some(guard) = slot.try_admit_fast(presented) {
-            return Ok(Admitted {
-                guard,
-                advanced_from: None,
-            });
+            return Ok((admission(guard), false));
         }
         let persist = StorePersist {
             store: &*self.store,
-            resource,
+            resource: name,
         };
         let verdict =
             tokio::time::timeout(self.opts.drain_timeout, slot.admit(presented, &persist))
@@ -290,14 +394,12 @@ impl Fencer {
                 .map_err(|_| unavailable(&"older writes did not finish within the drain timeout"))?
                 .map_err(|e| unavailable(&e))?;
         match verdict {
-            Verdict::Accepted(a) => Ok(a),
+            Verdict::Accepted(a) => Ok((admission(a.guard), a.advanced_from.is_some())),
             Verdict::Stale { current } => Err(refuse(
                 Reason::Stale,
-                Some(resource),
-                Some(presented),
                 Some(current),
                 format!(
-                    "stale fencing token for resource {resource}: presented {presented}, current {current}"
+                    "stale fencing token for resource {name}: presented {presented}, current {current}"
                 ),
             )),
         }

@@ -310,7 +310,7 @@ pub async fn start(
             pcfg.allow_plain_tokens,
             config.fencing.token_cache_size,
         )?;
-        let proxy = pg_proxy::PgProxy::new(pcfg, Arc::clone(&fencer), checker, audit.clone())?;
+        let proxy = pg_proxy::PgProxy::new(pcfg, Arc::clone(&fencer), checker)?;
         let sd = shutdown.clone();
         tracing::info!(listen = %pcfg.listen, upstream = %pcfg.upstream, "Postgres fencing proxy listening");
         tasks.spawn(async move {

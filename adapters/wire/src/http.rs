@@ -10,8 +10,8 @@
 //! `Fencing-Resource` headers, the resource otherwise from the route whose
 //! path prefix matches ([`fencing_headers`]).
 
-use std::borrow::Cow;
-
+use fencing::input::{self, FenceInput, InputError};
+use fencing::ResourceName;
 use http::{HeaderMap, Method};
 
 use crate::http1::path::{normalize, without_parameters, PathError};
@@ -57,66 +57,16 @@ impl WriteMethods {
     }
 }
 
-/// A fencing header as the fencer should see it. A header sent twice or
-/// with bytes outside visible ASCII is passed on in a form that can never
-/// validate, so the fencer refuses and audits it like any invalid value
-/// instead of the proxy guessing which copy was meant.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HeaderText<'a> {
-    Ok(Cow<'a, str>),
-    Repeated(String),
-    NotText(String),
-    /// Not taken from a header at all: the write's path decides the
-    /// resource through a route, and the request contradicts or escapes
-    /// it. `text` never validates; `why` says what to fix.
-    Unroutable {
-        text: String,
-        why: String,
-    },
-}
-
-impl HeaderText<'_> {
-    pub fn as_str(&self) -> &str {
-        match self {
-            HeaderText::Ok(s) => s,
-            HeaderText::Repeated(s) | HeaderText::NotText(s) => s,
-            HeaderText::Unroutable { text, .. } => text,
-        }
-    }
-
-    /// Why the value can never be valid, for the problem response's
-    /// detail; `None` for a value that was read as sent.
-    pub fn problem(&self, name: &str) -> Option<String> {
-        match self {
-            HeaderText::Ok(_) => None,
-            HeaderText::Repeated(_) => Some(format!("{name} appears more than once")),
-            HeaderText::NotText(_) => Some(format!("{name} is not visible ASCII text")),
-            HeaderText::Unroutable { why, .. } => Some(why.clone()),
-        }
-    }
-}
-
-/// The value of header `name`, if the request has it.
-pub fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<HeaderText<'a>> {
+/// The value of header `name`: `None` when the request has none; a typed
+/// error when it is sent twice or is not visible ASCII, so the proxy never
+/// guesses which copy was meant.
+pub fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<Result<&'a str, InputError>> {
     let mut values = headers.get_all(name).iter();
     let first = values.next()?;
     if values.next().is_some() {
-        // ',' is in neither the token nor the resource alphabet.
-        let all: Vec<Cow<'_, str>> = headers
-            .get_all(name)
-            .iter()
-            .map(|v| String::from_utf8_lossy(v.as_bytes()))
-            .collect();
-        return Some(HeaderText::Repeated(all.join(",")));
+        return Some(Err(InputError::Repeated));
     }
-    Some(match first.to_str() {
-        Ok(s) => HeaderText::Ok(Cow::Borrowed(s)),
-        // The replacement character keeps it invalid whatever the bytes.
-        Err(_) => HeaderText::NotText(format!(
-            "\u{fffd}{}",
-            String::from_utf8_lossy(first.as_bytes())
-        )),
-    })
+    Some(first.to_str().map_err(|_| InputError::NotText))
 }
 
 /// The resource of the first route whose prefix `path` starts with,
@@ -124,11 +74,14 @@ pub fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<HeaderText<
 /// around a route (`/KV/1` for `/kv/`). `routes` are `(prefix, resource)`,
 /// longest prefix first, so the first match is the most specific. `path`
 /// should be normalised first ([`crate::http1::path::normalize`]).
-pub fn route_resource<'r>(routes: &'r [(String, String)], path: &str) -> Option<&'r str> {
+pub fn route_resource<'r>(
+    routes: &'r [(String, ResourceName)],
+    path: &str,
+) -> Option<&'r ResourceName> {
     routes
         .iter()
         .find(|(prefix, _)| starts_with_ignore_case(path, prefix))
-        .map(|(_, r)| r.as_str())
+        .map(|(_, r)| r)
 }
 
 fn starts_with_ignore_case(path: &str, prefix: &str) -> bool {
@@ -137,9 +90,9 @@ fn starts_with_ignore_case(path: &str, prefix: &str) -> bool {
         .is_some_and(|head| head.eq_ignore_ascii_case(prefix.as_bytes()))
 }
 
-/// The token and resource a write presents: the `Fencing-Token` header;
-/// the `Fencing-Resource` header, or else the resource of the route that
-/// matches `path` (see [`route_resource`]).
+/// The token and resource a write presents, parsed: the `Fencing-Token`
+/// header; the `Fencing-Resource` header, or else the resource of the
+/// route that matches `path` (see [`route_resource`]).
 ///
 /// Where routes are configured, a path a route matches belongs to that
 /// route's resource. A `Fencing-Resource` header naming another resource
@@ -152,20 +105,35 @@ fn starts_with_ignore_case(path: &str, prefix: &str) -> bool {
 pub fn fencing_headers<'a>(
     headers: &'a HeaderMap,
     path: &str,
-    routes: &'a [(String, String)],
-) -> (Option<HeaderText<'a>>, Option<HeaderText<'a>>) {
-    let token = header_text(headers, TOKEN_HEADER);
+    routes: &'a [(String, ResourceName)],
+) -> FenceInput<'a> {
+    let token = match header_text(headers, TOKEN_HEADER) {
+        None => Err(InputError::Missing),
+        Some(text) => text.and_then(input::token),
+    };
     let header = header_text(headers, RESOURCE_HEADER);
+    let from_header = |h: Option<Result<&'a str, InputError>>| match h {
+        None => Err(InputError::Missing),
+        Some(text) => text.and_then(input::resource),
+    };
     if routes.is_empty() {
-        return (token, header);
+        return FenceInput {
+            resource: from_header(header),
+            token,
+        };
     }
+    let unroutable = |e: &dyn std::fmt::Display| {
+        Err(InputError::Unroutable(format!(
+            "{e}; the route (and so the resource) the request reaches cannot be decided"
+        )))
+    };
     let path = match normalize(path) {
         Ok(p) => p,
         Err(e) => {
-            let why = format!(
-                "{e}; the route (and so the resource) the request reaches cannot be decided"
-            );
-            return (token, Some(unroutable(why)));
+            return FenceInput {
+                resource: unroutable(&e),
+                token,
+            }
         }
     };
     // An upstream that cuts `;` parameters off must reach the same route.
@@ -173,30 +141,34 @@ pub fn fencing_headers<'a>(
     match without_parameters(&path) {
         Ok(bare) if route_resource(routes, &bare) == routed => {}
         Ok(_) | Err(_) => {
-            let why = format!(
-                "{}; the route (and so the resource) the request reaches cannot be decided",
-                PathError::Parameters
-            );
-            return (token, Some(unroutable(why)));
+            return FenceInput {
+                resource: unroutable(&PathError::Parameters),
+                token,
+            }
         }
     }
     let resource = match (header, routed) {
-        (Some(HeaderText::Ok(named)), Some(routed)) if named != routed => {
-            Some(unroutable(format!(
+        (Some(Ok(named)), Some(routed)) if named != routed.as_str() => {
+            Err(InputError::Unroutable(format!(
                 "Fencing-Resource names {named:?}, but this path belongs to the route of {routed:?}"
             )))
         }
-        (Some(h), _) => Some(h),
-        (None, routed) => routed.map(|r| HeaderText::Ok(Cow::Borrowed(r))),
+        (Some(h), _) => from_header(Some(h)),
+        (None, Some(routed)) => Ok(routed.as_ref_name()),
+        (None, None) => Err(InputError::Missing),
     };
-    (token, resource)
+    FenceInput { resource, token }
 }
 
-fn unroutable(why: String) -> HeaderText<'static> {
-    // U+FFFD is in no token's or resource's alphabet.
-    HeaderText::Unroutable {
-        text: "\u{fffd}unroutable".to_owned(),
-        why,
+/// What to tell a client about an input error of header `name` that the
+/// header itself caused (sent twice, not text, contradicting its route);
+/// `None` for errors of the value, which the refusal's message says.
+pub fn header_problem(error: &InputError, name: &str) -> Option<String> {
+    match error {
+        InputError::Repeated => Some(format!("{name} appears more than once")),
+        InputError::NotText => Some(format!("{name} is not visible ASCII text")),
+        InputError::Unroutable(why) => Some(why.clone()),
+        _ => None,
     }
 }
 
@@ -210,52 +182,73 @@ pub fn plain_path(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fencing::Presented;
     use http::HeaderValue;
 
+    fn routes(list: &[(&str, &str)]) -> Vec<(String, ResourceName)> {
+        list.iter()
+            .map(|(p, r)| ((*p).to_owned(), ResourceName::new(r).unwrap()))
+            .collect()
+    }
+
+    fn resource<'a>(i: &FenceInput<'a>) -> Result<&'a str, InputError> {
+        i.resource.clone().map(|r| r.as_str())
+    }
+
     #[test]
-    fn repeated_and_binary_headers_never_validate() {
+    fn repeated_and_binary_headers_are_typed_errors() {
         let mut h = HeaderMap::new();
         h.append(TOKEN_HEADER, HeaderValue::from_static("5"));
         h.append(TOKEN_HEADER, HeaderValue::from_static("5"));
-        let t = header_text(&h, TOKEN_HEADER).unwrap();
-        assert!(fencing::TokenPolicy::plain()
-            .check("r", t.as_str())
-            .is_err());
-        assert!(t.problem("Fencing-Token").is_some());
+        let i = fencing_headers(&h, "/", &[]);
+        assert_eq!(i.token, Err(InputError::Repeated));
+        assert_eq!(
+            header_problem(&InputError::Repeated, "Fencing-Token").as_deref(),
+            Some("Fencing-Token appears more than once")
+        );
 
         let mut h = HeaderMap::new();
         h.insert(
             RESOURCE_HEADER,
             HeaderValue::from_bytes(b"ord\xffers").unwrap(),
         );
-        let r = header_text(&h, RESOURCE_HEADER).unwrap();
-        assert!(fencing::resource::validate(r.as_str()).is_err());
+        let i = fencing_headers(&h, "/", &[]);
+        assert_eq!(i.resource, Err(InputError::NotText));
+        assert_eq!(i.token, Err(InputError::Missing));
 
         let mut h = HeaderMap::new();
         h.insert(TOKEN_HEADER, HeaderValue::from_static(" 7 "));
-        let t = header_text(&h, TOKEN_HEADER).unwrap();
-        assert_eq!(fencing::TokenPolicy::plain().check("r", t.as_str()), Ok(7));
-        assert!(header_text(&h, RESOURCE_HEADER).is_none());
+        let i = fencing_headers(&h, "/", &[]);
+        assert_eq!(i.token, Ok(Presented::Plain(7)));
+        assert_eq!(i.resource, Err(InputError::Missing));
+        // A blank header is presented, and invalid (not missing).
+        h.insert(RESOURCE_HEADER, HeaderValue::from_static(""));
+        let i = fencing_headers(&h, "/", &[]);
+        assert!(matches!(i.resource, Err(InputError::Resource(_))));
     }
 
     #[test]
     fn a_routed_path_keeps_its_resource() {
-        let routes = vec![
-            ("/orders/".to_owned(), "orders".to_owned()),
-            ("/payments/".to_owned(), "payments".to_owned()),
-        ];
+        let routes = routes(&[("/orders/", "orders"), ("/payments/", "payments")]);
         let mut h = HeaderMap::new();
         h.insert(RESOURCE_HEADER, HeaderValue::from_static("orders"));
-        let (_, r) = fencing_headers(&h, "/orders/1", &routes);
-        assert_eq!(r.as_ref().map(HeaderText::as_str), Some("orders"));
+        assert_eq!(
+            resource(&fencing_headers(&h, "/orders/1", &routes)),
+            Ok("orders")
+        );
         // Another resource's route: refused, with a reason.
-        let (_, r) = fencing_headers(&h, "/payments/a", &routes);
-        let r = r.unwrap();
-        assert!(fencing::resource::validate(r.as_str()).is_err());
-        assert!(r.problem("Fencing-Resource").unwrap().contains("payments"));
+        let i = fencing_headers(&h, "/payments/a", &routes);
+        let Err(e) = i.resource else {
+            panic!("another route's resource was accepted");
+        };
+        assert!(header_problem(&e, "Fencing-Resource")
+            .unwrap()
+            .contains("payments"));
         // An unrouted path may name its resource.
-        let (_, r) = fencing_headers(&h, "/other/1", &routes);
-        assert_eq!(r.as_ref().map(HeaderText::as_str), Some("orders"));
+        assert_eq!(
+            resource(&fencing_headers(&h, "/other/1", &routes)),
+            Ok("orders")
+        );
         for escape in [
             "/orders/../payments/a",
             "/orders/%2e%2e/payments/a",
@@ -266,41 +259,49 @@ mod tests {
             "/orders/..",
         ] {
             let none = HeaderMap::new();
-            let (_, r) = fencing_headers(&none, escape, &routes);
-            let r = r.unwrap();
-            assert!(fencing::resource::validate(r.as_str()).is_err(), "{escape}");
-            assert!(r.problem("Fencing-Resource").is_some(), "{escape}");
+            let i = fencing_headers(&none, escape, &routes);
+            assert!(
+                matches!(i.resource, Err(InputError::Unroutable(_))),
+                "{escape}"
+            );
         }
         // Dots inside a segment are just names.
         assert!(plain_path("/orders/v1.2/..x/a..b"));
         // Without routes the path plays no part.
-        let (_, r) = fencing_headers(&h, "/orders/../x", &[]);
-        assert_eq!(r.as_ref().map(HeaderText::as_str), Some("orders"));
+        assert_eq!(
+            resource(&fencing_headers(&h, "/orders/../x", &[])),
+            Ok("orders")
+        );
     }
 
     #[test]
     fn resource_header_names_an_unrouted_path() {
-        let routes = vec![
-            ("/orders/eu/".to_owned(), "orders-eu".to_owned()),
-            ("/orders/".to_owned(), "orders".to_owned()),
-        ];
+        let routes = routes(&[("/orders/eu/", "orders-eu"), ("/orders/", "orders")]);
         let mut h = HeaderMap::new();
         h.insert(TOKEN_HEADER, HeaderValue::from_static("9"));
-        let (t, r) = fencing_headers(&h, "/orders/eu/1", &routes);
-        assert_eq!(t.as_ref().map(HeaderText::as_str), Some("9"));
-        assert_eq!(r.as_ref().map(HeaderText::as_str), Some("orders-eu"));
-        let (_, r) = fencing_headers(&h, "/orders/us/1", &routes);
-        assert_eq!(r.as_ref().map(HeaderText::as_str), Some("orders"));
-        let (_, r) = fencing_headers(&h, "/other", &routes);
-        assert_eq!(r, None);
+        let i = fencing_headers(&h, "/orders/eu/1", &routes);
+        assert_eq!(i.token, Ok(Presented::Plain(9)));
+        assert_eq!(resource(&i), Ok("orders-eu"));
+        assert_eq!(
+            resource(&fencing_headers(&h, "/orders/us/1", &routes)),
+            Ok("orders")
+        );
+        assert_eq!(
+            resource(&fencing_headers(&h, "/other", &routes)),
+            Err(InputError::Missing)
+        );
 
         h.insert(RESOURCE_HEADER, HeaderValue::from_static("payments"));
-        let (_, r) = fencing_headers(&h, "/other/1", &routes);
-        assert_eq!(r.as_ref().map(HeaderText::as_str), Some("payments"));
+        assert_eq!(
+            resource(&fencing_headers(&h, "/other/1", &routes)),
+            Ok("payments")
+        );
         // A bad header is not replaced by the route: it is refused.
         h.append(RESOURCE_HEADER, HeaderValue::from_static("orders"));
-        let (_, r) = fencing_headers(&h, "/orders/eu/1", &routes);
-        assert_eq!(r.as_ref().map(HeaderText::as_str), Some("payments,orders"));
+        assert_eq!(
+            resource(&fencing_headers(&h, "/orders/eu/1", &routes)),
+            Err(InputError::Repeated)
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fencing::Protocol;
+use fencing::{Field, Protocol, ResourceName};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
@@ -36,7 +36,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioTimer;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use wire::http::{fencing_headers, HeaderText, WriteMethods};
+use wire::http::{fencing_headers, header_problem, WriteMethods};
 
 use self::body::{Hold, ProxyBody};
 use self::forward::Forwarder;
@@ -65,7 +65,7 @@ pub struct HttpProxy {
     writes: WriteMethods,
     /// `(prefix, resource)`, longest prefix first, so the first match is
     /// the most specific.
-    routes: Vec<(String, String)>,
+    routes: Vec<(String, ResourceName)>,
     limit: Arc<Semaphore>,
     /// `max_connections`: one permit per client connection.
     connections: ConnLimit,
@@ -80,10 +80,10 @@ impl HttpProxy {
         checker: TokenChecker,
     ) -> Result<Arc<Self>, Error> {
         let upstream = cfg.upstream.clone();
-        let mut routes: Vec<(String, String)> = cfg
+        let mut routes: Vec<(String, ResourceName)> = cfg
             .routes
             .iter()
-            .map(|r| (r.prefix.clone(), r.resource.as_str().to_owned()))
+            .map(|r| (r.prefix.clone(), r.resource.clone()))
             .collect();
         routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
 
@@ -208,7 +208,7 @@ impl HttpProxy {
             return self.forwarder.run(req, peer, hold).await;
         }
 
-        let (token, resource) = fencing_headers(req.headers(), req.uri().path(), &self.routes);
+        let input = fencing_headers(req.headers(), req.uri().path(), &self.routes);
         let (method, path) = (req.method(), req.uri().path());
         let detail = || format!("{method} {path}");
         let info = WriteInfo {
@@ -218,13 +218,7 @@ impl HttpProxy {
         };
         let decision = self
             .fencer
-            .decide(
-                &self.checker,
-                &self.counters,
-                resource.as_ref().map(HeaderText::as_str),
-                token.as_ref().map(HeaderText::as_str),
-                &info,
-            )
+            .decide(&self.checker, &self.counters, &input, &info)
             .await;
         match decision {
             Decision::Admit(admitted) => {
@@ -237,17 +231,20 @@ impl HttpProxy {
                 self.forwarder.run(req, peer, hold).await
             }
             Decision::Refuse(refusal) => {
-                let resource_invalid = resource
-                    .as_ref()
-                    .is_some_and(|r| fencing::resource::validate(r.as_str()).is_err());
-                let mut p = Problem::from_refusal(&refusal, token.is_some(), resource_invalid);
-                if refusal.reason == fencing::Reason::Invalid {
-                    if let Some(why) = [(&resource, "Fencing-Resource"), (&token, "Fencing-Token")]
-                        .into_iter()
-                        .find_map(|(h, name)| h.as_ref().and_then(|h| h.problem(name)))
-                    {
-                        p.detail = why;
-                    }
+                let mut p = Problem::from_refusal(&refusal);
+                // A header sent twice, not text, or contradicting its
+                // route: say which header and what to fix.
+                let header_error = match refusal.field {
+                    Some(Field::Resource) => input
+                        .resource
+                        .as_ref()
+                        .err()
+                        .map(|e| (e, "Fencing-Resource")),
+                    Some(Field::Token) => input.token.as_ref().err().map(|e| (e, "Fencing-Token")),
+                    None => None,
+                };
+                if let Some(why) = header_error.and_then(|(e, name)| header_problem(e, name)) {
+                    p.detail = why;
                 }
                 if has_body {
                     // The body is left unread, so the connection cannot

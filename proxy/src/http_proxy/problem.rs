@@ -5,7 +5,7 @@
 //! path goes through [`Problem::from_refusal`]; nothing else builds a
 //! fencing error response by hand.
 
-use fencing::Reason;
+use fencing::{Field, Reason, ResourceName};
 use http::header::{HeaderName, HeaderValue};
 use http::StatusCode;
 
@@ -21,13 +21,13 @@ use crate::fencer::Refusal;
 pub const CURRENT_TOKEN: &str = "fencing-current-token";
 
 impl Problem {
-    /// `resource_invalid` tells an invalid resource name apart from an
-    /// invalid token: the fencer reports both as `invalid`, but a client
-    /// fixing its request needs to know which header to fix.
-    pub fn from_refusal(r: &Refusal, token_given: bool, resource_invalid: bool) -> Self {
+    /// A `missing` or `invalid` refusal names its field, so a client
+    /// fixing its request knows which header to fix.
+    pub fn from_refusal(r: &Refusal) -> Self {
+        let resource_field = r.field == Some(Field::Resource);
         let (status, kind, title) = match r.reason {
             Reason::Stale => (StatusCode::CONFLICT, STALE, "Stale fencing token"),
-            Reason::Missing if !token_given => (
+            Reason::Missing if !resource_field => (
                 StatusCode::PRECONDITION_REQUIRED,
                 TOKEN_REQUIRED,
                 "Fencing token required",
@@ -37,7 +37,7 @@ impl Problem {
                 RESOURCE_REQUIRED,
                 "Fencing resource required",
             ),
-            Reason::Invalid if resource_invalid => (
+            Reason::Invalid if resource_field => (
                 StatusCode::BAD_REQUEST,
                 INVALID_RESOURCE,
                 "Invalid fencing resource",
@@ -55,7 +55,7 @@ impl Problem {
             ),
         };
         let mut p = Problem::new(status, kind, title, r.message.clone())
-            .with_some("resource", r.resource.clone())
+            .with_some("resource", r.resource.as_ref().map(ResourceName::to_string))
             .with_some("presented_token", r.presented)
             .with_some("current_token", r.current);
         if r.reason == Reason::Stale {
@@ -81,10 +81,11 @@ mod tests {
 
     use super::*;
 
-    fn refusal(reason: Reason) -> Refusal {
+    fn refusal(reason: Reason, field: Option<Field>) -> Refusal {
         Refusal {
             reason,
-            resource: Some("orders".into()),
+            field,
+            resource: Some(ResourceName::new("orders").unwrap()),
             presented: Some(3),
             current: Some(7),
             message: "m".into(),
@@ -93,8 +94,7 @@ mod tests {
 
     #[test]
     fn stale_carries_header_and_fields() {
-        let resp: Response<Bytes> =
-            Problem::from_refusal(&refusal(Reason::Stale), true, false).response();
+        let resp: Response<Bytes> = Problem::from_refusal(&refusal(Reason::Stale, None)).response();
         assert_eq!(resp.status(), StatusCode::CONFLICT);
         assert_eq!(resp.headers()[CURRENT_TOKEN], "7");
         assert_eq!(resp.headers()[CONTENT_TYPE], "application/problem+json");
@@ -107,15 +107,25 @@ mod tests {
     #[test]
     fn reasons_map_to_contract_codes() {
         let cases = [
-            (Reason::Missing, false, false, 428, TOKEN_REQUIRED),
-            (Reason::Missing, true, false, 428, RESOURCE_REQUIRED),
-            (Reason::Invalid, true, false, 400, INVALID_TOKEN),
-            (Reason::Invalid, true, true, 400, INVALID_RESOURCE),
-            (Reason::Forged, true, false, 403, FORGED),
-            (Reason::Unavailable, true, false, 503, UNAVAILABLE),
+            (Reason::Missing, Some(Field::Token), 428, TOKEN_REQUIRED),
+            (
+                Reason::Missing,
+                Some(Field::Resource),
+                428,
+                RESOURCE_REQUIRED,
+            ),
+            (Reason::Invalid, Some(Field::Token), 400, INVALID_TOKEN),
+            (
+                Reason::Invalid,
+                Some(Field::Resource),
+                400,
+                INVALID_RESOURCE,
+            ),
+            (Reason::Forged, Some(Field::Token), 403, FORGED),
+            (Reason::Unavailable, None, 503, UNAVAILABLE),
         ];
-        for (reason, token, bad_res, status, kind) in cases {
-            let p = Problem::from_refusal(&refusal(reason), token, bad_res);
+        for (reason, field, status, kind) in cases {
+            let p = Problem::from_refusal(&refusal(reason, field));
             assert_eq!((p.status.as_u16(), p.kind), (status, kind), "{reason:?}");
         }
     }

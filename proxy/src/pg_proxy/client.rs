@@ -237,7 +237,9 @@ async fn on_query(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, text: &[u8]) 
             // One guard statement per admitted (resource, token).
             let mut body = Vec::with_capacity(text.len() + 96 * writes.len());
             for (r, t) in writes {
-                body.extend_from_slice(guard::call(&r, t, ctx.proxy.guard_wait_ms).as_bytes());
+                body.extend_from_slice(
+                    guard::call(r.as_str(), t, ctx.proxy.guard_wait_ms).as_bytes(),
+                );
                 body.extend_from_slice(b";\n");
                 cycle.hide_simple(GuardCall {
                     resource: r,
@@ -320,7 +322,7 @@ async fn on_execute(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, portal: &[u
                 );
                 out.extend_from_slice(&frame::run_named(
                     &name,
-                    &guard::call(&r, t, ctx.proxy.guard_wait_ms),
+                    &guard::call(r.as_str(), t, ctx.proxy.guard_wait_ms),
                 ));
                 cycle.hide_extended(
                     RUN_NAMED_COMPLETIONS,

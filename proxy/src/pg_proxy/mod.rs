@@ -3,8 +3,9 @@
 //!
 //! Like the HTTP proxy it decides nothing about fencing itself. It finds the
 //! resource and token a statement carries (startup options, `SET`, a leading
-//! comment), hands them to [`Fencer::decide`] (which audits and counts
-//! refusals), and either forwards the statement while holding the
+//! comment), parsed once into typed inputs, hands them to
+//! [`Fencer::decide`] (which audits and counts refusals, the database
+//! guard's too), and either forwards the statement while holding the
 //! decision's in-flight guard until the server has finished with it, or
 //! makes the server fail in its place (see `session.rs` for why the
 //! refusal goes through the server instead of being answered here, and
@@ -32,7 +33,6 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use wire::pg::Classifier;
 
-use crate::audit_sink::AuditSink;
 use crate::config::{ConfigError, Enforce, PgProxyConfig};
 use crate::error::Error;
 use crate::fencer::{Fencer, TokenChecker};
@@ -55,9 +55,6 @@ const CLASSIFY_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 /// One `[[postgres]]` listener.
 pub struct PgProxy {
     fencer: Arc<Fencer>,
-    /// For refusals made by the database guard, which the fencer never
-    /// sees (it admitted the write).
-    audit: AuditSink,
     checker: TokenChecker,
     counters: WriteCounters,
     classifier: Classifier,
@@ -89,7 +86,6 @@ impl PgProxy {
         cfg: &PgProxyConfig,
         fencer: Arc<Fencer>,
         checker: TokenChecker,
-        audit: AuditSink,
     ) -> Result<Arc<Self>, Error> {
         let tls =
             match (&cfg.tls_cert, &cfg.tls_key) {
@@ -101,7 +97,6 @@ impl PgProxy {
         Ok(Arc::new(PgProxy {
             guard_wait_ms: cfg.guard_wait_ms(fencer.drain_timeout()),
             fencer,
-            audit,
             checker,
             counters: WriteCounters::new(Protocol::Postgres),
             classifier: Classifier::new(&cfg.write_functions, CLASSIFY_CACHE_BYTES),

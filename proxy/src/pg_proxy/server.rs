@@ -4,7 +4,7 @@
 //! says; each ReadyForQuery releases the guards of the cycle it ends.
 
 use bytes::{Bytes, BytesMut};
-use fencing::{AuditRecord, Protocol, Reason};
+use fencing::{Protocol, Reason};
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use wire::pg::cycle::GuardRefused;
@@ -14,7 +14,7 @@ use wire::pg::Frame;
 use super::refusal::fatal;
 use super::session::Ctx;
 use super::state::GuardCall;
-use crate::fencer::now_ms;
+use crate::fencer::{Refusal, WriteInfo};
 
 pub(super) async fn server_loop(ctx: &Ctx, mut sr: OwnedReadHalf) {
     let mut buf = BytesMut::with_capacity(16 * 1024);
@@ -83,31 +83,33 @@ fn on_server_frame(ctx: &Ctx, frame: &Frame) -> Option<Bytes> {
 }
 
 /// The proxy had admitted (and counted) this write; the database guard
-/// refused it: audit and count the refusal, once, here.
+/// refused it. The refusal is audited and counted where every other one
+/// is, by the fencer.
 fn guard_refused(ctx: &Ctx, refused: GuardRefused<GuardCall>) {
     let GuardRefused {
         payload: call,
         current,
     } = refused;
-    let rec = AuditRecord::new(
-        now_ms(),
-        Some(&call.resource),
-        Protocol::Postgres,
-        Reason::Stale,
-        Some(call.token),
+    let refusal = Refusal {
+        reason: Reason::Stale,
+        field: None,
+        presented: Some(call.token),
         current,
-        ctx.peer.to_string(),
-        &call.statement.fingerprint(),
-    );
-    ctx.proxy.counters.refused(Reason::Stale);
-    tracing::info!(
-        protocol = "postgres",
-        reason = "stale",
-        resource = rec.resource.as_deref().unwrap_or(""),
-        presented = rec.presented_token,
-        current = rec.current_token,
-        client = %ctx.peer,
-        "write refused by the database guard"
-    );
-    ctx.proxy.audit.record(rec);
+        message: format!(
+            "stale fencing token for resource {}: presented {}, current {} (refused by the database guard)",
+            call.resource,
+            call.token,
+            current.map_or_else(|| "unknown".to_owned(), |c| c.to_string()),
+        ),
+        resource: Some(call.resource),
+    };
+    let detail = || call.statement.fingerprint();
+    let info = WriteInfo {
+        protocol: Protocol::Postgres,
+        client: ctx.peer,
+        detail: &detail,
+    };
+    ctx.proxy
+        .fencer
+        .refused(&ctx.proxy.counters, &refusal, &info);
 }

@@ -7,11 +7,15 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use fencing::InflightGuard;
+use fencing::{InflightGuard, ResourceName};
 use wire::pg::cycle::{self, Cycles, GuardRefused};
-use wire::pg::{ClientMsg, FenceSetting, Frame};
+use wire::pg::{ClientMsg, Frame};
 
-use super::vars::{Vars, View};
+use super::vars::{Setting, Vars, View};
+
+/// A write admitted in a transaction: its resource and verified number,
+/// which the block's COMMIT decides again.
+pub(super) type Write = (ResourceName, u64);
 
 /// One unit of work answered by one ReadyForQuery.
 pub(super) type Cycle = cycle::Cycle<CycleData, GuardCall>;
@@ -24,15 +28,15 @@ pub(super) struct CycleData {
     pub(super) guards: Vec<InflightGuard>,
     /// (resource, token) of the writes admitted in this cycle, so COMMIT
     /// can ask again whether they are still current.
-    pub(super) writes: Vec<(String, String)>,
+    pub(super) writes: Vec<Write>,
     /// Changes to the fencing variables sent in this cycle.
-    pub(super) settings: Vec<FenceSetting>,
+    pub(super) settings: Vec<Setting>,
 }
 
 /// One database guard call sent (guard mode): what it compared, for the
 /// audit record when it refuses.
 pub(super) struct GuardCall {
-    pub(super) resource: String,
+    pub(super) resource: ResourceName,
     pub(super) token: u64,
     pub(super) statement: Statement,
 }
@@ -71,9 +75,9 @@ pub(super) struct Shared {
     pub(super) cycles: Cycles<CycleData, GuardCall>,
     /// Writes of the open transaction block, from cycles that ended with
     /// status `T`, which its COMMIT must decide again.
-    txn_writes: Vec<(String, String)>,
+    txn_writes: Vec<Write>,
     /// Settings of the open transaction, from cycles that ended in it.
-    txn_settings: Vec<FenceSetting>,
+    txn_settings: Vec<Setting>,
     vars: Vars,
     /// A read-write transaction block is open as far as the statements
     /// sent so far say (for `strict` mode): set by BEGIN, cleared by
@@ -114,8 +118,8 @@ impl Shared {
     }
 
     /// Every write of the transaction so far, answered or not.
-    pub(super) fn txn_write_keys(&self) -> Vec<(String, String)> {
-        let mut keys: Vec<(String, String)> = self.txn_writes.clone();
+    pub(super) fn txn_write_keys(&self) -> Vec<Write> {
+        let mut keys: Vec<Write> = self.txn_writes.clone();
         for c in self.cycles.data() {
             keys.extend(c.writes.iter().cloned());
         }

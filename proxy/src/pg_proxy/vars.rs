@@ -1,9 +1,100 @@
 //! The session's fencing variables (`fencing.token`, `fencing.resource`),
 //! tracked as Postgres tracks GUCs, from the startup packet and the
 //! settings [`wire::pg::classify`] finds in statements.
+//!
+//! Values are parsed once, when they are set ([`Setting::parse`],
+//! [`Vars::from_startup`]): a resource name or a token, or the typed reason
+//! why not, which the decision reads as they are.
 
+use fencing::input::{self, FenceInput, InputError};
+use fencing::{Presented, ResourceName};
 use wire::pg::frame;
 use wire::pg::{FenceSetting, FenceVar, StartupKind, StartupPacket};
+
+/// A resource as set: a name, or why not (unset is [`InputError::Missing`]).
+pub(super) type Resource = Result<ResourceName, InputError>;
+/// A token as set: a parsed token, or why not.
+pub(super) type Token = Result<Presented, InputError>;
+
+/// An empty (or blank) value means "not set", as `SET fencing.token = ''`
+/// intends.
+fn present(v: &str) -> Option<&str> {
+    Some(v).filter(|s| !s.trim().is_empty())
+}
+
+/// A resource from session text: blank is missing.
+pub(super) fn parse_resource(v: Option<&str>) -> Resource {
+    match v.and_then(present) {
+        None => Err(InputError::Missing),
+        Some(s) => input::resource(s).map(|r| r.to_name()),
+    }
+}
+
+/// A token from session text: blank is missing.
+pub(super) fn parse_token(v: Option<&str>) -> Token {
+    match v.and_then(present) {
+        None => Err(InputError::Missing),
+        Some(s) => input::token(s),
+    }
+}
+
+/// Both variables' values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Values {
+    resource: Resource,
+    token: Token,
+}
+
+impl Default for Values {
+    fn default() -> Self {
+        Values {
+            resource: Err(InputError::Missing),
+            token: Err(InputError::Missing),
+        }
+    }
+}
+
+/// One change to the fencing variables, parsed from a [`FenceSetting`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Setting {
+    /// `SET [LOCAL] fencing.resource`; `None` is `TO DEFAULT`.
+    Resource {
+        value: Option<Resource>,
+        local: bool,
+    },
+    /// `SET [LOCAL] fencing.token`; `None` is `TO DEFAULT`.
+    Token {
+        value: Option<Token>,
+        local: bool,
+    },
+    Reset(FenceVar),
+    ResetAll,
+}
+
+impl Setting {
+    pub(super) fn parse(s: &FenceSetting) -> Setting {
+        match s {
+            FenceSetting::Set {
+                var: FenceVar::Resource,
+                value,
+                local,
+            } => Setting::Resource {
+                value: value.as_deref().map(|v| parse_resource(Some(v))),
+                local: *local,
+            },
+            FenceSetting::Set {
+                var: FenceVar::Token,
+                value,
+                local,
+            } => Setting::Token {
+                value: value.as_deref().map(|v| parse_token(Some(v))),
+                local: *local,
+            },
+            FenceSetting::Reset(var) => Setting::Reset(*var),
+            FenceSetting::ResetAll => Setting::ResetAll,
+        }
+    }
+}
 
 /// The fencing variables of the session, tracked as Postgres tracks GUCs:
 /// session values that only a transaction that ends well keeps, and
@@ -17,38 +108,56 @@ use wire::pg::{FenceSetting, FenceVar, StartupKind, StartupPacket};
 #[derive(Debug, Default, Clone)]
 pub(super) struct Vars {
     /// From the startup packet: what RESET returns to.
-    startup: [Option<String>; 2],
+    startup: Values,
     /// As of the last transaction that ended well.
-    committed: [Option<String>; 2],
+    committed: Values,
 }
 
-/// The variables as a statement sees them.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub(super) struct View {
-    session: [Option<String>; 2],
-    /// `SET LOCAL` in the current transaction; `Some(None)` hides a value.
-    local: [Option<Option<String>>; 2],
+/// One variable as a statement sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Var<T> {
+    session: T,
+    /// `SET LOCAL` in the current transaction.
+    local: Option<T>,
 }
 
-fn idx(v: FenceVar) -> usize {
-    match v {
-        FenceVar::Token => 0,
-        FenceVar::Resource => 1,
+impl<T> Var<T> {
+    fn new(session: T) -> Self {
+        Var {
+            session,
+            local: None,
+        }
+    }
+
+    fn set(&mut self, value: T, local: bool) {
+        if local {
+            self.local = Some(value);
+        } else {
+            self.session = value;
+            self.local = None;
+        }
+    }
+
+    fn effective(&self) -> &T {
+        self.local.as_ref().unwrap_or(&self.session)
     }
 }
 
-/// An empty value means "not set", as `SET fencing.token = ''` intends.
-pub(super) fn non_empty(v: Option<String>) -> Option<String> {
-    v.filter(|s| !s.trim().is_empty())
+/// The variables as a statement sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct View {
+    resource: Var<Resource>,
+    token: Var<Token>,
 }
 
 impl Vars {
     pub(super) fn from_startup(p: &StartupPacket) -> Vars {
-        let mut startup: [Option<String>; 2] = [None, None];
-        let mut put = |k: &str, v: &str| match k.to_ascii_lowercase().as_str() {
-            "fencing.token" => startup[0] = non_empty(Some(v.to_owned())),
-            "fencing.resource" => startup[1] = non_empty(Some(v.to_owned())),
-            _ => {}
+        let mut resource = None;
+        let mut token = None;
+        let mut put = |k: &str, v: &str| match FenceVar::from_name(k) {
+            Some(FenceVar::Resource) => resource = Some(v.to_owned()),
+            Some(FenceVar::Token) => token = Some(v.to_owned()),
+            None => {}
         };
         if let StartupKind::Startup { params, .. } = &p.kind {
             // Postgres takes unknown startup parameters as settings too.
@@ -61,6 +170,10 @@ impl Vars {
                 put(&k, &v);
             }
         }
+        let startup = Values {
+            resource: parse_resource(resource.as_deref()),
+            token: parse_token(token.as_deref()),
+        };
         Vars {
             committed: startup.clone(),
             startup,
@@ -68,10 +181,10 @@ impl Vars {
     }
 
     /// The committed values with `settings` replayed on top.
-    pub(super) fn view<'a>(&self, settings: impl IntoIterator<Item = &'a FenceSetting>) -> View {
+    pub(super) fn view<'a>(&self, settings: impl IntoIterator<Item = &'a Setting>) -> View {
         let mut v = View {
-            session: self.committed.clone(),
-            local: [None, None],
+            resource: Var::new(self.committed.resource.clone()),
+            token: Var::new(self.committed.token.clone()),
         };
         for s in settings {
             self.apply(&mut v, s);
@@ -79,45 +192,51 @@ impl Vars {
         v
     }
 
-    fn apply(&self, v: &mut View, s: &FenceSetting) {
+    fn apply(&self, v: &mut View, s: &Setting) {
         match s {
-            FenceSetting::Set { var, value, local } => {
-                let i = idx(*var);
-                let value = match value {
-                    Some(x) => non_empty(Some(x.clone())),
-                    None => self.startup[i].clone(),
-                };
-                if *local {
-                    v.local[i] = Some(value);
-                } else {
-                    v.session[i] = value;
-                    v.local[i] = None;
-                }
+            Setting::Resource { value, local } => v.resource.set(
+                value
+                    .clone()
+                    .unwrap_or_else(|| self.startup.resource.clone()),
+                *local,
+            ),
+            Setting::Token { value, local } => v.token.set(
+                value.clone().unwrap_or_else(|| self.startup.token.clone()),
+                *local,
+            ),
+            Setting::Reset(FenceVar::Resource) => {
+                v.resource = Var::new(self.startup.resource.clone());
             }
-            FenceSetting::Reset(var) => {
-                let i = idx(*var);
-                v.session[i] = self.startup[i].clone();
-                v.local[i] = None;
-            }
-            FenceSetting::ResetAll => {
-                v.session = self.startup.clone();
-                v.local = [None, None];
+            Setting::Reset(FenceVar::Token) => v.token = Var::new(self.startup.token.clone()),
+            Setting::ResetAll => {
+                v.resource = Var::new(self.startup.resource.clone());
+                v.token = Var::new(self.startup.token.clone());
             }
         }
     }
 
     /// A transaction that made `settings` committed: keep its session
     /// values (its `SET LOCAL`s end with it).
-    pub(super) fn commit<'a>(&mut self, settings: impl IntoIterator<Item = &'a FenceSetting>) {
-        self.committed = self.view(settings).session;
+    pub(super) fn commit<'a>(&mut self, settings: impl IntoIterator<Item = &'a Setting>) {
+        let v = self.view(settings);
+        self.committed = Values {
+            resource: v.resource.session,
+            token: v.token.session,
+        };
     }
 }
 
 impl View {
-    pub(super) fn effective(&self, i: usize) -> Option<String> {
-        match &self.local[i] {
-            Some(v) => v.clone(),
-            None => self.session[i].clone(),
+    /// What a statement with no comment of its own presents.
+    pub(super) fn input(&self) -> FenceInput<'_> {
+        FenceInput {
+            resource: self
+                .resource
+                .effective()
+                .as_ref()
+                .map(ResourceName::as_ref_name)
+                .map_err(Clone::clone),
+            token: self.token.effective().clone(),
         }
     }
 }
@@ -125,50 +244,66 @@ impl View {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
+    use fencing::TokenError;
 
     use super::*;
 
-    fn set(var: FenceVar, v: &str, local: bool) -> FenceSetting {
-        FenceSetting::Set {
+    fn set(var: FenceVar, v: &str, local: bool) -> Setting {
+        Setting::parse(&FenceSetting::Set {
             var,
             value: Some(v.into()),
             local,
-        }
+        })
+    }
+
+    fn token(view: View) -> Token {
+        view.token.effective().clone()
     }
 
     #[test]
     fn vars_follow_transactions() {
         let mut v = Vars {
-            startup: [Some("1".into()), Some("r".into())],
-            committed: [Some("1".into()), Some("r".into())],
+            startup: Values {
+                resource: parse_resource(Some("r")),
+                token: parse_token(Some("1")),
+            },
+            ..Vars::default()
         };
-        let tok = |view: View| view.effective(0);
+        v.committed = v.startup.clone();
+        let plain = |n| Ok(Presented::Plain(n));
         let s5 = set(FenceVar::Token, "5", false);
         let l6 = set(FenceVar::Token, "6", true);
-        assert_eq!(tok(v.view([&s5])).as_deref(), Some("5"));
-        assert_eq!(tok(v.view([&s5, &l6])).as_deref(), Some("6"));
+        assert_eq!(token(v.view([&s5])), plain(5));
+        assert_eq!(token(v.view([&s5, &l6])), plain(6));
         // Commit: the session value stays, the local one ends.
         v.commit([&s5, &l6]);
-        assert_eq!(tok(v.view([])).as_deref(), Some("5"));
+        assert_eq!(token(v.view([])), plain(5));
         // A session SET after SET LOCAL overrides it.
         let s7 = set(FenceVar::Token, "7", false);
-        assert_eq!(tok(v.view([&l6, &s7])).as_deref(), Some("7"));
-        let reset = FenceSetting::Reset(FenceVar::Token);
-        assert_eq!(tok(v.view([&reset])).as_deref(), Some("1"));
+        assert_eq!(token(v.view([&l6, &s7])), plain(7));
+        let reset = Setting::Reset(FenceVar::Token);
+        assert_eq!(token(v.view([&reset])), plain(1));
         let empty = set(FenceVar::Resource, "", false);
-        assert_eq!(v.view([&empty]).effective(1), None);
+        assert_eq!(v.view([&empty]).input().resource, Err(InputError::Missing));
         assert_eq!(
-            v.view([&empty, &FenceSetting::ResetAll])
-                .effective(1)
-                .as_deref(),
-            Some("r")
+            v.view([&empty, &Setting::ResetAll])
+                .input()
+                .resource
+                .map(|r| r.as_str()),
+            Ok("r")
         );
-        let default_local = FenceSetting::Set {
+        let default_local = Setting::parse(&FenceSetting::Set {
             var: FenceVar::Token,
             value: None,
             local: true,
-        };
-        assert_eq!(tok(v.view([&default_local])).as_deref(), Some("1"));
+        });
+        assert_eq!(token(v.view([&default_local])), plain(1));
+        // Parsed when set: a bad value is a typed error from then on.
+        let bad = set(FenceVar::Token, "5x", false);
+        assert_eq!(
+            token(v.view([&bad])),
+            Err(InputError::Token(TokenError::NotDecimal))
+        );
     }
 
     #[test]
@@ -187,7 +322,7 @@ mod tests {
             },
         };
         let v = Vars::from_startup(&p).view([]);
-        assert_eq!(v.effective(0).as_deref(), Some("5"));
-        assert_eq!(v.effective(1).as_deref(), Some("orders"));
+        assert_eq!(v.input().token, Ok(Presented::Plain(5)));
+        assert_eq!(v.input().resource.map(|r| r.as_str()), Ok("orders"));
     }
 }

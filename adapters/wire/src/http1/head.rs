@@ -4,9 +4,9 @@
 //!
 //! Nothing here allocates on the common path: the caller lends the header
 //! array (`[httparse::EMPTY_HEADER; MAX_HEADERS]`), the head borrows the
-//! read buffer, and classification is a fixed array of [`Kind`]s. Only a
-//! repeated or non-text fencing header builds a string (to carry a value
-//! that can never validate, like [`crate::http::header_text`] does).
+//! read buffer, and classification is a fixed array of [`Kind`]s. A
+//! repeated or non-text fencing header is a typed error, as
+//! [`crate::http::header_text`] gives it.
 //!
 //! What is refused and why (each a test below):
 //! - bare LF or CR line endings: `httparse` accepts LF alone, but a peer
@@ -29,11 +29,11 @@
 //!   as chunked, its `Content-Length` line dropped and the upstream
 //!   connection not reused (section 6.3 rule 3).
 
-use std::borrow::Cow;
 use std::ops::Range;
 
+use fencing::InputError;
+
 use super::body::Framing;
-use crate::http::HeaderText;
 
 /// Header lines per head; more is refused (431). hyper's default too: the
 /// header array stays on the stack.
@@ -349,7 +349,7 @@ fn fencing_text<'b>(
     headers: &[httparse::Header<'b>],
     kinds: &[Kind],
     want: Kind,
-) -> Option<HeaderText<'b>> {
+) -> Option<Result<&'b str, InputError>> {
     let mut values = headers
         .iter()
         .zip(kinds)
@@ -357,21 +357,15 @@ fn fencing_text<'b>(
         .map(|(h, _)| h.value);
     let first = values.next()?;
     if values.next().is_some() {
-        let all: Vec<Cow<'_, str>> = headers
-            .iter()
-            .zip(kinds)
-            .filter(|(_, k)| **k == want)
-            .map(|(h, _)| String::from_utf8_lossy(h.value))
-            .collect();
-        return Some(HeaderText::Repeated(all.join(",")));
+        return Some(Err(InputError::Repeated));
     }
     // `http::HeaderValue::to_str` accepts visible ASCII, space and tab.
     let text = first
         .iter()
         .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b));
     Some(match std::str::from_utf8(first) {
-        Ok(s) if text => HeaderText::Ok(Cow::Borrowed(s)),
-        _ => HeaderText::NotText(format!("\u{fffd}{}", String::from_utf8_lossy(first))),
+        Ok(s) if text => Ok(s),
+        _ => Err(InputError::NotText),
     })
 }
 
@@ -504,7 +498,7 @@ impl<'b> RequestHead<'b, '_> {
     }
 
     /// The `Fencing-Token` header, as the fencer should see it.
-    pub fn token(&self) -> Option<HeaderText<'b>> {
+    pub fn token(&self) -> Option<Result<&'b str, InputError>> {
         fencing_text(
             self.headers,
             &self.kinds[..self.headers.len()],
@@ -513,7 +507,7 @@ impl<'b> RequestHead<'b, '_> {
     }
 
     /// The `Fencing-Resource` header, as the fencer should see it.
-    pub fn resource(&self) -> Option<HeaderText<'b>> {
+    pub fn resource(&self) -> Option<Result<&'b str, InputError>> {
         fencing_text(
             self.headers,
             &self.kinds[..self.headers.len()],

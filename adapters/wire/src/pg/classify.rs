@@ -58,7 +58,8 @@ pub enum FenceVar {
 }
 
 impl FenceVar {
-    fn from_name(name: &str) -> Option<FenceVar> {
+    /// The variable a setting's name (any case) is, if it is one of ours.
+    pub fn from_name(name: &str) -> Option<FenceVar> {
         match name.to_ascii_lowercase().as_str() {
             "fencing.token" => Some(FenceVar::Token),
             "fencing.resource" => Some(FenceVar::Resource),
