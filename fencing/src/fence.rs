@@ -327,6 +327,40 @@ impl Slot {
         }
     }
 
+    /// Another replica of the tier made `token` durable: raise the mark to
+    /// it now, so every older token is refused from this instant, without
+    /// a store call (the store already holds it). Not *ready*: the first
+    /// local write with `token` still claims it, and its [`Persist`] waits
+    /// for the rest of the tier. Returns whether the mark moved.
+    pub fn raise_to(&self, token: u64) -> bool {
+        let mut inner = self.lock();
+        inner.durable = inner.durable.max(token);
+        if token > self.mark.load(SeqCst) {
+            self.raise(&mut inner, token);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Resolves once no write with a token below `token` is in flight
+    /// here: the mark is at least `token` and every write admitted under an
+    /// older generation has finished. (Writes of the current generation
+    /// carry the mark itself.) Call after [`Slot::raise_to`].
+    pub async fn drained_below(&self, token: u64) {
+        loop {
+            let mut changed = pin!(self.changed.notified());
+            changed.as_mut().enable();
+            {
+                let inner = self.lock();
+                if self.mark.load(SeqCst) >= token && inner.older == 0 {
+                    return;
+                }
+            }
+            changed.await;
+        }
+    }
+
     /// Raises the mark to `token` without a write (a grant seen on the
     /// elector's watch stream), so the old leader is refused before the new
     /// one writes anything. Returns the mark afterwards.

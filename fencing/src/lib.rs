@@ -15,6 +15,7 @@
 //! - [`fence`]: the per-resource high-water mark, compare-and-advance and the
 //!   in-flight accounting behind the drain of guarantee 2.
 //! - [`lease`]: the elector's lease state machine.
+//! - [`replica`]: a tier replica's admission deadline from its lease renewals.
 //! - [`audit`]: the shape of an audit record for a refused write.
 
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@ pub mod audit;
 pub mod fence;
 pub mod input;
 pub mod lease;
+pub mod replica;
 pub mod resource;
 pub mod signing;
 pub mod token;
@@ -31,6 +33,7 @@ pub use audit::{AuditRecord, Protocol, Reason};
 pub use fence::{Admitted, FenceTable, InflightGuard, Persist, Slot, Verdict};
 pub use input::{FenceInput, Field, InputError};
 pub use lease::{LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord};
+pub use replica::ReplicaLease;
 pub use resource::{ResourceError, ResourceName, ResourceRef};
 pub use signing::{KeyError, Signer, Verifier};
 pub use token::{Presented, TokenError, TokenPolicy, TokenRejection};

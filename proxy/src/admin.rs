@@ -1,5 +1,5 @@
 //! The admin API: `/metrics`, `/healthz`, `/readyz`, `/v1/fences`,
-//! `/v1/audit`. With a token configured, everything but `/healthz` needs
+//! `/v1/audit`, `/v1/replicas`. With a token configured, everything but `/healthz` needs
 //! `Authorization: Bearer <token>` (liveness probes rarely carry secrets,
 //! and `/healthz` reveals nothing).
 
@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use store::{AuditQuery, Store, StoreError};
 
+use crate::cluster::Tier;
 use crate::config::Upstream;
 use crate::edge::problem::{self, Problem};
 use crate::edge::{bearer, http1};
@@ -30,6 +31,8 @@ pub struct AdminState {
     pub token: Option<String>,
     /// HTTP upstreams, checked by `/readyz`.
     pub upstreams: Vec<Upstream>,
+    /// This process's replica of the fencing tier, if it is one.
+    pub tier: Option<Arc<Tier>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -39,6 +42,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/fences", get(list_fences))
         .route("/v1/fences/{*resource}", get(get_fence))
         .route("/v1/audit", get(audit))
+        .route("/v1/replicas", get(replicas))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -86,6 +90,34 @@ fn store_error(e: StoreError) -> Response {
         problem::STORE_UNAVAILABLE,
         e.to_string(),
     )
+    .into_response()
+}
+
+/// The fencing tier as the store sees it (every replica row, live or
+/// not), and which one answers. A SQLite store has no tier: an empty list.
+async fn replicas(State(state): State<AdminState>) -> Response {
+    let rows = if state.store.supports_tier() {
+        match state.store.list_replicas().await {
+            Ok(rows) => rows,
+            Err(e) => return store_error(e),
+        }
+    } else {
+        Vec::new()
+    };
+    let live = rows.iter().filter(|r| r.live).count();
+    let me = state.tier.as_ref().map(|t| {
+        json!({
+            "id": t.id(),
+            "admitting": t.admits(),
+            "replica_ttl_ms": u64::try_from(t.ttl().as_millis()).unwrap_or(u64::MAX),
+        })
+    });
+    Json(json!({
+        "store": state.store.kind(),
+        "live": live,
+        "self": me,
+        "replicas": rows,
+    }))
     .into_response()
 }
 

@@ -18,7 +18,8 @@ use fencing::{
 use store::{Store, StoreError};
 
 use crate::audit_sink::AuditSink;
-use crate::metrics::{WriteCounters, MARK};
+use crate::cluster::Tier;
+use crate::metrics::{WriteCounters, ADVANCE_SECONDS, MARK};
 
 /// Why a write was refused, with everything a protocol needs to say so.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +65,8 @@ pub struct Fencer {
     store: Arc<dyn Store>,
     audit: AuditSink,
     opts: FencerOptions,
+    /// The fencing tier this process is a replica of, if any.
+    tier: Option<Arc<Tier>>,
 }
 
 /// Verifies tokens for one listener (each may have its own key), caching
@@ -146,15 +149,22 @@ pub struct WriteInfo<'a> {
 
 struct StorePersist<'a> {
     store: &'a dyn Store,
+    tier: Option<&'a Tier>,
     resource: &'a str,
 }
 
 impl Persist for StorePersist<'_> {
     type Error = StoreError;
     async fn persist(&self, token: u64) -> Result<u64, StoreError> {
-        self.store
-            .advance_fence(self.resource, token, now_ms())
-            .await
+        match self.tier {
+            // Durable, and the rest of the tier raised and drained.
+            Some(tier) => tier.advance(self.resource, token).await,
+            None => {
+                self.store
+                    .advance_fence(self.resource, token, now_ms())
+                    .await
+            }
+        }
     }
 }
 
@@ -175,7 +185,15 @@ impl Fencer {
             store,
             audit,
             opts,
+            tier: None,
         }
+    }
+
+    /// Makes this fencer a replica of `tier`: advances wait for the tier,
+    /// and nothing is admitted while the replica's lease is unconfirmed.
+    pub fn with_tier(mut self, tier: Arc<Tier>) -> Self {
+        self.tier = Some(tier);
+        self
     }
 
     pub fn table(&self) -> &FenceTable {
@@ -372,6 +390,12 @@ impl Fencer {
                 format!("fence state unavailable, write refused: {e}"),
             )
         };
+        let tier = self.tier.as_deref();
+        let self_fenced =
+            || unavailable(&"this replica cannot confirm its lease in the fencing tier");
+        if tier.is_some_and(|t| !t.admits()) {
+            return Err(self_fenced());
+        }
         let name = resource.as_str();
         let slot = self.slot(name).await.map_err(|e| unavailable(&e))?;
         let admission = |guard| Admission {
@@ -386,15 +410,26 @@ impl Fencer {
         }
         let persist = StorePersist {
             store: &*self.store,
+            tier,
             resource: name,
         };
-        let verdict =
-            tokio::time::timeout(self.opts.drain_timeout, slot.admit(presented, &persist))
-                .await
-                .map_err(|_| unavailable(&"older writes did not finish within the drain timeout"))?
-                .map_err(|e| unavailable(&e))?;
+        // On a tier an advance may also wait for a silent replica's lease
+        // to run out.
+        let bound = self.opts.drain_timeout + tier.map_or(Duration::ZERO, |t| t.ttl());
+        let started = std::time::Instant::now();
+        let verdict = tokio::time::timeout(bound, slot.admit(presented, &persist))
+            .await
+            .map_err(|_| unavailable(&"older writes did not finish within the drain timeout"))?
+            .map_err(|e| unavailable(&e))?;
         match verdict {
-            Verdict::Accepted(a) => Ok((admission(a.guard), a.advanced_from.is_some())),
+            Verdict::Accepted(a) => {
+                metrics::histogram!(ADVANCE_SECONDS).record(started.elapsed().as_secs_f64());
+                // The wait may have outlasted this replica's own lease.
+                if tier.is_some_and(|t| !t.admits()) {
+                    return Err(self_fenced());
+                }
+                Ok((admission(a.guard), a.advanced_from.is_some()))
+            }
             Verdict::Stale { current } => Err(refuse(
                 Reason::Stale,
                 Some(current),
@@ -411,6 +446,7 @@ impl Fencer {
         let slot = self.slot(resource).await?;
         let persist = StorePersist {
             store: &*self.store,
+            tier: self.tier.as_deref(),
             resource,
         };
         let mark = slot.fence_to(token, &persist).await?;
@@ -418,7 +454,7 @@ impl Fencer {
         Ok(mark)
     }
 
-    fn publish_mark(&self, resource: &str) {
+    pub fn publish_mark(&self, resource: &str) {
         if !self.opts.resource_labels {
             return;
         }

@@ -10,6 +10,7 @@
 //! - `listener`: the accept loop and per-listener connection bound every listener shares.
 //! - `edge/`: what the HTTP listeners share: problem+json, the bearer check, the HTTP/1 serve loop.
 //! - `fencer`: the decision service both proxies call (store, token cache, audit, metrics).
+//! - `cluster/`: the fencing tier: replica lease, advances across replicas, acknowledgements.
 //! - `http_proxy/`: the HTTP fencing proxy: routing, forwarding, the upstream pool, the elector watch.
 //! - `pg_proxy/`: the Postgres fencing proxy: the listener (`mod.rs`) and one session's protocol.
 //! - `elector/`: the lease elector's API and its event stream.
@@ -36,6 +37,7 @@ mod audit_cmd;
 mod audit_sink;
 pub mod cli;
 mod client;
+mod cluster;
 pub mod config;
 mod demo;
 mod edge;

@@ -21,6 +21,9 @@ pub const AUDIT_WRITTEN: &str = "fencepost_audit_records_written_total";
 pub const AUDIT_DROPPED: &str = "fencepost_audit_records_dropped_total";
 pub const CONNECTIONS_OPEN: &str = "fencepost_connections_open";
 pub const CONNECTIONS_REJECTED: &str = "fencepost_connections_rejected_total";
+pub const REPLICAS_LIVE: &str = "fencepost_replicas_live";
+pub const ADVANCE_SECONDS: &str = "fencepost_advance_seconds";
+pub const SELF_FENCED: &str = "fencepost_self_fenced_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -96,6 +99,18 @@ fn describe() {
     metrics::describe_counter!(
         CONNECTIONS_REJECTED,
         "Client connections refused because the listener was at max_connections."
+    );
+    metrics::describe_gauge!(
+        REPLICAS_LIVE,
+        "Replicas of the fencing tier whose lease is live, at this replica's last renewal."
+    );
+    metrics::describe_histogram!(
+        ADVANCE_SECONDS,
+        "From claiming a newer token to admitting its first write: the store, the tier's acknowledgements and the drain."
+    );
+    metrics::describe_counter!(
+        SELF_FENCED,
+        "Times this replica stopped admitting writes because the store had not confirmed its lease in time."
     );
 }
 

@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 
 use crate::audit_sink::AuditSink;
 use crate::cli::{MigrateArgs, ServeArgs};
+use crate::cluster::{self, Tier};
 use crate::config::{Config, LogFormat};
 use crate::error::Error;
 use crate::fencer::{Fencer, FencerOptions, TokenChecker};
@@ -84,6 +85,36 @@ async fn migrate_with_retry(store: Arc<dyn Store>, shutdown: Shutdown) {
     }
 }
 
+/// The tier replica this process is, if any: it runs a proxy, its store
+/// can hold a tier (Postgres) and `[cluster] enabled` is not off.
+fn join_tier(config: &Config, store: &Arc<dyn Store>) -> Option<Arc<Tier>> {
+    let proxies = !config.http.is_empty() || !config.postgres.is_empty();
+    if !proxies || !config.cluster.enabled {
+        return None;
+    }
+    if !store.supports_tier() {
+        tracing::info!(
+            store = store.kind(),
+            "the store holds one process: no fencing tier (use a Postgres store for replicas)"
+        );
+        return None;
+    }
+    let mut addresses: Vec<String> = Vec::new();
+    addresses.extend(config.http.iter().map(|h| format!("http={}", h.listen)));
+    addresses.extend(
+        config
+            .postgres
+            .iter()
+            .map(|p| format!("postgres={}", p.listen)),
+    );
+    addresses.extend(config.admin.iter().map(|a| format!("admin={}", a.listen)));
+    Some(Arc::new(Tier::new(
+        Arc::clone(store),
+        config.cluster.replica_ttl,
+        addresses.join(" "),
+    )))
+}
+
 /// One listening socket per listener the config names, bound before the
 /// server starts: by [`Listeners::bind`] from the config's `listen`
 /// addresses, or by the caller (tests bind port 0 and keep the socket, so
@@ -143,6 +174,9 @@ pub struct Server {
     /// The store's migration, which keeps retrying in the background
     /// while the store is unreachable.
     migrate: tokio::task::JoinHandle<()>,
+    /// This process's replica of the fencing tier: it leaves the tier
+    /// once its connections are drained.
+    tier: Option<Arc<Tier>>,
 }
 
 fn local(listener: &TcpListener, what: &str) -> Result<SocketAddr, Error> {
@@ -252,14 +286,27 @@ pub async fn start(
     .await;
 
     let audit = AuditSink::start(Arc::clone(&store), &config.audit);
-    let fencer = Arc::new(Fencer::new(
+    let mut fencer = Fencer::new(
         Arc::clone(&store),
         audit.clone(),
         FencerOptions {
             drain_timeout: config.fencing.drain_timeout,
             resource_labels: config.admin.as_ref().is_none_or(|a| a.resource_labels),
         },
-    ));
+    );
+    let tier = join_tier(&config, &store);
+    if let Some(t) = &tier {
+        fencer = fencer.with_tier(Arc::clone(t));
+    }
+    let fencer = Arc::new(fencer);
+    if let Some(t) = &tier {
+        tracing::info!(replica = t.id(), replica_ttl = ?t.ttl(), "joining the fencing tier");
+        tokio::spawn(cluster::run(
+            Arc::clone(t),
+            Arc::clone(&fencer),
+            shutdown.clone(),
+        ));
+    }
 
     let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
     if let (Some(ecfg), Some(listener)) = (&config.elector, elector_listener) {
@@ -326,6 +373,7 @@ pub async fn start(
             prometheus,
             token: acfg.token.clone(),
             upstreams: config.http.iter().map(|h| h.upstream.clone()).collect(),
+            tier: tier.clone(),
         };
         let sd = shutdown.clone();
         tracing::info!(listen = %acfg.listen, "admin API listening");
@@ -342,6 +390,7 @@ pub async fn start(
         shutdown_timeout,
         addrs,
         migrate,
+        tier,
     })
 }
 
@@ -381,6 +430,9 @@ impl Server {
         .is_ok();
         if !drained {
             tracing::warn!("some connections did not finish within the shutdown timeout");
+        }
+        if let Some(t) = &self.tier {
+            t.leave().await;
         }
         if self.audit.flush(Duration::from_secs(10)).await {
             tracing::info!("audit log flushed");

@@ -27,10 +27,14 @@ use fencing::{AuditRecord, LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord, Prot
 
 pub mod guard;
 mod postgres;
+mod replicas;
 mod sqlite;
 mod timed;
 
 pub use postgres::PgStore;
+pub use replicas::{
+    Notifications, Renewal, ReplicaRow, TierAdvance, TierAdvanceRow, ACK_CHANNEL, ADVANCE_CHANNEL,
+};
 pub use sqlite::SqliteStore;
 pub use timed::TimedStore;
 
@@ -131,6 +135,80 @@ pub trait Store: Send + Sync + 'static {
 
     /// Newest first, at most `limit` (capped at 10,000).
     async fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
+
+    // The fencing tier (`replicas.rs`): Postgres only. SQLite is one
+    // process, so these say "not supported" there and the tier is off.
+
+    /// Whether this store can hold a tier of replicas.
+    fn supports_tier(&self) -> bool {
+        false
+    }
+
+    /// Creates or renews replica `id`'s lease (`expires_at` = the store's
+    /// `now()` + `ttl_ms`) and returns, in the same transaction, every
+    /// advance numbered above `since` (none on a first join: the replica
+    /// loads marks afterwards).
+    async fn replica_renew(
+        &self,
+        _id: &str,
+        _addresses: &str,
+        _started_at_ms: i64,
+        _ttl_ms: i64,
+        _since: Option<i64>,
+    ) -> Result<Renewal, StoreError> {
+        Err(replicas::unsupported(self.kind()))
+    }
+
+    /// Advances numbered above `since`, in order.
+    async fn advances_since(&self, _since: i64) -> Result<Vec<TierAdvanceRow>, StoreError> {
+        Err(replicas::unsupported(self.kind()))
+    }
+
+    /// [`Store::advance_fence`] that also returns the number of the advance
+    /// that set the mark, and notifies the tier when it raised it.
+    async fn tier_advance(
+        &self,
+        _resource: &str,
+        _token: u64,
+        _now_ms: i64,
+    ) -> Result<TierAdvance, StoreError> {
+        Err(replicas::unsupported(self.kind()))
+    }
+
+    /// Replica `id` has raised `resource`'s mark to `token` and drained
+    /// every older write: records it (never lowering) and notifies.
+    async fn replica_ack(&self, _resource: &str, _id: &str, _token: u64) -> Result<(), StoreError> {
+        Err(replicas::unsupported(self.kind()))
+    }
+
+    /// The replicas, other than `me`, whose lease is live by the store's
+    /// clock and which still owe an acknowledgement of advance `seq` to
+    /// `token` on `resource`. Empty: the advance may be admitted.
+    async fn pending_acks(
+        &self,
+        _resource: &str,
+        _token: u64,
+        _seq: i64,
+        _me: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        Err(replicas::unsupported(self.kind()))
+    }
+
+    /// Every replica row, live or not, with the store's verdict.
+    async fn list_replicas(&self) -> Result<Vec<ReplicaRow>, StoreError> {
+        Err(replicas::unsupported(self.kind()))
+    }
+
+    /// Removes replica `id` (a graceful shutdown), so no advance waits for
+    /// its lease to expire.
+    async fn replica_leave(&self, _id: &str) -> Result<(), StoreError> {
+        Err(replicas::unsupported(self.kind()))
+    }
+
+    /// A session listening for the tier's notifications (advances, acks).
+    async fn tier_notifications(&self) -> Result<Box<dyn Notifications>, StoreError> {
+        Err(replicas::unsupported(self.kind()))
+    }
 }
 
 /// Opens the store a URL names: `sqlite://path` (created if missing) or

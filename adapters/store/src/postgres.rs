@@ -18,7 +18,7 @@ use sqlx::{Postgres, QueryBuilder, Row};
 
 use super::{
     audit_from_row, fence_from_row, lease_from_row, token_from_text, token_text, AuditQuery,
-    FenceRow, Store, StoreError,
+    FenceRow, Notifications, Renewal, ReplicaRow, Store, StoreError, TierAdvance, TierAdvanceRow,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
@@ -91,6 +91,10 @@ impl PgStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
 }
 
 fn sqlstate(e: &sqlx::Error) -> Option<String> {
@@ -104,7 +108,7 @@ fn sqlstate(e: &sqlx::Error) -> Option<String> {
 /// a server shutting down, starting up, out of connections or out of disk,
 /// or a lost connection, is the store being unavailable, not a failed
 /// request.
-fn classify(e: sqlx::Error) -> StoreError {
+pub(crate) fn classify(e: sqlx::Error) -> StoreError {
     let unavailable = match sqlstate(&e) {
         Some(code) => {
             code.starts_with("08") // connection exception
@@ -274,25 +278,9 @@ impl Store for PgStore {
         token: u64,
         now_ms: i64,
     ) -> Result<u64, StoreError> {
-        // One statement: ON CONFLICT locks the existing row, so concurrent
-        // advances from any number of replicas serialize and the mark can
-        // only go up. Committed (autocommit) before the reply arrives.
-        let after: String = sqlx::query_scalar(
-            "INSERT INTO fences (resource, token, updated_at_ms) VALUES ($1, $2, $3) \
-             ON CONFLICT (resource) DO UPDATE SET \
-               token = GREATEST(fences.token, EXCLUDED.token), \
-               updated_at_ms = CASE WHEN EXCLUDED.token > fences.token \
-                                    THEN EXCLUDED.updated_at_ms \
-                                    ELSE fences.updated_at_ms END \
-             RETURNING token",
-        )
-        .bind(resource)
-        .bind(token_text(token))
-        .bind(now_ms)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(classify)?;
-        token_from_text(&after)
+        // Numbered and announced like every advance, so a tier of replicas
+        // learns of it whoever made it (see `replicas.rs`).
+        Ok(self.pg_tier_advance(resource, token, now_ms).await?.mark)
     }
 
     async fn get_fence(&self, resource: &str) -> Result<Option<FenceRow>, StoreError> {
@@ -384,5 +372,60 @@ impl Store for PgStore {
             .push_bind(i64::from(limit));
         let rows = qb.build().fetch_all(&self.pool).await.map_err(classify)?;
         rows.iter().map(audit_from_row).collect()
+    }
+
+    fn supports_tier(&self) -> bool {
+        true
+    }
+
+    async fn replica_renew(
+        &self,
+        id: &str,
+        addresses: &str,
+        started_at_ms: i64,
+        ttl_ms: i64,
+        since: Option<i64>,
+    ) -> Result<Renewal, StoreError> {
+        self.pg_replica_renew(id, addresses, started_at_ms, ttl_ms, since)
+            .await
+    }
+
+    async fn advances_since(&self, since: i64) -> Result<Vec<TierAdvanceRow>, StoreError> {
+        self.pg_advances_since(since).await
+    }
+
+    async fn tier_advance(
+        &self,
+        resource: &str,
+        token: u64,
+        now_ms: i64,
+    ) -> Result<TierAdvance, StoreError> {
+        self.pg_tier_advance(resource, token, now_ms).await
+    }
+
+    async fn replica_ack(&self, resource: &str, id: &str, token: u64) -> Result<(), StoreError> {
+        self.pg_replica_ack(resource, id, token).await
+    }
+
+    async fn pending_acks(
+        &self,
+        resource: &str,
+        token: u64,
+        seq: i64,
+        me: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        self.pg_pending_acks(resource, token, seq, me).await
+    }
+
+    async fn list_replicas(&self) -> Result<Vec<ReplicaRow>, StoreError> {
+        self.pg_list_replicas().await
+    }
+
+    async fn replica_leave(&self, id: &str) -> Result<(), StoreError> {
+        self.pg_replica_leave(id).await
+    }
+
+    async fn tier_notifications(&self) -> Result<Box<dyn Notifications>, StoreError> {
+        self.pg_tier_notifications().await
     }
 }

@@ -19,7 +19,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use fencing::{AuditRecord, LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord};
 
-use super::{AuditQuery, FenceRow, Store, StoreError};
+use super::{
+    AuditQuery, FenceRow, Notifications, Renewal, ReplicaRow, Store, StoreError, TierAdvance,
+    TierAdvanceRow,
+};
 
 /// Audit flushes can carry thousands of records after an outage and are
 /// off the write path, so they get at least this long.
@@ -128,6 +131,65 @@ impl<S: Store> Store for TimedStore<S> {
 
     async fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         bounded(self.call, self.inner.query_audit(q)).await
+    }
+
+    fn supports_tier(&self) -> bool {
+        self.inner.supports_tier()
+    }
+
+    async fn replica_renew(
+        &self,
+        id: &str,
+        addresses: &str,
+        started_at_ms: i64,
+        ttl_ms: i64,
+        since: Option<i64>,
+    ) -> Result<Renewal, StoreError> {
+        bounded(
+            self.call,
+            self.inner
+                .replica_renew(id, addresses, started_at_ms, ttl_ms, since),
+        )
+        .await
+    }
+
+    async fn advances_since(&self, since: i64) -> Result<Vec<TierAdvanceRow>, StoreError> {
+        bounded(self.call, self.inner.advances_since(since)).await
+    }
+
+    async fn tier_advance(
+        &self,
+        resource: &str,
+        token: u64,
+        now_ms: i64,
+    ) -> Result<TierAdvance, StoreError> {
+        bounded(self.call, self.inner.tier_advance(resource, token, now_ms)).await
+    }
+
+    async fn replica_ack(&self, resource: &str, id: &str, token: u64) -> Result<(), StoreError> {
+        bounded(self.call, self.inner.replica_ack(resource, id, token)).await
+    }
+
+    async fn pending_acks(
+        &self,
+        resource: &str,
+        token: u64,
+        seq: i64,
+        me: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        bounded(self.call, self.inner.pending_acks(resource, token, seq, me)).await
+    }
+
+    async fn list_replicas(&self) -> Result<Vec<ReplicaRow>, StoreError> {
+        bounded(self.call, self.inner.list_replicas()).await
+    }
+
+    async fn replica_leave(&self, id: &str) -> Result<(), StoreError> {
+        bounded(self.call, self.inner.replica_leave(id)).await
+    }
+
+    async fn tier_notifications(&self) -> Result<Box<dyn Notifications>, StoreError> {
+        bounded(self.call, self.inner.tier_notifications()).await
     }
 }
 

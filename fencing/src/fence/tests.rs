@@ -429,3 +429,49 @@ fn table_inserts_once_and_finds_by_str() {
     assert_eq!(t.get("orders").unwrap().mark(), 3);
     assert_eq!(t.len(), 2);
 }
+
+/// A remote advance (another replica made the token durable) refuses older
+/// tokens at once, and `drained_below` waits for the older writes already
+/// out; the first local write with the new token still claims it.
+#[tokio::test]
+async fn a_remote_raise_refuses_older_tokens_and_drains_them() {
+    let world = Arc::new(World::default());
+    let store = TestStore {
+        world: Arc::clone(&world),
+        yields: 0,
+        fail: false,
+    };
+    let slot = Arc::new(Slot::new(4));
+    let old = slot.try_admit_fast(4).expect("ready mark admits");
+    assert!(slot.raise_to(6));
+    assert!(!slot.raise_to(5), "never lowers");
+    assert_eq!(slot.mark(), 6);
+    assert!(slot.try_admit_fast(4).is_none());
+    assert!(matches!(
+        slot.admit(4, &store).await,
+        Ok(Verdict::Stale { current: 6 })
+    ));
+    let drained = tokio::spawn({
+        let slot = Arc::clone(&slot);
+        async move { slot.drained_below(6).await }
+    });
+    tokio::task::yield_now().await;
+    assert!(!drained.is_finished(), "the token-4 write is still out");
+    drop(old);
+    tokio::time::timeout(std::time::Duration::from_secs(5), drained)
+        .await
+        .expect("drained once the old write finished")
+        .expect("join");
+    // Not ready yet: the first local write with 6 goes through persist.
+    assert!(slot.try_admit_fast(6).is_none());
+    match slot.admit(6, &store).await {
+        Ok(Verdict::Accepted(a)) => assert_eq!(a.advanced_from, None),
+        other => panic!("expected admission, got {other:?}"),
+    }
+    assert_eq!(
+        world.durable.load(Ordering::SeqCst),
+        6,
+        "persist was called"
+    );
+    assert!(slot.try_admit_fast(6).is_some(), "ready afterwards");
+}

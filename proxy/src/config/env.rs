@@ -36,6 +36,8 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("fencing", "drain_timeout"),
     ("fencing", "store_timeout"),
     ("fencing", "token_cache_size"),
+    ("cluster", "enabled"),
+    ("cluster", "replica_ttl"),
     ("http", "listen"),
     ("http", "upstream"),
     ("http", "verify_key"),

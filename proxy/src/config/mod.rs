@@ -2,7 +2,7 @@
 //! (`FENCEPOST_*`, see [`env`]).
 //!
 //! One file per section: [`log`], [`admin`], [`elector`], [`audit`],
-//! [`fencing`], [`http`] (`[[http]]`) and [`postgres`] (`[[postgres]]`).
+//! [`fencing`], [`cluster`], [`http`] (`[[http]]`) and [`postgres`] (`[[postgres]]`).
 //! Values are parsed into their types as the file is read (listen
 //! addresses, durations, upstream URLs, write methods, resource names,
 //! modes), so a bad value is refused at start-up with its key, and the
@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 mod admin;
 mod audit;
+mod cluster;
 mod elector;
 mod env;
 mod fencing;
@@ -23,6 +24,7 @@ mod postgres;
 
 pub use self::admin::AdminConfig;
 pub use self::audit::AuditConfig;
+pub use self::cluster::ClusterConfig;
 pub use self::elector::ElectorConfig;
 pub use self::env::env_help;
 pub use self::fencing::FencingConfig;
@@ -60,6 +62,8 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub fencing: FencingConfig,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     #[serde(default)]
     pub http: Vec<HttpProxyConfig>,
     #[serde(default)]
@@ -126,6 +130,7 @@ impl Config {
         if let Some(e) = &self.elector {
             e.validate()?;
         }
+        self.cluster.validate()?;
         self.fencing.validate()
     }
 }

@@ -1,0 +1,482 @@
+//! One fencing tier: three `fencepost serve` replicas on one Postgres
+//! store, each case of issue 12's "Why" against the real binary, judged by
+//! what the upstream itself saw.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Replica TTL of these tests: short, so the expiry cases run quickly.
+const TTL_MS: u64 = 1_000;
+
+/// What the upstream saw: one entry per request, with when it arrived and
+/// when it was answered.
+#[derive(Debug, Clone)]
+struct Seen {
+    token: u64,
+    path: String,
+    start: Instant,
+    end: Option<Instant>,
+}
+
+/// An HTTP upstream that records arrivals and answers `/slow/...` after
+/// 1.5 s.
+struct Recorder {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    async fn start() -> Recorder {
+        use hyper::service::service_fn;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Default::default();
+        let seen2 = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let seen = seen2.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            use http_body_util::BodyExt;
+                            let token = req
+                                .headers()
+                                .get("fencing-token")
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.parse().ok())
+                                .unwrap_or(0);
+                            let path = req.uri().path().to_string();
+                            let i = {
+                                let mut s = seen.lock().unwrap();
+                                s.push(Seen {
+                                    token,
+                                    path: path.clone(),
+                                    start: Instant::now(),
+                                    end: None,
+                                });
+                                s.len() - 1
+                            };
+                            let _ = req.into_body().collect().await;
+                            if path.starts_with("/slow") {
+                                tokio::time::sleep(Duration::from_millis(1_500)).await;
+                            }
+                            seen.lock().unwrap()[i].end = Some(Instant::now());
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                            ))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Recorder { addr, seen, task }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// The tier's guarantee as the upstream sees it: no write with a token
+    /// below one already received arrives later, and no write arrives
+    /// before every write with a lower token has been answered.
+    fn violations(&self) -> Vec<String> {
+        let seen = self.seen();
+        let mut v = Vec::new();
+        for (i, a) in seen.iter().enumerate() {
+            for b in &seen[..i] {
+                if b.token > a.token {
+                    v.push(format!(
+                        "{} (token {}) arrived after token {}",
+                        a.path, a.token, b.token
+                    ));
+                }
+            }
+            for b in &seen {
+                if b.token < a.token && b.start <= a.start && b.end.is_none_or(|e| e > a.start) {
+                    v.push(format!(
+                        "{} (token {}) arrived while {} (token {}) was still in flight",
+                        a.path, a.token, b.path, b.token
+                    ));
+                }
+            }
+        }
+        v
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Replica {
+    _dir: TempDir,
+    server: Server,
+    http: SocketAddr,
+    pg: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Replica {
+    /// A replica on `store_url` in front of the HTTP upstream and the test
+    /// database's server.
+    async fn start(store_url: &str, upstream: SocketAddr) -> Replica {
+        let dir = TempDir::new("tier");
+        let (http, pg, admin) = (free_addr(), free_addr(), free_addr());
+        let config = format!(
+            r#"store = "{store_url}"
+[audit]
+flush_interval = "20ms"
+[fencing]
+drain_timeout = "10s"
+store_timeout = "500ms"
+[cluster]
+replica_ttl = "{TTL_MS}ms"
+[admin]
+listen = "{admin}"
+[[http]]
+listen = "{http}"
+upstream = "http://{upstream}"
+[[postgres]]
+listen = "{pg}"
+upstream = "127.0.0.1:5432"
+"#
+        );
+        let server = Server::start(dir.path(), &config);
+        wait_port(http).await;
+        wait_port(pg).await;
+        Replica {
+            _dir: dir,
+            server,
+            http,
+            pg,
+            admin,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    async fn put(&self, path: &str, token: u64) -> u16 {
+        put(&self.url(path), Some(&token.to_string()), Some("r"), "x")
+            .await
+            .0
+    }
+
+    /// Waits until a write with `token` is admitted (the replica joined).
+    async fn ready(&self, token: u64) {
+        let ok = eventually(20, || async {
+            (self.put("/warmup", token).await == 200).then_some(())
+        })
+        .await;
+        assert!(
+            ok.is_some(),
+            "replica never admitted:\n{}",
+            self.server.log_text()
+        );
+    }
+
+    fn pid(&self) -> u32 {
+        self.server.child.as_ref().unwrap().id()
+    }
+}
+
+struct Tier {
+    db: TestDb,
+    upstream: Recorder,
+    replicas: Vec<Replica>,
+}
+
+impl Tier {
+    async fn start(prefix: &str) -> Tier {
+        let db = TestDb::create(prefix).await;
+        direct(&db)
+            .await
+            .batch_execute("CREATE TABLE t (v int)")
+            .await
+            .unwrap();
+        let upstream = Recorder::start().await;
+        let mut replicas = Vec::new();
+        for _ in 0..3 {
+            replicas.push(Replica::start(&db.url, upstream.addr).await);
+        }
+        Tier {
+            db,
+            upstream,
+            replicas,
+        }
+    }
+}
+
+/// Leader A writes with 1 through R1, leader B with 2 through R2 (a plain
+/// token: no grant event anywhere), then A writes again through R1: R1
+/// must refuse every one of A's later writes, at once and ever after.
+#[tokio::test]
+async fn a_stale_write_through_another_replica_is_refused() {
+    let tier = Tier::start("tier_stale").await;
+    let [r1, r2, r3] = &tier.replicas[..] else {
+        unreachable!()
+    };
+    r1.ready(1).await;
+    r2.ready(1).await;
+    r3.ready(1).await;
+    assert_eq!(r2.put("/b", 2).await, 200);
+    for i in 0..50 {
+        let status = r1.put(&format!("/a{i}"), 1).await;
+        assert_eq!(status, 409, "A's write {i} through R1 was not refused");
+        assert_eq!(r3.put(&format!("/a3-{i}"), 1).await, 409);
+    }
+    // B keeps writing through any replica.
+    assert_eq!(r1.put("/b1", 2).await, 200);
+    assert_eq!(r3.put("/b3", 2).await, 200);
+    let v = tier.upstream.violations();
+    assert!(v.is_empty(), "{v:#?}");
+    assert!(tier
+        .upstream
+        .seen()
+        .iter()
+        .all(|s| !s.path.starts_with("/a")));
+}
+
+/// The drain crosses replicas: A's token-1 write is in flight at the
+/// upstream through R1 when B's first token-2 write comes through R2; B's
+/// write must not reach the upstream before A's has completed.
+#[tokio::test]
+async fn the_drain_crosses_replicas() {
+    let tier = Tier::start("tier_drain").await;
+    let [r1, r2, r3] = &tier.replicas[..] else {
+        unreachable!()
+    };
+    r1.ready(1).await;
+    r2.ready(1).await;
+    r3.ready(1).await;
+    let a = tokio::spawn({
+        let url = r1.url("/slow/a");
+        async move { put(&url, Some("1"), Some("r"), "a").await.0 }
+    });
+    // Let A's write reach the upstream.
+    let arrived = eventually(5, || async {
+        tier.upstream
+            .seen()
+            .iter()
+            .any(|s| s.path == "/slow/a")
+            .then_some(())
+    })
+    .await;
+    assert!(arrived.is_some());
+    let t = Instant::now();
+    assert_eq!(r2.put("/b", 2).await, 200);
+    assert!(
+        t.elapsed() >= Duration::from_millis(1_000),
+        "B's write was admitted after {:?}, while A's was still in flight",
+        t.elapsed()
+    );
+    assert_eq!(a.await.unwrap(), 200);
+    let v = tier.upstream.violations();
+    assert!(v.is_empty(), "{v:#?}");
+}
+
+/// A replica cut off from the store (a TCP shim between it and Postgres)
+/// stops admitting, same-token writes included, within its TTL; the rest
+/// of the tier advances without it after its lease expires; it rejoins by
+/// itself, and has learnt the advance.
+#[tokio::test]
+async fn a_replica_cut_off_from_the_store_stops_admitting_within_its_ttl() {
+    let db = TestDb::create("tier_cut").await;
+    let upstream = Recorder::start().await;
+    let shim = Shim::start("127.0.0.1:5432".parse().unwrap()).await;
+    let shim_url = db.url.replace("127.0.0.1:5432", &shim.addr.to_string());
+    assert_ne!(shim_url, db.url, "the store URL names 127.0.0.1:5432");
+    let r1 = Replica::start(&db.url, upstream.addr).await;
+    let r3 = Replica::start(&shim_url, upstream.addr).await;
+    r1.ready(1).await;
+    r3.ready(1).await;
+    shim.cut();
+    let cut = Instant::now();
+    let mut last_admitted = None;
+    while cut.elapsed() < Duration::from_millis(3 * TTL_MS) {
+        match r3.put("/same", 1).await {
+            200 => last_admitted = Some(cut.elapsed()),
+            503 => {}
+            other => panic!("unexpected status {other}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let kept = last_admitted.unwrap_or_default();
+    println!("cut-off replica kept admitting for {kept:?} after the cut (TTL {TTL_MS} ms)");
+    assert!(
+        kept < Duration::from_millis(TTL_MS),
+        "admitted {kept:?} after the cut"
+    );
+    assert_eq!(r3.put("/same", 1).await, 503, "self-fenced");
+    // The advance through R1 completes once R3's lease has expired.
+    let t = Instant::now();
+    assert_eq!(r1.put("/b", 2).await, 200);
+    assert!(t.elapsed() < Duration::from_millis(2 * TTL_MS + 1_000));
+    shim.restore();
+    // R3 rejoins, with the mark it missed.
+    let back = eventually(10, || async {
+        (r3.put("/b3", 2).await == 200).then_some(())
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "R3 never rejoined:\n{}",
+        r3.server.log_text()
+    );
+    assert_eq!(r3.put("/a", 1).await, 409);
+    let v = upstream.violations();
+    assert!(v.is_empty(), "{v:#?}");
+}
+
+/// A replica SIGSTOPped past its TTL: the tier advances without it, and
+/// when it resumes, a stale write that was waiting in its socket is not
+/// forwarded.
+#[tokio::test]
+async fn a_replica_paused_past_its_ttl_forwards_nothing_stale() {
+    let tier = Tier::start("tier_stop").await;
+    let [r1, r2, r3] = &tier.replicas[..] else {
+        unreachable!()
+    };
+    r1.ready(1).await;
+    r2.ready(1).await;
+    r3.ready(1).await;
+    let pid = r3.pid().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // A's write reaches R3's socket while it is paused.
+    let stale = tokio::spawn({
+        let url = r3.url("/a-late");
+        async move { put(&url, Some("1"), Some("r"), "a").await.0 }
+    });
+    let t = Instant::now();
+    assert_eq!(r2.put("/b", 2).await, 200);
+    let waited = t.elapsed();
+    assert!(
+        waited < Duration::from_millis(2 * TTL_MS + 1_000),
+        "{waited:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(TTL_MS)).await;
+    assert!(std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = stale.await.unwrap();
+    assert!(matches!(status, 409 | 503), "stale write answered {status}");
+    let v = tier.upstream.violations();
+    assert!(v.is_empty(), "{v:#?}");
+    assert!(tier.upstream.seen().iter().all(|s| s.path != "/a-late"));
+    // And R3 rejoins with the new mark.
+    let back = eventually(10, || async {
+        (r3.put("/b3", 2).await == 200).then_some(())
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "R3 never rejoined:\n{}",
+        r3.server.log_text()
+    );
+}
+
+async fn pg_client(replica: &Replica, db: &TestDb, token: u64) -> tokio_postgres::Client {
+    let conninfo = format!(
+        "host=127.0.0.1 port={} dbname={} user=postgres options='{}'",
+        replica.pg.port(),
+        db.name,
+        opts(token, "r")
+    );
+    let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c
+}
+
+/// Postgres proxy mode across replicas: A's open transaction through R1 is
+/// rolled back at COMMIT once B advanced through R2, and A's later
+/// statements through R1 are refused.
+#[tokio::test]
+async fn postgres_writes_go_stale_across_replicas() {
+    let tier = Tier::start("tier_pg").await;
+    let [r1, r2, _] = &tier.replicas[..] else {
+        unreachable!()
+    };
+    r1.ready(1).await;
+    r2.ready(1).await;
+    tier.replicas[2].ready(1).await;
+    let a = pg_client(r1, &tier.db, 1).await;
+    a.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    a.batch_execute("BEGIN; INSERT INTO t VALUES (10)")
+        .await
+        .unwrap();
+    let b = pg_client(r2, &tier.db, 2).await;
+    b.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
+    let e = a.batch_execute("COMMIT").await.unwrap_err();
+    assert_eq!(code(&e), "ZF001");
+    let e = a
+        .batch_execute("INSERT INTO t VALUES (11)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "ZF001");
+    let rows: Vec<i32> = direct(&tier.db)
+        .await
+        .query("SELECT v FROM t ORDER BY v", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, vec![1, 2]);
+}
+
+/// `GET /v1/replicas` lists the tier, and a replica shut down gracefully
+/// leaves it at once (no advance waits for its lease).
+#[tokio::test]
+async fn the_admin_api_lists_the_tier_and_a_graceful_stop_leaves_it() {
+    let mut tier = Tier::start("tier_list").await;
+    for r in &tier.replicas {
+        r.ready(1).await;
+    }
+    let (status, body) = get(
+        &format!("http://{}/v1/replicas", tier.replicas[0].admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let live = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["live"] == true)
+        .count();
+    assert_eq!(live, 3, "{body}");
+    tier.replicas[2].server.terminate();
+    let t = Instant::now();
+    assert_eq!(tier.replicas[0].put("/b", 2).await, 200);
+    assert!(
+        t.elapsed() < Duration::from_millis(TTL_MS / 2),
+        "the advance waited {:?} for a replica that had left",
+        t.elapsed()
+    );
+}
