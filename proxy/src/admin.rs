@@ -131,12 +131,17 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         all_up &= up;
         upstreams.insert(upstream.as_str().to_owned(), Value::Bool(up));
     }
-    let ready = store_ok && all_up;
-    let body = json!({
+    // A self-fenced replica refuses every write: not ready for them.
+    let admitting = state.tier.as_ref().is_none_or(|t| t.admits());
+    let ready = store_ok && all_up && admitting;
+    let mut body = json!({
         "ready": ready,
         "store": { "kind": state.store.kind(), "reachable": store_ok },
         "upstreams": upstreams,
     });
+    if let Some(t) = &state.tier {
+        body["replica"] = json!({ "id": t.id(), "admitting": admitting });
+    }
     let status = if ready {
         StatusCode::OK
     } else {

@@ -55,6 +55,8 @@ pub enum Command {
     Lease(LeaseCommand),
     /// Show refused writes, newest first.
     Audit(AuditArgs),
+    /// The fencing tier, the marks and the latest refusals at a glance.
+    Status(StatusArgs),
     /// Apply the store's schema migrations (serve also does this at start).
     Migrate(MigrateArgs),
     /// Generate an Ed25519 key pair for signed tokens: the elector signs
@@ -65,7 +67,7 @@ pub enum Command {
 const SERVE_HELP: &str = "\
 Run what the config file names: the elector API ([elector]), HTTP fencing
 proxies ([[http]]), Postgres fencing proxies ([[postgres]]) and the admin
-API ([admin]: /metrics, /healthz, /readyz, /v1/fences, /v1/audit). The store (store = ...) holds fences, leases and the
+API ([admin]: /metrics, /healthz, /readyz, /v1/fences, /v1/audit, /v1/replicas). The store (store = ...) holds fences, leases and the
 audit log; SQLite by default, Postgres to share it between replicas.
 
 Stop with SIGINT or SIGTERM: listeners close, in-flight requests finish
@@ -261,6 +263,20 @@ pub struct AuditArgs {
     /// One JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Admin API base URL of any replica.
+    #[arg(
+        long,
+        env = "FENCEPOST_ADMIN_URL",
+        default_value = "http://127.0.0.1:9090"
+    )]
+    pub admin: String,
+    /// Bearer token for the admin API.
+    #[arg(long, env = "FENCEPOST_ADMIN_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
 }
 
 #[derive(Debug, Args)]

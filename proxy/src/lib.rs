@@ -14,13 +14,13 @@
 //! - `http_proxy/`: the HTTP fencing proxy: routing, forwarding, the upstream pool, the elector watch.
 //! - `pg_proxy/`: the Postgres fencing proxy: the listener (`mod.rs`) and one session's protocol.
 //! - `elector/`: the lease elector's API and its event stream.
-//! - `admin`: the admin API (`/metrics`, `/healthz`, `/readyz`, `/v1/fences`, `/v1/audit`).
+//! - `admin`: the admin API (`/metrics`, `/healthz`, `/readyz`, `/v1/fences`, `/v1/audit`, `/v1/replicas`).
 //! - `audit_sink`: the batched, bounded writer of refusals to the store.
 //! - `metrics`: metric names and pre-registered handles.
 //! - `shutdown`: the one shutdown signal of a process.
 //! - `logging`: the tracing subscriber.
 //! - `error`: the error a command fails with, worded for the person who ran it.
-//! - `lease_cmd`, `lease_run`, `audit_cmd`, `keygen`: the client commands.
+//! - `lease_cmd`, `lease_run`, `audit_cmd`, `status_cmd`, `keygen`: the client commands.
 //! - `demo`, `kv_upstream`: the showcase and its toy key-value upstream.
 //! - `client`: the HTTP client the commands share.
 //!
@@ -55,6 +55,7 @@ mod metrics;
 mod pg_proxy;
 pub mod serve;
 mod shutdown;
+mod status_cmd;
 
 pub use crate::fencer::TokenChecker;
 
@@ -88,6 +89,10 @@ pub async fn run(cli: cli::Cli) -> ExitCode {
         Command::Audit(args) => {
             logging::init(format, "warn");
             audit_cmd::run(args).await
+        }
+        Command::Status(args) => {
+            logging::init(format, "warn");
+            status_cmd::run(args).await
         }
         Command::Migrate(args) => {
             logging::init(format, "info");

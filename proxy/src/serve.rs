@@ -185,6 +185,36 @@ fn local(listener: &TcpListener, what: &str) -> Result<SocketAddr, Error> {
         .map_err(|e| Error::io(format!("the address of {what}"), e))
 }
 
+/// Raises the mark of every resource this process's elector grants, so the
+/// old leader is refused from the grant on, without `elector_watch`.
+async fn fence_at_grant(
+    mut events: tokio::sync::broadcast::Receiver<elector::LeaseEvent>,
+    fencer: Arc<Fencer>,
+    shutdown: shutdown::Shutdown,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let ev = tokio::select! {
+            ev = events.recv() => ev,
+            _ = shutdown.wait() => return,
+        };
+        match ev {
+            Ok(ev) if ev.kind == elector::EventKind::Granted => {
+                // One task each: a fence waits for the drain of older
+                // writes, which must not delay the next resource's fence.
+                let fencer = Arc::clone(&fencer);
+                tokio::spawn(async move {
+                    if let Err(e) = fencer.fence_to(&ev.resource, ev.token_value).await {
+                        tracing::warn!(resource = ev.resource, token = ev.token_value, error = %e, "fence at grant failed; the new leader's first write fences instead");
+                    }
+                });
+            }
+            Ok(_) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
 /// `fencepost serve`: loads the config, binds, writes `--ready-file`, and
 /// runs until SIGINT or SIGTERM.
 pub async fn run(args: ServeArgs, log_format: Option<LogFormat>) -> Result<ExitCode, Error> {
@@ -301,6 +331,7 @@ pub async fn start(
     let fencer = Arc::new(fencer);
     if let Some(t) = &tier {
         tracing::info!(replica = t.id(), replica_ttl = ?t.ttl(), "joining the fencing tier");
+        let _ = tokio::time::timeout(Duration::from_secs(3), t.join(&fencer)).await;
         tokio::spawn(cluster::run(
             Arc::clone(t),
             Arc::clone(&fencer),
@@ -312,6 +343,15 @@ pub async fn start(
     if let (Some(ecfg), Some(listener)) = (&config.elector, elector_listener) {
         let settings = elector::ElectorSettings::from_config(ecfg)?;
         let el = elector::Elector::new(Arc::clone(&store), settings);
+        // Fence at grant in this process. On a tier the store already made
+        // the grant an advance every replica learns of.
+        if tier.is_none() && !(config.http.is_empty() && config.postgres.is_empty()) {
+            tokio::spawn(fence_at_grant(
+                el.subscribe(),
+                Arc::clone(&fencer),
+                shutdown.clone(),
+            ));
+        }
         let sd = shutdown.clone();
         tracing::info!(listen = %ecfg.listen, "elector listening");
         tasks.spawn(async move {

@@ -892,7 +892,9 @@ async fn every_documented_metric_appears_and_every_exported_one_is_documented() 
     let dir = TempDir::new("fp-docs-metrics");
     let db = TestDb::create("fp_docs_metrics").await;
     let up = Upstream::start().await;
-    let mut conf = Conf::store(format!("sqlite://{}", dir.path().join("fp.db").display()));
+    // A Postgres store, so the process is a replica of a fencing tier and
+    // the tier's metrics are exported too.
+    let mut conf = Conf::store(db.url.clone());
     let admin = conf.admin(Section::new());
     let elector = conf.elector(Section::new());
     let http = conf.http(Section::to(format!("http://{}", up.addr)));

@@ -218,6 +218,14 @@ impl PgStore {
                     "lease row of {resource:?} changed under its row lock"
                 ))));
             }
+            // Fence at grant: the new token is an advance of the mark in
+            // the same transaction, so every proxy replica of the tier
+            // learns of it (and refuses the old leader) before the new
+            // holder, who learns its token only after this commits, can
+            // write.
+            if let LeaseOutcome::Granted { lease, .. } = &outcome {
+                super::replicas::advance_in(&mut tx, resource, lease.token, now_ms).await?;
+            }
         }
         tx.commit().await?;
         Ok(outcome)

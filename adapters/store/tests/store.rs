@@ -816,9 +816,12 @@ async fn postgres_tables_live_in_their_own_schema() {
             placed,
             [
                 ("fencepost_store", "_sqlx_migrations"),
+                ("fencepost_store", "acks"),
+                ("fencepost_store", "advance_seq"),
                 ("fencepost_store", "audit"),
                 ("fencepost_store", "fences"),
                 ("fencepost_store", "leases"),
+                ("fencepost_store", "replicas"),
                 ("public", "_sqlx_migrations"),
                 ("public", "fences"),
             ]

@@ -209,6 +209,19 @@ impl Tier {
         Ok(())
     }
 
+    /// The first renewal, in the foreground at start-up, so a healthy
+    /// replica admits from its first request. Failure is not fatal: the
+    /// background loop keeps trying and writes get 503 meanwhile.
+    pub async fn join(self: &Arc<Self>, fencer: &Fencer) {
+        // Present from the start on a replica, so alerts see a zero.
+        metrics::counter!(SELF_FENCED).increment(0);
+        metrics::gauge!(REPLICAS_LIVE).set(0.0);
+        if let Err(e) = self.renew(fencer).await {
+            tracing::warn!(replica = self.id, error = %e, "could not join the fencing tier yet; writes are refused until it can");
+        }
+        self.observe();
+    }
+
     /// Notes the moment admission stops or resumes (logs, the metric).
     fn observe(&self) {
         let now = self.admits();

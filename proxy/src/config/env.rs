@@ -257,12 +257,13 @@ mod tests {
 
     #[test]
     fn every_config_field_has_an_environment_variable_and_no_more() {
-        let sections: [(&str, &[&str]); 8] = [
+        let sections: [(&str, &[&str]); 9] = [
             ("log", fields_of::<LogConfig>()),
             ("admin", fields_of::<AdminConfig>()),
             ("elector", fields_of::<ElectorConfig>()),
             ("audit", fields_of::<AuditConfig>()),
             ("fencing", fields_of::<FencingConfig>()),
+            ("cluster", fields_of::<ClusterConfig>()),
             ("http", fields_of::<HttpProxyConfig>()),
             ("postgres", fields_of::<PgProxyConfig>()),
             ("", &[]),
@@ -277,7 +278,7 @@ mod tests {
                 None => expected.push(("", top)),
             }
         }
-        for (section, _) in &sections[..7] {
+        for (section, _) in &sections[..8] {
             assert!(
                 fields_of::<Config>().contains(section),
                 "[{section}] is not a section of Config"

@@ -219,6 +219,12 @@ impl Elector {
         })
     }
 
+    /// Every lease event this process announces (grants included), for
+    /// fence at grant in the same process.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<LeaseEvent> {
+        self.events.subscribe()
+    }
+
     /// The HTTP API (without the expiry watcher; [`Elector::serve`] runs both).
     pub fn router(self: &Arc<Self>) -> axum::Router {
         api::router(Arc::clone(self))
