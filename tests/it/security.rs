@@ -797,7 +797,10 @@ async fn a_token_above_every_issued_one_never_bricks_the_resource() {
         // The grant itself fenced (fence at grant in the elector's own
         // process): the mark is the genuine token, never a huge one.
         let mark = s.mark("big").await;
-        assert!(mark.is_none_or(|m| m == num(&genuine)), "{token} set the mark to {mark:?}");
+        assert!(
+            mark.is_none_or(|m| m == num(&genuine)),
+            "{token} set the mark to {mark:?}"
+        );
     }
     assert!(s.up.arrivals().is_empty());
     assert!(s.rows().await.is_empty());
