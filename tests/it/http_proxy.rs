@@ -1256,6 +1256,9 @@ async fn a_store_timeout_above_five_seconds_is_honoured() {
         let store = shim.url.clone();
         let mut conf = Conf::store(store);
         conf.set("fencing", "store_timeout", timeout);
+        // A replica lease longer than the stall: this test is about
+        // store_timeout, not about a replica self-fencing.
+        conf.set("cluster", "replica_ttl", "30s");
         let proxy = conf.http(Section::to(upstream.url()));
         let server = Served::start(false, dir.path(), conf).await;
         // The store answers: a first write lands (and the pool is warm).

@@ -190,16 +190,16 @@ impl PgStore {
                 });
             }
         }
-        let mut tx = self.pool().begin().await.map_err(classify)?;
-        let done = advance_in(&mut tx, resource, token, now_ms).await?;
-        tx.commit().await.map_err(classify)?;
-        Ok(done)
+        let mut conn = self.pool().acquire().await.map_err(classify)?;
+        advance_in(&mut conn, resource, token, now_ms).await
     }
 }
 
 /// The numbered advance inside the caller's transaction: takes the
 /// advance_seq row lock (held to commit, so advances commit in number
 /// order), raises the mark, and NOTIFYs (delivered at commit) if it rose.
+/// A bare connection works too: the statement is then its own
+/// transaction.
 /// Used by [`PgStore::pg_tier_advance`] and by a lease grant (fence at
 /// grant: the tier learns of the new token before its holder can write).
 pub(crate) async fn advance_in(
@@ -208,42 +208,35 @@ pub(crate) async fn advance_in(
     token: u64,
     now_ms: i64,
 ) -> Result<TierAdvance, StoreError> {
-    let seq: i64 =
-        sqlx::query_scalar("UPDATE advance_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(classify)?;
-    // Every advancer holds the advance_seq lock here, so the insert of
-    // a missing row cannot race another one.
+    // One statement, one round trip: the advance_seq row lock is taken
+    // first (the insert reads its number), so every advancer holds it
+    // before touching `fences` and the insert of a missing row cannot race
+    // another one; the NOTIFY is sent only if the mark rose.
     let row = sqlx::query(
-        "INSERT INTO fences (resource, token, updated_at_ms, seq) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (resource) DO UPDATE SET \
-           token = GREATEST(fences.token, EXCLUDED.token), \
-           updated_at_ms = CASE WHEN EXCLUDED.token > fences.token \
-                                THEN EXCLUDED.updated_at_ms ELSE fences.updated_at_ms END, \
-           seq = CASE WHEN EXCLUDED.token > fences.token \
-                      THEN EXCLUDED.seq ELSE fences.seq END \
-         RETURNING token, seq",
+        "WITH s AS (UPDATE advance_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq), \
+         up AS (INSERT INTO fences (resource, token, updated_at_ms, seq) \
+                SELECT $1, $2, $3, s.seq FROM s \
+                ON CONFLICT (resource) DO UPDATE SET \
+                  token = GREATEST(fences.token, EXCLUDED.token), \
+                  updated_at_ms = CASE WHEN EXCLUDED.token > fences.token \
+                                       THEN EXCLUDED.updated_at_ms ELSE fences.updated_at_ms END, \
+                  seq = CASE WHEN EXCLUDED.token > fences.token \
+                             THEN EXCLUDED.seq ELSE fences.seq END \
+                RETURNING token, seq) \
+         SELECT up.token, up.seq, \
+           (SELECT count(*) FROM (SELECT pg_notify($4, $1) WHERE up.seq = s.seq) n) AS notified \
+         FROM up, s",
     )
     .bind(resource)
     .bind(token_text(token))
     .bind(now_ms)
-    .bind(seq)
+    .bind(ADVANCE_CHANNEL)
     .fetch_one(&mut *tx)
     .await
     .map_err(classify)?;
     let mark: String = row.try_get("token").map_err(classify)?;
     let mark = token_from_text(&mark)?;
     let set_by: i64 = row.try_get("seq").map_err(classify)?;
-    if set_by == seq {
-        // Delivered at commit, to every listening replica.
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(ADVANCE_CHANNEL)
-            .bind(resource)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-    }
     Ok(TierAdvance { mark, seq: set_by })
 }
 

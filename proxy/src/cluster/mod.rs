@@ -275,7 +275,10 @@ async fn renew_loop(tier: Arc<Tier>, fencer: Arc<Fencer>, shutdown: Shutdown) {
     let retry = (tier.ttl / 10).min(MAX_RETRY);
     loop {
         let wait = match tier.renew(&fencer).await {
-            Ok(()) => period,
+            // A renewal that answered too late to extend the lease (a
+            // stalled store) is followed at once by another.
+            Ok(()) if tier.admits() => period,
+            Ok(()) => retry,
             Err(e) => {
                 tracing::warn!(replica = tier.id, error = %e, "replica lease renewal failed");
                 retry
