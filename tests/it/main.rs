@@ -10,6 +10,7 @@
 //! - `http_proxy`, `pg_proxy`: the two fencing proxies end to end.
 //! - `framing`: HTTP/1.1 framing through the HTTP proxy over raw sockets.
 //! - `signed`: signed tokens across elector and proxy.
+//! - `tier`: three replicas on one Postgres store as one fencing tier.
 //! - `pg_clients`: real Postgres clients (psql, pgbench, psycopg) through the proxy.
 //! - `checker`: the fault-injection checker, judged by the storages' histories.
 //! - `guard`: guard mode's in-database gate, in SQL and through two proxies.
@@ -36,3 +37,4 @@ mod pg_clients;
 mod pg_proxy;
 mod security;
 mod signed;
+mod tier;

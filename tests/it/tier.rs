@@ -1,15 +1,12 @@
 //! One fencing tier: three `fencepost serve` replicas on one Postgres
 //! store, each case of issue 12's "Why" against the real binary, judged by
 //! what the upstream itself saw.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 /// Replica TTL of these tests: short, so the expiry cases run quickly, but
 /// with room for a loaded two-core CI machine.
