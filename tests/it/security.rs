@@ -798,7 +798,7 @@ async fn a_token_above_every_issued_one_never_bricks_the_resource() {
         // process): the mark is the genuine token, never a huge one.
         let mark = s.mark("big").await;
         assert!(
-            mark.is_none_or(|m| m == num(&genuine)),
+            mark.is_none_or(|m| m == token_value(&genuine)),
             "{token} set the mark to {mark:?}"
         );
     }
