@@ -230,22 +230,7 @@ enum Mode {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fencing_holds_under_faults() {
-    let secs = env_u64("FENCEPOST_CHECKER_SECS").unwrap_or(20).max(8);
-    let runs = env_u64("FENCEPOST_CHECKER_RUNS").unwrap_or(1).max(1);
-    let writers = env_u64("FENCEPOST_CHECKER_WRITERS")
-        .unwrap_or(3)
-        .clamp(2, 16) as usize;
-    let seed = env_u64("FENCEPOST_CHECKER_SEED").unwrap_or_else(rand::random);
-    println!(
-        "checker: seed {seed} (replay with FENCEPOST_CHECKER_SEED={seed}), {runs} run(s) of {secs}s, {writers} writers per protocol"
-    );
-    let mut total_violations = 0;
-    for run in 0..runs {
-        let s = seed.wrapping_add(run);
-        let v = one_run(s, secs, writers, Mode::Proxy).await;
-        total_violations += v;
-    }
-    assert_eq!(total_violations, 0, "fencing violations (seed {seed})");
+    campaign(Mode::Proxy, "checker").await;
 }
 
 /// Guarantee 3 under faults: the same writers and nemesis with the
@@ -256,6 +241,13 @@ async fn fencing_holds_under_faults() {
 /// two statements, past its lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fencing_holds_in_guard_mode_through_two_proxies() {
+    campaign(Mode::Guard, "checker, guard mode through two proxies").await;
+}
+
+/// Runs the campaign the environment asks for (seconds, runs, writers,
+/// seed: see the module doc) in `mode` and fails on any violation, naming
+/// the seed that replays it.
+async fn campaign(mode: Mode, label: &str) {
     let secs = env_u64("FENCEPOST_CHECKER_SECS").unwrap_or(20).max(8);
     let runs = env_u64("FENCEPOST_CHECKER_RUNS").unwrap_or(1).max(1);
     let writers = env_u64("FENCEPOST_CHECKER_WRITERS")
@@ -263,15 +255,15 @@ async fn fencing_holds_in_guard_mode_through_two_proxies() {
         .clamp(2, 16) as usize;
     let seed = env_u64("FENCEPOST_CHECKER_SEED").unwrap_or_else(rand::random);
     println!(
-        "checker, guard mode through two proxies: seed {seed} (replay with FENCEPOST_CHECKER_SEED={seed}), {runs} run(s) of {secs}s"
+        "{label}: seed {seed} (replay with FENCEPOST_CHECKER_SEED={seed}), {runs} run(s) of {secs}s, {writers} writers per protocol"
     );
     let mut total_violations = 0;
     for run in 0..runs {
-        total_violations += one_run(seed.wrapping_add(run), secs, writers, Mode::Guard).await;
+        total_violations += one_run(seed.wrapping_add(run), secs, writers, mode).await;
     }
     assert_eq!(
         total_violations, 0,
-        "fencing violations in guard mode (seed {seed})"
+        "{label}: fencing violations (seed {seed})"
     );
 }
 
