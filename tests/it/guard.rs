@@ -791,3 +791,201 @@ async fn failovers_through_two_proxies_repeatable_read() {
 async fn failovers_through_two_proxies_serializable() {
     failovers_through_two_proxies("SERIALIZABLE").await;
 }
+
+// ------------------------------ the guard before a transaction's first write
+
+/// Calls of `fencepost.advance` the session has not reported yet, as
+/// Postgres counts them (`track_functions = 'pl'`): within one transaction
+/// block nothing is reported, so differences count the block's calls.
+async fn guard_calls(c: &Client) -> i64 {
+    // A simple query: an extended one's statement would be closed after
+    // it by a message the client does not wait for, and a write sent
+    // while that is in flight is guarded (the proxy cannot yet know the
+    // block it runs in).
+    let rows = c
+        .simple_query(
+            "SELECT coalesce(pg_stat_get_xact_function_calls(
+                       'fencepost.advance(text,text,integer)'::regprocedure), 0)",
+        )
+        .await
+        .expect("guard calls");
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .and_then(|v| v.parse().ok())
+        .expect("a count")
+}
+
+/// A client of proxy 0 with token 3, the mark already at 3 (so the gate is
+/// taken shared), counting its own guard calls.
+async fn counted_client(env: &TwoProxies, level: &str) -> (Client, i32) {
+    let c = env.client(0, 3, level).await;
+    c.batch_execute("INSERT INTO h (token) VALUES (3); SET track_functions = 'pl'")
+        .await
+        .expect("first write of token 3");
+    let p = pid(&c).await;
+    (c, p)
+}
+
+/// The proxy guards a transaction before its first write, not before each:
+/// a read-only block takes no gate and calls no guard; the block's first
+/// write (simple or extended protocol) takes the gate shared, and its
+/// later writes and its COMMIT call the guard no more.
+#[tokio::test]
+async fn the_guard_is_taken_before_a_transactions_first_write_only() {
+    let env = TwoProxies::start("fp_gate_first").await;
+    for level in LEVELS {
+        let (c, p) = counted_client(&env, level).await;
+        c.batch_execute("BEGIN").await.expect("begin");
+        let before = guard_calls(&c).await;
+        c.batch_execute("SELECT count(*) FROM h")
+            .await
+            .expect("read");
+        c.query("SELECT count(*) FROM h", &[]).await.expect("read");
+        assert!(
+            gate_locks(&env.db, p).await.is_empty(),
+            "{level}: a read-only transaction took the gate"
+        );
+        assert_eq!(
+            guard_calls(&c).await - before,
+            0,
+            "{level}: a read called the guard"
+        );
+        c.batch_execute("COMMIT").await.expect("commit");
+
+        let insert = c
+            .prepare("INSERT INTO h (token) VALUES ($1)")
+            .await
+            .expect("prepare");
+        for extended in [false, true] {
+            c.batch_execute("BEGIN").await.expect("begin");
+            let before = guard_calls(&c).await;
+            for _ in 0..3 {
+                if extended {
+                    c.execute(&insert, &[&3i32]).await.expect("write");
+                } else {
+                    c.batch_execute("INSERT INTO h (token) VALUES (3)")
+                        .await
+                        .expect("write");
+                }
+                assert_eq!(
+                    gate_locks(&env.db, p).await,
+                    vec![("ShareLock".to_string(), true)],
+                    "{level}: a write without the gate"
+                );
+            }
+            assert_eq!(
+                guard_calls(&c).await - before,
+                1,
+                "{level}, extended {extended}: the guard ran more than once"
+            );
+            c.batch_execute("COMMIT").await.expect("commit");
+        }
+    }
+    assert_tokens_never_go_down(&env.db).await;
+}
+
+/// A write after `ROLLBACK TO SAVEPOINT` is guarded again: the gate taken
+/// inside the savepoint was released by the rollback, and the write must
+/// hold it (a newer token's advance then waits for the transaction).
+#[tokio::test]
+async fn a_write_after_rollback_to_a_savepoint_is_guarded_again() {
+    let env = TwoProxies::start("fp_gate_rollback_to").await;
+    let mut token = 3;
+    for level in LEVELS {
+        let c = env.client(0, token, level).await;
+        c.batch_execute(&format!("INSERT INTO h (token) VALUES ({token})"))
+            .await
+            .expect("first write of the token");
+        let p = pid(&c).await;
+        c.batch_execute("BEGIN; SAVEPOINT s").await.expect("begin");
+        let insert = format!("INSERT INTO h (token) VALUES ({token})");
+        c.batch_execute(&insert)
+            .await
+            .expect("write in the savepoint");
+        c.batch_execute("ROLLBACK TO s").await.expect("rollback to");
+        assert!(
+            gate_locks(&env.db, p).await.is_empty(),
+            "{level}: the rolled-back savepoint's gate is still held"
+        );
+        c.execute(&insert, &[])
+            .await
+            .expect("write after rollback to");
+        assert_eq!(
+            gate_locks(&env.db, p).await,
+            vec![("ShareLock".to_string(), true)],
+            "{level}: a write after ROLLBACK TO without the gate"
+        );
+        let a = Arc::new(direct(&env.db).await);
+        a.batch_execute("BEGIN").await.expect("begin");
+        let mut adv = spawn_sql(&a, call("h", token + 1, 20_000));
+        assert!(
+            still_blocked(&mut adv).await,
+            "{level}: the advance did not wait for the guarded transaction"
+        );
+        c.batch_execute("COMMIT").await.expect("commit");
+        finish(adv, "the advance").await.expect("advance");
+        a.batch_execute("COMMIT").await.expect("commit the advance");
+        token += 2;
+    }
+    assert_tokens_never_go_down(&env.db).await;
+}
+
+/// `COMMIT AND CHAIN` starts a new transaction in the same block status:
+/// its first write takes the gate again.
+#[tokio::test]
+async fn a_write_after_commit_and_chain_is_guarded_again() {
+    let env = TwoProxies::start("fp_gate_chain").await;
+    for level in LEVELS {
+        let (c, p) = counted_client(&env, level).await;
+        c.batch_execute("BEGIN").await.expect("begin");
+        c.batch_execute("INSERT INTO h (token) VALUES (3)")
+            .await
+            .expect("write");
+        c.batch_execute("COMMIT AND CHAIN").await.expect("chain");
+        assert!(gate_locks(&env.db, p).await.is_empty(), "{level}");
+        let before = guard_calls(&c).await;
+        c.batch_execute("INSERT INTO h (token) VALUES (3)")
+            .await
+            .expect("write in the chained transaction");
+        assert_eq!(
+            gate_locks(&env.db, p).await,
+            vec![("ShareLock".to_string(), true)],
+            "{level}: a write in the chained transaction without the gate"
+        );
+        assert_eq!(guard_calls(&c).await - before, 1, "{level}");
+        c.batch_execute("COMMIT").await.expect("commit");
+    }
+}
+
+/// A token change within a transaction block is still refused by the
+/// database (`ZF001`) after the first write took the gate with the old one.
+#[tokio::test]
+async fn a_token_change_within_a_block_through_the_proxy_is_refused() {
+    let env = TwoProxies::start("fp_gate_change_proxy").await;
+    let mut token = 3;
+    for level in LEVELS {
+        let c = env.client(0, token, level).await;
+        c.batch_execute("BEGIN").await.expect("begin");
+        c.batch_execute(&format!("INSERT INTO h (token) VALUES ({token})"))
+            .await
+            .expect("write with the first token");
+        c.batch_execute(&format!("SET fencing.token = '{}'", token + 1))
+            .await
+            .expect("a newer token");
+        let err = c
+            .execute("INSERT INTO h (token) VALUES ($1)", &[&(token as i32 + 1)])
+            .await
+            .expect_err("a second token in one transaction");
+        assert_eq!(code(&err), "ZF001", "{level}: {err:?}");
+        assert!(
+            err.as_db_error()
+                .is_some_and(|d| d.message().contains("changed within a transaction")),
+            "{level}: {err:?}"
+        );
+        c.batch_execute("ROLLBACK").await.expect("rollback");
+        token += 2;
+    }
+}

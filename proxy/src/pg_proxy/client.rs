@@ -253,7 +253,10 @@ async fn on_query(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, text: &[u8]) 
             Send::Instead(Frame::new(b'Q', &body).into_raw())
         }
     };
-    ctx.lock().open_cycle().close();
+    let mut s = ctx.lock();
+    let cycle = s.open_cycle();
+    cycle.data.executed = true;
+    cycle.close();
     send
 }
 
@@ -290,10 +293,11 @@ fn on_bind(ctx: &Ctx, side: &mut ClientSide, portal: &[u8], statement: &[u8]) ->
 /// explicit) transaction, under names of its own so the client's unnamed
 /// statement and portal are left alone.
 async fn on_execute(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, portal: &[u8]) -> Send {
-    ctx.lock().open_cycle();
     if side.skip_until_sync {
+        ctx.lock().open_cycle().data.executed = true;
         return Send::Same;
     }
+    ctx.lock().open_cycle();
     // A portal the proxy never saw bound is unknown: a write.
     let unknown = Classification {
         write: true,
@@ -338,6 +342,7 @@ async fn on_execute(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, portal: &[u
         }
     };
     cycle.sent(b'E');
+    cycle.data.executed = true;
     send
 }
 

@@ -108,14 +108,18 @@ pub(super) async fn fence(
     // Guard mode: compare-and-advance the admitted numbers in the
     // database too. A statement that cannot share a transaction is fenced
     // by the proxy only (see the session's module docs).
+    // Only before the transaction's first write of each (resource, token):
+    // later ones run under the gate it took (see `Shared::gate_held`).
     let mut guarded: Vec<Write> = Vec::new();
+    let mut s = ctx.lock();
     if proxy.guard && !class.outside_block {
         guarded.extend(admitted.iter().map(|(_, r, t)| (r.clone(), *t)));
         guarded.sort();
         guarded.dedup();
+        guarded.retain(|w| !s.gate_held(w));
     }
-    let mut s = ctx.lock();
     let cycle = s.open_cycle();
+    cycle.data.guarded.extend(guarded.iter().cloned());
     for (guard, resource, token) in admitted {
         cycle.data.guards.push(guard);
         cycle.data.writes.push((resource, token));

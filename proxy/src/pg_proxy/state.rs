@@ -31,6 +31,15 @@ pub(super) struct CycleData {
     pub(super) writes: Vec<Write>,
     /// Changes to the fencing variables sent in this cycle.
     pub(super) settings: Vec<Setting>,
+    /// Opened with nothing else awaiting an answer, the server inside a
+    /// transaction block (its last ReadyForQuery said `T`): what runs
+    /// first in this cycle runs in that block.
+    pub(super) began_in_block: bool,
+    /// A statement (Query or Execute) was sent in this cycle: a later one
+    /// may run in another transaction or savepoint than the cycle began in.
+    pub(super) executed: bool,
+    /// (resource, token) of the database guard calls sent in this cycle.
+    pub(super) guarded: Vec<Write>,
 }
 
 /// One database guard call sent (guard mode): what it compared, for the
@@ -78,6 +87,9 @@ pub(super) struct Shared {
     txn_writes: Vec<Write>,
     /// Settings of the open transaction, from cycles that ended in it.
     txn_settings: Vec<Setting>,
+    /// (resource, token) whose database guard the open transaction block
+    /// holds, as the server has confirmed; see [`Shared::gate_held`].
+    held: Vec<Write>,
     vars: Vars,
     /// A read-write transaction block is open as far as the statements
     /// sent so far say (for `strict` mode): set by BEGIN, cleared by
@@ -104,6 +116,7 @@ impl Shared {
             cycles: Cycles::new(),
             txn_writes: Vec::new(),
             txn_settings: Vec::new(),
+            held: Vec::new(),
             vars,
             in_block: false,
         }
@@ -111,10 +124,34 @@ impl Shared {
 
     /// The cycle new client messages belong to, opened if needed.
     pub(super) fn open_cycle(&mut self) -> &mut Cycle {
+        let began_in_block = self.cycles.is_empty() && self.cycles.status() == b'T';
         self.cycles.open_with(|| CycleData {
             started: Some(Instant::now()),
+            began_in_block,
             ..CycleData::default()
         })
+    }
+
+    /// Whether the next statement, sent now in the open cycle, runs in a
+    /// transaction that already holds the database guard of `write`, so a
+    /// guard call for it would only find the gate held and return: the
+    /// guard is taken before a transaction's first write, not before
+    /// every one.
+    ///
+    /// True only when the server has confirmed it: the statement is the
+    /// first of a cycle opened with nothing else in flight, the server
+    /// inside a block (so it runs in the block the last ReadyForQuery
+    /// reported), and a guard call for `write` succeeded in an earlier
+    /// cycle of that block that began in it. [`Shared::on_server`] forgets
+    /// every held guard when a cycle fails, rolls back (also `ROLLBACK
+    /// TO`, which may release a gate taken in the savepoint; the guard is
+    /// then taken again, and returns at once if the gate survived),
+    /// commits (also `AND CHAIN`) or leaves the block. A pipelining client
+    /// whose statements overtake the answers is guarded every time.
+    pub(super) fn gate_held(&mut self, write: &Write) -> bool {
+        let held = self.held.contains(write);
+        let c = self.open_cycle();
+        held && c.data.began_in_block && !c.data.executed
     }
 
     /// Every write of the transaction so far, answered or not.
@@ -171,6 +208,17 @@ impl Shared {
                 if !ended.failed {
                     self.vars.commit(settings.iter().chain(c.settings.iter()));
                 }
+            }
+            if status == b'T' && !ended.failed && !ended.txn_ended {
+                // Still the block the cycle began in (if it began in one):
+                // its guards hold the gate until the block ends.
+                if c.began_in_block && !c.guarded.is_empty() {
+                    self.held.append(&mut c.guarded);
+                    self.held.sort();
+                    self.held.dedup();
+                }
+            } else {
+                self.held.clear();
             }
             if status == b'T' {
                 self.txn_writes.append(&mut c.writes);

@@ -71,6 +71,8 @@ pub struct Cycle<C, S> {
     swap_complete: Option<Bytes>,
     error_seen: bool,
     rolled_back: bool,
+    /// A COMMIT or PREPARE TRANSACTION completed.
+    committed: bool,
     /// Characters prepended to this cycle's Query, which error positions
     /// in the client's text must not count.
     position_shift: u32,
@@ -107,6 +109,7 @@ impl<C, S> Cycle<C, S> {
             swap_complete: None,
             error_seen: false,
             rolled_back: false,
+            committed: false,
             position_shift: 0,
             data,
         }
@@ -196,8 +199,13 @@ pub struct Ended<C> {
     pub status: u8,
     /// `None` when no cycle was waiting (a server speaking out of turn).
     pub cycle: Option<C>,
-    /// The cycle met an error or a ROLLBACK: what it did does not last.
+    /// The cycle met an error or a ROLLBACK (of the block, or TO a
+    /// savepoint): what it did does not last.
     pub failed: bool,
+    /// A COMMIT (also `AND CHAIN`), ROLLBACK or PREPARE TRANSACTION
+    /// completed in the cycle: a transaction open at its end is not (all
+    /// of) the one that was open at its start.
+    pub txn_ended: bool,
 }
 
 impl<C: Default, S> Default for Cycles<C, S> {
@@ -293,8 +301,12 @@ impl<C, S> Cycles<C, S> {
                 let Some(cycle) = self.queue.front_mut() else {
                     return answer;
                 };
-                if tag == b"ROLLBACK" {
-                    cycle.rolled_back = true;
+                // ROLLBACK TO SAVEPOINT's tag is ROLLBACK too; END's is
+                // COMMIT, ABORT's ROLLBACK.
+                match tag {
+                    b"ROLLBACK" => cycle.rolled_back = true,
+                    b"COMMIT" | b"PREPARE TRANSACTION" => cycle.committed = true,
+                    _ => {}
                 }
                 answer.replace = cycle.swap_complete.take();
             }
@@ -306,6 +318,7 @@ impl<C, S> Cycles<C, S> {
                     failed: cycle
                         .as_ref()
                         .is_some_and(|c| c.error_seen || c.rolled_back),
+                    txn_ended: cycle.as_ref().is_some_and(|c| c.rolled_back || c.committed),
                     cycle: cycle.map(|c| c.data),
                 });
             }

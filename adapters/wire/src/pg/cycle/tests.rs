@@ -428,3 +428,26 @@ fn the_server_gone_leaves_nothing_awaited() {
     s.clear();
     assert!(!s.awaiting() && s.is_empty());
 }
+
+#[test]
+fn a_cycle_that_ends_or_rolls_back_a_transaction_says_so() {
+    let mut s = session();
+    for (tag, status, txn_ended, failed) in [
+        ("INSERT 0 1", b'T', false, false),
+        ("SAVEPOINT", b'T', false, false),
+        ("RELEASE", b'T', false, false),
+        // COMMIT AND CHAIN: a new transaction, status still T.
+        ("COMMIT", b'T', true, false),
+        // ROLLBACK TO SAVEPOINT's tag.
+        ("ROLLBACK", b'T', true, true),
+        ("PREPARE TRANSACTION", b'I', true, false),
+    ] {
+        send(&mut s, "q", "Q");
+        let (_, answers) = feed(&mut s, vec![complete(tag), ready(status)]);
+        let e = answers
+            .iter()
+            .find_map(|a| a.ended.as_ref())
+            .expect("the cycle ends");
+        assert_eq!((e.txn_ended, e.failed), (txn_ended, failed), "{tag}");
+    }
+}
