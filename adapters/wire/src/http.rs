@@ -107,11 +107,28 @@ pub fn fencing_headers<'a>(
     path: &str,
     routes: &'a [(String, ResourceName)],
 ) -> FenceInput<'a> {
-    let token = match header_text(headers, TOKEN_HEADER) {
+    fence_input(
+        header_text(headers, TOKEN_HEADER),
+        header_text(headers, RESOURCE_HEADER),
+        path,
+        routes,
+    )
+}
+
+/// [`fencing_headers`] from the two header values as found (`None`: not
+/// sent; an error: sent twice or not text), for a proxy that reads its
+/// headers without a `HeaderMap` (the byte relay, over
+/// [`crate::http1::head`]).
+pub fn fence_input<'a>(
+    token: Option<Result<&'a str, InputError>>,
+    header: Option<Result<&'a str, InputError>>,
+    path: &str,
+    routes: &'a [(String, ResourceName)],
+) -> FenceInput<'a> {
+    let token = match token {
         None => Err(InputError::Missing),
         Some(text) => text.and_then(input::token),
     };
-    let header = header_text(headers, RESOURCE_HEADER);
     let from_header = |h: Option<Result<&'a str, InputError>>| match h {
         None => Err(InputError::Missing),
         Some(text) => text.and_then(input::resource),

@@ -53,6 +53,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("http", "elector_watch"),
     ("http", "elector_token"),
     ("http", "watch_resources"),
+    ("http", "data_path"),
     ("postgres", "listen"),
     ("postgres", "upstream"),
     ("postgres", "enforce"),

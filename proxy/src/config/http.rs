@@ -60,6 +60,21 @@ pub struct HttpProxyConfig {
     /// Resources to watch on `elector_watch` (default: the routes').
     #[serde(default, deserialize_with = "resource_names")]
     pub watch_resources: Vec<ResourceName>,
+    /// How requests are proxied: the byte relay, or the hyper-based path
+    /// it replaced (kept for one release, to fall back to).
+    #[serde(default)]
+    pub data_path: DataPath,
+}
+
+/// The proxied data path of an `[[http]]` listener.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPath {
+    /// Heads parsed once and relayed as bytes (`http_proxy::relay`).
+    #[default]
+    Relay,
+    /// hyper's server and client, with a `HeaderMap` per message.
+    Hyper,
 }
 
 /// A path prefix that names the resource of the requests under it.
@@ -183,6 +198,12 @@ impl Upstream {
     /// The `Host` header requests carry upstream.
     pub fn host(&self) -> &HeaderValue {
         &self.host
+    }
+
+    /// The base path prepended to every request path (no trailing `/`;
+    /// empty for none).
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     /// `host:port` to connect to (port 80 when the URL has none).

@@ -28,7 +28,7 @@ pub use self::cluster::ClusterConfig;
 pub use self::elector::ElectorConfig;
 pub use self::env::env_help;
 pub use self::fencing::FencingConfig;
-pub use self::http::{HttpProxyConfig, Upstream};
+pub use self::http::{DataPath, HttpProxyConfig, Upstream};
 pub use self::log::{LogConfig, LogFormat};
 pub use self::postgres::{Enforce, PgProxyConfig};
 

@@ -71,27 +71,40 @@ fn overloaded(detail: &str) -> Bytes {
         detail,
     )
     .retry_after(1);
+    let mut out = Vec::new();
+    problem_bytes(&p, true, false, &mut out);
+    out.into()
+}
+
+/// Appends `p` as a whole HTTP/1.1 response to `out`, for a server that
+/// writes its answers as bytes (the accept loop, the proxy's byte relay):
+/// the status line, `content-type`, the problem's own headers,
+/// `connection: close` when `close`, the length and (unless `head_only`,
+/// the answer to a `HEAD`) the JSON body.
+pub fn problem_bytes(p: &Problem, close: bool, head_only: bool, out: &mut Vec<u8>) {
+    use std::io::Write as _;
     let body = p.body();
-    let mut out = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: {}\r\n",
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\ncontent-type: {}\r\n",
+        p.status.as_u16(),
+        p.status.canonical_reason().unwrap_or("Error"),
         problem::PROBLEM_JSON
-    )
-    .into_bytes();
+    );
     for (name, value) in p.headers() {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(
-        format!(
-            "connection: close\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        )
-        .as_bytes(),
-    );
-    out.extend_from_slice(&body);
-    out.into()
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    let _ = write!(out, "content-length: {}\r\n\r\n", body.len());
+    if !head_only {
+        out.extend_from_slice(&body);
+    }
 }
 
 /// Serves `service(peer)` on every connection `listener` admits under

@@ -18,6 +18,7 @@ mod body;
 mod forward;
 mod pool;
 mod problem;
+mod relay;
 mod request_body;
 mod watch;
 
@@ -42,7 +43,7 @@ use self::body::{Hold, ProxyBody};
 use self::forward::Forwarder;
 use self::pool::Pool;
 use self::problem::Problem;
-use crate::config::HttpProxyConfig;
+use crate::config::{DataPath, HttpProxyConfig, Upstream};
 use crate::edge::http1::{conn_limit, MIN_BUF};
 use crate::error::Error;
 use crate::fencer::{Decision, Fencer, TokenChecker, WriteInfo};
@@ -71,6 +72,23 @@ pub struct HttpProxy {
     connections: ConnLimit,
     forwarder: Forwarder,
     http1: http1::Builder,
+    /// The byte relay's settings and upstream connections.
+    relay: RelaySettings,
+    upstreams: relay::Upstreams,
+    upstream: Upstream,
+    upstream_timeout: Duration,
+    /// `data_path = "relay"` (the default); else the hyper-based path.
+    relay_path: bool,
+}
+
+/// The client-side bounds of the byte relay, from the listener's config.
+struct RelaySettings {
+    /// The whole head (and, between requests, the idle wait) within this.
+    head_timeout: Duration,
+    /// Bytes of a request head, at most.
+    max_head: usize,
+    /// Longest a client may pause mid-upload.
+    body_stall: Duration,
 }
 
 impl HttpProxy {
@@ -87,6 +105,12 @@ impl HttpProxy {
             .collect();
         routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
 
+        let upstreams = relay::Upstreams::new(
+            upstream.addr(),
+            cfg.upstream_timeout,
+            POOL_MAX_IDLE,
+            POOL_IDLE_TIMEOUT,
+        );
         let pool = Pool::new(
             upstream.addr(),
             cfg.upstream_timeout,
@@ -129,6 +153,15 @@ impl HttpProxy {
                 cfg.max_connections,
                 "the proxy is at its max_connections bound; retry shortly",
             ),
+            relay: RelaySettings {
+                head_timeout: cfg.header_read_timeout.min(cfg.idle_timeout),
+                max_head: cfg.max_header_bytes.max(1024),
+                body_stall: cfg.idle_timeout,
+            },
+            upstreams,
+            upstream: upstream.clone(),
+            upstream_timeout: cfg.upstream_timeout,
+            relay_path: cfg.data_path == DataPath::Relay,
             forwarder: Forwarder {
                 pool,
                 upstream,
@@ -149,6 +182,20 @@ impl HttpProxy {
         drain: Duration,
     ) -> std::io::Result<()> {
         let this = Arc::clone(&self);
+        if self.relay_path {
+            let open = crate::listener::serve(
+                Protocol::Http.as_str(),
+                listener,
+                &shutdown,
+                &self.connections,
+                |stream, peer| {
+                    relay::serve_connection(Arc::clone(&this), stream, peer, shutdown.clone())
+                },
+            )
+            .await;
+            open.drain(Some(drain)).await;
+            return Ok(());
+        }
         let open = crate::edge::http1::serve(
             Protocol::Http.as_str(),
             listener,

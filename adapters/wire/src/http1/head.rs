@@ -464,6 +464,12 @@ fn trim_partial_cr(buf: &[u8]) -> &[u8] {
 }
 
 impl<'b> RequestHead<'b, '_> {
+    /// The buffer the head was parsed from (the head, then what followed
+    /// it): the ranges of [`RequestHead::forwarded_lines`] index it.
+    pub fn buf(&self) -> &'b [u8] {
+        self.buf
+    }
+
     /// The header lines as parsed, with their kinds.
     pub fn headers(&self) -> impl Iterator<Item = (&httparse::Header<'b>, Kind)> + '_ {
         self.headers.iter().zip(self.kinds.iter().copied())

@@ -1,0 +1,844 @@
+//! The proxied data path as a byte relay: each request head is parsed once
+//! ([`wire::http1::head`]), decided, and its own header lines are written
+//! on to the upstream minus the hop-by-hop and `Connection`-named lines;
+//! bodies in both directions go through the exact body machine
+//! ([`wire::http1::body`]), which says where each ends without copying it.
+//! The upstream connection is a plain socket driven inside the client's
+//! task: no `HeaderMap`, no request or response structs, no channel or
+//! task between the two halves (what hyper's server and client cost per
+//! request, see issue 14 and BENCHMARKS.md).
+//!
+//! What the hyper path did stays, in the same order: the concurrency
+//! bound (503), the fencing decision (problem+json refusals, audited by
+//! the fencer), the in-flight guard held until the upstream's answer has
+//! been read to its end (also when the client hangs up: the answer is
+//! still read, and discarded), `upstream_timeout` (504, which lets go of
+//! the guard), the header-read and body-stall bounds (408), 502 for an
+//! upstream that cannot be reached or breaks HTTP.
+//!
+//! Framing rules, each a test in `tests/it/framing.rs`: a request head or
+//! body that is not exactly valid is refused before any of it is
+//! forwarded where the error is in what was already read (a chunked body
+//! is checked read by read, before each read is written on); a refused
+//! request whose body was not read says `connection: close`; the
+//! upstream's 1xx are not relayed to HTTP/1.0 clients (and `100 Continue`
+//! never, the proxy answers `Expect` itself), 204/304/`HEAD` answers have
+//! no body, `Content-Length` with chunked is read as chunked with the
+//! length line dropped, a close-delimited answer closes the client's
+//! connection after it; an upstream connection is reused only after an
+//! exchange that ended cleanly in both directions.
+
+mod upstream;
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fencing::Field;
+use http::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use wire::http::{fence_input, header_problem};
+use wire::http1::body::{BodyReader, Framing, Progress};
+use wire::http1::head::{
+    header_slots, parse_request, parse_response, HeadError, RequestHead, ResponseKind, Version,
+};
+
+use self::upstream::ConnectError;
+pub use self::upstream::Upstreams;
+use super::problem::{self, Problem};
+use super::HttpProxy;
+use crate::edge::http1::problem_bytes;
+use crate::fencer::{Decision, WriteInfo};
+use crate::shutdown::Shutdown;
+
+/// Bytes read at a time while a body is relayed.
+const CHUNK: usize = 16 * 1024;
+/// Largest response head taken from the upstream.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// A connection closed with its client's body unread is read (and the
+/// bytes discarded) for at most this long and this much first, so the
+/// answer is not lost to a reset from the unread bytes.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// What a client connection keeps between its requests, so a keep-alive
+/// request allocates nothing once they have grown.
+struct Buffers {
+    /// The client's bytes: a head and whatever came with it.
+    head: Vec<u8>,
+    /// How far `head` was searched for the end of a head.
+    scanned: usize,
+    scratch: Scratch,
+}
+
+/// The buffers an exchange writes while the request head is borrowed.
+struct Scratch {
+    /// The client's body, read by read, past what came with the head.
+    body: Vec<u8>,
+    /// The upstream's answer head and whatever came with it.
+    resp: Vec<u8>,
+    /// The upstream's body, read by read.
+    down: Vec<u8>,
+    /// What is written next: a head and the first body bytes, in one write.
+    out: Vec<u8>,
+}
+
+/// How a client connection goes on after an exchange.
+enum Next {
+    /// Another request may follow; its first bytes (if any) are these.
+    KeepAlive(Leftover),
+    Close,
+}
+
+/// Where the bytes after a request's body are.
+enum Leftover {
+    /// In the head buffer, from here on.
+    Head(usize),
+    /// In the body buffer.
+    Body(Range<usize>),
+}
+
+/// Serves one client connection until it closes, a request says
+/// `Connection: close`, or `shutdown` fires (the request in flight, if
+/// any, is finished first).
+pub async fn serve_connection(
+    proxy: Arc<HttpProxy>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    shutdown: Shutdown,
+) {
+    let _ = client.set_nodelay(true);
+    let mut bufs = Buffers {
+        head: Vec::with_capacity(4096),
+        scanned: 0,
+        scratch: Scratch {
+            body: Vec::new(),
+            resp: Vec::with_capacity(4096),
+            down: Vec::new(),
+            out: Vec::with_capacity(4096),
+        },
+    };
+    loop {
+        match read_head(&proxy, &mut client, &mut bufs, &shutdown).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(p) => {
+                answer(&mut client, &mut bufs.scratch.out, &p, true, false).await;
+                return linger(client).await;
+            }
+        }
+        let started = Instant::now();
+        let next = exchange(&proxy, &mut client, peer, &mut bufs, &shutdown).await;
+        proxy
+            .counters
+            .latency
+            .record(started.elapsed().as_secs_f64());
+        match next {
+            Next::KeepAlive(_) if shutdown.is_fired() => return,
+            Next::KeepAlive(Leftover::Head(from)) => {
+                bufs.head.drain(..from);
+            }
+            Next::KeepAlive(Leftover::Body(range)) => {
+                bufs.head.clear();
+                bufs.head.extend_from_slice(&bufs.scratch.body[range]);
+            }
+            Next::Close => return linger(client).await,
+        }
+        bufs.scanned = 0;
+    }
+}
+
+/// Says the connection is over, then reads (and drops) what the client
+/// still sends for a moment, so a close with unread bytes does not reset
+/// the connection before the client has read its answer.
+async fn linger(mut client: TcpStream) {
+    if client.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    let _ = tokio::time::timeout(LINGER, async {
+        while drained < LINGER_BYTES {
+            match client.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
+}
+
+/// Where a head ends in `buf`, searching from `*scanned` on: at a blank
+/// line (CRLF or bare LF; the parser refuses the latter), after the
+/// first byte that is not one (a client may send empty lines first).
+fn head_end(buf: &[u8], scanned: &mut usize) -> bool {
+    let Some(first) = buf.iter().position(|&b| b != b'\r' && b != b'\n') else {
+        *scanned = buf.len();
+        return false;
+    };
+    let from = (*scanned).max(first);
+    let found = buf[from..]
+        .iter()
+        .enumerate()
+        .filter(|(_, &b)| b == b'\n')
+        .any(|(i, _)| {
+            let at = from + i;
+            buf[..at].ends_with(b"\n") || buf[..at].ends_with(b"\n\r")
+        });
+    // A terminator may straddle reads: look back two bytes next time.
+    *scanned = buf.len().saturating_sub(2);
+    found
+}
+
+/// Reads until `bufs.head` holds a whole head. `Ok(false)`: the client
+/// closed, or stayed idle past the idle timeout, or shutdown came first,
+/// with nothing of a request sent; `Err`: the answer to send before
+/// closing (431, 408).
+async fn read_head(
+    proxy: &HttpProxy,
+    client: &mut TcpStream,
+    bufs: &mut Buffers,
+    shutdown: &Shutdown,
+) -> Result<bool, Problem> {
+    let deadline = tokio::time::Instant::now() + proxy.relay.head_timeout;
+    let limit = proxy.relay.max_head;
+    loop {
+        if head_end(&bufs.head, &mut bufs.scanned) {
+            return Ok(true);
+        }
+        if !bufs.head.is_empty() {
+            // What has come so far may already be no HTTP at all (a
+            // binary protocol on the wrong port): refuse it now rather
+            // than wait out the header timeout.
+            let mut slots = header_slots();
+            if let Err(e) = parse_request(&bufs.head, &mut slots) {
+                return Err(head_problem(&e));
+            }
+        }
+        if bufs.head.len() >= limit {
+            return Err(Problem::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                problem::BAD_REQUEST,
+                "Request header fields too large",
+                format!("the request head is larger than max_header_bytes ({limit})"),
+            ));
+        }
+        if bufs.head.capacity() - bufs.head.len() < 1024 {
+            bufs.head.reserve(4096);
+        }
+        let idle = bufs.head.is_empty();
+        let read = tokio::select! {
+            r = tokio::time::timeout_at(deadline, client.read_buf(&mut bufs.head)) => r,
+            () = shutdown.wait(), if idle => return Ok(false),
+        };
+        match read {
+            Err(_) if bufs.head.iter().all(|&b| b == b'\r' || b == b'\n') => return Ok(false),
+            Err(_) => {
+                return Err(Problem::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    problem::BAD_REQUEST,
+                    "Request header timed out",
+                    format!(
+                        "the request head did not arrive within {:?}",
+                        proxy.relay.head_timeout
+                    ),
+                ))
+            }
+            Ok(Ok(0) | Err(_)) => return Ok(false),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Writes `p` to the client; a client that is gone is not an error here.
+async fn answer(client: &mut TcpStream, out: &mut Vec<u8>, p: &Problem, close: bool, head: bool) {
+    out.clear();
+    problem_bytes(p, close, head, out);
+    let _ = client.write_all(out).await;
+}
+
+fn bad_request(detail: impl Into<String>) -> Problem {
+    Problem::new(
+        StatusCode::BAD_REQUEST,
+        problem::BAD_REQUEST,
+        "Bad request",
+        detail,
+    )
+}
+
+fn head_problem(e: &HeadError) -> Problem {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    let title = match e.status() {
+        405 => "Method not allowed",
+        417 => "Expectation failed",
+        431 => "Request header fields too large",
+        _ => "Bad request",
+    };
+    Problem::new(status, problem::BAD_REQUEST, title, e.to_string())
+}
+
+/// One request and its answer.
+async fn exchange(
+    proxy: &HttpProxy,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    bufs: &mut Buffers,
+    shutdown: &Shutdown,
+) -> Next {
+    let mut slots = header_slots();
+    let Buffers { head, scratch, .. } = bufs;
+    let bufs = scratch;
+    let head = match parse_request(head, &mut slots) {
+        Ok(Some(h)) => h,
+        Ok(None) => {
+            let p = bad_request("the request head is incomplete");
+            answer(client, &mut bufs.out, &p, true, false).await;
+            return Next::Close;
+        }
+        Err(e) => {
+            answer(client, &mut bufs.out, &head_problem(&e), true, false).await;
+            return Next::Close;
+        }
+    };
+    let is_head = head.method == "HEAD";
+    // The body as far as it came with the head, checked before anything
+    // of it is forwarded.
+    let mut body = BodyReader::new(head.framing);
+    let first = match body.advance(&head.buf()[head.len..]) {
+        Ok(p) => p,
+        Err(e) => {
+            let p = bad_request(format!(
+                "the request body is not valid HTTP/1.1 framing: {e}"
+            ));
+            answer(client, &mut bufs.out, &p, true, is_head).await;
+            return Next::Close;
+        }
+    };
+    // Where the next request starts, once this body has been read.
+    let read_through = first
+        .done
+        .then(|| Leftover::Head(head.len + first.consumed));
+
+    let Ok(permit) = Arc::clone(&proxy.limit).try_acquire_owned() else {
+        let p = Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            problem::OVERLOADED,
+            "Too many requests in flight",
+            "the proxy is at its max_concurrent_requests bound; retry shortly",
+        )
+        .retry_after(1);
+        return refuse(client, &mut bufs.out, &p, &head, read_through).await;
+    };
+    let Ok(method) = Method::from_bytes(head.method.as_bytes()) else {
+        let p = bad_request("the request method is not a token");
+        return refuse(client, &mut bufs.out, &p, &head, None).await;
+    };
+    // A body on a read would reach the upstream unfenced: a request with
+    // a body is fenced whatever its method.
+    let has_body = !(first.done && first.consumed == 0);
+    let guard = if !proxy.writes.is_write(&method) && !has_body {
+        None
+    } else {
+        let input = fence_input(head.token(), head.resource(), head.path(), &proxy.routes);
+        let detail = || format!("{} {}", head.method, head.path());
+        let info = WriteInfo {
+            protocol: fencing::Protocol::Http,
+            client: peer,
+            detail: &detail,
+        };
+        match proxy
+            .fencer
+            .decide(&proxy.checker, &proxy.counters, &input, &info)
+            .await
+        {
+            Decision::Admit(admitted) => Some(admitted.guard),
+            Decision::Refuse(refusal) => {
+                let mut p = Problem::from_refusal(&refusal);
+                // A header sent twice, not text, or contradicting its
+                // route: say which header and what to fix.
+                let header_error = match refusal.field {
+                    Some(Field::Resource) => input
+                        .resource
+                        .as_ref()
+                        .err()
+                        .map(|e| (e, "Fencing-Resource")),
+                    Some(Field::Token) => input.token.as_ref().err().map(|e| (e, "Fencing-Token")),
+                    None => None,
+                };
+                if let Some(why) = header_error.and_then(|(e, name)| header_problem(e, name)) {
+                    p.detail = why;
+                }
+                return refuse(client, &mut bufs.out, &p, &head, read_through).await;
+            }
+        }
+    };
+
+    let call = Call {
+        proxy,
+        peer,
+        head: &head,
+        first,
+        body,
+        read_through,
+        _guard: guard,
+        _permit: permit,
+    };
+    call.run(client, bufs, shutdown).await
+}
+
+/// Answers a request the proxy refuses; the connection stays open only if
+/// its body has been read through.
+async fn refuse(
+    client: &mut TcpStream,
+    out: &mut Vec<u8>,
+    p: &Problem,
+    head: &RequestHead<'_, '_>,
+    read_through: Option<Leftover>,
+) -> Next {
+    let keep = read_through.filter(|_| head.keep_alive());
+    answer(client, out, p, keep.is_none(), head.method == "HEAD").await;
+    keep.map_or(Next::Close, Next::KeepAlive)
+}
+
+/// An admitted request on its way: what it holds until the upstream's
+/// answer has been read to its end (the guard, the concurrency permit).
+struct Call<'p, 'h, 'b> {
+    proxy: &'p HttpProxy,
+    peer: SocketAddr,
+    head: &'h RequestHead<'b, 'h>,
+    first: Progress,
+    body: BodyReader,
+    read_through: Option<Leftover>,
+    /// Dropped with the call: after the answer, or on a failure.
+    _guard: Option<fencing::InflightGuard>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// How the upstream half of an exchange failed.
+enum Failure {
+    Unreachable(ConnectError),
+    /// Broke the connection or HTTP before a whole answer head.
+    Broken(&'static str),
+    TimedOut,
+    /// The client's body: stalled (408) or invalid (400), or the client
+    /// hung up mid-body (no answer possible).
+    BodyStalled,
+    BodyInvalid(String),
+    ClientGone,
+}
+
+impl Call<'_, '_, '_> {
+    async fn run(
+        mut self,
+        client: &mut TcpStream,
+        bufs: &mut Scratch,
+        shutdown: &Shutdown,
+    ) -> Next {
+        let proxy = self.proxy;
+        let head = self.head;
+        let expect = head.expect_continue && head.version == Version::Http11;
+        write_request_head(proxy, head, self.peer.ip(), &mut bufs.out);
+        bufs.out
+            .extend_from_slice(&head.buf()[head.len..head.len + self.first.consumed]);
+
+        let sent = self.send(&bufs.out).await;
+        let (mut up, retry) = match sent {
+            Ok(s) => s,
+            Err(f) => return self.failed(client, bufs, f).await,
+        };
+        if expect && !self.first.done && self.first.consumed == 0 {
+            let _ = client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+        }
+        let body_sent = match self.upload(client, bufs, &mut up).await {
+            Ok(sent) => sent,
+            Err(f) => return self.failed(client, bufs, f).await,
+        };
+        bufs.resp.clear();
+        match self
+            .first_read(&mut up, &mut bufs.resp, retry, &bufs.out)
+            .await
+        {
+            Ok(Some(fresh)) => up = fresh,
+            Ok(None) => {}
+            Err(f) => return self.failed(client, bufs, f).await,
+        }
+        self.respond(client, bufs, up, body_sent, shutdown).await
+    }
+
+    /// A connection with the request head (and what came of the body)
+    /// written; whether it may be retried on a new one if the upstream
+    /// turns out to have closed it (pooled, the whole request in hand).
+    async fn send(&self, out: &[u8]) -> Result<(TcpStream, bool), Failure> {
+        let upstreams = &self.proxy.upstreams;
+        let whole = self.first.done;
+        if let Some(mut up) = upstreams.checkout() {
+            if up.write_all(out).await.is_ok() {
+                return Ok((up, whole));
+            }
+            if !whole {
+                return Err(Failure::Broken("the upstream connection failed"));
+            }
+        }
+        let mut up = upstreams.connect().await.map_err(Failure::Unreachable)?;
+        up.write_all(out)
+            .await
+            .map_err(|_| Failure::Broken("the upstream connection failed"))?;
+        Ok((up, false))
+    }
+
+    /// Relays the rest of the client's body. `Ok(false)`: the upstream
+    /// answered before it was all sent (the answer is relayed, the
+    /// upstream connection then closed, never pooled).
+    async fn upload(
+        &mut self,
+        client: &mut TcpStream,
+        bufs: &mut Scratch,
+        up: &mut TcpStream,
+    ) -> Result<bool, Failure> {
+        if self.first.done {
+            return Ok(true);
+        }
+        let stall = self.proxy.relay.body_stall;
+        let within = self.proxy.upstream_timeout;
+        let (mut up_read, mut up_write) = up.split();
+        let mut probe = [0u8; 1];
+        loop {
+            bufs.body.clear();
+            bufs.body.reserve(CHUNK);
+            let read = tokio::select! {
+                biased;
+                _ = up_read.peek(&mut probe) => return Ok(false),
+                r = tokio::time::timeout(stall, client.read_buf(&mut bufs.body)) => r,
+            };
+            let n = match read {
+                Err(_) => return Err(Failure::BodyStalled),
+                Ok(Ok(0) | Err(_)) => return Err(Failure::ClientGone),
+                Ok(Ok(n)) => n,
+            };
+            let p = self
+                .body
+                .advance(&bufs.body[..n])
+                .map_err(|e| Failure::BodyInvalid(e.to_string()))?;
+            let wrote = tokio::select! {
+                biased;
+                _ = up_read.peek(&mut probe) => return Ok(false),
+                r = tokio::time::timeout(within, up_write.write_all(&bufs.body[..p.consumed])) => r,
+            };
+            match wrote {
+                Err(_) => return Err(Failure::TimedOut),
+                Ok(Err(_)) => return Err(Failure::Broken("the upstream connection failed")),
+                Ok(Ok(())) => {}
+            }
+            if p.done {
+                self.read_through = Some(Leftover::Body(p.consumed..n));
+                return Ok(true);
+            }
+        }
+    }
+
+    /// The first read of the answer, within `upstream_timeout`. A pooled
+    /// connection the upstream had closed (nothing comes back, the whole
+    /// request still in `out`) is replaced by a new one, once: the new
+    /// one is returned.
+    async fn first_read(
+        &self,
+        up: &mut TcpStream,
+        resp: &mut Vec<u8>,
+        retry: bool,
+        out: &[u8],
+    ) -> Result<Option<TcpStream>, Failure> {
+        let within = self.proxy.upstream_timeout;
+        match tokio::time::timeout(within, up.read_buf(resp)).await {
+            Err(_) => Err(Failure::TimedOut),
+            Ok(Ok(n)) if n > 0 => Ok(None),
+            Ok(_) if retry => {
+                let upstreams = &self.proxy.upstreams;
+                let mut fresh = upstreams.connect().await.map_err(Failure::Unreachable)?;
+                fresh
+                    .write_all(out)
+                    .await
+                    .map_err(|_| Failure::Broken("the upstream connection failed"))?;
+                match tokio::time::timeout(within, fresh.read_buf(resp)).await {
+                    Err(_) => Err(Failure::TimedOut),
+                    Ok(Ok(n)) if n > 0 => Ok(Some(fresh)),
+                    Ok(_) => Err(Failure::Broken(
+                        "the upstream closed the connection before answering",
+                    )),
+                }
+            }
+            Ok(_) => Err(Failure::Broken(
+                "the upstream closed the connection before answering",
+            )),
+        }
+    }
+
+    /// Reads the answer's head (relaying 1xx), then relays the answer.
+    async fn respond(
+        self,
+        client: &mut TcpStream,
+        bufs: &mut Scratch,
+        mut up: TcpStream,
+        body_sent: bool,
+        shutdown: &Shutdown,
+    ) -> Next {
+        let within = self.proxy.upstream_timeout;
+        let mut scanned = 0;
+        loop {
+            while !head_end(&bufs.resp, &mut scanned) {
+                if bufs.resp.len() > MAX_RESPONSE_HEAD {
+                    return self
+                        .failed(
+                            client,
+                            bufs,
+                            Failure::Broken("the upstream's answer head is too large"),
+                        )
+                        .await;
+                }
+                bufs.resp.reserve(4096);
+                match tokio::time::timeout(within, up.read_buf(&mut bufs.resp)).await {
+                    Err(_) => return self.failed(client, bufs, Failure::TimedOut).await,
+                    Ok(Ok(0) | Err(_)) => {
+                        return self
+                            .failed(
+                                client,
+                                bufs,
+                                Failure::Broken("the upstream closed the connection mid-head"),
+                            )
+                            .await
+                    }
+                    Ok(Ok(_)) => {}
+                }
+            }
+            let mut slots = header_slots();
+            let resp =
+                match parse_response(&bufs.resp, &mut slots, self.head.method) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => {
+                        return self
+                            .failed(
+                                client,
+                                bufs,
+                                Failure::Broken("the upstream's answer head is incomplete"),
+                            )
+                            .await
+                    }
+                    Err(HeadError::UnexpectedUpgrade) => return self
+                        .failed(
+                            client,
+                            bufs,
+                            Failure::Broken(
+                                "the upstream switched protocols, which the proxy never asks for",
+                            ),
+                        )
+                        .await,
+                    Err(_) => {
+                        return self
+                            .failed(
+                                client,
+                                bufs,
+                                Failure::Broken("the upstream's answer is not valid HTTP/1.1"),
+                            )
+                            .await
+                    }
+                };
+            if resp.kind == ResponseKind::Interim {
+                let len = resp.len;
+                // `100 Continue` was the proxy's to send; a 1.0 client
+                // knows no interim answers.
+                if resp.status != 100 && self.head.version == Version::Http11 {
+                    let _ = client.write_all(&bufs.resp[..len]).await;
+                }
+                bufs.resp.drain(..len);
+                scanned = 0;
+                continue;
+            }
+
+            // The answer's head, as the upstream wrote it, minus its
+            // hop-by-hop lines, with this connection's own.
+            let keep = self.read_through.is_some()
+                && body_sent
+                && self.head.keep_alive()
+                && resp.framing != Framing::UntilClose
+                && !shutdown.is_fired();
+            let out = &mut bufs.out;
+            out.clear();
+            out.extend_from_slice(b"HTTP/1.1");
+            let status_end = bufs.resp.windows(2).position(|w| w == b"\r\n").unwrap_or(8);
+            out.extend_from_slice(&bufs.resp[8..status_end + 2]);
+            for span in resp.forwarded_lines() {
+                out.extend_from_slice(&bufs.resp[span]);
+            }
+            if !keep {
+                out.extend_from_slice(b"connection: close\r\n");
+            } else if self.head.version == Version::Http10 {
+                out.extend_from_slice(b"connection: keep-alive\r\n");
+            }
+            out.extend_from_slice(b"\r\n");
+            let mut body = BodyReader::new(resp.framing);
+            let rest = &bufs.resp[resp.len..];
+            let Ok(first) = body.advance(rest) else {
+                return self
+                    .failed(
+                        client,
+                        bufs,
+                        Failure::Broken("the upstream's answer body is not valid HTTP/1.1 framing"),
+                    )
+                    .await;
+            };
+            out.extend_from_slice(&rest[..first.consumed]);
+            let mut clean = !first.done || first.consumed == rest.len();
+            let reusable = resp.reusable() && body_sent;
+            let mut client_ok = client.write_all(out).await.is_ok();
+            let mut complete = first.done;
+            while !complete {
+                bufs.down.clear();
+                bufs.down.reserve(CHUNK);
+                let n = match tokio::time::timeout(within, up.read_buf(&mut bufs.down)).await {
+                    Ok(Ok(0)) => {
+                        // Close-delimited: the end; else truncated.
+                        complete = body.eof().is_ok();
+                        clean = false;
+                        break;
+                    }
+                    Ok(Ok(n)) => n,
+                    Ok(Err(_)) | Err(_) => break,
+                };
+                let Ok(p) = body.advance(&bufs.down[..n]) else {
+                    break;
+                };
+                if client_ok {
+                    client_ok = client.write_all(&bufs.down[..p.consumed]).await.is_ok();
+                }
+                complete = p.done;
+                clean &= !p.done || p.consumed == n;
+            }
+            if !complete {
+                // The answer broke off: the client cannot be told but by
+                // the close.
+                self.proxy.counters.upstream_errors.increment(1);
+                tracing::warn!(upstream = %self.proxy.upstream.authority(), "upstream answer broke off mid-body");
+                return Next::Close;
+            }
+            if reusable && clean {
+                self.proxy.upstreams.checkin(up);
+            }
+            return match self.read_through {
+                Some(rest) if keep && client_ok => Next::KeepAlive(rest),
+                _ => Next::Close,
+            };
+        }
+    }
+
+    /// The answer to a failed call; the guard and permit go with `self`.
+    async fn failed(self, client: &mut TcpStream, bufs: &mut Scratch, f: Failure) -> Next {
+        let proxy = self.proxy;
+        let upstream = proxy.upstream.authority();
+        let p = match f {
+            Failure::Unreachable(e) => {
+                proxy.counters.upstream_errors.increment(1);
+                tracing::warn!(error = %e, "upstream unreachable");
+                Problem::new(
+                    StatusCode::BAD_GATEWAY,
+                    problem::UPSTREAM_UNREACHABLE,
+                    "Upstream unreachable",
+                    format!("cannot connect to the upstream {upstream}"),
+                )
+            }
+            Failure::Broken(why) => {
+                proxy.counters.upstream_errors.increment(1);
+                tracing::warn!(%upstream, why, "upstream request failed");
+                Problem::new(
+                    StatusCode::BAD_GATEWAY,
+                    problem::UPSTREAM_ERROR,
+                    "Upstream failed",
+                    why,
+                )
+            }
+            Failure::TimedOut => {
+                proxy.counters.upstream_errors.increment(1);
+                let timeout = proxy.upstream_timeout;
+                tracing::warn!(%upstream, ?timeout, "upstream timed out");
+                // Documented: a 504 lets go of the guard (see the README).
+                Problem::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    problem::UPSTREAM_TIMEOUT,
+                    "Upstream timed out",
+                    format!("the upstream sent no response headers within {timeout:?}"),
+                )
+            }
+            Failure::BodyStalled => {
+                tracing::info!("client stalled mid-upload; request abandoned");
+                Problem::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    problem::BAD_REQUEST,
+                    "Request body timed out",
+                    format!(
+                        "no request body data arrived for {:?}",
+                        proxy.relay.body_stall
+                    ),
+                )
+            }
+            Failure::BodyInvalid(why) => {
+                tracing::info!(error = %why, "client's request body failed; request abandoned");
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    problem::BAD_REQUEST,
+                    "Bad request body",
+                    format!("the request body is not valid HTTP/1.1 framing: {why}"),
+                )
+            }
+            Failure::ClientGone => return Next::Close,
+        };
+        let is_head = self.head.method == "HEAD";
+        let keep = self.read_through.filter(|_| self.head.keep_alive());
+        drop(self._guard);
+        answer(client, &mut bufs.out, &p, keep.is_none(), is_head).await;
+        keep.map_or(Next::Close, Next::KeepAlive)
+    }
+}
+
+/// The request head as the upstream gets it: the request line in origin
+/// form under the upstream's base path, the upstream's `Host`, the
+/// client's own lines minus the hop-by-hop ones, and `X-Forwarded-For`
+/// with the client's address appended to what it already said.
+fn write_request_head(
+    proxy: &HttpProxy,
+    head: &RequestHead<'_, '_>,
+    ip: std::net::IpAddr,
+    out: &mut Vec<u8>,
+) {
+    const XFF: &[u8] = b"x-forwarded-for:";
+    out.clear();
+    out.extend_from_slice(head.method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(proxy.upstream.base().as_bytes());
+    out.extend_from_slice(head.path_and_query().as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(proxy.upstream.host().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let buf = head.buf();
+    let mut prior = false;
+    for span in head.forwarded_lines() {
+        let line = &buf[span];
+        if line.len() >= XFF.len() && line[..XFF.len()].eq_ignore_ascii_case(XFF) {
+            prior = true;
+        } else {
+            out.extend_from_slice(line);
+        }
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if prior {
+        for (h, _) in head.headers() {
+            if h.name.eq_ignore_ascii_case("x-forwarded-for") {
+                out.extend_from_slice(h.value.trim_ascii());
+                out.extend_from_slice(b", ");
+            }
+        }
+    }
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{ip}");
+    out.extend_from_slice(b"\r\n\r\n");
+}
