@@ -29,7 +29,7 @@ pub mod resource;
 pub mod signing;
 pub mod token;
 
-pub use audit::{AuditRecord, Protocol, Reason};
+pub use audit::{AuditReason, AuditRecord, Kind, LeaseAudit, LeaseReason, Protocol, Reason};
 pub use fence::{Admitted, FenceTable, InflightGuard, Persist, Slot, Verdict};
 pub use input::{FenceInput, Field, InputError};
 pub use lease::{LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord};

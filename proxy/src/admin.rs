@@ -12,7 +12,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use fencing::AuditRecord;
+use fencing::{AuditRecord, Kind};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -234,8 +234,10 @@ pub fn audit_json(r: &AuditRecord) -> Value {
     json!({
         "id": r.id,
         "at": format_ms(r.at_ms),
+        "kind": r.kind,
         "resource": r.resource,
         "protocol": r.protocol,
+        "holder": r.holder,
         "reason": r.reason,
         "presented_token": r.presented_token,
         "current_token": r.current_token,
@@ -249,6 +251,19 @@ struct AuditParams {
     resource: Option<String>,
     since: Option<String>,
     limit: Option<String>,
+    kind: Option<String>,
+}
+
+/// A `kind` filter as the API and the CLI take it: one kind's name, or
+/// `all` (or nothing) for every kind.
+pub fn parse_kind(s: Option<&str>) -> Result<Option<Kind>, String> {
+    match s {
+        None | Some("all") | Some("") => Ok(None),
+        Some(k) => Kind::parse(k).map(Some).ok_or_else(|| {
+            let names: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+            format!("kind={k:?} is not one of all, {}", names.join(", "))
+        }),
+    }
 }
 
 async fn audit(State(state): State<AdminState>, Query(p): Query<AuditParams>) -> Response {
@@ -271,9 +286,14 @@ async fn audit(State(state): State<AdminState>, Query(p): Query<AuditParams>) ->
             return invalid_resource(e);
         }
     }
+    let kind = match parse_kind(p.kind.as_deref()) {
+        Ok(k) => k,
+        Err(e) => return bad_query(e),
+    };
     let q = AuditQuery {
         resource: p.resource,
         since_ms,
+        kind,
         limit,
     };
     match state.store.query_audit(&q).await {

@@ -1,12 +1,12 @@
-//! `fencepost audit`: refused writes, newest first, from the admin API or
-//! straight from the store.
+//! `fencepost audit`: audit records (refused writes unless `--kind` says
+//! otherwise), newest first, from the admin API or straight from the store.
 
 use std::process::ExitCode;
 
 use serde_json::Value;
 use store::AuditQuery;
 
-use crate::admin::{audit_json, parse_since};
+use crate::admin::{audit_json, parse_kind, parse_since};
 use crate::cli::AuditArgs;
 use crate::config::Config;
 use crate::error::Error;
@@ -15,6 +15,7 @@ pub async fn run(args: AuditArgs) -> Result<ExitCode, Error> {
     if let Some(r) = &args.resource {
         fencing::resource::validate(r).map_err(|e| Error::Usage(format!("--resource: {e}")))?;
     }
+    parse_kind(Some(&args.kind)).map_err(|e| Error::Usage(format!("--kind: {e}")))?;
     let rows: Vec<Value> = match &args.admin {
         Some(base) => from_admin(base, &args).await?,
         None => from_store(&args).await?,
@@ -30,7 +31,10 @@ pub async fn run(args: AuditArgs) -> Result<ExitCode, Error> {
 }
 
 async fn from_admin(base: &str, args: &AuditArgs) -> Result<Vec<Value>, Error> {
-    let mut query: Vec<(&str, String)> = vec![("limit", args.limit.to_string())];
+    let mut query: Vec<(&str, String)> = vec![
+        ("limit", args.limit.to_string()),
+        ("kind", args.kind.clone()),
+    ];
     if let Some(r) = &args.resource {
         query.push(("resource", r.clone()));
     }
@@ -83,6 +87,7 @@ async fn from_store(args: &AuditArgs) -> Result<Vec<Value>, Error> {
         .query_audit(&AuditQuery {
             resource: args.resource.clone(),
             since_ms,
+            kind: parse_kind(Some(&args.kind)).map_err(Error::Usage)?,
             limit: args.limit.clamp(1, 10_000),
         })
         .await?;
@@ -99,12 +104,14 @@ fn cell(v: &Value, key: &str) -> String {
 
 fn print_table(rows: &[Value]) {
     if rows.is_empty() {
-        println!("no refused writes");
+        println!("no audit records");
         return;
     }
     let cols = [
         "at",
+        "kind",
         "resource",
+        "holder",
         "protocol",
         "reason",
         "presented_token",
@@ -114,7 +121,9 @@ fn print_table(rows: &[Value]) {
     ];
     let heads = [
         "AT",
+        "KIND",
         "RESOURCE",
+        "HOLDER",
         "PROTO",
         "REASON",
         "PRESENTED",

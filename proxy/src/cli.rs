@@ -258,6 +258,11 @@ pub struct AuditArgs {
     /// time ("2026-11-23T10:00:00Z").
     #[arg(long)]
     pub since: Option<String>,
+    /// Only records of this kind: refused_write (the default),
+    /// lease_granted, lease_denied, lease_released, lease_expired,
+    /// renewal_refused, lease_renewed, or all.
+    #[arg(long, default_value = "refused_write")]
+    pub kind: String,
     #[arg(long, default_value_t = 50)]
     pub limit: u32,
     /// One JSON object per line instead of a table.

@@ -202,7 +202,9 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, Error> {
             default_ttl: ttl,
             signer: None,
             auth_token: None,
+            audit_renewals: false,
         },
+        audit.clone(),
     );
     tokio::spawn(elector.serve(el_l, sd.clone()));
 
@@ -373,6 +375,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, Error> {
         .query_audit(&AuditQuery {
             resource: Some(RESOURCE.into()),
             since_ms: None,
+            kind: Some(fencing::Kind::RefusedWrite),
             limit: 10,
         })
         .await?;

@@ -342,7 +342,7 @@ pub async fn start(
     let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
     if let (Some(ecfg), Some(listener)) = (&config.elector, elector_listener) {
         let settings = elector::ElectorSettings::from_config(ecfg)?;
-        let el = elector::Elector::new(Arc::clone(&store), settings);
+        let el = elector::Elector::new(Arc::clone(&store), settings, audit.clone());
         // Fence at grant in this process. On a tier the store already made
         // the grant an advance every replica learns of.
         if tier.is_none() && !(config.http.is_empty() && config.postgres.is_empty()) {

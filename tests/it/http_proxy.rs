@@ -292,7 +292,10 @@ impl Env {
     async fn audit(&self, query: &str) -> Vec<Value> {
         let resp = self
             .c
-            .get(format!("http://{}/v1/audit?{query}", self.admin))
+            .get(format!(
+                "http://{}/v1/audit?kind=refused_write&{query}",
+                self.admin
+            ))
             .send()
             .await
             .expect("admin API reachable");

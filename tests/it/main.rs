@@ -5,6 +5,7 @@
 //!
 //! - `support`: the shared harness: temp dirs and databases, the typed
 //!   config builder, servers in-process or as processes, test upstreams.
+//! - `audit`: leadership records in the audit log, kinds and filters.
 //! - `ops`: audit flush, admin API, metrics, CLI commands, config errors.
 //! - `elector`: leases, tokens and the event stream over the elector API.
 //! - `http_proxy`, `pg_proxy`: the two fencing proxies end to end.
@@ -23,6 +24,7 @@
 
 mod support;
 
+mod audit;
 mod checker;
 mod client;
 mod docs;

@@ -64,7 +64,10 @@ impl Env {
     /// The admin API's audit records of `resource` once they mention
     /// `needle` (bounded: 10 s), as JSON text.
     async fn audit_until(&self, resource: &str, needle: &str) -> String {
-        let url = format!("http://{}/v1/audit?resource={resource}", self.admin);
+        let url = format!(
+            "http://{}/v1/audit?kind=refused_write&resource={resource}",
+            self.admin
+        );
         crate::support::eventually(10, || {
             let url = url.clone();
             async move {
@@ -877,7 +880,10 @@ async fn guard_mode_fences_in_the_database_and_hides_the_guard() {
     simple(&c, "ROLLBACK").await.expect("rollback");
     simple(&c, "SELECT 1").await.expect("session still usable");
     // The guard's refusals are audited too (the proxy had admitted them).
-    let url = format!("http://{}/v1/audit?resource=g", env.admin);
+    let url = format!(
+        "http://{}/v1/audit?kind=refused_write&resource=g",
+        env.admin
+    );
     let audit = crate::support::eventually(10, || {
         let url = url.clone();
         async move {

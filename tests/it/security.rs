@@ -277,8 +277,8 @@ impl Stack {
     /// then gives it a moment more so an extra record would be seen.
     async fn audit(&self, resource: Option<&str>, n: usize) -> Vec<Value> {
         let q = match resource {
-            Some(r) => format!("/v1/audit?limit=1000&resource={r}"),
-            None => "/v1/audit?limit=1000".to_owned(),
+            Some(r) => format!("/v1/audit?kind=refused_write&limit=1000&resource={r}"),
+            None => "/v1/audit?kind=refused_write&limit=1000".to_owned(),
         };
         let fetch = || async {
             let r = self.admin_get(&q).await;

@@ -95,7 +95,11 @@ async fn only_tokens_the_elector_signed_for_this_resource_are_admitted() {
         .all(|a| a.token.as_deref() == Some(t1.as_str())));
 
     let audit = eventually(10, || async {
-        let (_, b) = get(&format!("http://{admin}/v1/audit?resource=orders"), None).await;
+        let (_, b) = get(
+            &format!("http://{admin}/v1/audit?kind=refused_write&resource=orders"),
+            None,
+        )
+        .await;
         let v: Vec<Value> = serde_json::from_str(&b).ok()?;
         (v.len() == cases.len() + 1).then_some(v)
     })

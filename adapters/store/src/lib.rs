@@ -23,7 +23,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fencing::{AuditRecord, LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord, Protocol, Reason};
+use fencing::{
+    AuditReason, AuditRecord, Kind, LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord, Protocol,
+};
 
 pub mod guard;
 mod postgres;
@@ -82,6 +84,8 @@ pub struct FenceRow {
 pub struct AuditQuery {
     pub resource: Option<String>,
     pub since_ms: Option<i64>,
+    /// Only records of this kind; all kinds when `None`.
+    pub kind: Option<Kind>,
     pub limit: u32,
 }
 
@@ -281,19 +285,47 @@ pub(crate) fn lease_from_row(row: &impl Columns) -> Result<LeaseRecord, StoreErr
 pub(crate) fn audit_from_row(row: &impl Columns) -> Result<AuditRecord, StoreError> {
     let protocol = row.text("protocol")?;
     let reason = row.text("reason")?;
+    let kind = row.text("kind")?;
     Ok(AuditRecord {
         id: Some(row.int("id")?),
         at_ms: row.int("at_ms")?,
+        kind: Kind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("audit kind {kind:?}")))?,
         resource: row.opt_text("resource")?,
+        holder: row.opt_text("holder")?,
         protocol: Protocol::parse(&protocol)
             .ok_or_else(|| StoreError::Corrupt(format!("audit protocol {protocol:?}")))?,
-        reason: Reason::parse(&reason)
+        reason: AuditReason::parse(&reason)
             .ok_or_else(|| StoreError::Corrupt(format!("audit reason {reason:?}")))?,
         presented_token: opt_token_from_text(row.opt_text("presented_token")?)?,
         current_token: opt_token_from_text(row.opt_text("current_token")?)?,
         client_addr: row.text("client_addr")?,
         detail: row.text("detail")?,
     })
+}
+
+/// The columns every audit read selects, in both backends.
+pub(crate) const AUDIT_COLUMNS: &str =
+    "SELECT id, at_ms, kind, resource, holder, protocol, reason, \
+     presented_token, current_token, client_addr, detail FROM audit";
+
+/// The filters of an audit read, the same SQL for both backends (after a
+/// `WHERE` that is always true).
+pub(crate) fn audit_filters<'a, DB>(qb: &mut sqlx::QueryBuilder<'a, DB>, q: &'a AuditQuery)
+where
+    DB: sqlx::Database,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    if let Some(resource) = &q.resource {
+        qb.push(" AND resource = ").push_bind(resource.as_str());
+    }
+    if let Some(since) = q.since_ms {
+        qb.push(" AND at_ms >= ").push_bind(since);
+    }
+    if let Some(kind) = q.kind {
+        qb.push(" AND kind = ").push_bind(kind.as_str());
+    }
 }
 
 /// One multi-row INSERT of audit records, the same SQL for both backends.
@@ -306,12 +338,14 @@ where
     Option<String>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
 {
     let mut qb = sqlx::QueryBuilder::new(
-        "INSERT INTO audit (at_ms, resource, protocol, reason, presented_token, \
-         current_token, client_addr, detail) ",
+        "INSERT INTO audit (at_ms, kind, resource, holder, protocol, reason, \
+         presented_token, current_token, client_addr, detail) ",
     );
     qb.push_values(chunk, |mut b, r| {
         b.push_bind(r.at_ms)
+            .push_bind(r.kind.as_str())
             .push_bind(r.resource.as_deref())
+            .push_bind(r.holder.as_deref())
             .push_bind(r.protocol.as_str())
             .push_bind(r.reason.as_str())
             .push_bind(opt_token_text(r.presented_token))

@@ -366,16 +366,9 @@ impl Store for PgStore {
             0 => DEFAULT_AUDIT_LIMIT,
             n => n.min(MAX_AUDIT_LIMIT),
         };
-        let mut qb: QueryBuilder<'_, Postgres> = QueryBuilder::new(
-            "SELECT id, at_ms, resource, protocol, reason, presented_token, current_token, \
-             client_addr, detail FROM audit WHERE TRUE",
-        );
-        if let Some(resource) = &q.resource {
-            qb.push(" AND resource = ").push_bind(resource.as_str());
-        }
-        if let Some(since) = q.since_ms {
-            qb.push(" AND at_ms >= ").push_bind(since);
-        }
+        let mut qb: QueryBuilder<'_, Postgres> = QueryBuilder::new(super::AUDIT_COLUMNS);
+        qb.push(" WHERE TRUE");
+        super::audit_filters(&mut qb, q);
         qb.push(" ORDER BY id DESC LIMIT ")
             .push_bind(i64::from(limit));
         let rows = qb.build().fetch_all(&self.pool).await.map_err(classify)?;

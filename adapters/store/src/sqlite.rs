@@ -293,16 +293,9 @@ impl Store for SqliteStore {
             0 => DEFAULT_AUDIT_LIMIT,
             n => n.min(MAX_AUDIT_LIMIT),
         };
-        let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
-            "SELECT id, at_ms, resource, protocol, reason, presented_token, current_token, \
-             client_addr, detail FROM audit WHERE 1 = 1",
-        );
-        if let Some(resource) = &q.resource {
-            qb.push(" AND resource = ").push_bind(resource.as_str());
-        }
-        if let Some(since) = q.since_ms {
-            qb.push(" AND at_ms >= ").push_bind(since);
-        }
+        let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new(super::AUDIT_COLUMNS);
+        qb.push(" WHERE 1 = 1");
+        super::audit_filters(&mut qb, q);
         qb.push(" ORDER BY id DESC LIMIT ")
             .push_bind(i64::from(limit));
         let rows = qb.build().fetch_all(&self.pool).await.map_err(classify)?;

@@ -17,7 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fencepost_store::{AuditQuery, PgStore, SqliteStore, Store, StoreError};
-use fencing::{AuditRecord, LeaseConfig, LeaseOp, LeaseOutcome, Protocol, Reason};
+use fencing::{
+    AuditRecord, Kind, LeaseAudit, LeaseConfig, LeaseOp, LeaseOutcome, LeaseReason, Protocol,
+    Reason,
+};
 use sqlx::{Connection, Executor};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -628,6 +631,7 @@ async fn audit_is_newest_first_and_filters(fx: Arc<Fixture>) {
     let q = |resource: Option<&str>, since_ms: Option<i64>, limit: u32| AuditQuery {
         resource: resource.map(str::to_owned),
         since_ms,
+        kind: None,
         limit,
     };
     let at = |rs: Vec<AuditRecord>| rs.iter().map(|r| r.at_ms).collect::<Vec<_>>();
@@ -654,6 +658,36 @@ async fn audit_is_newest_first_and_filters(fx: Arc<Fixture>) {
         .await
         .unwrap()
         .is_empty());
+
+    // A leadership record round-trips with its kind and holder, and the
+    // kind filter tells the two apart.
+    let granted = AuditRecord::lease(
+        500,
+        LeaseAudit {
+            kind: Kind::LeaseGranted,
+            reason: LeaseReason::Takeover,
+            resource: "orders",
+            holder: "node-b",
+            presented_token: None,
+            current_token: Some(7),
+            client_addr: "10.0.0.9:4000".into(),
+            detail: "previous holder node-a (token 6)",
+        },
+    );
+    s.append_audit(std::slice::from_ref(&granted))
+        .await
+        .unwrap();
+    let by_kind = |kind| AuditQuery {
+        kind: Some(kind),
+        ..AuditQuery::default()
+    };
+    let leases = s.query_audit(&by_kind(Kind::LeaseGranted)).await.unwrap();
+    assert_eq!(
+        leases.into_iter().map(strip_id).collect::<Vec<_>>(),
+        [granted]
+    );
+    let writes = s.query_audit(&by_kind(Kind::RefusedWrite)).await.unwrap();
+    assert_eq!(at(writes), [400, 200, 300, 50, 100]);
     s.close().await;
 }
 

@@ -23,6 +23,10 @@ pub struct ElectorConfig {
     pub lock_delay: Duration,
     /// Bearer token required on the elector API, if set.
     pub token: Option<String>,
+    /// Also audit successful renewals (`lease_renewed`). Off by default: a
+    /// holder renews every third of its TTL, which would flood the log.
+    #[serde(default)]
+    pub audit_renewals: bool,
 }
 
 fn default_ttl() -> Duration {

@@ -30,6 +30,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("elector", "max_ttl"),
     ("elector", "lock_delay"),
     ("elector", "token"),
+    ("elector", "audit_renewals"),
     ("audit", "batch_size"),
     ("audit", "flush_interval"),
     ("audit", "queue_capacity"),

@@ -107,6 +107,11 @@ pub fn problem_bytes(p: &Problem, close: bool, head_only: bool, out: &mut Vec<u8
     }
 }
 
+/// The address of the client an API request came from (an extension set
+/// by [`serve_api`]; absent when a router is served some other way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+
 /// Serves `service(peer)` on every connection `listener` admits under
 /// `limit`, with `http`'s settings, until `shutdown`. Returns the
 /// connections still open, each already told to finish its request and
@@ -169,8 +174,11 @@ pub async fn serve_api(
         .header_read_timeout(API_HEAD_TIMEOUT)
         .max_buf_size(API_MAX_HEAD_BYTES.max(MIN_BUF))
         .keep_alive(true);
-    let open = serve(name, listener, &shutdown, &limit, &http, |_| {
-        TowerToHyperService::new(app.clone())
+    // The peer rides in each request's extensions ([`ClientAddr`]), for
+    // the elector's audit records. Layering per connection copies the
+    // router's route table; an API's few routes make that cheap.
+    let open = serve(name, listener, &shutdown, &limit, &http, |peer| {
+        TowerToHyperService::new(app.clone().layer(axum::Extension(ClientAddr(peer))))
     })
     .await;
     closing();

@@ -21,14 +21,15 @@ use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use fencing::token::Presented;
-use fencing::{LeaseOp, LeaseOutcome, LeaseRecord, ResourceName};
+use fencing::{Kind, LeaseAudit, LeaseOp, LeaseOutcome, LeaseReason, LeaseRecord, ResourceName};
 use serde::{Deserialize, Serialize};
 use store::StoreError;
 
 use super::{duration_ms, now_ms, rfc3339_ms, Elector, Source, MAX_BODY_BYTES};
 use crate::edge::bearer;
+use crate::edge::http1::ClientAddr;
 use crate::edge::problem::{self, Problem};
 
 const PREFIX: &str = "/v1/leases/";
@@ -210,6 +211,7 @@ async fn get_dispatch(State(el): State<Arc<Elector>>, method: Method, uri: Uri) 
 
 async fn post_dispatch(
     State(el): State<Arc<Elector>>,
+    client: Option<Extension<ClientAddr>>,
     method: Method,
     uri: Uri,
     body: Result<Json<LeaseBody>, JsonRejection>,
@@ -237,10 +239,13 @@ async fn post_dispatch(
         Ok(Json(b)) => b,
         Err(r) => return json_rejection(r).into_response(),
     };
+    let client = client
+        .map(|Extension(ClientAddr(a))| a.to_string())
+        .unwrap_or_default();
     let result = match action {
-        "acquire" => acquire(&el, &resource, body).await,
-        "renew" => renew(&el, &resource, body).await,
-        _ => release(&el, &resource, body).await,
+        "acquire" => acquire(&el, &resource, body, client).await,
+        "renew" => renew(&el, &resource, body, client).await,
+        _ => release(&el, &resource, body, client).await,
     };
     result.unwrap_or_else(IntoResponse::into_response)
 }
@@ -471,12 +476,132 @@ fn outcome_problem(outcome: &LeaseOutcome, resource: &ResourceName, now: i64) ->
     }
 }
 
+// ------------------------------------------------------------------ audit
+
+/// The audit record of an acquire: a grant, a denial, or (with
+/// `audit_renewals`) the holder acquiring again. Requests the store never
+/// decided (bad TTL, store down) change no leadership and are not recorded.
+fn audit_acquire(
+    el: &Elector,
+    resource: &ResourceName,
+    holder: &str,
+    outcome: &LeaseOutcome,
+    now: i64,
+    client_addr: String,
+) {
+    let (kind, reason, current, detail) = match outcome {
+        LeaseOutcome::Granted { lease, previous } => {
+            let (reason, detail) = match previous {
+                Some((prev, t)) => (
+                    LeaseReason::Takeover,
+                    format!(
+                        "previous holder {prev:?} (token {t}) had expired; ttl {} ms",
+                        lease.ttl_ms
+                    ),
+                ),
+                None => (LeaseReason::Free, format!("ttl {} ms", lease.ttl_ms)),
+            };
+            (Kind::LeaseGranted, reason, lease.token, detail)
+        }
+        LeaseOutcome::Reacquired { lease } if el.settings.audit_renewals => (
+            Kind::LeaseRenewed,
+            LeaseReason::Renewed,
+            lease.token,
+            format!(
+                "acquired again by its holder; expires {}",
+                rfc3339_ms(lease.expires_at_ms)
+            ),
+        ),
+        LeaseOutcome::Held { lease } => (
+            Kind::LeaseDenied,
+            LeaseReason::Held,
+            lease.token,
+            format!(
+                "held by {:?} until {}",
+                lease.live_holder(now).unwrap_or_default(),
+                rfc3339_ms(lease.expires_at_ms)
+            ),
+        ),
+        LeaseOutcome::LockDelay { until_ms, lease } => (
+            Kind::LeaseDenied,
+            LeaseReason::LockDelay,
+            lease.token,
+            format!("lock delay until {}", rfc3339_ms(*until_ms)),
+        ),
+        LeaseOutcome::Exhausted => (
+            Kind::LeaseDenied,
+            LeaseReason::Exhausted,
+            u64::MAX,
+            "every token has been issued".to_owned(),
+        ),
+        _ => return,
+    };
+    el.record(LeaseAudit {
+        kind,
+        reason,
+        resource: resource.as_str(),
+        holder,
+        presented_token: None,
+        current_token: Some(current),
+        client_addr,
+        detail: &detail,
+    });
+}
+
+/// The audit record of a renewal: refused always, renewed only with
+/// `audit_renewals`.
+fn audit_renew(
+    el: &Elector,
+    resource: &ResourceName,
+    holder: &str,
+    token: u64,
+    outcome: &LeaseOutcome,
+    now: i64,
+    client_addr: String,
+) {
+    let (kind, reason, current, detail) = match outcome {
+        LeaseOutcome::Renewed { lease } if el.settings.audit_renewals => (
+            Kind::LeaseRenewed,
+            LeaseReason::Renewed,
+            Some(lease.token),
+            format!("expires {}", rfc3339_ms(lease.expires_at_ms)),
+        ),
+        LeaseOutcome::NotHolder { lease } => {
+            let detail = match lease
+                .as_ref()
+                .and_then(|l| l.live_holder(now).map(|h| (h, l)))
+            {
+                Some((h, l)) => format!("held by {h:?} until {}", rfc3339_ms(l.expires_at_ms)),
+                None => "no live lease with this token".to_owned(),
+            };
+            (
+                Kind::RenewalRefused,
+                LeaseReason::NotHolder,
+                lease.as_ref().map(|l| l.token),
+                detail,
+            )
+        }
+        _ => return,
+    };
+    el.record(LeaseAudit {
+        kind,
+        reason,
+        resource: resource.as_str(),
+        holder,
+        presented_token: Some(token),
+        current_token: current,
+        client_addr,
+        detail: &detail,
+    });
+}
+
 // -------------------------------------------------------------- handlers
 
 async fn acquire(
     el: &Elector,
     resource: &ResourceName,
     body: LeaseBody,
+    client_addr: String,
 ) -> Result<Response, Problem> {
     holder_name(&body.holder)?;
     if body.token.is_some() {
@@ -492,6 +617,7 @@ async fn acquire(
         ttl_ms: ttl,
     };
     let (outcome, now) = apply(el, resource, &op).await?;
+    audit_acquire(el, resource, op.holder(), &outcome, now, client_addr);
     match &outcome {
         LeaseOutcome::Granted { lease, previous } => {
             metrics::counter!(crate::metrics::GRANTS).increment(1);
@@ -520,6 +646,7 @@ async fn renew(
     el: &Elector,
     resource: &ResourceName,
     body: LeaseBody,
+    client_addr: String,
 ) -> Result<Response, Problem> {
     holder_name(&body.holder)?;
     let token = presented_token(el, resource, body.token.as_ref())?;
@@ -529,6 +656,7 @@ async fn renew(
         ttl_ms: ttl_ms(body.ttl_ms.as_ref())?,
     };
     let (outcome, now) = apply(el, resource, &op).await?;
+    audit_renew(el, resource, op.holder(), token, &outcome, now, client_addr);
     match &outcome {
         LeaseOutcome::Renewed { lease } => {
             metrics::counter!(crate::metrics::RENEWALS).increment(1);
@@ -565,6 +693,7 @@ async fn release(
     el: &Elector,
     resource: &ResourceName,
     body: LeaseBody,
+    client_addr: String,
 ) -> Result<Response, Problem> {
     holder_name(&body.holder)?;
     let token = presented_token(el, resource, body.token.as_ref())?;
@@ -582,6 +711,16 @@ async fn release(
     let (outcome, now) = apply(el, resource, &op).await?;
     match &outcome {
         LeaseOutcome::Released { lease } => {
+            el.record(LeaseAudit {
+                kind: Kind::LeaseReleased,
+                reason: LeaseReason::Released,
+                resource: resource.as_str(),
+                holder: op.holder(),
+                presented_token: Some(token),
+                current_token: Some(lease.token),
+                client_addr,
+                detail: "released by its holder",
+            });
             metrics::counter!(crate::metrics::RELEASES).increment(1);
             tracing::info!(resource = %resource, holder = op.holder(), token, "lease released");
             el.observe(lease, Source::Released, now);

@@ -21,11 +21,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fencing::{LeaseConfig, LeaseRecord, Signer, Verifier};
+use fencing::{
+    AuditRecord, Kind, LeaseAudit, LeaseConfig, LeaseReason, LeaseRecord, Signer, Verifier,
+};
 use serde::Serialize;
 use store::Store;
 use tokio::sync::{broadcast, watch as watch_chan, Notify};
 
+use crate::audit_sink::AuditSink;
 use crate::config::ElectorConfig;
 use crate::error::Error;
 use crate::shutdown::Shutdown;
@@ -51,6 +54,8 @@ pub struct ElectorSettings {
     pub signer: Option<Signer>,
     /// Bearer token every endpoint requires, when set.
     pub auth_token: Option<String>,
+    /// Audit successful renewals too (`lease_renewed`).
+    pub audit_renewals: bool,
 }
 
 impl ElectorSettings {
@@ -70,6 +75,7 @@ impl ElectorSettings {
             default_ttl: cfg.default_ttl,
             signer,
             auth_token: cfg.token.clone(),
+            audit_renewals: cfg.audit_renewals,
         })
     }
 }
@@ -189,6 +195,8 @@ enum Source {
 pub struct Elector {
     store: Arc<dyn Store>,
     settings: ElectorSettings,
+    /// The process's audit log, where every leadership change is recorded.
+    audit: AuditSink,
     verifier: Option<Verifier>,
     events: broadcast::Sender<LeaseEvent>,
     known: Mutex<HashMap<String, Known>>,
@@ -205,11 +213,12 @@ impl Elector {
     /// [`store::open`]): a store that does not answer must not hold
     /// candidates (and their sockets) forever, and failing closed is safe
     /// because nothing is granted without the store.
-    pub fn new(store: Arc<dyn Store>, settings: ElectorSettings) -> Arc<Elector> {
+    pub fn new(store: Arc<dyn Store>, settings: ElectorSettings, audit: AuditSink) -> Arc<Elector> {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let (closing, _) = watch_chan::channel(false);
         Arc::new(Elector {
             store,
+            audit,
             verifier: settings.signer.as_ref().map(Signer::verifier),
             settings,
             events,
@@ -332,7 +341,7 @@ impl Elector {
                 } else {
                     EventKind::Released
                 };
-                self.count_end(kind, &rec.resource, &old, k.token);
+                self.count_end(kind, &rec.resource, &old, k.token, k.expires_at_ms);
                 out.push(self.event(
                     kind,
                     &rec.resource,
@@ -361,7 +370,13 @@ impl Elector {
                 (None, Some(old)) => {
                     k.holder = None;
                     k.expires_at_ms = rec.expires_at_ms;
-                    self.count_end(EventKind::Released, &rec.resource, &old, k.token);
+                    self.count_end(
+                        EventKind::Released,
+                        &rec.resource,
+                        &old,
+                        k.token,
+                        k.expires_at_ms,
+                    );
                     out.push(self.event(
                         EventKind::Released,
                         &rec.resource,
@@ -432,7 +447,7 @@ impl Elector {
             return;
         }
         if let Some(old) = k.holder.take() {
-            self.count_end(EventKind::Expired, resource, &old, k.token);
+            self.count_end(EventKind::Expired, resource, &old, k.token, k.expires_at_ms);
             let ev = self.event(
                 EventKind::Expired,
                 resource,
@@ -464,13 +479,38 @@ impl Elector {
         (due, next)
     }
 
-    /// Metrics and logs for a lease that ended without this process
-    /// releasing it (releases are counted where they are decided).
-    fn count_end(&self, kind: EventKind, resource: &str, holder: &str, token: u64) {
+    /// Metrics, logs and the audit record of a lease that ended without
+    /// this process releasing it (releases are counted and audited where
+    /// they are decided). Each elector process that shares a store and sees
+    /// the expiry records it, so N electors may write N records of one.
+    fn count_end(
+        &self,
+        kind: EventKind,
+        resource: &str,
+        holder: &str,
+        token: u64,
+        expired_at: i64,
+    ) {
         if kind == EventKind::Expired {
             metrics::counter!(crate::metrics::EXPIRIES).increment(1);
             tracing::info!(resource, holder, token, "lease expired");
+            let detail = format!("not renewed before {}", rfc3339_ms(expired_at));
+            self.record(LeaseAudit {
+                kind: Kind::LeaseExpired,
+                reason: LeaseReason::Ttl,
+                resource,
+                holder,
+                presented_token: None,
+                current_token: Some(token),
+                client_addr: String::new(),
+                detail: &detail,
+            });
         }
+    }
+
+    /// Queues one leadership record in the process's audit log.
+    pub(crate) fn record(&self, e: LeaseAudit<'_>) {
+        self.audit.record(AuditRecord::lease(now_ms(), e));
     }
 }
 

@@ -1,0 +1,225 @@
+//! The audit log beyond refused writes: every leadership change the
+//! elector decides (grant, denial, release, expiry, refused renewal, and
+//! renewals when asked for) is a record of its own `kind`, with holder,
+//! tokens and client address, filtered by kind in `/v1/audit` and in
+//! `fencepost audit`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::support::*;
+use serde_json::{json, Value};
+
+/// An elector and an admin API on a SQLite store in this process, audit
+/// batches written within 20 ms; `[elector]` shaped by `extra`.
+async fn elector_with_admin(
+    dir: &TempDir,
+    extra: impl FnOnce(Section) -> Section,
+) -> (InProc, String, String) {
+    let mut conf = Conf::sqlite(dir.path());
+    conf.set("audit", "flush_interval", "20ms");
+    let el: SocketAddr = conf.elector(extra(Section::new().set("min_ttl", "50ms")));
+    let admin = conf.admin(Section::new());
+    let server = InProc::start(conf).await;
+    (server, format!("http://{el}"), format!("http://{admin}"))
+}
+
+async fn lease(base: &str, resource: &str, action: &str, body: Value) -> Resp {
+    send(
+        client()
+            .post(format!("{base}/v1/leases/{resource}/{action}"))
+            .json(&body),
+    )
+    .await
+}
+
+/// The token of a grant, as the holder would present it.
+fn granted(r: &Resp) -> String {
+    assert_eq!(r.status, 200, "expected a grant: {}", r.text);
+    r.body["token"].as_str().expect("token").to_owned()
+}
+
+/// Exactly `n` records from `/v1/audit?{query}`, waiting for the batch.
+async fn audit(admin: &str, query: &str, n: usize) -> Vec<Value> {
+    let url = format!("{admin}/v1/audit?{query}");
+    let got = eventually(10, || async {
+        let (_, body) = get(&url, None).await;
+        let v: Vec<Value> = serde_json::from_str(&body).ok()?;
+        (v.len() == n).then_some(v)
+    })
+    .await;
+    match got {
+        Some(v) => v,
+        None => panic!(
+            "{query}: wanted {n} records, last answer {:?}",
+            get(&url, None).await
+        ),
+    }
+}
+
+#[tokio::test]
+async fn every_leadership_change_is_audited_with_its_kind() {
+    let dir = TempDir::new("fp-audit-lease");
+    let (_server, el, admin) = elector_with_admin(&dir, |s| s).await;
+    let r = "jobs/main";
+
+    let a1 = granted(
+        &lease(
+            &el,
+            r,
+            "acquire",
+            json!({"holder": "node-a", "ttl_ms": 10_000}),
+        )
+        .await,
+    );
+    let denied = lease(&el, r, "acquire", json!({"holder": "node-b"})).await;
+    assert_eq!(denied.status, 409, "{}", denied.text);
+    let refused = lease(&el, r, "renew", json!({"holder": "node-b", "token": a1})).await;
+    assert_eq!(refused.status, 409, "{}", refused.text);
+    // A successful renewal is not audited by default.
+    assert_eq!(
+        lease(&el, r, "renew", json!({"holder": "node-a", "token": a1}))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        lease(&el, r, "release", json!({"holder": "node-a", "token": a1}))
+            .await
+            .status,
+        204
+    );
+    // node-b's short lease runs out unrenewed, then node-a takes over.
+    let b = granted(
+        &lease(
+            &el,
+            r,
+            "acquire",
+            json!({"holder": "node-b", "ttl_ms": 200}),
+        )
+        .await,
+    );
+    audit(&admin, &format!("resource={r}&kind=lease_expired"), 1).await;
+    let a2 = granted(
+        &lease(
+            &el,
+            r,
+            "acquire",
+            json!({"holder": "node-a", "ttl_ms": 10_000}),
+        )
+        .await,
+    );
+
+    let all = audit(&admin, &format!("resource={r}&limit=100"), 7).await;
+    let seen: Vec<(&str, &str, &str)> = all
+        .iter()
+        .rev()
+        .map(|v| {
+            (
+                v["kind"].as_str().unwrap(),
+                v["holder"].as_str().unwrap(),
+                v["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("lease_granted", "node-a", "free"),
+            ("lease_denied", "node-b", "held"),
+            ("renewal_refused", "node-b", "not_holder"),
+            ("lease_released", "node-a", "released"),
+            ("lease_granted", "node-b", "free"),
+            ("lease_expired", "node-b", "ttl"),
+            ("lease_granted", "node-a", "takeover"),
+        ],
+        "oldest first: {all:#?}"
+    );
+    for v in &all {
+        assert_eq!(v["protocol"], "elector", "{v}");
+        assert_eq!(v["resource"], r, "{v}");
+        let client = v["client_addr"].as_str().unwrap();
+        if v["kind"] == "lease_expired" {
+            assert_eq!(client, "", "an expiry has no client: {v}");
+        } else {
+            assert!(client.starts_with("127.0.0.1:"), "{v}");
+        }
+    }
+    let token = |t: &str| token_value(t);
+    // Newest first: the takeover names its token and the expired holder.
+    assert_eq!(all[0]["current_token"], token(&a2));
+    assert!(
+        all[0]["detail"].as_str().unwrap().contains("node-b"),
+        "{}",
+        all[0]
+    );
+    assert_eq!(all[1]["current_token"], token(&b));
+    assert_eq!(
+        all[4]["presented_token"],
+        token(&a1),
+        "the refused renewal's token"
+    );
+    assert_eq!(all[4]["current_token"], token(&a1));
+
+    // The kind filter, over the API and the CLI, and refused writes apart.
+    assert_eq!(audit(&admin, "kind=lease_granted", 3).await.len(), 3);
+    audit(&admin, "kind=refused_write", 0).await;
+    let (status, body) = get(&format!("{admin}/v1/audit?kind=bogus"), None).await;
+    assert_eq!(status, 400, "{body}");
+    let (code, out, err) = run_cli(
+        &[
+            "audit",
+            "--admin",
+            &admin,
+            "--resource",
+            r,
+            "--kind",
+            "lease_denied",
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert_eq!(lines[0]["holder"], "node-b");
+    let (code, out, _) = run_cli(&["audit", "--admin", &admin, "--kind", "all"], &[]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("renewal_refused") && out.contains("HOLDER"),
+        "{out}"
+    );
+    let (code, out, _) = run_cli(&["audit", "--admin", &admin], &[]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "no audit records"),
+        "refused writes by default"
+    );
+    let (code, _, err) = run_cli(&["audit", "--admin", &admin, "--kind", "nope"], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--kind"), "{err}");
+}
+
+#[tokio::test]
+async fn renewals_are_audited_when_asked_for() {
+    let dir = TempDir::new("fp-audit-renew");
+    let (_server, el, admin) = elector_with_admin(&dir, |s| s.set("audit_renewals", true)).await;
+    let t = granted(&lease(&el, "r1", "acquire", json!({"holder": "h", "ttl_ms": 5000})).await);
+    for _ in 0..3 {
+        assert_eq!(
+            lease(&el, "r1", "renew", json!({"holder": "h", "token": t}))
+                .await
+                .status,
+            200
+        );
+    }
+    let renewed = audit(&admin, "kind=lease_renewed", 3).await;
+    assert!(renewed
+        .iter()
+        .all(|v| v["holder"] == "h" && v["reason"] == "renewed"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    audit(&admin, "kind=lease_renewed", 3).await;
+}
