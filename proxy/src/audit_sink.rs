@@ -1,11 +1,28 @@
-//! Writes audit records off the request path, in batches.
+//! Writes audit records to the store in group commits, and makes a refused
+//! write's record durable before the refusal is answered (guarantee 5).
 //!
-//! A refusal only pushes its record into a bounded queue (`try_send`, no
-//! await); one task drains the queue into the store. When the store is down
-//! the task retries a batch briefly, then drops it and counts the loss, and
-//! when the queue is full new records are dropped and counted: fencing must
-//! never wait on its audit log (guarantee 5). On graceful shutdown
-//! [`AuditSink::flush`] waits until everything queued so far is written.
+//! A refusal submits its record with [`AuditSink::durable`] and awaits it:
+//! it returns once the record is committed in the store, or appended and
+//! synced to the local spool ([`crate::audit_spool`]) while the store is
+//! slow or down. One task writes. It takes everything queued at that
+//! moment as one batch (one transaction, one commit), and the refusals that
+//! arrive while a commit is in flight form the next batch: a flood of
+//! stale writes costs one commit per batch, not one sync per refusal
+//! (group commit). Lease records ([`AuditSink::record`]) take the same
+//! path without anyone waiting on them.
+//!
+//! When a batch cannot be committed (the store failed or did not answer
+//! within `store_timeout`), it goes to the spool, and so does every batch
+//! after it until the spool has been shipped: records keep their order.
+//! A shipper task retries the store every second and removes what it
+//! shipped from the spool. Only a full spool (`[audit] spool_max_bytes`)
+//! drops records, counted in `fencepost_audit_records_dropped_total`.
+//!
+//! A kill -9 loses nothing answered: every answered refusal's record is in
+//! the store or in the synced spool, which the next start ships. A crash
+//! in the instant between a shipped batch's commit and its removal from
+//! the spool ships that batch again on the next start (a duplicate, never
+//! a loss).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,11 +32,13 @@ use metrics::Counter;
 use store::Store;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::audit_spool::Spool;
 use crate::config::AuditConfig;
-use crate::metrics::{AUDIT_DROPPED, AUDIT_WRITTEN};
+use crate::metrics::{AUDIT_DROPPED, AUDIT_SPOOLED, AUDIT_WRITTEN};
 
 enum Msg {
-    Record(AuditRecord),
+    /// A record, and who waits for it to be durable, if anyone.
+    Record(AuditRecord, Option<oneshot::Sender<()>>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -30,38 +49,61 @@ pub struct AuditSink {
     dropped: Counter,
 }
 
-/// Attempts per batch before it is dropped; with the backoff below this
-/// bounds a dead store's hold on the queue to about 1.5 s per batch.
-const ATTEMPTS: u32 = 4;
+/// How often the shipper tries the store while the spool holds records.
+const SHIP_EVERY: Duration = Duration::from_secs(1);
 
 impl AuditSink {
-    /// Starts the writer task on the current runtime.
-    pub fn start(store: Arc<dyn Store>, cfg: &AuditConfig) -> AuditSink {
+    /// Starts the writer and the spool shipper on the current runtime.
+    pub fn start(store: Arc<dyn Store>, cfg: &AuditConfig, spool: Spool) -> AuditSink {
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
         let dropped = metrics::counter!(AUDIT_DROPPED);
-        let written = metrics::counter!(AUDIT_WRITTEN);
-        tokio::spawn(writer(
-            store,
-            rx,
-            cfg.batch_size.max(1),
-            cfg.flush_interval,
-            written,
-            dropped.clone(),
-        ));
+        let spool = Arc::new(spool);
+        let writer = Writer {
+            store: Arc::clone(&store),
+            spool: Arc::clone(&spool),
+            batch_size: cfg.batch_size.max(1),
+            interval: cfg.flush_interval,
+            written: metrics::counter!(AUDIT_WRITTEN),
+            spooled: metrics::counter!(AUDIT_SPOOLED),
+            dropped: dropped.clone(),
+        };
+        tokio::spawn(writer.run(rx));
+        tokio::spawn(ship_loop(store, spool, cfg.batch_size.max(1)));
         AuditSink { tx, dropped }
     }
 
-    /// Queues a record; never waits. A full queue or a stopped writer
-    /// counts the record as dropped.
+    /// Queues a record nobody waits for (a lease record); never waits. A
+    /// full queue or a stopped writer counts the record as dropped.
     pub fn record(&self, rec: AuditRecord) {
-        if self.tx.try_send(Msg::Record(rec)).is_err() {
+        if self.tx.try_send(Msg::Record(rec, None)).is_err() {
             self.dropped.increment(1);
             tracing::warn!("audit queue full or closed: record dropped");
         }
     }
 
+    /// Submits a refused write's record and waits until it is durable: in
+    /// the store, or in the synced spool (or dropped and counted, when the
+    /// spool is full). A full queue makes the refusal wait its turn: the
+    /// record must not be lost, and a flood is slowed instead.
+    pub fn durable(
+        &self,
+        rec: AuditRecord,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let tx = self.tx.clone();
+        let dropped = self.dropped.clone();
+        async move {
+            let (done, wait) = oneshot::channel();
+            if tx.send(Msg::Record(rec, Some(done))).await.is_err() {
+                dropped.increment(1);
+                tracing::error!("audit writer stopped: record dropped");
+                return;
+            }
+            let _ = wait.await;
+        }
+    }
+
     /// Waits until every record queued before this call has been written
-    /// (or dropped and counted), or `timeout` passes.
+    /// or spooled (or dropped and counted), or `timeout` passes.
     pub async fn flush(&self, timeout: Duration) -> bool {
         let (done, wait) = oneshot::channel();
         let sent = tokio::time::timeout(timeout, self.tx.send(Msg::Flush(done))).await;
@@ -72,74 +114,105 @@ impl AuditSink {
     }
 }
 
-async fn writer(
+struct Writer {
     store: Arc<dyn Store>,
-    mut rx: mpsc::Receiver<Msg>,
+    spool: Arc<Spool>,
     batch_size: usize,
     interval: Duration,
     written: Counter,
+    spooled: Counter,
     dropped: Counter,
-) {
-    let mut batch: Vec<AuditRecord> = Vec::with_capacity(batch_size);
-    let mut waiters: Vec<oneshot::Sender<()>> = vec![];
-    loop {
-        // Wait for the first message, then gather for up to `interval`.
-        let Some(first) = rx.recv().await else { break };
-        let deadline = tokio::time::Instant::now() + interval;
-        let mut next = Some(first);
-        loop {
-            match next.take() {
-                Some(Msg::Record(r)) => batch.push(r),
-                Some(Msg::Flush(w)) => {
-                    waiters.push(w);
-                    break; // write now
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::Receiver<Msg>) {
+        let mut batch: Vec<AuditRecord> = Vec::with_capacity(self.batch_size);
+        let mut waiters: Vec<oneshot::Sender<()>> = vec![];
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            let mut urgent = false;
+            let deadline = tokio::time::Instant::now() + self.interval;
+            loop {
+                match next.take() {
+                    Some(Msg::Record(r, w)) => {
+                        batch.push(r);
+                        if let Some(w) = w {
+                            waiters.push(w);
+                            urgent = true;
+                        }
+                    }
+                    Some(Msg::Flush(w)) => {
+                        waiters.push(w);
+                        urgent = true;
+                    }
+                    None => {}
                 }
-                None => {}
+                if batch.len() >= self.batch_size {
+                    break;
+                }
+                // Whatever is queued now joins this batch; someone waiting
+                // means no waiting for more (group commit, not a timer).
+                match rx.try_recv() {
+                    Ok(m) => next = Some(m),
+                    Err(_) if urgent => break,
+                    Err(_) => match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(m)) => next = Some(m),
+                        Ok(None) | Err(_) => break,
+                    },
+                }
             }
-            if batch.len() >= batch_size {
-                break;
+            if !batch.is_empty() {
+                self.write(&mut batch).await;
             }
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(m)) => next = Some(m),
-                Ok(None) | Err(_) => break,
+            for w in waiters.drain(..) {
+                let _ = w.send(());
             }
-        }
-        if !batch.is_empty() {
-            write_batch(&*store, &mut batch, &written, &dropped).await;
-        }
-        for w in waiters.drain(..) {
-            let _ = w.send(());
         }
     }
-    if !batch.is_empty() {
-        write_batch(&*store, &mut batch, &written, &dropped).await;
+
+    /// One batch: to the store unless the spool holds older records; to
+    /// the spool when the store fails.
+    async fn write(&self, batch: &mut Vec<AuditRecord>) {
+        if !self.spool.active() {
+            match self.store.append_audit(batch).await {
+                Ok(()) => {
+                    self.written.increment(batch.len() as u64);
+                    batch.clear();
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, records = batch.len(), "audit store write failed; spooling locally");
+                }
+            }
+        }
+        let n = batch.len() as u64;
+        match self.spool.append(std::mem::take(batch)).await {
+            Ok(()) => self.spooled.increment(n),
+            Err(e) => {
+                tracing::error!(error = %e, records = n, "audit spool cannot take the records: dropped");
+                self.dropped.increment(n);
+            }
+        }
     }
 }
 
-async fn write_batch(
-    store: &dyn Store,
-    batch: &mut Vec<AuditRecord>,
-    written: &Counter,
-    dropped: &Counter,
-) {
-    let mut backoff = Duration::from_millis(100);
-    for attempt in 1..=ATTEMPTS {
-        match store.append_audit(batch).await {
-            Ok(()) => {
-                written.increment(batch.len() as u64);
-                batch.clear();
-                return;
+/// Ships the spool to the store whenever it holds records and the store
+/// answers.
+async fn ship_loop(store: Arc<dyn Store>, spool: Arc<Spool>, batch_size: usize) {
+    let mut tick = tokio::time::interval(SHIP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !spool.active() {
+            continue;
+        }
+        match spool.ship(&*store, batch_size).await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics::counter!(AUDIT_WRITTEN).increment(n as u64);
+                tracing::info!(records = n, "audit spool shipped to the store");
             }
-            Err(e) if attempt < ATTEMPTS => {
-                tracing::warn!(error = %e, records = batch.len(), attempt, "audit write failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, records = batch.len(), "audit store down: records dropped");
-            }
+            Err(e) => tracing::debug!(error = %e, "audit spool not shipped yet"),
         }
     }
-    dropped.increment(batch.len() as u64);
-    batch.clear();
 }

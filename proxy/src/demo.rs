@@ -179,7 +179,10 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, Error> {
     let store: Arc<dyn Store> = store::open(&store_url, config.fencing.store_timeout).await?;
     store.migrate().await?;
     let (trigger, sd) = shutdown::channel();
-    let audit = AuditSink::start(Arc::clone(&store), &AuditConfig::default());
+    let spool = crate::audit_spool::default_path(&store_url, &[]);
+    let spool = crate::audit_spool::Spool::open(spool, AuditConfig::default().spool_max_bytes)
+        .map_err(|e| Error::Usage(format!("audit spool: {e}")))?;
+    let audit = AuditSink::start(Arc::clone(&store), &AuditConfig::default(), spool);
     let fencer = Arc::new(Fencer::new(
         Arc::clone(&store),
         audit.clone(),

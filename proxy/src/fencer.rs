@@ -227,7 +227,7 @@ impl Fencer {
             Ok((resource, token)) => self.admit(resource, token).await,
             Err(r) => Err(r),
         };
-        self.conclude(counters, decided, info)
+        self.conclude(counters, decided, info).await
     }
 
     /// Decides again a write admitted before with this verified number (a
@@ -240,10 +240,12 @@ impl Fencer {
         info: &WriteInfo<'_>,
     ) -> Decision<'a> {
         let decided = self.admit(resource, token).await;
-        self.conclude(counters, decided, info)
+        self.conclude(counters, decided, info).await
     }
 
-    fn conclude<'a>(
+    /// Counts an admission, or audits a refusal and waits until its record
+    /// is durable: a refusal is answered only after that.
+    async fn conclude<'a>(
         &self,
         counters: &WriteCounters,
         decided: Result<(Admission<'a>, bool), Refusal>,
@@ -258,17 +260,24 @@ impl Fencer {
                 Decision::Admit(admission)
             }
             Err(refusal) => {
-                self.refused(counters, &refusal, info);
+                self.refused(counters, &refusal, info).await;
                 Decision::Refuse(refusal)
             }
         }
     }
 
     /// Every refusal, the proxies' and the database guard's, is audited,
-    /// counted and logged here, once.
-    pub fn refused(&self, counters: &WriteCounters, refusal: &Refusal, info: &WriteInfo<'_>) {
+    /// counted and logged here, once. The returned future resolves when
+    /// its audit record is durable (store or spool); the refusal must not
+    /// be answered before (guarantee 5).
+    pub fn refused(
+        &self,
+        counters: &WriteCounters,
+        refusal: &Refusal,
+        info: &WriteInfo<'_>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         counters.refused(refusal.reason);
-        self.audit.record(AuditRecord::new(
+        let durable = self.audit.durable(AuditRecord::new(
             now_ms(),
             refusal.resource.as_ref().map(ResourceName::as_str),
             info.protocol,
@@ -287,6 +296,7 @@ impl Fencer {
             client = %info.client,
             "write refused"
         );
+        durable
     }
 
     /// The resource and the verified number, or why the inputs cannot be

@@ -35,6 +35,7 @@ use std::process::ExitCode;
 mod admin;
 mod audit_cmd;
 mod audit_sink;
+mod audit_spool;
 pub mod cli;
 mod client;
 mod cluster;

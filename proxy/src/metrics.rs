@@ -19,6 +19,7 @@ pub const EXPIRIES: &str = "fencepost_elector_expiries_total";
 pub const RELEASES: &str = "fencepost_elector_releases_total";
 pub const AUDIT_WRITTEN: &str = "fencepost_audit_records_written_total";
 pub const AUDIT_DROPPED: &str = "fencepost_audit_records_dropped_total";
+pub const AUDIT_SPOOLED: &str = "fencepost_audit_records_spooled_total";
 pub const CONNECTIONS_OPEN: &str = "fencepost_connections_open";
 pub const CONNECTIONS_REJECTED: &str = "fencepost_connections_rejected_total";
 pub const REPLICAS_LIVE: &str = "fencepost_replicas_live";
@@ -90,7 +91,11 @@ fn describe() {
     metrics::describe_counter!(AUDIT_WRITTEN, "Audit records written to the store.");
     metrics::describe_counter!(
         AUDIT_DROPPED,
-        "Audit records lost because the store was down or the queue full."
+        "Audit records lost: the spool was full (or, for lease records, the queue)."
+    );
+    metrics::describe_counter!(
+        AUDIT_SPOOLED,
+        "Audit records written to the local spool while the store was slow or down."
     );
     metrics::describe_gauge!(
         CONNECTIONS_OPEN,

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::audit_sink::AuditSink;
+use crate::audit_spool::{self, Spool};
 use crate::cli::{MigrateArgs, ServeArgs};
 use crate::cluster::{self, Tier};
 use crate::config::{Config, LogFormat};
@@ -315,7 +316,7 @@ pub async fn start(
     })
     .await;
 
-    let audit = AuditSink::start(Arc::clone(&store), &config.audit);
+    let audit = AuditSink::start(Arc::clone(&store), &config.audit, open_spool(&config)?);
     let mut fencer = Fencer::new(
         Arc::clone(&store),
         audit.clone(),
@@ -502,4 +503,23 @@ pub async fn migrate(args: MigrateArgs) -> Result<ExitCode, Error> {
     store.migrate().await?;
     println!("migrated {} store {url}", store.kind());
     Ok(ExitCode::SUCCESS)
+}
+
+/// The process's audit spool: `[audit] spool`, or the default name for its
+/// store and listen addresses (one spool per process, found again by a
+/// restart with the same config).
+fn open_spool(config: &Config) -> Result<Spool, Error> {
+    let path = match &config.audit.spool {
+        Some(p) => p.clone(),
+        None => {
+            let mut listens: Vec<String> = Vec::new();
+            listens.extend(config.admin.iter().map(|a| a.listen.to_string()));
+            listens.extend(config.elector.iter().map(|e| e.listen.to_string()));
+            listens.extend(config.http.iter().map(|h| h.listen.to_string()));
+            listens.extend(config.postgres.iter().map(|p| p.listen.to_string()));
+            audit_spool::default_path(&config.store, &listens)
+        }
+    };
+    Spool::open(path, config.audit.spool_max_bytes)
+        .map_err(|e| Error::Usage(format!("audit spool: {e}")))
 }

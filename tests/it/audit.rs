@@ -2,7 +2,9 @@
 //! elector decides (grant, denial, release, expiry, refused renewal, and
 //! renewals when asked for) is a record of its own `kind`, with holder,
 //! tokens and client address, filtered by kind in `/v1/audit` and in
-//! `fencepost audit`.
+//! `fencepost audit`. And guarantee 5's durability: every refusal that
+//! was answered has its record after a kill -9, with the store up (in the
+//! store) and down (in the spool, shipped by the restarted process).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -222,4 +224,129 @@ async fn renewals_are_audited_when_asked_for() {
         .all(|v| v["holder"] == "h" && v["reason"] == "renewed"));
     tokio::time::sleep(Duration::from_millis(100)).await;
     audit(&admin, "kind=lease_renewed", 3).await;
+}
+
+/// `n` stale writes (token 3 under mark 10) on `resource` through the proxy
+/// at `http`, eight clients at once; every one must be answered 409.
+async fn stale_flood(http: SocketAddr, resource: &str, n: usize) {
+    let url = format!("http://{http}/kv/flood");
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (url, next, resource) = (url.clone(), next.clone(), resource.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n {
+                let r = send(
+                    c.put(&url)
+                        .header("Fencing-Token", "3")
+                        .header("Fencing-Resource", resource.as_str())
+                        .body("stale"),
+                )
+                .await;
+                assert_eq!(r.status, 409, "{}", r.text);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// A proxy in front of a test upstream over `store`, as a real process,
+/// with the mark of `resource` at 10.
+async fn proxy_at_ten(
+    dir: &TempDir,
+    store: &str,
+    resource: &str,
+) -> (Server, SocketAddr, SocketAddr, Upstream) {
+    let up = Upstream::start().await;
+    let mut conf = Conf::store(store);
+    conf.set("fencing", "store_timeout", "1s");
+    let admin = conf.admin(Section::new());
+    let http = conf.http(Section::to(format!("http://{}", up.addr)));
+    let server = Server::run(dir.path(), conf).await;
+    let ok = eventually(20, || async {
+        (put(
+            &format!("http://{http}/kv/flood"),
+            Some("10"),
+            Some(resource),
+            "new",
+        )
+        .await
+        .0 == 200)
+            .then_some(())
+    })
+    .await;
+    assert!(ok.is_some(), "token 10 never admitted");
+    (server, admin, http, up)
+}
+
+#[tokio::test]
+async fn answered_refusals_survive_kill_9_with_the_store_up() {
+    const N: usize = 50;
+    let dir = TempDir::new("fp-audit-kill");
+    let store = format!("sqlite://{}/fp.db", dir.path().display());
+    let (mut server, _admin, http, _up) = proxy_at_ten(&dir, &store, "k9").await;
+    stale_flood(http, "k9", N).await;
+    server.kill9();
+    // Straight from the store: no restart, no flush, nothing in memory.
+    let cfg = server.config.to_string_lossy().into_owned();
+    let (code, out, err) = run_cli(
+        &[
+            "audit",
+            "--config",
+            &cfg,
+            "--resource",
+            "k9",
+            "--limit",
+            "1000",
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let stale = out.lines().filter(|l| l.contains("\"stale\"")).count();
+    assert_eq!(
+        stale, N,
+        "every answered refusal's record is in the store:\n{out}"
+    );
+}
+
+#[tokio::test]
+async fn answered_refusals_survive_kill_9_with_the_store_down() {
+    const N: usize = 50;
+    let db = TestDb::create("fp_audit_spool").await;
+    let pg: SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let shim = Shim::start(pg).await;
+    let store = db.url.replace("127.0.0.1:5432", &shim.addr.to_string());
+    let dir = TempDir::new("fp-audit-spool");
+    let (mut server, admin, http, _up) = proxy_at_ten(&dir, &store, "sp").await;
+    shim.cut();
+    // Fenced from memory, audited into the local spool.
+    stale_flood(http, "sp", N).await;
+    server.kill9();
+    let spooled: usize = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".spool"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap().lines().count())
+        .sum();
+    assert_eq!(spooled, N, "the spool holds every answered refusal");
+    shim.restore();
+    server.restart();
+    server.wait_ready().await;
+    let url = format!("http://{admin}/v1/audit?kind=refused_write&resource=sp&limit=1000");
+    let shipped = eventually(30, || async {
+        let (_, b) = get(&url, None).await;
+        let v: Vec<Value> = serde_json::from_str(&b).ok()?;
+        (v.len() >= N).then_some(v.len())
+    })
+    .await;
+    assert_eq!(shipped, Some(N), "the restarted server shipped the spool");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, b) = get(&url, None).await;
+    let v: Vec<Value> = serde_json::from_str(&b).unwrap();
+    assert_eq!(v.len(), N, "shipped once");
+    assert!(v.iter().all(|r| r["reason"] == "stale"));
 }

@@ -92,7 +92,7 @@ async fn audit_records_are_flushed_on_graceful_shutdown() {
 }
 
 #[tokio::test]
-async fn store_outage_fails_closed_counts_lost_audit_records_and_recovers() {
+async fn store_outage_fails_closed_spools_audit_records_and_recovers() {
     let db = TestDb::create("fp_ops_outage").await;
     let pg: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
     let shim = Shim::start(pg).await;
@@ -118,12 +118,13 @@ async fn store_outage_fails_closed_counts_lost_audit_records_and_recovers() {
     assert_eq!(put(&url, Some("4"), Some("orders"), "c").await.0, 409);
     // A resource never seen cannot be decided without the store.
     assert_eq!(put(&url, Some("1"), Some("other"), "d").await.0, 503);
-    let dropped = eventually(30, || async {
-        let (_, m) = get(&format!("http://{admin}/metrics"), None).await;
-        metric(&m, "fencepost_audit_records_dropped_total").filter(|v| *v >= 1.0)
-    })
-    .await;
-    assert!(dropped.is_some(), "lost audit records were not counted");
+    // The three refusals were answered with their records in the spool.
+    let (_, m) = get(&format!("http://{admin}/metrics"), None).await;
+    assert_eq!(
+        metric(&m, "fencepost_audit_records_spooled_total"),
+        Some(3.0),
+        "{m}"
+    );
     assert_eq!(get(&format!("http://{admin}/readyz"), None).await.0, 503);
 
     shim.restore();
@@ -141,6 +142,35 @@ async fn store_outage_fails_closed_counts_lost_audit_records_and_recovers() {
         tokens,
         vec!["5", "6"],
         "only admitted writes reached the upstream"
+    );
+    // The spool was shipped, in order, ahead of the refusal after it.
+    let reasons = eventually(20, || async {
+        let (_, b) = get(&format!("http://{admin}/v1/audit?kind=refused_write"), None).await;
+        let v: Vec<Value> = serde_json::from_str(&b).ok()?;
+        let r: Vec<String> = v
+            .iter()
+            .rev()
+            .map(|r| r["reason"].as_str().unwrap_or("").to_owned())
+            .collect();
+        (r.len() == 4).then_some(r)
+    })
+    .await;
+    assert_eq!(
+        reasons.as_deref(),
+        Some(
+            &[
+                "unavailable".to_owned(),
+                "stale".into(),
+                "unavailable".into(),
+                "stale".into()
+            ][..]
+        ),
+        "no record lost to the outage"
+    );
+    let (_, m) = get(&format!("http://{admin}/metrics"), None).await;
+    assert_eq!(
+        metric(&m, "fencepost_audit_records_dropped_total"),
+        Some(0.0)
     );
 }
 

@@ -34,6 +34,8 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("audit", "batch_size"),
     ("audit", "flush_interval"),
     ("audit", "queue_capacity"),
+    ("audit", "spool"),
+    ("audit", "spool_max_bytes"),
     ("fencing", "drain_timeout"),
     ("fencing", "store_timeout"),
     ("fencing", "token_cache_size"),

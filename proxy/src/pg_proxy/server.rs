@@ -20,6 +20,7 @@ pub(super) async fn server_loop(ctx: &Ctx, mut sr: OwnedReadHalf) {
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut out = BytesMut::new();
     let mut client_gone = false;
+    let mut durable: Vec<Durable> = Vec::new();
     loop {
         loop {
             let frame = match split_frame(&mut buf, ctx.proxy.max_frame) {
@@ -39,10 +40,14 @@ pub(super) async fn server_loop(ctx: &Ctx, mut sr: OwnedReadHalf) {
                     return;
                 }
             };
-            match on_server_frame(ctx, &frame) {
+            match on_server_frame(ctx, &frame, &mut durable) {
                 Some(replacement) => out.extend_from_slice(&replacement),
                 None => out.extend_from_slice(frame.raw()),
             }
+        }
+        // A guard refusal is answered only once its audit record is durable.
+        for d in durable.drain(..) {
+            d.await;
         }
         if !out.is_empty() {
             if !client_gone && !ctx.to_client(&out).await {
@@ -67,11 +72,15 @@ fn finish(ctx: &Ctx) {
     ctx.answered.notify_waiters();
 }
 
-/// Bookkeeping for one server message; returns a replacement for it.
-fn on_server_frame(ctx: &Ctx, frame: &Frame) -> Option<Bytes> {
+/// Waits until a guard refusal's audit record is durable.
+type Durable = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Bookkeeping for one server message; returns a replacement for it, and
+/// adds to `durable` what must be awaited before it is relayed.
+fn on_server_frame(ctx: &Ctx, frame: &Frame, durable: &mut Vec<Durable>) -> Option<Bytes> {
     let answered = ctx.lock().on_server(frame);
     if let Some(refused) = answered.guard_refused {
-        guard_refused(ctx, refused);
+        durable.push(Box::pin(guard_refused(ctx, refused)));
     }
     if answered.ready {
         if let Some(t) = answered.started {
@@ -85,7 +94,10 @@ fn on_server_frame(ctx: &Ctx, frame: &Frame) -> Option<Bytes> {
 /// The proxy had admitted (and counted) this write; the database guard
 /// refused it. The refusal is audited and counted where every other one
 /// is, by the fencer.
-fn guard_refused(ctx: &Ctx, refused: GuardRefused<GuardCall>) {
+fn guard_refused(
+    ctx: &Ctx,
+    refused: GuardRefused<GuardCall>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let GuardRefused {
         payload: call,
         current,
@@ -111,5 +123,5 @@ fn guard_refused(ctx: &Ctx, refused: GuardRefused<GuardCall>) {
     };
     ctx.proxy
         .fencer
-        .refused(&ctx.proxy.counters, &refusal, &info);
+        .refused(&ctx.proxy.counters, &refusal, &info)
 }
