@@ -206,6 +206,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, Error> {
             signer: None,
             auth_token: None,
             audit_renewals: false,
+            resource_labels: true,
         },
         audit.clone(),
     );

@@ -17,6 +17,11 @@ pub const GRANTS: &str = "fencepost_elector_grants_total";
 pub const RENEWALS: &str = "fencepost_elector_renewals_total";
 pub const EXPIRIES: &str = "fencepost_elector_expiries_total";
 pub const RELEASES: &str = "fencepost_elector_releases_total";
+pub const ACQUISITION_SECONDS: &str = "fencepost_lease_acquisition_seconds";
+pub const TENURE_SECONDS: &str = "fencepost_leadership_tenure_seconds";
+pub const RENEWALS_REFUSED: &str = "fencepost_lease_renewals_refused_total";
+pub const TRANSITIONS: &str = "fencepost_lease_transitions_total";
+pub const LEASES_HELD: &str = "fencepost_leases_held";
 pub const AUDIT_WRITTEN: &str = "fencepost_audit_records_written_total";
 pub const AUDIT_DROPPED: &str = "fencepost_audit_records_dropped_total";
 pub const AUDIT_SPOOLED: &str = "fencepost_audit_records_spooled_total";
@@ -88,6 +93,23 @@ fn describe() {
     metrics::describe_counter!(RENEWALS, "Leases renewed by the elector.");
     metrics::describe_counter!(EXPIRIES, "Leases that expired without release.");
     metrics::describe_counter!(RELEASES, "Leases released by their holder.");
+    metrics::describe_histogram!(
+        ACQUISITION_SECONDS,
+        "Granted acquires: from the elector receiving the request to the grant committed."
+    );
+    metrics::describe_histogram!(
+        TENURE_SECONDS,
+        "How long a holder led: from its grant to its release or expiry."
+    );
+    metrics::describe_counter!(
+        RENEWALS_REFUSED,
+        "Renewals refused because the caller no longer held the lease."
+    );
+    metrics::describe_counter!(
+        TRANSITIONS,
+        "Leadership changes (a new token granted), per resource."
+    );
+    metrics::describe_gauge!(LEASES_HELD, "Leases live now, as this elector knows them.");
     metrics::describe_counter!(AUDIT_WRITTEN, "Audit records written to the store.");
     metrics::describe_counter!(
         AUDIT_DROPPED,

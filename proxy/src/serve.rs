@@ -342,7 +342,8 @@ pub async fn start(
 
     let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
     if let (Some(ecfg), Some(listener)) = (&config.elector, elector_listener) {
-        let settings = elector::ElectorSettings::from_config(ecfg)?;
+        let mut settings = elector::ElectorSettings::from_config(ecfg)?;
+        settings.resource_labels = config.admin.as_ref().is_none_or(|a| a.resource_labels);
         let el = elector::Elector::new(Arc::clone(&store), settings, audit.clone());
         // Fence at grant in this process. On a tier the store already made
         // the grant an advance every replica learns of.

@@ -5,6 +5,8 @@
 //! `fencepost audit`. And guarantee 5's durability: every refusal that
 //! was answered has its record after a kill -9, with the store up (in the
 //! store) and down (in the spool, shipped by the restarted process).
+//! And the election metrics: acquisition latency, tenure, renewals
+//! refused, transitions, leases held.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -349,4 +351,89 @@ async fn answered_refusals_survive_kill_9_with_the_store_down() {
     let v: Vec<Value> = serde_json::from_str(&b).unwrap();
     assert_eq!(v.len(), N, "shipped once");
     assert!(v.iter().all(|r| r["reason"] == "stale"));
+}
+
+fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn election_metrics_count_what_happened() {
+    let dir = TempDir::new("fp-election-metrics");
+    let mut conf = Conf::sqlite(dir.path());
+    let el = conf.elector(Section::new().set("min_ttl", "50ms"));
+    let admin = conf.admin(Section::new());
+    // A process of its own: /metrics is per process.
+    let _server = Server::run(dir.path(), conf).await;
+    let (el, admin) = (format!("http://{el}"), format!("http://{admin}"));
+    let scrape = || async { get(&format!("{admin}/metrics"), None).await.1 };
+
+    let m = scrape().await;
+    assert_eq!(
+        metric(&m, "fencepost_lease_renewals_refused_total"),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "fencepost_leases_held"), Some(0.0), "{m}");
+
+    let a = granted(
+        &lease(
+            &el,
+            "m",
+            "acquire",
+            json!({"holder": "a", "ttl_ms": 10_000}),
+        )
+        .await,
+    );
+    assert_eq!(
+        lease(&el, "m", "acquire", json!({"holder": "b"}))
+            .await
+            .status,
+        409
+    );
+    assert_eq!(
+        lease(&el, "m", "renew", json!({"holder": "b", "token": a}))
+            .await
+            .status,
+        409
+    );
+    let m = scrape().await;
+    assert_eq!(metric(&m, "fencepost_leases_held"), Some(1.0), "{m}");
+    assert_eq!(
+        metric(&m, "fencepost_lease_renewals_refused_total"),
+        Some(1.0)
+    );
+    assert_eq!(
+        lease(&el, "m", "release", json!({"holder": "a", "token": a}))
+            .await
+            .status,
+        204
+    );
+    granted(&lease(&el, "m", "acquire", json!({"holder": "b", "ttl_ms": 200})).await);
+    let m = eventually(10, || async {
+        let m = scrape().await;
+        (metric(&m, "fencepost_leadership_tenure_seconds_count") == Some(2.0)).then_some(m)
+    })
+    .await
+    .expect("the release and the expiry observed as tenures");
+    assert_eq!(metric(&m, "fencepost_leases_held"), Some(0.0), "{m}");
+    assert_eq!(
+        metric(&m, "fencepost_lease_transitions_total{resource=\"m\"}"),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "fencepost_lease_acquisition_seconds_count"),
+        Some(2.0),
+        "{m}"
+    );
+    let tenure = metric(&m, "fencepost_leadership_tenure_seconds_sum").unwrap();
+    assert!(
+        (0.2..10.0).contains(&tenure),
+        "a's term plus b's 200 ms: {tenure}"
+    );
 }

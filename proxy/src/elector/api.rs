@@ -616,7 +616,12 @@ async fn acquire(
         holder: body.holder,
         ttl_ms: ttl,
     };
+    let received = std::time::Instant::now();
     let (outcome, now) = apply(el, resource, &op).await?;
+    if matches!(outcome, LeaseOutcome::Granted { .. }) {
+        metrics::histogram!(crate::metrics::ACQUISITION_SECONDS)
+            .record(received.elapsed().as_secs_f64());
+    }
     audit_acquire(el, resource, op.holder(), &outcome, now, client_addr);
     match &outcome {
         LeaseOutcome::Granted { lease, previous } => {
@@ -665,6 +670,7 @@ async fn renew(
             Ok(grant_response(el, lease, op.holder()))
         }
         LeaseOutcome::NotHolder { lease } => {
+            metrics::counter!(crate::metrics::RENEWALS_REFUSED).increment(1);
             let mut p = Problem::new(
                 StatusCode::CONFLICT,
                 problem::LEASE_LOST,

@@ -56,6 +56,8 @@ pub struct ElectorSettings {
     pub auth_token: Option<String>,
     /// Audit successful renewals too (`lease_renewed`).
     pub audit_renewals: bool,
+    /// Label the transitions metric by resource (`[admin] resource_labels`).
+    pub resource_labels: bool,
 }
 
 impl ElectorSettings {
@@ -76,6 +78,7 @@ impl ElectorSettings {
             signer,
             auth_token: cfg.token.clone(),
             audit_renewals: cfg.audit_renewals,
+            resource_labels: true,
         })
     }
 }
@@ -170,6 +173,8 @@ struct Known {
     /// Holder of that token while its lease is believed running; `None`
     /// once its release or expiry has been announced.
     holder: Option<String>,
+    /// When the announced token was granted (for the tenure metric).
+    granted_at_ms: i64,
     expires_at_ms: i64,
     ttl_ms: i64,
 }
@@ -216,6 +221,9 @@ impl Elector {
     pub fn new(store: Arc<dyn Store>, settings: ElectorSettings, audit: AuditSink) -> Arc<Elector> {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let (closing, _) = watch_chan::channel(false);
+        // There from the start, so an alert on them has a series to read.
+        metrics::counter!(crate::metrics::RENEWALS_REFUSED).increment(0);
+        metrics::gauge!(crate::metrics::LEASES_HELD).set(0.0);
         Arc::new(Elector {
             store,
             audit,
@@ -322,6 +330,7 @@ impl Elector {
         let k = map.entry(rec.resource.clone()).or_insert(Known {
             token: 0,
             holder: None,
+            granted_at_ms: 0,
             expires_at_ms: 0,
             ttl_ms: 0,
         });
@@ -330,6 +339,7 @@ impl Elector {
             *k = Known {
                 token: rec.token,
                 holder: rec.live_holder(now).map(str::to_owned),
+                granted_at_ms: rec.granted_at_ms,
                 expires_at_ms: rec.expires_at_ms,
                 ttl_ms: rec.ttl_ms,
             };
@@ -341,7 +351,14 @@ impl Elector {
                 } else {
                     EventKind::Released
                 };
-                self.count_end(kind, &rec.resource, &old, k.token, k.expires_at_ms);
+                self.count_end(
+                    kind,
+                    &rec.resource,
+                    &old,
+                    k.token,
+                    k.granted_at_ms,
+                    k.expires_at_ms,
+                );
                 out.push(self.event(
                     kind,
                     &rec.resource,
@@ -354,9 +371,11 @@ impl Elector {
             *k = Known {
                 token: rec.token,
                 holder: rec.holder.clone(),
+                granted_at_ms: rec.granted_at_ms,
                 expires_at_ms: rec.expires_at_ms,
                 ttl_ms: rec.ttl_ms,
             };
+            self.count_transition(&rec.resource);
             out.push(self.event(
                 EventKind::Granted,
                 &rec.resource,
@@ -375,7 +394,8 @@ impl Elector {
                         &rec.resource,
                         &old,
                         k.token,
-                        k.expires_at_ms,
+                        k.granted_at_ms,
+                        now,
                     );
                     out.push(self.event(
                         EventKind::Released,
@@ -410,6 +430,9 @@ impl Elector {
             }
         }
         let watch_expiry = k.holder.is_some();
+        if !out.is_empty() {
+            set_held(&map);
+        }
         for ev in out {
             // No subscribers is fine: events are a courtesy, the store is the truth.
             let _ = self.events.send(ev);
@@ -447,7 +470,14 @@ impl Elector {
             return;
         }
         if let Some(old) = k.holder.take() {
-            self.count_end(EventKind::Expired, resource, &old, k.token, k.expires_at_ms);
+            self.count_end(
+                EventKind::Expired,
+                resource,
+                &old,
+                k.token,
+                k.granted_at_ms,
+                k.expires_at_ms,
+            );
             let ev = self.event(
                 EventKind::Expired,
                 resource,
@@ -456,6 +486,7 @@ impl Elector {
                 k.expires_at_ms,
                 k.ttl_ms,
             );
+            set_held(&map);
             let _ = self.events.send(ev);
         }
     }
@@ -489,8 +520,12 @@ impl Elector {
         resource: &str,
         holder: &str,
         token: u64,
-        expired_at: i64,
+        granted_at: i64,
+        ended_at: i64,
     ) {
+        let tenure_ms = ended_at.saturating_sub(granted_at).max(0);
+        metrics::histogram!(crate::metrics::TENURE_SECONDS).record(tenure_ms as f64 / 1000.0);
+        let expired_at = ended_at;
         if kind == EventKind::Expired {
             metrics::counter!(crate::metrics::EXPIRIES).increment(1);
             tracing::info!(resource, holder, token, "lease expired");
@@ -508,10 +543,26 @@ impl Elector {
         }
     }
 
+    /// A new token: one leadership transition on `resource`.
+    fn count_transition(&self, resource: &str) {
+        if self.settings.resource_labels {
+            metrics::counter!(crate::metrics::TRANSITIONS, "resource" => resource.to_owned())
+                .increment(1);
+        } else {
+            metrics::counter!(crate::metrics::TRANSITIONS).increment(1);
+        }
+    }
+
     /// Queues one leadership record in the process's audit log.
     pub(crate) fn record(&self, e: LeaseAudit<'_>) {
         self.audit.record(AuditRecord::lease(now_ms(), e));
     }
+}
+
+/// The leases-held gauge, from the announced view.
+fn set_held(map: &HashMap<String, Known>) {
+    let held = map.values().filter(|k| k.holder.is_some()).count();
+    metrics::gauge!(crate::metrics::LEASES_HELD).set(held as f64);
 }
 
 #[cfg(test)]
