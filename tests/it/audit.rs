@@ -353,14 +353,6 @@ async fn answered_refusals_survive_kill_9_with_the_store_down() {
     assert!(v.iter().all(|r| r["reason"] == "stale"));
 }
 
-fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(name_and_labels))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn election_metrics_count_what_happened() {
     let dir = TempDir::new("fp-election-metrics");

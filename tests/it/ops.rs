@@ -22,14 +22,6 @@ fn config(
     (conf, admin, http)
 }
 
-fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(name_and_labels))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn audit_records_are_flushed_on_graceful_shutdown() {
     let dir = TempDir::new("fp-flush");

@@ -307,6 +307,16 @@ impl Drop for Shim {
     }
 }
 
+/// The value of the first sample of `name_and_labels` (a metric name, or
+/// a name with its `{labels}`) in Prometheus text.
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// GETs a URL and returns (status, body).
 pub async fn get(url: &str, bearer: Option<&str>) -> (u16, String) {
     let mut req = reqwest::Client::new().get(url);
