@@ -182,10 +182,21 @@ pub struct Arrival {
     pub method: String,
     pub path: String,
     pub token: Option<String>,
+    /// When the request arrived (its body read) and when its answer was
+    /// sent: the window in which it was in flight at the upstream.
+    pub at: Instant,
+    pub done: Option<Instant>,
 }
 
 impl Upstream {
     pub async fn start() -> Upstream {
+        Self::start_holding(0).await
+    }
+
+    /// An upstream that holds each request 0..`hold_ms` ms (a fresh draw
+    /// each) before answering, so writes overlap there and a drain that
+    /// fails to wait for them shows in [`Arrival::done`].
+    pub async fn start_holding(hold_ms: u64) -> Upstream {
         use hyper::service::service_fn;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -211,11 +222,22 @@ impl Upstream {
                                 .map(str::to_owned);
                             let (parts, body) = req.into_parts();
                             let _ = body.collect().await;
-                            log.lock().unwrap().push(Arrival {
-                                method: parts.method.to_string(),
-                                path: parts.uri.path().to_string(),
-                                token,
-                            });
+                            let i = {
+                                let mut l = log.lock().unwrap();
+                                l.push(Arrival {
+                                    method: parts.method.to_string(),
+                                    path: parts.uri.path().to_string(),
+                                    token,
+                                    at: Instant::now(),
+                                    done: None,
+                                });
+                                l.len() - 1
+                            };
+                            if hold_ms > 0 {
+                                let ms = rand::random::<u64>() % hold_ms;
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                            }
+                            log.lock().unwrap()[i].done = Some(Instant::now());
                             Ok::<_, std::convert::Infallible>(hyper::Response::new(
                                 http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
                             ))
@@ -242,11 +264,13 @@ impl Drop for Upstream {
 }
 
 /// A TCP forwarder on loopback that a test can cut and restore, to take a
-/// dependency (the store) away and give it back without touching it.
+/// dependency (the store) away and give it back without touching it, or
+/// slow down ([`Shim::delay`]).
 pub struct Shim {
     pub addr: SocketAddr,
     up: std::sync::Arc<std::sync::atomic::AtomicBool>,
     generation: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -258,12 +282,13 @@ impl Shim {
             .expect("bind shim");
         let addr = listener.local_addr().expect("shim addr");
         let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let delay_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (gen_tx, _) = tokio::sync::watch::channel(0u64);
         let generation = std::sync::Arc::new(gen_tx);
-        let (up2, gen2) = (up.clone(), generation.clone());
+        let (up2, gen2, delay2) = (up.clone(), generation.clone(), delay_ms.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut client, _)) = listener.accept().await else {
+                let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
                 if !up2.load(Ordering::SeqCst) {
@@ -271,12 +296,16 @@ impl Shim {
                     continue;
                 }
                 let mut cut = gen2.subscribe();
+                let delay = delay2.clone();
                 tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                    let Ok(server) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = pump(cr, sw, delay.clone()) => {}
+                        _ = pump(sr, cw, delay) => {}
                         _ = cut.changed() => {}
                     }
                 });
@@ -286,6 +315,7 @@ impl Shim {
             addr,
             up,
             generation,
+            delay_ms,
             task,
         }
     }
@@ -298,6 +328,35 @@ impl Shim {
 
     pub fn restore(&self) {
         self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Holds every chunk `ms` ms before passing it on, both ways (0: none).
+    pub fn delay(&self, ms: u64) {
+        self.delay_ms.store(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// One direction of a [`Shim`]: copies until either end closes, each chunk
+/// held the shim's current delay first (order is kept: one chunk at a time).
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let ms = delay_ms.load(std::sync::atomic::Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
