@@ -209,6 +209,14 @@ pub trait Store: Send + Sync + 'static {
         Err(replicas::unsupported(self.kind()))
     }
 
+    /// Deletes the rows of replicas whose lease expired more than
+    /// `retention_ms` ago by the store's clock (killed, never left), with
+    /// their acknowledgements, so the tables stay as small as the tier.
+    /// Returns how many replicas were removed.
+    async fn replica_prune(&self, _retention_ms: i64) -> Result<u64, StoreError> {
+        Err(replicas::unsupported(self.kind()))
+    }
+
     /// A session listening for the tier's notifications (advances, acks).
     async fn tier_notifications(&self) -> Result<Box<dyn Notifications>, StoreError> {
         Err(replicas::unsupported(self.kind()))

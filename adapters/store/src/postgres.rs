@@ -426,6 +426,10 @@ impl Store for PgStore {
         self.pg_replica_leave(id).await
     }
 
+    async fn replica_prune(&self, retention_ms: i64) -> Result<u64, StoreError> {
+        self.pg_replica_prune(retention_ms).await
+    }
+
     async fn tier_notifications(&self) -> Result<Box<dyn Notifications>, StoreError> {
         self.pg_tier_notifications().await
     }

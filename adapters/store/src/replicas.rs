@@ -334,6 +334,30 @@ impl PgStore {
         Ok(())
     }
 
+    /// One statement: the long-expired replicas and their acks, and any
+    /// ack left by a replica whose row is gone (an ack written late by a
+    /// pruned replica that woke up). Safe for
+    /// a replica that was only paused that long: its next renewal inserts
+    /// its row again with a fresh `joined_seq`, exactly as a new replica
+    /// joins, and it reads the advances above its own cursor before it
+    /// admits again; an advancer never waits for an expired lease anyway.
+    pub(crate) async fn pg_replica_prune(&self, retention_ms: i64) -> Result<u64, StoreError> {
+        let gone: i64 = sqlx::query_scalar(
+            "WITH gone AS (DELETE FROM replicas \
+                           WHERE expires_at < now() - $1 * interval '1 millisecond' \
+                           RETURNING id), \
+                  acks_gone AS (DELETE FROM acks WHERE replica_id IN (SELECT id FROM gone) \
+                                OR NOT EXISTS (SELECT 1 FROM replicas r \
+                                               WHERE r.id = acks.replica_id)) \
+             SELECT count(*) FROM gone",
+        )
+        .bind(retention_ms as f64)
+        .fetch_one(self.pool())
+        .await
+        .map_err(classify)?;
+        Ok(u64::try_from(gone).unwrap_or(0))
+    }
+
     pub(crate) async fn pg_tier_notifications(&self) -> Result<Box<dyn Notifications>, StoreError> {
         let mut listener = PgListener::connect_with(self.pool())
             .await

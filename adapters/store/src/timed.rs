@@ -188,6 +188,10 @@ impl<S: Store> Store for TimedStore<S> {
         bounded(self.call, self.inner.replica_leave(id)).await
     }
 
+    async fn replica_prune(&self, retention_ms: i64) -> Result<u64, StoreError> {
+        bounded(self.call, self.inner.replica_prune(retention_ms)).await
+    }
+
     async fn tier_notifications(&self) -> Result<Box<dyn Notifications>, StoreError> {
         bounded(self.call, self.inner.tier_notifications()).await
     }

@@ -1097,3 +1097,56 @@ async fn postgres_recovers_after_an_outage_without_reopening() {
     })
     .await;
 }
+
+/// The tier's tables stay as small as the tier: a replica whose lease
+/// expired longer ago than the retention is pruned with its acks (and an
+/// ack whose replica row is gone goes too); a live one, and one expired
+/// more recently, keep theirs; a pruned replica that renews again is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_prunes_long_expired_replicas_and_their_acks() {
+    run(Backend::Postgres, |fx: Arc<Fixture>| async move {
+        let s = fx.open_migrated().await;
+        s.replica_renew("live", "a", 0, 60_000, None).await.unwrap();
+        s.replica_renew("gone", "b", 0, 1, None).await.unwrap();
+        s.replica_renew("recent", "c", 0, 1, None).await.unwrap();
+        for id in ["live", "gone", "recent", "orphan"] {
+            s.replica_ack("r", id, 5).await.unwrap();
+            s.replica_ack("q", id, 6).await.unwrap();
+        }
+        let mut c = sqlx::PgConnection::connect(&fx.url).await.unwrap();
+        // "gone" expired an hour ago, "recent" a moment ago.
+        sqlx::query(
+            "UPDATE fencepost_store.replicas SET expires_at = now() - interval '1 hour' \
+             WHERE id = 'gone'",
+        )
+        .execute(&mut c)
+        .await
+        .unwrap();
+        assert_eq!(s.replica_prune(60_000).await.unwrap(), 1);
+        let left: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM fencepost_store.replicas ORDER BY id")
+                .fetch_all(&mut c)
+                .await
+                .unwrap();
+        assert_eq!(left, ["live", "recent"]);
+        let acks: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT replica_id FROM fencepost_store.acks ORDER BY 1")
+                .fetch_all(&mut c)
+                .await
+                .unwrap();
+        assert_eq!(acks, ["live", "recent"]);
+        // Nothing more to prune; a pruned replica that renews is back.
+        assert_eq!(s.replica_prune(60_000).await.unwrap(), 0);
+        s.replica_renew("gone", "b", 0, 60_000, Some(0))
+            .await
+            .unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM fencepost_store.replicas")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(n, 3);
+        c.close().await.ok();
+        s.close().await;
+    })
+    .await;
+}

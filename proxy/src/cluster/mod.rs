@@ -54,6 +54,13 @@ use crate::shutdown::Shutdown;
 const ACK_POLL: Duration = Duration::from_millis(100);
 /// Retry bound for a failing renewal or ack.
 const MAX_RETRY: Duration = Duration::from_millis(250);
+/// A replica whose lease expired this many TTLs ago (killed, never left)
+/// is deleted from the store with its acks, so the tables stay as small
+/// as the tier; until then `GET /v1/replicas` shows it as not live.
+pub const PRUNE_AFTER_TTLS: u32 = 10;
+/// Every this many renewals (about `PRUNE_AFTER_TTLS` TTLs) a replica
+/// prunes: one statement, cheap, but no need to run it every renewal.
+const PRUNE_EVERY: u32 = 3 * PRUNE_AFTER_TTLS;
 
 /// This process's membership of the tier.
 pub struct Tier {
@@ -251,6 +258,26 @@ impl Tier {
         Ok(())
     }
 
+    /// Deletes replicas expired more than [`PRUNE_AFTER_TTLS`] TTLs ago,
+    /// with their acks. Safe at any time (see the store's
+    /// `replica_prune`): an expired lease is never waited for, and a
+    /// pruned replica that wakes up rejoins like a new one.
+    async fn prune(&self) {
+        let retention = self.ttl * PRUNE_AFTER_TTLS;
+        let ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        match self.store.replica_prune(ms).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                pruned = n,
+                ?retention,
+                "removed long-expired replicas from the tier's tables"
+            ),
+            Err(e) => {
+                tracing::debug!(error = %e, "pruning expired replicas failed; the next renewal round retries")
+            }
+        }
+    }
+
     /// Leaves the tier (graceful shutdown): stop admitting, then delete the
     /// row so no advance waits for this lease to expire.
     pub async fn leave(&self) {
@@ -273,7 +300,14 @@ pub async fn run(tier: Arc<Tier>, fencer: Arc<Fencer>, shutdown: Shutdown) {
 async fn renew_loop(tier: Arc<Tier>, fencer: Arc<Fencer>, shutdown: Shutdown) {
     let period = tier.ttl / 3;
     let retry = (tier.ttl / 10).min(MAX_RETRY);
+    let mut renewals = 0u32;
     loop {
+        renewals = renewals.wrapping_add(1);
+        if renewals % PRUNE_EVERY == 1 {
+            // Its own task: a slow store must never delay a renewal.
+            let t = Arc::clone(&tier);
+            tokio::spawn(async move { t.prune().await });
+        }
         let wait = match tier.renew(&fencer).await {
             // A renewal that answered too late to extend the lease (a
             // stalled store) is followed at once by another.
