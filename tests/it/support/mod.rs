@@ -182,10 +182,29 @@ pub struct Arrival {
     pub method: String,
     pub path: String,
     pub token: Option<String>,
-    /// When the request arrived (its body read) and when its answer was
-    /// sent: the window in which it was in flight at the upstream.
+    /// When the request arrived (its body read) and when the upstream was
+    /// done with it: its answer sent, or the request abandoned because its
+    /// connection closed mid-hold (a proxy killed). The window in which it
+    /// was in flight at the upstream.
     pub at: Instant,
     pub done: Option<Instant>,
+}
+
+/// Marks an [`Arrival`] done when the upstream's handler ends, answered or
+/// dropped.
+struct DoneOnDrop {
+    log: std::sync::Arc<std::sync::Mutex<Vec<Arrival>>>,
+    i: usize,
+}
+
+impl Drop for DoneOnDrop {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.log.lock() {
+            if let Some(a) = l.get_mut(self.i) {
+                a.done.get_or_insert_with(Instant::now);
+            }
+        }
+    }
 }
 
 impl Upstream {
@@ -233,11 +252,15 @@ impl Upstream {
                                 });
                                 l.len() - 1
                             };
+                            let done = DoneOnDrop {
+                                log: log.clone(),
+                                i,
+                            };
                             if hold_ms > 0 {
                                 let ms = rand::random::<u64>() % hold_ms;
                                 tokio::time::sleep(Duration::from_millis(ms)).await;
                             }
-                            log.lock().unwrap()[i].done = Some(Instant::now());
+                            drop(done);
                             Ok::<_, std::convert::Infallible>(hyper::Response::new(
                                 http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
                             ))
