@@ -1633,8 +1633,18 @@ fn check(
     for (i, l) in arrivals.iter().enumerate() {
         let (key, token) = (&l.key, &l.token);
         if *token < hi {
+            // Which proxy forwarded it, and when the client sent it and
+            // heard back: what a diagnosis needs first.
+            let how = by_key.get(key.as_str()).map_or(String::new(), |a| {
+                format!(
+                    " (through proxy {}, sent {} ms before its answer, {:?})",
+                    a.via,
+                    a.recv_ms - a.sent_ms,
+                    a.outcome
+                )
+            });
             v.push(format!(
-                "http: arrival #{i} {key} with token {token} after token {hi} had arrived"
+                "http: arrival #{i} {key} with token {token} after token {hi} had arrived{how}"
             ));
         }
         if *token > hi {
