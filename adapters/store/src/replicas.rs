@@ -264,6 +264,20 @@ impl PgStore {
         Ok(())
     }
 
+    /// The live replicas (by the store's clock) other than `me` that
+    /// joined before advance `seq` and have not acknowledged `token`.
+    ///
+    /// Every other replica row is locked `FOR SHARE` first, expired or not,
+    /// so a renewal still in flight (its UPDATE done, its COMMIT not yet) is
+    /// waited for and its new expiry seen. Without the lock an advancer
+    /// could read the old, lapsed expiry, skip that replica, and admit,
+    /// while the renewal, whose read of the advances ran before this
+    /// advance committed, confirmed a lease with the old mark: that replica
+    /// then forwarded an older token after the newer one (found by the
+    /// tier checker, seed 3000119, with a delayed store link). With the
+    /// lock the advancer either sees the renewal's new expiry (and waits
+    /// for the ack) or ran before the renewal's UPDATE, and so before its
+    /// read of the advances, which then returns this one.
     pub(crate) async fn pg_pending_acks(
         &self,
         resource: &str,
@@ -272,8 +286,9 @@ impl PgStore {
         me: &str,
     ) -> Result<Vec<String>, StoreError> {
         sqlx::query_scalar(
-            "SELECT r.id FROM replicas r \
-             WHERE r.expires_at > now() AND r.id <> $4 AND r.joined_seq < $3 \
+            "SELECT r.id FROM (SELECT id, expires_at, joined_seq FROM replicas \
+                               WHERE id <> $4 FOR SHARE) r \
+             WHERE r.expires_at > now() AND r.joined_seq < $3 \
                AND NOT EXISTS (SELECT 1 FROM acks a WHERE a.resource = $1 \
                                  AND a.replica_id = r.id AND a.token >= $2) \
              ORDER BY r.id",

@@ -1150,3 +1150,44 @@ async fn postgres_prunes_long_expired_replicas_and_their_acks() {
     })
     .await;
 }
+
+/// Regression (tier checker, seed 3000119): an advancer must not skip a
+/// replica whose renewal is in flight. The replica's lease has lapsed; its
+/// renewal has run its UPDATE (a new expiry) but not yet committed (a slow
+/// store link). `pending_acks` must wait for that commit and see the new
+/// expiry, so the advance waits for the replica's acknowledgement, instead
+/// of reading the old, lapsed expiry and leaving the replica out while it
+/// confirms a lease without having seen the advance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_pending_acks_wait_for_a_renewal_in_flight() {
+    run(Backend::Postgres, |fx: Arc<Fixture>| async move {
+        let s = fx.open_migrated().await;
+        s.replica_renew("r1", "a", 0, 300, None).await.unwrap();
+        let adv = s.tier_advance("res", 2, 0).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(s
+            .pending_acks("res", 2, adv.seq, "adv")
+            .await
+            .unwrap()
+            .is_empty());
+        let mut c = sqlx::PgConnection::connect(&fx.url).await.unwrap();
+        let mut renewal = c.begin().await.unwrap();
+        sqlx::query(
+            "UPDATE fencepost_store.replicas SET renewed_at = now(), \
+             expires_at = now() + interval '60 seconds' WHERE id = 'r1'",
+        )
+        .execute(&mut *renewal)
+        .await
+        .unwrap();
+        let store = s.store.clone();
+        let seq = adv.seq;
+        let pending =
+            tokio::spawn(async move { store.pending_acks("res", 2, seq, "adv").await.unwrap() });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        renewal.commit().await.unwrap();
+        assert_eq!(pending.await.unwrap(), ["r1"]);
+        c.close().await.ok();
+        s.close().await;
+    })
+    .await;
+}
