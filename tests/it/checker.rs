@@ -396,40 +396,7 @@ async fn one_run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usize {
         db_name: db.name.clone(),
     });
 
-    // Writers: ids 0..writers speak HTTP, the rest Postgres.
-    let mut tasks = Vec::new();
-    for w in 0..2 * writers {
-        let proto = if w < writers { Proto::Http } else { Proto::Pg };
-        let wseed: u64 = rng.gen();
-        tasks.push(tokio::spawn(writer(
-            w,
-            proto,
-            wseed,
-            addrs.clone(),
-            shared.clone(),
-        )));
-    }
-    // One more Postgres writer: a real psql process, stopped by SIGSTOP.
-    let psql_task = tokio::spawn(psql_writer(
-        2 * writers,
-        rng.gen(),
-        addrs.clone(),
-        shared.clone(),
-    ));
-    // The mark sampler.
-    let samples: Arc<Mutex<Vec<(String, u64)>>> = Default::default();
-    let sampler = {
-        let (shared, samples) = (shared.clone(), samples.clone());
-        tokio::spawn(async move {
-            let c = http_client();
-            while !shared.stop.load(Ordering::SeqCst) {
-                for (r, t) in fences(&c, admin).await {
-                    samples.lock().unwrap().push((r, t));
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    let crew = Crew::start(&mut rng, writers, &addrs, &shared, admin);
 
     // The nemesis: every kind once in a random order, then random kinds.
     let kinds = ["pause", "sigstop", "kill9", "pg_terminate", "cut"];
@@ -538,12 +505,7 @@ async fn one_run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usize {
     // Quiet tail: failovers without faults, then stop.
     let end = run_start + Duration::from_secs(secs);
     tokio::time::sleep(end.saturating_duration_since(Instant::now())).await;
-    shared.stop.store(true, Ordering::SeqCst);
-    for t in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(20), psql_task).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), sampler).await;
+    let samples = crew.stop(&shared).await;
     // Wait for the proxy to answer again (a kill may have been the last
     // fault), then take the final marks.
     let c = http_client();
@@ -596,7 +558,6 @@ async fn one_run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usize {
     let attempts = shared.attempts.lock().unwrap().clone();
     let grants = shared.grants.lock().unwrap().clone();
     let epochs = shared.epochs.lock().unwrap().clone();
-    let samples = samples.lock().unwrap().clone();
     let mut report = Report::default();
     let lifetimes: Vec<Vec<Epoch>> = std::iter::once(epochs.clone())
         .chain(epoch2.map(|e| vec![e]))
@@ -835,6 +796,77 @@ async fn guard_mark(url: &str) -> u64 {
         .expect("read the guard's mark")
         .map(|r| r.get(0));
     mark.and_then(|m| m.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// The writers of a run, the psql leader and the mark sampler.
+struct Crew {
+    writers: Vec<tokio::task::JoinHandle<()>>,
+    psql: tokio::task::JoinHandle<()>,
+    sampler: tokio::task::JoinHandle<()>,
+    samples: Arc<Mutex<Vec<(String, u64)>>>,
+}
+
+impl Crew {
+    /// Writers 0..`writers` speak HTTP, the next `writers` Postgres, one
+    /// more is a real psql process (stopped by SIGSTOP); the sampler reads
+    /// `/v1/fences` from `admin` every 100 ms.
+    fn start(
+        rng: &mut StdRng,
+        writers: usize,
+        addrs: &Arc<Addrs>,
+        shared: &Arc<Shared>,
+        admin: SocketAddr,
+    ) -> Crew {
+        let mut tasks = Vec::new();
+        for w in 0..2 * writers {
+            let proto = if w < writers { Proto::Http } else { Proto::Pg };
+            let wseed: u64 = rng.gen();
+            tasks.push(tokio::spawn(writer(
+                w,
+                proto,
+                wseed,
+                addrs.clone(),
+                shared.clone(),
+            )));
+        }
+        let psql = tokio::spawn(psql_writer(
+            2 * writers,
+            rng.gen(),
+            addrs.clone(),
+            shared.clone(),
+        ));
+        let samples: Arc<Mutex<Vec<(String, u64)>>> = Default::default();
+        let sampler = {
+            let (shared, samples) = (shared.clone(), samples.clone());
+            tokio::spawn(async move {
+                let c = http_client();
+                while !shared.stop.load(Ordering::SeqCst) {
+                    for (r, t) in fences(&c, admin).await {
+                        samples.lock().unwrap().push((r, t));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
+        Crew {
+            writers: tasks,
+            psql,
+            sampler,
+            samples,
+        }
+    }
+
+    /// Stops them all (bounded waits) and returns the mark samples.
+    async fn stop(self, shared: &Shared) -> Vec<(String, u64)> {
+        shared.stop.store(true, Ordering::SeqCst);
+        for t in self.writers {
+            let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.psql).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.sampler).await;
+        let samples = self.samples.lock().unwrap().clone();
+        samples
+    }
 }
 
 // ------------------------------------------------------------- the writers

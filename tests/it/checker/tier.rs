@@ -194,37 +194,7 @@ pub(super) async fn run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usi
         pauses: (0..2 * writers).map(|_| AtomicU64::new(0)).collect(),
         ..Default::default()
     });
-    let mut tasks = Vec::new();
-    for w in 0..2 * writers {
-        let proto = if w < writers { Proto::Http } else { Proto::Pg };
-        let wseed: u64 = rng.gen();
-        tasks.push(tokio::spawn(writer(
-            w,
-            proto,
-            wseed,
-            addrs.clone(),
-            shared.clone(),
-        )));
-    }
-    let psql_task = tokio::spawn(psql_writer(
-        2 * writers,
-        rng.gen(),
-        addrs.clone(),
-        shared.clone(),
-    ));
-    let samples: Arc<Mutex<Vec<(String, u64)>>> = Default::default();
-    let sampler = {
-        let (shared, samples) = (shared.clone(), samples.clone());
-        tokio::spawn(async move {
-            let c = http_client();
-            while !shared.stop.load(Ordering::SeqCst) {
-                for (r, t) in fences(&c, admin).await {
-                    samples.lock().unwrap().push((r, t));
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    let crew = Crew::start(&mut rng, writers, &addrs, &shared, admin);
 
     // The nemesis: with room for it, every kind once in a random order
     // first; then random kinds until the quiet tail.
@@ -341,12 +311,7 @@ pub(super) async fn run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usi
         tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1200))).await;
     }
     tokio::time::sleep(tail).await;
-    shared.stop.store(true, Ordering::SeqCst);
-    for t in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(20), psql_task).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), sampler).await;
+    let samples = crew.stop(&shared).await;
     let c = http_client();
     let final_fences: HashMap<String, u64> = crate::support::eventually(20, || {
         let c = c.clone();
@@ -373,7 +338,6 @@ pub(super) async fn run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usi
     let arrivals = landed_http(&upstream);
     let attempts = shared.attempts.lock().unwrap().clone();
     let grants = shared.grants.lock().unwrap().clone();
-    let samples = samples.lock().unwrap().clone();
     let lifetimes = lifetimes.lock().unwrap().clone();
     let mut report = Report::default();
     check(
