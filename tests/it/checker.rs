@@ -93,8 +93,8 @@
 //! while the serve logs name at least as many records the audit sink
 //! dropped (`audit store down: records dropped`, the store unreachable past
 //! the sink's retries): counted and printed as `lost to the sink's dropped
-//! batches`. Issue 12 asks for a spool on disk instead; until it exists
-//! the checker holds the sink to what it says it dropped.
+//! batches`. With the audit spool on disk nothing should be dropped; the
+//! checker still holds the sink to what it says it dropped.
 //!
 //! The tier ([`tier`]): three replicas sharing a Postgres store, an
 //! elector in its own process, writes through a random replica each,
