@@ -57,6 +57,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("http", "elector_token"),
     ("http", "watch_resources"),
     ("http", "data_path"),
+    ("http", "workers"),
     ("postgres", "listen"),
     ("postgres", "upstream"),
     ("postgres", "enforce"),

@@ -64,6 +64,10 @@ pub struct HttpProxyConfig {
     /// it replaced (kept for one release, to fall back to).
     #[serde(default)]
     pub data_path: DataPath,
+    /// Relay threads, each a current-thread runtime with its own accept
+    /// and upstream connections (default: one per CPU); 0 runs the relay
+    /// on the process's shared multi-thread runtime.
+    pub workers: Option<usize>,
 }
 
 /// The proxied data path of an `[[http]]` listener.

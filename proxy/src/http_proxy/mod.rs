@@ -27,7 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fencing::{Field, Protocol, ResourceName};
+use fencing::{Protocol, ResourceName};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
@@ -37,7 +37,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioTimer;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use wire::http::{fencing_headers, header_problem, WriteMethods};
+use wire::http::{fencing_headers, WriteMethods};
 
 use self::body::{Hold, ProxyBody};
 use self::forward::Forwarder;
@@ -74,11 +74,13 @@ pub struct HttpProxy {
     http1: http1::Builder,
     /// The byte relay's settings and upstream connections.
     relay: RelaySettings,
-    upstreams: relay::Upstreams,
     upstream: Upstream,
     upstream_timeout: Duration,
     /// `data_path = "relay"` (the default); else the hyper-based path.
     relay_path: bool,
+    /// Relay worker threads (current-thread runtimes); 0: the relay runs
+    /// on the process's multi-thread runtime.
+    workers: usize,
 }
 
 /// The client-side bounds of the byte relay, from the listener's config.
@@ -105,12 +107,6 @@ impl HttpProxy {
             .collect();
         routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
 
-        let upstreams = relay::Upstreams::new(
-            upstream.addr(),
-            cfg.upstream_timeout,
-            POOL_MAX_IDLE,
-            POOL_IDLE_TIMEOUT,
-        );
         let pool = Pool::new(
             upstream.addr(),
             cfg.upstream_timeout,
@@ -158,10 +154,12 @@ impl HttpProxy {
                 max_head: cfg.max_header_bytes.max(1024),
                 body_stall: cfg.idle_timeout,
             },
-            upstreams,
             upstream: upstream.clone(),
             upstream_timeout: cfg.upstream_timeout,
             relay_path: cfg.data_path == DataPath::Relay,
+            workers: cfg.workers.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            }),
             forwarder: Forwarder {
                 pool,
                 upstream,
@@ -181,21 +179,15 @@ impl HttpProxy {
         shutdown: Shutdown,
         drain: Duration,
     ) -> std::io::Result<()> {
-        let this = Arc::clone(&self);
         if self.relay_path {
-            let open = crate::listener::serve(
-                Protocol::Http.as_str(),
-                listener,
-                &shutdown,
-                &self.connections,
-                |stream, peer| {
-                    relay::serve_connection(Arc::clone(&this), stream, peer, shutdown.clone())
-                },
-            )
-            .await;
-            open.drain(Some(drain)).await;
-            return Ok(());
+            if self.workers == 0 {
+                let upstreams = Arc::new(self.upstreams());
+                self.relay_on(listener, upstreams, &shutdown, drain).await;
+                return Ok(());
+            }
+            return self.relay_workers(listener, shutdown, drain).await;
         }
+        let this = Arc::clone(&self);
         let open = crate::edge::http1::serve(
             Protocol::Http.as_str(),
             listener,
@@ -212,6 +204,94 @@ impl HttpProxy {
         )
         .await;
         open.drain(Some(drain)).await;
+        Ok(())
+    }
+
+    /// A new (empty) set of upstream connections for one relay worker.
+    fn upstreams(&self) -> relay::Upstreams {
+        relay::Upstreams::new(
+            self.upstream.addr(),
+            self.upstream_timeout,
+            POOL_MAX_IDLE,
+            POOL_IDLE_TIMEOUT,
+        )
+    }
+
+    /// The byte relay on `listener`, on the runtime this runs on.
+    async fn relay_on(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        upstreams: Arc<relay::Upstreams>,
+        shutdown: &Shutdown,
+        drain: Duration,
+    ) {
+        let open = crate::listener::serve(
+            Protocol::Http.as_str(),
+            listener,
+            shutdown,
+            &self.connections,
+            |stream, peer| {
+                relay::serve_connection(
+                    Arc::clone(self),
+                    Arc::clone(&upstreams),
+                    stream,
+                    peer,
+                    shutdown.clone(),
+                )
+            },
+        )
+        .await;
+        open.drain(Some(drain)).await;
+    }
+
+    /// `workers` threads, each a current-thread runtime accepting on its
+    /// own copy of the listening socket (the kernel hands each new
+    /// connection to one of them) with its own upstream connections: a
+    /// connection lives on one thread, with no work stealing, no
+    /// cross-thread wake-ups and an uncontended pool. Measured against the
+    /// multi-thread runtime in BENCHMARKS.md ("Runtime layout").
+    async fn relay_workers(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: Shutdown,
+        drain: Duration,
+    ) -> std::io::Result<()> {
+        let listener = listener.into_std()?;
+        let mut done = Vec::with_capacity(self.workers);
+        for i in 0..self.workers {
+            let own = listener.try_clone()?;
+            own.set_nonblocking(true)?;
+            let this = Arc::clone(&self);
+            let shutdown = shutdown.clone();
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name(format!("http-relay-{i}"))
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build();
+                    match rt {
+                        Ok(rt) => rt.block_on(async move {
+                            match TcpListener::from_std(own) {
+                                Ok(l) => {
+                                    let upstreams = Arc::new(this.upstreams());
+                                    this.relay_on(l, upstreams, &shutdown, drain).await;
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %e, "HTTP relay worker cannot listen")
+                                }
+                            }
+                        }),
+                        Err(e) => tracing::error!(error = %e, "cannot start an HTTP relay worker"),
+                    }
+                    drop(tx);
+                })?;
+            done.push(rx);
+        }
+        drop(listener);
+        for rx in done {
+            let _ = rx.await;
+        }
         Ok(())
     }
 
@@ -278,21 +358,7 @@ impl HttpProxy {
                 self.forwarder.run(req, peer, hold).await
             }
             Decision::Refuse(refusal) => {
-                let mut p = Problem::from_refusal(&refusal);
-                // A header sent twice, not text, or contradicting its
-                // route: say which header and what to fix.
-                let header_error = match refusal.field {
-                    Some(Field::Resource) => input
-                        .resource
-                        .as_ref()
-                        .err()
-                        .map(|e| (e, "Fencing-Resource")),
-                    Some(Field::Token) => input.token.as_ref().err().map(|e| (e, "Fencing-Token")),
-                    None => None,
-                };
-                if let Some(why) = header_error.and_then(|(e, name)| header_problem(e, name)) {
-                    p.detail = why;
-                }
+                let mut p = Problem::for_headers(&refusal, &input);
                 if has_body {
                     // The body is left unread, so the connection cannot
                     // carry another request; say so rather than close it

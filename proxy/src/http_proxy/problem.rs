@@ -5,9 +5,11 @@
 //! path goes through [`Problem::from_refusal`]; nothing else builds a
 //! fencing error response by hand.
 
+use fencing::input::FenceInput;
 use fencing::{Field, Reason, ResourceName};
 use http::header::{HeaderName, HeaderValue};
 use http::StatusCode;
+use wire::http::header_problem;
 
 pub use crate::edge::problem::{
     Problem, BAD_REQUEST, OVERLOADED, UPSTREAM_ERROR, UPSTREAM_TIMEOUT, UPSTREAM_UNREACHABLE,
@@ -21,6 +23,27 @@ use crate::fencer::Refusal;
 pub const CURRENT_TOKEN: &str = "fencing-current-token";
 
 impl Problem {
+    /// [`Problem::from_refusal`] for a refusal of the HTTP proxy, whose
+    /// detail names the header at fault when the header itself was (sent
+    /// twice, not text, contradicting its route), so the client knows
+    /// what to fix.
+    pub fn for_headers(r: &Refusal, input: &FenceInput<'_>) -> Self {
+        let mut p = Problem::from_refusal(r);
+        let header_error = match r.field {
+            Some(Field::Resource) => input
+                .resource
+                .as_ref()
+                .err()
+                .map(|e| (e, "Fencing-Resource")),
+            Some(Field::Token) => input.token.as_ref().err().map(|e| (e, "Fencing-Token")),
+            None => None,
+        };
+        if let Some(why) = header_error.and_then(|(e, name)| header_problem(e, name)) {
+            p.detail = why;
+        }
+        p
+    }
+
     /// A `missing` or `invalid` refusal names its field, so a client
     /// fixing its request knows which header to fix.
     pub fn from_refusal(r: &Refusal) -> Self {

@@ -36,11 +36,10 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fencing::Field;
 use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use wire::http::{fence_input, header_problem};
+use wire::http::fence_input;
 use wire::http1::body::{BodyReader, Framing, Progress};
 use wire::http1::head::{
     header_slots, parse_request, parse_response, HeadError, RequestHead, ResponseKind, Version,
@@ -106,6 +105,7 @@ enum Leftover {
 /// any, is finished first).
 pub async fn serve_connection(
     proxy: Arc<HttpProxy>,
+    upstreams: Arc<Upstreams>,
     mut client: TcpStream,
     peer: SocketAddr,
     shutdown: Shutdown,
@@ -131,7 +131,7 @@ pub async fn serve_connection(
             }
         }
         let started = Instant::now();
-        let next = exchange(&proxy, &mut client, peer, &mut bufs, &shutdown).await;
+        let next = exchange(&proxy, &upstreams, &mut client, peer, &mut bufs, &shutdown).await;
         proxy
             .counters
             .latency
@@ -283,6 +283,7 @@ fn head_problem(e: &HeadError) -> Problem {
 /// One request and its answer.
 async fn exchange(
     proxy: &HttpProxy,
+    upstreams: &Upstreams,
     client: &mut TcpStream,
     peer: SocketAddr,
     bufs: &mut Buffers,
@@ -356,21 +357,7 @@ async fn exchange(
         {
             Decision::Admit(admitted) => Some(admitted.guard),
             Decision::Refuse(refusal) => {
-                let mut p = Problem::from_refusal(&refusal);
-                // A header sent twice, not text, or contradicting its
-                // route: say which header and what to fix.
-                let header_error = match refusal.field {
-                    Some(Field::Resource) => input
-                        .resource
-                        .as_ref()
-                        .err()
-                        .map(|e| (e, "Fencing-Resource")),
-                    Some(Field::Token) => input.token.as_ref().err().map(|e| (e, "Fencing-Token")),
-                    None => None,
-                };
-                if let Some(why) = header_error.and_then(|(e, name)| header_problem(e, name)) {
-                    p.detail = why;
-                }
+                let p = Problem::for_headers(&refusal, &input);
                 return refuse(client, &mut bufs.out, &p, &head, read_through).await;
             }
         }
@@ -378,6 +365,7 @@ async fn exchange(
 
     let call = Call {
         proxy,
+        upstreams,
         peer,
         head: &head,
         first,
@@ -407,6 +395,8 @@ async fn refuse(
 /// answer has been read to its end (the guard, the concurrency permit).
 struct Call<'p, 'h, 'b> {
     proxy: &'p HttpProxy,
+    /// This worker's upstream connections.
+    upstreams: &'p Upstreams,
     peer: SocketAddr,
     head: &'h RequestHead<'b, 'h>,
     first: Progress,
@@ -472,7 +462,7 @@ impl Call<'_, '_, '_> {
     /// written; whether it may be retried on a new one if the upstream
     /// turns out to have closed it (pooled, the whole request in hand).
     async fn send(&self, out: &[u8]) -> Result<(TcpStream, bool), Failure> {
-        let upstreams = &self.proxy.upstreams;
+        let upstreams = self.upstreams;
         let whole = self.first.done;
         if let Some(mut up) = upstreams.checkout() {
             if up.write_all(out).await.is_ok() {
@@ -555,7 +545,7 @@ impl Call<'_, '_, '_> {
             Err(_) => Err(Failure::TimedOut),
             Ok(Ok(n)) if n > 0 => Ok(None),
             Ok(_) if retry => {
-                let upstreams = &self.proxy.upstreams;
+                let upstreams = self.upstreams;
                 let mut fresh = upstreams.connect().await.map_err(Failure::Unreachable)?;
                 fresh
                     .write_all(out)
@@ -723,7 +713,7 @@ impl Call<'_, '_, '_> {
                 return Next::Close;
             }
             if reusable && clean {
-                self.proxy.upstreams.checkin(up);
+                self.upstreams.checkin(up);
             }
             return match self.read_through {
                 Some(rest) if keep && client_ok => Next::KeepAlive(rest),

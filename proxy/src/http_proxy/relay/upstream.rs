@@ -18,17 +18,8 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
-/// Why no connection to the upstream could be had.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("cannot connect to {addr}: {source}")]
-    Io {
-        addr: String,
-        source: std::io::Error,
-    },
-    #[error("connecting to {addr} took longer than {timeout:?}")]
-    Timeout { addr: String, timeout: Duration },
-}
+use crate::http_proxy::pool::connect_tcp;
+pub use crate::http_proxy::pool::ConnectError;
 
 pub struct Upstreams {
     /// `host:port`, as `TcpStream::connect` takes it.
@@ -78,24 +69,9 @@ impl Upstreams {
         }
     }
 
-    /// A new connection, `TCP_NODELAY` set (a request's head and body go
-    /// in one write; nothing is gained by waiting to coalesce).
+    /// A new connection.
     pub async fn connect(&self) -> Result<TcpStream, ConnectError> {
-        let addr = &self.addr;
-        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                Ok(s)
-            }
-            Ok(Err(source)) => Err(ConnectError::Io {
-                addr: addr.clone(),
-                source,
-            }),
-            Err(_) => Err(ConnectError::Timeout {
-                addr: addr.clone(),
-                timeout: self.connect_timeout,
-            }),
-        }
+        connect_tcp(&self.addr, self.connect_timeout).await
     }
 }
 
