@@ -5,6 +5,9 @@ SVG chart and prints the table of medians. Standard library only.
     python3 benches/http_overhead.py report --manifest M --out DIR \
         [--meta k=v ...] [--memory k=v ...]
     python3 benches/http_overhead.py parse WRK_OUTPUT_FILE     # one run, as JSON
+    python3 benches/http_overhead.py load --port P --requests N [--connections C]
+        # N keep-alive PUTs (64 bytes, Fencing-Token: 1), for callgrind
+    python3 benches/http_overhead.py callgrind-total FILE...   # total Ir of dumps
 """
 
 import argparse
@@ -12,13 +15,18 @@ import csv
 import json
 import os
 import re
+import socket
 import statistics
 import sys
 from html import escape
 
-TARGETS = ["direct", "nginx", "fencepost"]
-PROXIES = ["nginx", "fencepost"]
-COLORS = {"direct": "#888888", "nginx": "#2b8a3e", "fencepost": "#1c5fb8"}
+# The targets, in the order the script measures them; proxies are all but
+# `direct`. A fencepost target is compared with the nginx target of the
+# same worker count (`fencepost-2w` with `nginx-2w`).
+TARGETS = ["direct", "nginx-1w", "fencepost-1w", "nginx-2w", "fencepost-2w"]
+PROXIES = TARGETS[1:]
+COLORS = {"direct": "#888888", "nginx-1w": "#2b8a3e", "fencepost-1w": "#1c5fb8",
+          "nginx-2w": "#8fd19e", "fencepost-2w": "#8ab4f0"}
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 
@@ -117,6 +125,13 @@ def summarize(runs, phase, key):
                 s["rps_ratio"] = s["rps"] / d["rps"]
                 s["p50_ratio"] = s["p50_ms"] / d["p50_ms"] if d["p50_ms"] else None
                 s["p99_ratio"] = s["p99_ms"] / d["p99_ms"] if d["p99_ms"] else None
+                s["p50_added_ms"] = s["p50_ms"] - d["p50_ms"]
+                s["p99_added_ms"] = s["p99_ms"] - d["p99_ms"]
+        for t in PROXIES:
+            s = out[g].get(t)
+            n = out[g].get(t.replace("fencepost", "nginx"))
+            if t.startswith("fencepost") and s and n:
+                s["rps_vs_nginx"] = s["rps"] / n["rps"]
     return out
 
 
@@ -126,7 +141,8 @@ def _fmt_ms(v):
 
 def print_table(title, summary, label, order=None):
     print(f"\n{title}")
-    hdr = f"{label:<10} {'target':<10} {'req/s':>10} {'p50':>9} {'p99':>9} {'req/s/direct':>13} {'p99/direct':>11} {'errors':>7}"
+    hdr = (f"{label:<10} {'target':<13} {'req/s':>10} {'p50':>9} {'p99':>9} {'req/s/direct':>13} "
+           f"{'vs nginx':>9} {'p99/direct':>11} {'errors':>7}")
     print(hdr)
     print("-" * len(hdr))
     for g in order or sorted(summary):
@@ -136,9 +152,26 @@ def print_table(title, summary, label, order=None):
                 continue
             rr = f"{s['rps_ratio']:.3f}" if "rps_ratio" in s else "1"
             pr = f"{s['p99_ratio']:.2f}" if s.get("p99_ratio") else "1"
+            vn = f"{s['rps_vs_nginx']:.3f}" if "rps_vs_nginx" in s else ""
             errs = s["non2xx"] + s["socket_errors"]
-            print(f"{str(g):<10} {t:<10} {s['rps']:>10.0f} {_fmt_ms(s['p50_ms']):>9} "
-                  f"{_fmt_ms(s['p99_ms']):>9} {rr:>13} {pr:>11} {errs:>7}")
+            print(f"{str(g):<10} {t:<13} {s['rps']:>10.0f} {_fmt_ms(s['p50_ms']):>9} "
+                  f"{_fmt_ms(s['p99_ms']):>9} {rr:>13} {vn:>9} {pr:>11} {errs:>7}")
+
+
+def print_latency(summary):
+    """The latency each proxy adds to direct at one connection."""
+    print("\nAdded latency at 1 connection (target - direct, medians)")
+    hdr = f"{'workload':<10} {'target':<13} {'p50':>9} {'p99':>9} {'added p50':>10} {'added p99':>10}"
+    print(hdr)
+    print("-" * len(hdr))
+    for g in [w for w in ("GET", "PUT") if w in summary]:
+        for t in TARGETS:
+            s = summary[g].get(t)
+            if not s:
+                continue
+            a50 = f"{s['p50_added_ms'] * 1000:+.0f}us" if "p50_added_ms" in s else ""
+            a99 = f"{s['p99_added_ms'] * 1000:+.0f}us" if "p99_added_ms" in s else ""
+            print(f"{g:<10} {t:<13} {_fmt_ms(s['p50_ms']):>9} {_fmt_ms(s['p99_ms']):>9} {a50:>10} {a99:>10}")
 
 
 # ------------------------------------------------------------------ chart
@@ -235,7 +268,7 @@ def write_svg(path, main, sweep, meta):
         lx += 120
     note = (f"wrk -t1 --latency, {meta.get('rounds')} rounds x {meta.get('duration_s')} s interleaved "
             f"(sweep {meta.get('sweep_rounds')} rounds); {meta.get('cpus')} CPUs for wrk, proxy "
-            f"and upstream; nginx 1 worker, fencepost 1 tokio worker; dashed line = direct")
+            f"and upstream; -1w/-2w: nginx worker processes, fencepost relay workers; dashed line = direct")
     parts.append(f'<text x="60" y="{ly + 22}" font-size="11" fill="#444">{escape(note)}</text>')
     parts.append("</svg>")
     with open(path, "w") as f:
@@ -245,11 +278,57 @@ def write_svg(path, main, sweep, meta):
 # ------------------------------------------------------------------ main
 
 
+def load(port, requests, connections):
+    """`requests` PUTs of 64 bytes with `Fencing-Token: 1`, round-robin over
+    `connections` keep-alive connections, each answer read whole; fails on
+    any status but 200."""
+    req = (b"PUT /item HTTP/1.1\r\nHost: bench\r\nFencing-Token: 1\r\n"
+           b"Content-Type: text/plain\r\nContent-Length: 64\r\n\r\n" + b"x" * 64)
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(connections)]
+    bufs = [b""] * connections
+    for i in range(requests):
+        c = i % connections
+        socks[c].sendall(req)
+        buf = bufs[c]
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                head = buf[:end].decode("latin-1")
+                m = re.search(r"(?im)^content-length:\s*(\d+)", head)
+                total = end + 4 + (int(m.group(1)) if m else 0)
+                if len(buf) >= total:
+                    if not head.startswith("HTTP/1.1 200"):
+                        sys.exit(f"PUT answered {head.splitlines()[0]!r}")
+                    bufs[c] = buf[total:]
+                    break
+            chunk = socks[c].recv(65536)
+            if not chunk:
+                sys.exit("the proxy closed a connection")
+            buf += chunk
+    for s in socks:
+        s.close()
+
+
+def callgrind_total(files):
+    """Instructions (Ir) in callgrind dumps: each dump's `summary:` (or
+    `totals:`) line, summed over the dumps (one per thread or per dump)."""
+    total = 0
+    for name in files:
+        with open(name) as f:
+            found = None
+            for line in f:
+                if line.startswith("summary:") or (found is None and line.startswith("totals:")):
+                    found = int(line.split()[1])
+            total += found or 0
+    return total
+
+
 def report(args):
     runs = load_runs(args.manifest)
     meta = _kv(args.meta)
     memory = _kv(args.memory)
     main = summarize(runs, "main", "workload")
+    latency = summarize(runs, "latency", "workload")
     sweep = summarize(runs, "sweep", "connections")
     os.makedirs(args.out, exist_ok=True)
 
@@ -262,7 +341,8 @@ def report(args):
     doc = {
         "meta": meta,
         "memory_kb": memory,
-        "medians": {"by_workload": main, "put_by_connections": {str(k): v for k, v in sweep.items()}},
+        "medians": {"by_workload": main, "one_connection": latency,
+                    "put_by_connections": {str(k): v for k, v in sweep.items()}},
         "runs": runs,
     }
     with open(os.path.join(args.out, "http_overhead.json"), "w") as f:
@@ -273,8 +353,15 @@ def report(args):
     c = meta.get("connections")
     print_table(f"Medians, {c} connections, {meta.get('rounds')} rounds x {meta.get('duration_s')} s "
                 f"(wrk -t1 --latency)", main, "workload", [w for w in ("GET", "PUT") if w in main])
-    print_table(f"PUT by connection count, medians of {meta.get('sweep_rounds')} rounds", sweep,
-                "conns", sorted(sweep))
+    print_latency(latency)
+    if sweep:
+        print_table(f"PUT by connection count, medians of {meta.get('sweep_rounds')} rounds", sweep,
+                    "conns", sorted(sweep))
+    cg = {k: v for k, v in meta.items() if k.startswith("callgrind_") and k.endswith("_per_put")}
+    if cg:
+        print(f"\nInstructions per proxied PUT (callgrind, {meta.get('requests')} PUTs, user space):")
+        for k, v in cg.items():
+            print(f"  {k[len('callgrind_'):-len('_per_put')]:<12} {v:>10}")
     print("\nResident memory (VmRSS, kB):")
     for k, v in memory.items():
         print(f"  {k:<30} {v:>8}")
@@ -298,9 +385,19 @@ def main():
     r.add_argument("--memory", nargs="*")
     p = sub.add_parser("parse")
     p.add_argument("file")
+    lo = sub.add_parser("load")
+    lo.add_argument("--port", type=int, required=True)
+    lo.add_argument("--requests", type=int, required=True)
+    lo.add_argument("--connections", type=int, default=8)
+    ct = sub.add_parser("callgrind-total")
+    ct.add_argument("files", nargs="+")
     args = ap.parse_args()
     if args.cmd == "report":
         report(args)
+    elif args.cmd == "load":
+        load(args.port, args.requests, args.connections)
+    elif args.cmd == "callgrind-total":
+        print(callgrind_total(args.files))
     else:
         with open(args.file) as f:
             print(json.dumps(parse_wrk(f.read()), indent=2))

@@ -1,46 +1,58 @@
 #!/usr/bin/env bash
 # HTTP overhead of fencepost's [[http]] proxy, against a direct connection to
 # the upstream and against a plain nginx reverse proxy in front of the same
-# upstream.
+# upstream, each proxy at 1 worker and at 2.
 #
 #   bash benches/http_overhead.sh [--rounds N] [--duration S]
 #                                 [--sweep-rounds N] [--connections C]
+#                                 [--requests N] [--no-callgrind] [--shared-runtime]
 #                                 [--skip-install] [--skip-build] [--keep-tmp]
 #
 # Targets (all on 127.0.0.1, on ports picked at start):
-#   direct     wrk -> upstream nginx
-#   nginx      wrk -> nginx reverse proxy (proxy_pass, HTTP/1.1, keepalive 64) -> upstream
-#   fencepost  wrk -> fencepost serve [[http]] -> upstream
+#   direct       wrk -> upstream nginx
+#   nginx-1w     wrk -> nginx reverse proxy, 1 worker process (proxy_pass,
+#                HTTP/1.1, keepalive 64) -> upstream
+#   nginx-2w     the same with 2 worker processes
+#   fencepost-1w wrk -> fencepost serve [[http]] (workers = 1) -> upstream
+#   fencepost-2w the same with workers = 2
+#   (--shared-runtime: fencepost's relay on its one multi-thread runtime
+#   instead, workers = 0 and TOKIO_WORKER_THREADS=1 or 2: the layout the
+#   relay threads replaced, to compare the two)
 # The upstream is one nginx instance (static file for GET, `return 200` for
 # PUT), the same for every target.
 #
-# Workloads: GET, and PUT with `Fencing-Token: 1` (equal to the mark, so
-# fencepost's fast path: check, forward). Targets are run interleaved,
-# round after round, so drift (thermal, noisy neighbours) hits all alike.
-# Then a connection sweep (PUT at 1, 8, 32, 128 connections).
+# Workloads: GET, and PUT of 64 bytes with `Fencing-Token: 1` (equal to the
+# mark, so fencepost's fast path: check, forward). Targets are run
+# interleaved, round after round, so drift (thermal, noisy neighbours) hits
+# all alike: first at --connections (32), then at 1 connection (the latency
+# each proxy adds to direct, p50 and p99). --sweep-rounds N adds a PUT sweep
+# at 1, 8, 32, 128 connections (default 0: off).
 #
-# Fairness on a small machine: wrk runs one thread, each nginx one worker
-# process, fencepost one tokio worker thread (TOKIO_WORKER_THREADS=1). On a
-# 2-core box wrk, the proxy and the upstream still share two cores, so the
-# absolute numbers are the machine's; the ratios to direct are the point.
+# Then (unless --no-callgrind) instructions per proxied PUT under callgrind:
+# fencepost (workers = 1) and nginx (one process) are started anew under
+# valgrind, warmed up, and --requests PUTs (default 2000, over 8 keep-alive
+# connections) are counted alone (counters zeroed before, dumped after).
 #
 # Output: a table on stdout, and in benches/results/:
 #   http_overhead.csv        one row per wrk run (raw figures)
-#   http_overhead.json       runs, medians, ratios, memory, environment
+#   http_overhead.json       runs, medians, ratios, memory, callgrind, environment
 #   http_overhead.svg        ratio to direct per workload and per connection count
 #   http_overhead_wrk.txt    the raw wrk output of every run
 set -euo pipefail
 
-ROUNDS=5
+ROUNDS=3
 DURATION=10
-SWEEP_ROUNDS=3
+SWEEP_ROUNDS=0
 CONNS=32
+REQUESTS=2000
+CALLGRIND=1
+SHARED=0
 SWEEP_CONNS=(1 8 32 128)
 INSTALL=1
 BUILD=1
 KEEP_TMP=0
 
-usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -48,6 +60,9 @@ while [ $# -gt 0 ]; do
         --duration) DURATION="$2"; shift 2 ;;
         --sweep-rounds) SWEEP_ROUNDS="$2"; shift 2 ;;
         --connections) CONNS="$2"; shift 2 ;;
+        --requests) REQUESTS="$2"; shift 2 ;;
+        --no-callgrind) CALLGRIND=0; shift ;;
+        --shared-runtime) SHARED=1; shift ;;
         --skip-install) INSTALL=0; shift ;;
         --skip-build) BUILD=0; shift ;;
         --keep-tmp) KEEP_TMP=1; shift ;;
@@ -55,7 +70,8 @@ while [ $# -gt 0 ]; do
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
-for v in "$ROUNDS" "$DURATION" "$SWEEP_ROUNDS" "$CONNS"; do
+[[ "$SWEEP_ROUNDS" =~ ^[0-9]+$ ]] || { echo "--sweep-rounds must be a count" >&2; exit 2; }
+for v in "$ROUNDS" "$DURATION" "$CONNS" "$REQUESTS"; do
     [[ "$v" =~ ^[1-9][0-9]*$ ]] || { echo "rounds, duration and connections must be positive integers" >&2; exit 2; }
 done
 # Bounded runtime: refuse absurd settings rather than run for hours.
@@ -70,13 +86,16 @@ HELPER="$HERE/http_overhead.py"
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
 # ---------------------------------------------------------------- 1. tools
-if [ "$INSTALL" = 1 ] && { ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; }; then
-    log "installing nginx and wrk"
+if [ "$INSTALL" = 1 ] && { ! command -v nginx >/dev/null || ! command -v wrk >/dev/null \
+        || { [ "$CALLGRIND" = 1 ] && ! command -v valgrind >/dev/null; }; }; then
+    log "installing nginx, wrk and valgrind"
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nginx wrk >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nginx wrk valgrind >/dev/null
 fi
-for t in nginx wrk curl python3; do
+NEED=(nginx wrk curl python3)
+[ "$CALLGRIND" = 1 ] && NEED+=(valgrind callgrind_control)
+for t in "${NEED[@]}"; do
     command -v "$t" >/dev/null || { echo "missing tool: $t" >&2; exit 1; }
 done
 NGINX="$(command -v nginx)"
@@ -146,16 +165,21 @@ expect_status() { # want, curl args...
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
-UP_PORT="$(free_port)"
-NGX_PORT="$(free_port)"
-FP_PORT="$(free_port)"
-while [ "$NGX_PORT" = "$UP_PORT" ]; do NGX_PORT="$(free_port)"; done
-while [ "$FP_PORT" = "$UP_PORT" ] || [ "$FP_PORT" = "$NGX_PORT" ]; do FP_PORT="$(free_port)"; done
+# Distinct free ports, one per server.
+declare -A TAKEN=()
+port() {
+    local p
+    p="$(free_port)"
+    while [ -n "${TAKEN[$p]:-}" ]; do p="$(free_port)"; done
+    TAKEN[$p]=1
+    echo "$p"
+}
+UP_PORT="$(port)"
 
 # ---------------------------------------------------------------- 2. servers
-nginx_common() { # prefix
+nginx_common() { # prefix workers
     cat <<EOF
-worker_processes 1;
+worker_processes $2;
 daemon off;
 pid $1/nginx.pid;
 error_log $1/error.log warn;
@@ -178,7 +202,7 @@ UP="$TMP/upstream"
 mkdir -p "$UP/www"
 printf 'hello\n' >"$UP/www/item"
 {
-    nginx_common "$UP"
+    nginx_common "$UP" 1
     cat <<EOF
     server {
         listen 127.0.0.1:$UP_PORT;
@@ -191,18 +215,15 @@ printf 'hello\n' >"$UP/www/item"
 EOF
 } >"$UP/nginx.conf"
 
-# Plain nginx reverse proxy in front of it.
-NGX="$TMP/nginx"
-mkdir -p "$NGX"
-{
-    nginx_common "$NGX"
+nginx_proxy_conf() { # dir port workers
+    nginx_common "$1" "$3"
     cat <<EOF
     upstream backend {
         server 127.0.0.1:$UP_PORT;
         keepalive 64;
     }
     server {
-        listen 127.0.0.1:$NGX_PORT;
+        listen 127.0.0.1:$2;
         location / {
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -211,60 +232,78 @@ mkdir -p "$NGX"
     }
 }
 EOF
-} >"$NGX/nginx.conf"
+}
 
-# fencepost: SQLite store in the temp dir, one [[http]] proxy, no admin,
+# fencepost: SQLite store in its directory, one [[http]] proxy, no admin,
 # no elector; logs at info (the default a deployment would run).
-FP="$TMP/fencepost"
-mkdir -p "$FP"
-cat >"$FP/fencepost.toml" <<EOF
-store = "sqlite://$FP/fencepost.db"
+fencepost_conf() { # dir port workers
+    cat <<EOF
+store = "sqlite://$1/fencepost.db"
 
 [log]
 level = "info"
 
 [[http]]
-listen = "127.0.0.1:$FP_PORT"
+listen = "127.0.0.1:$2"
 upstream = "http://127.0.0.1:$UP_PORT"
 routes = [{ prefix = "/", resource = "bench" }]
+workers = $3
 EOF
+}
 
 log "starting upstream nginx on 127.0.0.1:$UP_PORT"
 "$NGINX" -p "$UP" -c "$UP/nginx.conf" -e "$UP/error.log" >"$TMP/upstream.log" 2>&1 &
 UP_PID=$!; PIDS+=("$UP_PID")
 wait_http "http://127.0.0.1:$UP_PORT/item" upstream "$UP_PID"
 
-log "starting nginx reverse proxy on 127.0.0.1:$NGX_PORT"
-"$NGINX" -p "$NGX" -c "$NGX/nginx.conf" -e "$NGX/error.log" >"$TMP/nginx.log" 2>&1 &
-NGX_PID=$!; PIDS+=("$NGX_PID")
-wait_http "http://127.0.0.1:$NGX_PORT/item" nginx "$NGX_PID"
+declare -A PORT=([direct]="$UP_PORT")
+declare -A PID=()
+for w in 1 2; do
+    t="nginx-${w}w"; d="$TMP/$t"; mkdir -p "$d"; PORT[$t]="$(port)"
+    nginx_proxy_conf "$d" "${PORT[$t]}" "$w" >"$d/nginx.conf"
+    log "starting $t on 127.0.0.1:${PORT[$t]}"
+    "$NGINX" -p "$d" -c "$d/nginx.conf" -e "$d/error.log" >"$TMP/$t.log" 2>&1 &
+    PID[$t]=$!; PIDS+=("${PID[$t]}")
+    wait_http "http://127.0.0.1:${PORT[$t]}/item" "$t" "${PID[$t]}"
 
-log "starting fencepost on 127.0.0.1:$FP_PORT (TOKIO_WORKER_THREADS=1)"
-env -u RUST_LOG TOKIO_WORKER_THREADS=1 "$FENCEPOST" serve --config "$FP/fencepost.toml" >"$TMP/fencepost.log" 2>&1 &
-FP_PID=$!; PIDS+=("$FP_PID")
-wait_http "http://127.0.0.1:$FP_PORT/item" fencepost "$FP_PID"
-
-# Set the mark to 1, then check every target answers both workloads with 200.
-expect_status 200 -X PUT -H 'Fencing-Token: 1' --data x "http://127.0.0.1:$FP_PORT/item"
-declare -A PORT=([direct]="$UP_PORT" [nginx]="$NGX_PORT" [fencepost]="$FP_PORT")
-TARGETS=(direct nginx fencepost)
+    # One tokio worker for everything but the relay (the fence, the store):
+    # the relay's own threads are `workers`. --shared-runtime: no relay
+    # threads, the relay on the tokio runtime, with `w` workers.
+    t="fencepost-${w}w"; d="$TMP/$t"; mkdir -p "$d"; PORT[$t]="$(port)"
+    if [ "$SHARED" = 1 ]; then relay=0; tokio="$w"; else relay="$w"; tokio=1; fi
+    fencepost_conf "$d" "${PORT[$t]}" "$relay" >"$d/fencepost.toml"
+    log "starting $t on 127.0.0.1:${PORT[$t]} (workers = $relay, TOKIO_WORKER_THREADS=$tokio)"
+    env -u RUST_LOG TOKIO_WORKER_THREADS="$tokio" "$FENCEPOST" serve --config "$d/fencepost.toml" >"$TMP/$t.log" 2>&1 &
+    PID[$t]=$!; PIDS+=("${PID[$t]}")
+    wait_http "http://127.0.0.1:${PORT[$t]}/item" "$t" "${PID[$t]}"
+    # The mark becomes 1.
+    expect_status 200 -X PUT -H 'Fencing-Token: 1' --data x "http://127.0.0.1:${PORT[$t]}/item"
+done
+TARGETS=(direct nginx-1w fencepost-1w nginx-2w fencepost-2w)
 for t in "${TARGETS[@]}"; do
     expect_status 200 "http://127.0.0.1:${PORT[$t]}/item"
     expect_status 200 -X PUT -H 'Fencing-Token: 1' --data x "http://127.0.0.1:${PORT[$t]}/item"
 done
 # fencepost really fences: an older token is refused.
-expect_status 409 -X PUT -H 'Fencing-Token: 0' --data x "http://127.0.0.1:$FP_PORT/item"
+expect_status 409 -X PUT -H 'Fencing-Token: 0' --data x "http://127.0.0.1:${PORT[fencepost-1w]}/item"
 
-ngx_worker() { pgrep -P "$NGX_PID" | head -1; }
+# RSS of a target: nginx's worker processes summed, fencepost's process.
+rss_of() { # target
+    case "$1" in
+        nginx-*) local sum=0 p; for p in $(pgrep -P "${PID[$1]}"); do sum=$((sum + $(rss_kb "$p"))); done; echo "$sum" ;;
+        fencepost-*) rss_kb "${PID[$1]}" ;;
+        *) echo "" ;;
+    esac
+}
 sleep 1
-FP_RSS_IDLE="$(rss_kb "$FP_PID")"
-NGX_RSS_IDLE="$(rss_kb "$(ngx_worker)")"
-log "idle RSS: fencepost ${FP_RSS_IDLE} kB, nginx proxy worker ${NGX_RSS_IDLE} kB"
+MEMORY=()
+for t in "${TARGETS[@]:1}"; do MEMORY+=("${t}_idle_kb=$(rss_of "$t")"); done
 
 # ---------------------------------------------------------------- 3. load
+# 64 bytes of body, the issue's PUT.
 cat >"$TMP/put.lua" <<'EOF'
 wrk.method = "PUT"
-wrk.body = "x"
+wrk.body = string.rep("x", 64)
 wrk.headers["Fencing-Token"] = "1"
 wrk.headers["Content-Type"] = "text/plain"
 EOF
@@ -290,15 +329,14 @@ run_wrk() { # phase workload target connections round duration
     for pid in "${PIDS[@]}"; do
         kill -0 "$pid" 2>/dev/null || { echo "a server died during the $target run; see $TMP" >&2; exit 1; }
     done
-    local rss=""
-    [ "$target" = fencepost ] && rss="$(rss_kb "$FP_PID")"
-    [ "$target" = nginx ] && rss="$(rss_kb "$(ngx_worker)")"
+    local rss
+    rss="$(rss_of "$target")"
     [ "$phase" = warmup ] && return 0
     { echo "### phase=$phase workload=$workload target=$target connections=$conns round=$round"
       echo "### wrk ${args[*]} $url"
       cat "$out"; echo; } >>"$RAW"
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$phase" "$workload" "$target" "$conns" "$round" "$out" "$rss" >>"$MANIFEST"
-    printf '  %-5s %-4s %-9s c=%-3s round %s: %s\n' "$phase" "$workload" "$target" "$conns" "$round" \
+    printf '  %-7s %-4s %-12s c=%-3s round %s: %s\n' "$phase" "$workload" "$target" "$conns" "$round" \
         "$(awk '/^Requests\/sec/ {print $2 " req/s"}' "$out")" >&2
 }
 
@@ -306,8 +344,9 @@ LOAD_START="$(cut -d' ' -f1 /proc/loadavg)"
 if awk -v l="$LOAD_START" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; then
     log "warning: load average is $LOAD_START before the load starts; other work on this machine will skew the numbers"
 fi
-total=$(( (2 * ROUNDS + ${#SWEEP_CONNS[@]} * SWEEP_ROUNDS) * 3 * DURATION + 2 * 3 * 2 ))
-log "measuring: ~$((total / 60 + 1)) min ($ROUNDS rounds x ${DURATION}s, sweep $SWEEP_ROUNDS rounds)"
+N=${#TARGETS[@]}
+total=$(( (4 * ROUNDS + 4 * SWEEP_ROUNDS) * N * DURATION + 2 * N * 2 ))
+log "measuring: ~$((total / 60 + 1)) min of wrk ($ROUNDS rounds x ${DURATION}s, $N targets)"
 
 for workload in GET PUT; do
     for t in "${TARGETS[@]}"; do run_wrk warmup "$workload" "$t" "$CONNS" 0 2; done
@@ -315,23 +354,76 @@ for workload in GET PUT; do
         for t in "${TARGETS[@]}"; do run_wrk main "$workload" "$t" "$CONNS" "$r" "$DURATION"; done
     done
 done
-FP_RSS_AFTER_MAIN="$(rss_kb "$FP_PID")"
-NGX_RSS_AFTER_MAIN="$(rss_kb "$(ngx_worker)")"
+for t in "${TARGETS[@]:1}"; do MEMORY+=("${t}_after_main_kb=$(rss_of "$t")"); done
 
-for c in "${SWEEP_CONNS[@]}"; do
-    for r in $(seq "$SWEEP_ROUNDS"); do
-        for t in "${TARGETS[@]}"; do run_wrk sweep PUT "$t" "$c" "$r" "$DURATION"; done
+# One connection: the latency a proxy adds to each request.
+for workload in GET PUT; do
+    for r in $(seq "$ROUNDS"); do
+        for t in "${TARGETS[@]}"; do run_wrk latency "$workload" "$t" 1 "$r" "$DURATION"; done
     done
 done
-FP_RSS_AFTER_SWEEP="$(rss_kb "$FP_PID")"
-FP_HWM="$(hwm_kb "$FP_PID")"
-NGX_RSS_AFTER_SWEEP="$(rss_kb "$(ngx_worker)")"
-sleep 2
-FP_RSS_SETTLED="$(rss_kb "$FP_PID")"
+
+if [ "$SWEEP_ROUNDS" -gt 0 ]; then
+    for c in "${SWEEP_CONNS[@]}"; do
+        for r in $(seq "$SWEEP_ROUNDS"); do
+            for t in "${TARGETS[@]}"; do run_wrk sweep PUT "$t" "$c" "$r" "$DURATION"; done
+        done
+    done
+fi
+for t in "${TARGETS[@]:1}"; do MEMORY+=("${t}_after_load_kb=$(rss_of "$t")"); done
+MEMORY+=("fencepost-1w_peak_kb=$(hwm_kb "${PID[fencepost-1w]}")")
 
 LOAD_END="$(cut -d' ' -f1-3 /proc/loadavg)"
 # Was anything logged per request? (a hint when fencepost is slow)
-FP_LOG_LINES="$(wc -l <"$TMP/fencepost.log")"
+FP_LOG_LINES="$(wc -l <"$TMP/fencepost-1w.log")"
+
+# ---------------------------------------------------------------- callgrind
+# Instructions per proxied PUT: the process under valgrind, its counters
+# zeroed after a warm-up and dumped after --requests PUTs; Ir / requests.
+CALLGRIND_META=()
+callgrind_count() { # name port pid outfile
+    local name="$1" port="$2" pid="$3" out="$4"
+    python3 "$HELPER" load --port "$port" --requests 300 --connections 8
+    # Counters to zero after the warm-up; the dump (out.1) then holds
+    # exactly the measured PUTs.
+    callgrind_control -z "$pid" >/dev/null
+    python3 "$HELPER" load --port "$port" --requests "$REQUESTS" --connections 8
+    callgrind_control -d "$pid" >/dev/null
+    sleep 1
+    local ir
+    ir="$(python3 "$HELPER" callgrind-total "$out".[0-9]*)"
+    CALLGRIND_META+=("callgrind_${name}_ir=$ir" "callgrind_${name}_per_put=$((ir / REQUESTS))")
+    log "callgrind: $name $((ir / REQUESTS)) instructions per proxied PUT ($ir over $REQUESTS)"
+}
+wait_up() { # port pid: up to 60 s (valgrind starts slowly)
+    for _ in $(seq 600); do
+        kill -0 "$2" 2>/dev/null || { echo "a process under valgrind exited; see $TMP" >&2; exit 1; }
+        curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$1/item" && return 0
+        sleep 0.1
+    done
+    echo "no answer under valgrind on port $1" >&2; exit 1
+}
+if [ "$CALLGRIND" = 1 ]; then
+    log "callgrind: fencepost (workers = 1) and nginx (1 process) under valgrind"
+    d="$TMP/cg-fencepost"; mkdir -p "$d"; p="$(port)"
+    fencepost_conf "$d" "$p" 1 >"$d/fencepost.toml"
+    env -u RUST_LOG TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind \
+        --callgrind-out-file="$d/cg.out" "$FENCEPOST" serve --config "$d/fencepost.toml" >"$TMP/cg-fencepost.log" 2>&1 &
+    cg=$!; PIDS+=("$cg")
+    wait_up "$p" "$cg"
+    expect_status 200 -X PUT -H 'Fencing-Token: 1' --data x "http://127.0.0.1:$p/item"
+    callgrind_count fencepost "$p" "$cg" "$d/cg.out"
+    kill -TERM "$cg" 2>/dev/null; wait "$cg" 2>/dev/null || true
+
+    d="$TMP/cg-nginx"; mkdir -p "$d"; p="$(port)"
+    nginx_proxy_conf "$d" "$p" 1 | sed 's/^daemon off;/daemon off;\nmaster_process off;/' >"$d/nginx.conf"
+    valgrind --tool=callgrind --callgrind-out-file="$d/cg.out" \
+        "$NGINX" -p "$d" -c "$d/nginx.conf" -e "$d/error.log" >"$TMP/cg-nginx.log" 2>&1 &
+    cg=$!; PIDS+=("$cg")
+    wait_up "$p" "$cg"
+    callgrind_count nginx "$p" "$cg" "$d/cg.out"
+    kill -TERM "$cg" 2>/dev/null; wait "$cg" 2>/dev/null || true
+fi
 
 # ---------------------------------------------------------------- 4. report
 python3 "$HELPER" report \
@@ -342,8 +434,5 @@ python3 "$HELPER" report \
            "wrk=$(wrk --version 2>&1 | head -1 | awk '{print $2}')" \
            "fencepost_commit=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
            "fencepost_log_lines=$FP_LOG_LINES" "loadavg_start=$LOAD_START" "loadavg_end=$LOAD_END" \
-    --memory "fencepost_idle_kb=$FP_RSS_IDLE" "fencepost_after_main_kb=$FP_RSS_AFTER_MAIN" \
-             "fencepost_after_sweep_kb=$FP_RSS_AFTER_SWEEP" "fencepost_settled_kb=$FP_RSS_SETTLED" \
-             "fencepost_peak_kb=$FP_HWM" \
-             "nginx_worker_idle_kb=$NGX_RSS_IDLE" "nginx_worker_after_main_kb=$NGX_RSS_AFTER_MAIN" \
-             "nginx_worker_after_sweep_kb=$NGX_RSS_AFTER_SWEEP"
+           "requests=$REQUESTS" "shared_runtime=$SHARED" "${CALLGRIND_META[@]}" \
+    --memory "${MEMORY[@]}"
