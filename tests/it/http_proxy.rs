@@ -1189,6 +1189,45 @@ async fn a_slowloris_client_does_not_stop_others_from_being_served() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 }
 
+/// `workers = 2`: the relay on its own current-thread runtimes, each
+/// accepting on the listener with its own upstream connections, answers
+/// and fences as the shared runtime does, over many connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_threads_serve_and_fence() {
+    let env = Env::start(|h| h.set("workers", 2), &[]).await;
+    let mut conns = Vec::new();
+    for i in 0..8 {
+        conns.push(client());
+        let r = send(conns[i].get(env.url(&format!("/r/{i}"))), None, None).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    assert_eq!(
+        env.put("/w/1", Some("threads"), Some("5")).await.status,
+        200
+    );
+    for (i, c) in conns.iter().enumerate() {
+        let r = send(
+            c.put(env.url(&format!("/w/old{i}"))),
+            Some("threads"),
+            Some("4"),
+        )
+        .await;
+        assert_eq!(r.status, 409, "{r:?}");
+        let r = send(
+            c.put(env.url(&format!("/w/same{i}"))),
+            Some("threads"),
+            Some("5"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    assert!(env
+        .upstream
+        .arrivals()
+        .iter()
+        .all(|e| !e.path.starts_with("/w/old")));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_past_the_concurrency_bound_get_503_with_retry_after() {
     let env = Arc::new(Env::start(|h| h.set("max_concurrent_requests", 2), &[]).await);

@@ -65,9 +65,10 @@ pub struct HttpProxyConfig {
     #[serde(default)]
     pub data_path: DataPath,
     /// Relay threads, each a current-thread runtime with its own accept
-    /// and upstream connections (default: one per CPU); 0 runs the relay
-    /// on the process's shared multi-thread runtime.
-    pub workers: Option<usize>,
+    /// and upstream connections; 0 (the default) runs the relay on the
+    /// process's shared multi-thread runtime.
+    #[serde(default)]
+    pub workers: usize,
 }
 
 /// The proxied data path of an `[[http]]` listener.

@@ -78,8 +78,9 @@ pub struct HttpProxy {
     upstream_timeout: Duration,
     /// `data_path = "relay"` (the default); else the hyper-based path.
     relay_path: bool,
-    /// Relay worker threads (current-thread runtimes); 0: the relay runs
-    /// on the process's multi-thread runtime.
+    /// Relay worker threads (current-thread runtimes); 0 (the default
+    /// until the layouts are measured side by side on a quiet machine):
+    /// the relay runs on the process's multi-thread runtime.
     workers: usize,
 }
 
@@ -157,9 +158,7 @@ impl HttpProxy {
             upstream: upstream.clone(),
             upstream_timeout: cfg.upstream_timeout,
             relay_path: cfg.data_path == DataPath::Relay,
-            workers: cfg.workers.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-            }),
+            workers: cfg.workers,
             forwarder: Forwarder {
                 pool,
                 upstream,
