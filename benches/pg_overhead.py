@@ -28,9 +28,11 @@ sys.dont_write_bytecode = True  # no __pycache__ in benches/
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import http_overhead as hx  # noqa: E402  (bar_panel, _kv)
 
-TARGETS = ["direct", "pgbouncer", "fp-proxy", "fp-guard"]
-PROXIES = ["pgbouncer", "fp-proxy", "fp-guard"]
-COLORS = {"direct": "#888888", "pgbouncer": "#2b8a3e", "fp-proxy": "#1c5fb8", "fp-guard": "#7048e8"}
+TARGETS = ["direct", "relay", "pgbouncer", "fp-proxy", "fp-guard"]
+PROXIES = ["relay", "pgbouncer", "fp-proxy", "fp-guard"]
+COLORS = {"direct": "#888888", "relay": "#e8590c", "pgbouncer": "#2b8a3e", "fp-proxy": "#1c5fb8",
+          "fp-guard": "#7048e8"}
+MODES = ["simple", "extended", "prepared"]
 hx.COLORS.update(COLORS)
 hx._TEXT_KEYS.update({"pgbouncer", "postgres", "pgbench", "sweep_skipped"})
 
@@ -138,9 +140,35 @@ def print_table(title, summary, label, order):
                 continue
             rr = f"{s['tps_ratio']:.3f}" if "tps_ratio" in s else "1"
             pr = f"{s['p99_ratio']:.2f}" if s.get("p99_ratio") else ("1" if t == "direct" else "-")
-            vb = f"{s['tps'] / b['tps']:.3f}" if b and t.startswith("fp-") else ""
+            vb = f"{s['tps'] / b['tps']:.3f}" if b and t in ("relay", "fp-proxy", "fp-guard") else ""
             print(f"{str(g):<20} {t:<10} {s['tps']:>9.0f} {_ms(s['lat_avg_ms']):>10} {_ms(s['p99_ms']):>10} "
                   f"{rr:>11} {pr:>11} {vb:>13} {s['failed']:>7}")
+
+
+def issue_table(main, clients):
+    """Issue 13's table: for each row (select-only and TPC-B-like at the main
+    client count, select-only at one client) and -M mode, a fencepost
+    target's median TPS as a ratio to PgBouncer's and to the relay's."""
+    rows = [(f"select-only, {clients} clients", "select"), (f"TPC-B-like, {clients} clients", "tpcb"),
+            ("select-only, 1 client", "select -c1")]
+    for fp in ("fp-proxy", "fp-guard"):
+        for base in ("pgbouncer", "relay"):
+            cells = []
+            for label, w in rows:
+                got = []
+                for m in MODES:
+                    g = main.get(f"{w} -M {m}", {})
+                    a, b = g.get(fp), g.get(base)
+                    got.append(f"{a['tps'] / b['tps']:.2f}" if a and b else "-")
+                if any(c != "-" for c in got):
+                    cells.append((label, got))
+            if not cells:
+                continue
+            print(f"\n{fp} TPS / {base} TPS (medians)")
+            print(f"| workload | {' | '.join(MODES)} |")
+            print("|---|" + "---|" * len(MODES))
+            for label, got in cells:
+                print(f"| {label} | {' | '.join(got)} |")
 
 
 def write_svg(path, main, sweep, meta):
@@ -205,6 +233,7 @@ def report(args):
     write_svg(os.path.join(args.out, "pg_overhead.svg"), main, sweep, meta)
     print_table(f"Medians, pgbench -c {meta.get('clients')} -j 2, {meta.get('rounds')} rounds x "
                 f"{meta.get('duration_s')} s", main, "workload", sorted(main))
+    issue_table(main, meta.get("clients"))
     if sweep:
         print_table(f"-S -M prepared by client count, medians of {meta.get('sweep_rounds')} round(s)",
                     sweep, "clients", sorted(sweep))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Postgres overhead of fencepost's [[postgres]] proxy, against a direct
-# connection and against PgBouncer (session pooling), with pgbench.
+# connection, a plain L4 relay (socat, the floor) and PgBouncer (session
+# pooling), with pgbench.
 #
 #   bash benches/pg_overhead.sh [--rounds N] [--duration S] [--sweep-rounds N]
 #                               [--clients C] [--idle-conns N] [--resources N]
@@ -21,6 +22,7 @@
 # the client-count sweep, --results writes the results elsewhere (e.g. one
 # directory per fsync setting). Targets (all on 127.0.0.1, ports picked at start):
 #   direct     pgbench -> Postgres
+#   relay      pgbench -> socat (TCP relay, TCP_NODELAY both sides) -> Postgres
 #   pgbouncer  pgbench -> PgBouncer (pool_mode=session) -> Postgres
 #   fp-proxy   pgbench -> fencepost [[postgres]] enforce="proxy" -> Postgres
 #   fp-guard   pgbench -> fencepost [[postgres]] enforce="database" -> Postgres
@@ -28,9 +30,11 @@
 # Every connection carries a valid token: PGOPTIONS='-c fencing.token=1
 # -c fencing.resource=bench' (PgBouncer is told to ignore `options`).
 #
-# Workloads: pgbench -S (select-only) and the default TPC-B-like script,
-# each in -M simple, extended and prepared, -c C -j 2, run interleaved
-# (direct, pgbouncer, fp-proxy, fp-guard, direct, ...) for N rounds. Then
+# Workloads: pgbench -S (select-only) and the default TPC-B-like script at
+# -c C -j 2, and -S at one client (select1), each in -M simple, extended and
+# prepared, run interleaved (direct, relay, pgbouncer, fp-proxy, fp-guard,
+# direct, ...) for N rounds; the report ends with issue 13's table (fp-proxy
+# TPS as a ratio to PgBouncer's and to the relay's, per row and mode). Then
 # -S -M prepared at 1, 8, 32 and 128 clients (levels the server's
 # max_connections cannot hold are skipped and named). fencepost's resident
 # memory: idle, with N idle client connections through it (before the
@@ -57,11 +61,11 @@ SCALE=10
 
 PRIVATE=0
 FSYNC=""
-WORKLOADS="select tpcb"
+WORKLOADS="select tpcb select1"
 NO_SWEEP=0
 RESULTS_DIR=""
 
-usage() { sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,46p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -89,9 +93,10 @@ case "$FSYNC" in
     *) echo "--fsync takes on or off" >&2; exit 2 ;;
 esac
 for w in $WORKLOADS; do
-    [ "$w" = select ] || [ "$w" = tpcb ] || { echo "--workloads: select and/or tpcb, not $w" >&2; exit 2; }
+    [ "$w" = select ] || [ "$w" = tpcb ] || [ "$w" = select1 ] \
+        || { echo "--workloads: select, tpcb and/or select1, not $w" >&2; exit 2; }
 done
-[ -n "$WORKLOADS" ] || { echo "--workloads: at least one of select, tpcb" >&2; exit 2; }
+[ -n "$WORKLOADS" ] || { echo "--workloads: at least one of select, tpcb, select1" >&2; exit 2; }
 for v in "$ROUNDS" "$DURATION" "$SWEEP_ROUNDS" "$CLIENTS" "$IDLE_CONNS" "$RESOURCES"; do
     [[ "$v" =~ ^[1-9][0-9]*$ ]] || { echo "numeric arguments must be positive integers" >&2; exit 2; }
 done
@@ -117,13 +122,23 @@ if [ "$INSTALL" = 1 ] && ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/p
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq pgbouncer >/dev/null
 fi
+# The distribution's python3 has python3-psycopg; a python3 earlier in
+# PATH (pyenv, a venv) may not.
+if ! python3 -c 'import psycopg' 2>/dev/null && /usr/bin/python3 -c 'import psycopg' 2>/dev/null; then
+    PATH="/usr/bin:$PATH"
+fi
 if [ "$INSTALL" = 1 ] && ! python3 -c 'import psycopg' 2>/dev/null; then
     log "installing python3-psycopg"
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-psycopg >/dev/null
 fi
+if [ "$INSTALL" = 1 ] && ! command -v socat >/dev/null; then
+    log "installing socat"
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq socat >/dev/null
+fi
 PGBOUNCER="$(command -v pgbouncer || echo /usr/sbin/pgbouncer)"
-for t in pgbench psql createdb dropdb python3 "$PGBOUNCER"; do
+for t in pgbench psql createdb dropdb python3 socat "$PGBOUNCER"; do
     command -v "$t" >/dev/null || { echo "missing tool: $t" >&2; exit 1; }
 done
 python3 -c 'import psycopg' || { echo "python3 psycopg (3) is needed for the memory figures" >&2; exit 1; }
@@ -232,8 +247,9 @@ PGB_PORT="$(free_port)"
 FPP_PORT="$(free_port)"
 FPG_PORT="$(free_port)"
 FPI_PORT="$(free_port)"
+RLY_PORT="$(free_port)"
 # distinct ports (free_port can, rarely, hand out the same one twice)
-[ "$(printf '%s\n' "$PGB_PORT" "$FPP_PORT" "$FPG_PORT" "$FPI_PORT" | sort -u | wc -l)" = 4 ] \
+[ "$(printf '%s\n' "$PGB_PORT" "$FPP_PORT" "$FPG_PORT" "$FPI_PORT" "$RLY_PORT" | sort -u | wc -l)" = 5 ] \
     || { echo "port collision, run again" >&2; exit 1; }
 
 # PgBouncer: session pooling for the benchmark; a transaction-pooled alias
@@ -302,14 +318,20 @@ log "starting pgbouncer on 127.0.0.1:$PGB_PORT (session pooling)"
 PGB_PID=$!; PIDS+=("$PGB_PID")
 wait_pg "$PGB_PORT" pgbouncer "$PGB_PID" "$DB"
 
+log "starting the relay (socat) on 127.0.0.1:$RLY_PORT"
+socat "TCP-LISTEN:$RLY_PORT,bind=127.0.0.1,reuseaddr,fork,nodelay" "TCP:$PGHOST_:$PGPORT_,nodelay" \
+    >"$TMP/socat.log" 2>&1 &
+RLY_PID=$!; PIDS+=("$RLY_PID")
+wait_pg "$RLY_PORT" socat "$RLY_PID" "$DB"
+
 log "starting fencepost: proxy mode on $FPP_PORT, guard mode on $FPG_PORT, idle-test listener on $FPI_PORT"
 env -u RUST_LOG "$FENCEPOST" serve --config "$FP/fencepost.toml" >"$TMP/fencepost.log" 2>&1 &
 FP_PID=$!; PIDS+=("$FP_PID")
 wait_pg "$FPP_PORT" fencepost "$FP_PID" "$DB"
 wait_pg "$FPG_PORT" fencepost "$FP_PID" "$DB"
 
-declare -A PORT=([direct]="$PGPORT_" [pgbouncer]="$PGB_PORT" [fp-proxy]="$FPP_PORT" [fp-guard]="$FPG_PORT")
-TARGETS=(direct pgbouncer fp-proxy fp-guard)
+declare -A PORT=([direct]="$PGPORT_" [relay]="$RLY_PORT" [pgbouncer]="$PGB_PORT" [fp-proxy]="$FPP_PORT" [fp-guard]="$FPG_PORT")
+TARGETS=(direct relay pgbouncer fp-proxy fp-guard)
 export PGOPTIONS='-c fencing.token=1 -c fencing.resource=bench'
 
 # Sanity: every target runs a write with the token; fencepost refuses a
@@ -355,7 +377,7 @@ FP_RSS_CONNS="$(rss_kb "$FP_PID")"
 PGB_RSS_CONNS="$(rss_kb "$PGB_PID")"
 log "with $IDLE_CONNS idle connections: fencepost ${FP_RSS_CONNS} kB (before: ${FP_RSS_BEFORE_CONNS} kB)"
 kill -TERM "$HOLD_PID" 2>/dev/null; wait "$HOLD_PID" 2>/dev/null || true
-PIDS=("$PGB_PID" "$FP_PID")   # the servers only, again
+PIDS=("$PGB_PID" "$RLY_PID" "$FP_PID")   # the servers only, again
 sleep 2
 FP_RSS_AFTER_CONNS="$(rss_kb "$FP_PID")"
 
@@ -371,7 +393,7 @@ run_pgbench() { # phase script mode target clients round duration
     local phase="$1" script="$2" mode="$3" target="$4" clients="$5" round="$6" dur="$7"
     local jobs=2; [ "$clients" -lt 2 ] && jobs=1
     local args=(-n -M "$mode" -c "$clients" -j "$jobs" -T "$dur")
-    [ "$script" = select ] && args+=(-S)
+    [ "$script" = select ] || [ "$script" = select1 ] && args+=(-S)
     RUN=$((RUN + 1))
     local dir="$TMP/run-$RUN"
     mkdir -p "$dir"
@@ -387,7 +409,7 @@ run_pgbench() { # phase script mode target clients round duration
     local rss=""
     [[ "$target" == fp-* ]] && rss="$(rss_kb "$FP_PID")"
     local workload="$script -M $mode"
-    [ "$script" = tpcb ] && workload="tpcb -M $mode"
+    [ "$script" = select1 ] && workload="select -c1 -M $mode"
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$phase" "$workload" "$target" "$clients" "$round" \
         "$dir/out.txt" "$dir" "$rss" >>"$MANIFEST"
     {
@@ -417,14 +439,16 @@ if awk -v l="$LOAD_START" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; then
     log "warning: load average is $LOAD_START before the load starts; other work on this machine will skew the numbers"
 fi
 NW=$(( $(wc -w <<<"$WORKLOADS") * 3 ))
-total=$(( NW * ROUNDS * 4 * (DURATION + 1) + ${#SWEEP[@]} * SWEEP_ROUNDS * 4 * (DURATION + 1) + 4 * 3 ))
-log "measuring: ~$((total / 60 + 1)) min ($ROUNDS rounds x ${DURATION}s, $NW workloads, 4 targets; sweep ${SWEEP[*]:-none})"
+NT=${#TARGETS[@]}
+total=$(( NW * ROUNDS * NT * (DURATION + 1) + ${#SWEEP[@]} * SWEEP_ROUNDS * NT * (DURATION + 1) + NT * 3 ))
+log "measuring: ~$((total / 60 + 1)) min ($ROUNDS rounds x ${DURATION}s, $NW workloads, $NT targets; sweep ${SWEEP[*]:-none})"
 
 for t in "${TARGETS[@]}"; do run_pgbench warmup select prepared "$t" "$CLIENTS" 0 2; done
 for script in $WORKLOADS; do
     for mode in simple extended prepared; do
+        c="$CLIENTS"; [ "$script" = select1 ] && c=1
         for r in $(seq "$ROUNDS"); do
-            for t in "${TARGETS[@]}"; do run_pgbench main "$script" "$mode" "$t" "$CLIENTS" "$r" "$DURATION"; done
+            for t in "${TARGETS[@]}"; do run_pgbench main "$script" "$mode" "$t" "$c" "$r" "$DURATION"; done
         done
     done
 done

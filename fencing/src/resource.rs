@@ -5,6 +5,7 @@
 //! quoting, escaping or injection question can arise anywhere downstream.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// Longest accepted resource name, in bytes.
 pub const MAX_LEN: usize = 128;
@@ -19,10 +20,11 @@ pub enum ResourceError {
     BadChar(char),
 }
 
-/// A validated resource name.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(transparent)]
-pub struct ResourceName(Box<str>);
+/// A validated resource name. Shared, not copied, when cloned: a Postgres
+/// session files its resource with every write it admits, and that must
+/// not allocate.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceName(Arc<str>);
 
 /// Checks a candidate name without allocating, so hot paths can validate a
 /// borrowed header value before deciding whether they need an owned name.
@@ -129,6 +131,12 @@ impl fmt::Debug for ResourceRef<'_> {
 impl fmt::Debug for ResourceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl serde::Serialize for ResourceName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
     }
 }
 

@@ -243,6 +243,32 @@ impl Fencer {
         self.conclude(counters, decided, info).await
     }
 
+    /// A session's steady state: a write presenting what the session's
+    /// last admitted write presented (so its token verifies to `token`,
+    /// verification being a function of the two), on the slot the session
+    /// kept from that decision (slots are never replaced in the table).
+    /// One CAS; `None` when the fast path does not apply (the mark moved,
+    /// a drain is on, this replica is fenced), and the caller decides in
+    /// full with [`Fencer::decide`].
+    pub fn admit_held<'a>(
+        &self,
+        counters: &WriteCounters,
+        slot: &Arc<Slot>,
+        resource: ResourceRef<'a>,
+        token: u64,
+    ) -> Option<Admission<'a>> {
+        if self.tier.as_deref().is_some_and(|t| !t.admits()) {
+            return None;
+        }
+        let guard = slot.try_admit_fast(token)?;
+        counters.accepted();
+        Some(Admission {
+            guard,
+            resource,
+            token,
+        })
+    }
+
     /// Counts an admission, or audits a refusal and waits until its record
     /// is durable: a refusal is answered only after that.
     async fn conclude<'a>(

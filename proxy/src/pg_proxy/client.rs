@@ -14,9 +14,10 @@ use tokio::net::tcp::OwnedWriteHalf;
 use wire::pg::cycle::{owes_completion, RUN_NAMED_COMPLETIONS};
 use wire::pg::frame::{self, split_frame};
 use wire::pg::guard;
-use wire::pg::{Classification, ClientMsg, Frame, FrameError};
+use wire::pg::{Classification, ClientMsg, Frame, FrameError, Recent};
 
 use super::fence::{fence, Verdict};
+use super::readbuf::{ReadBuf, IDLE};
 use super::refusal::{fatal, Unit};
 use super::session::Ctx;
 use super::startup::ClientRead;
@@ -28,8 +29,10 @@ use crate::shutdown::Shutdown;
 #[derive(Clone)]
 struct Prepared {
     class: Arc<Classification>,
-    /// The Parse message, for the audit's fingerprint on refusal.
-    parse: Frame,
+    /// The statement's text, for the audit's fingerprint on refusal; a
+    /// copy the session's classifications share, not the Parse message
+    /// (which would pin the read buffer).
+    text: Bytes,
 }
 
 /// Unique names for the guard's statement and portal in extended batches.
@@ -54,19 +57,25 @@ struct ClientSide {
     /// After a refusal in the extended protocol the server discards
     /// everything up to Sync; so does the proxy's fencing.
     skip_until_sync: bool,
+    /// The texts this session classified lately: a repeated one is
+    /// answered without the shared cache.
+    recent: Recent,
 }
 
 pub(super) async fn client_loop(
     ctx: &Ctx,
     mut cr: ClientRead,
     mut sw: OwnedWriteHalf,
-    mut buf: BytesMut,
+    buf: BytesMut,
     shutdown: Shutdown,
 ) {
+    let mut rb = ReadBuf::from(buf);
+    let mut shrink = false;
     let mut side = ClientSide {
         statements: HashMap::new(),
         portals: HashMap::new(),
         skip_until_sync: false,
+        recent: Recent::new(),
     };
     let mut out = BytesMut::new();
     // Made once, not per read: each is a registration (a watch receiver, a
@@ -80,7 +89,7 @@ pub(super) async fn client_loop(
     let mut terminated = false;
     'read: loop {
         loop {
-            let frame = match split_frame(&mut buf, ctx.proxy.max_frame) {
+            let frame = match split_frame(&mut rb.buf, ctx.proxy.max_frame) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
@@ -133,6 +142,10 @@ pub(super) async fn client_loop(
                 break;
             }
             out.clear();
+            if shrink && out.capacity() > 4 * IDLE {
+                // A large batch is over: give its room back.
+                out = BytesMut::new();
+            }
         }
         if closing && idle(ctx) {
             ctx.to_client(&fatal(
@@ -145,10 +158,12 @@ pub(super) async fn client_loop(
             break;
         }
         let answered = ctx.answered.notified();
+        rb.prepare(shrink);
+        let had = rb.spare();
         tokio::select! {
-            r = cr.read_buf(&mut buf) => match r {
+            r = cr.read_buf(&mut rb.buf) => match r {
                 Ok(0) | Err(_) => break,
-                Ok(_) => {}
+                Ok(n) => shrink = rb.read(n, had),
             },
             () = &mut server_gone => break,
             () = &mut shutting_down, if !closing => closing = true,
@@ -207,7 +222,7 @@ enum Send {
 async fn handle(ctx: &Ctx, side: &mut ClientSide, frame: Frame) -> Result<Out, FrameError> {
     let send = match frame.client()? {
         ClientMsg::Query(text) => on_query(ctx, side, &frame, text).await,
-        ClientMsg::Parse { name, query } => on_parse(ctx, side, &frame, name, query),
+        ClientMsg::Parse { name, query } => on_parse(ctx, side, name, query),
         ClientMsg::Bind { portal, statement } => on_bind(ctx, side, portal, statement),
         ClientMsg::Execute { portal, .. } => on_execute(ctx, side, &frame, portal).await,
         ClientMsg::Close { kind, name } => on_close(ctx, side, kind, name),
@@ -226,7 +241,7 @@ async fn handle(ctx: &Ctx, side: &mut ClientSide, frame: Frame) -> Result<Out, F
 /// the client's text, in the same implicit transaction (or the same block).
 async fn on_query(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, text: &[u8]) -> Send {
     side.skip_until_sync = false;
-    let class = ctx.proxy.classifier.classify_bytes(text);
+    let class = side.recent.classify(&ctx.proxy.classifier, text);
     let statement = Statement::Query(frame.clone());
     let send = match fence(ctx, &class, &statement, Unit::Query).await {
         Verdict::Refused(b) => Send::Instead(b),
@@ -261,28 +276,34 @@ async fn on_query(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, text: &[u8]) 
 }
 
 /// Parse: the statement is classified now, decided at its Execute.
-fn on_parse(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, name: &[u8], query: &[u8]) -> Send {
-    let class = ctx.proxy.classifier.classify_bytes(query);
+fn on_parse(ctx: &Ctx, side: &mut ClientSide, name: &[u8], query: &[u8]) -> Send {
+    let (class, text) = side.recent.classify_text(&ctx.proxy.classifier, query);
     ctx.lock().open_cycle().sent(b'P');
-    side.statements.insert(
-        Bytes::copy_from_slice(name),
-        Prepared {
-            class,
-            parse: frame.clone(),
-        },
-    );
+    let prepared = Prepared { class, text };
+    // Replacing a statement keeps its key (no allocation for a repeated
+    // unnamed Parse).
+    match side.statements.get_mut(name) {
+        Some(p) => *p = prepared,
+        None => {
+            side.statements
+                .insert(Bytes::copy_from_slice(name), prepared);
+        }
+    }
     Send::Same
 }
 
 fn on_bind(ctx: &Ctx, side: &mut ClientSide, portal: &[u8], statement: &[u8]) -> Send {
-    let portal = Bytes::copy_from_slice(portal);
     ctx.lock().open_cycle().sent(b'B');
     match side.statements.get(statement).cloned() {
-        Some(p) => {
-            side.portals.insert(portal, p);
-        }
+        // A portal bound again keeps its key: no allocation per Bind.
+        Some(p) => match side.portals.get_mut(portal) {
+            Some(old) => *old = p,
+            None => {
+                side.portals.insert(Bytes::copy_from_slice(portal), p);
+            }
+        },
         None => {
-            side.portals.remove(&portal);
+            side.portals.remove(portal);
         }
     }
     Send::Same
@@ -304,7 +325,7 @@ async fn on_execute(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, portal: &[u
         ..Classification::default()
     };
     let (class, statement) = match side.portals.get(portal).cloned() {
-        Some(Prepared { class, parse }) => (Some(class), Statement::Parse(parse)),
+        Some(Prepared { class, text }) => (Some(class), Statement::Text(text)),
         None => (None, Statement::Label(UNKNOWN_PORTAL)),
     };
     let class = class.as_deref().unwrap_or(&unknown);

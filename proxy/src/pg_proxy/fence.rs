@@ -4,11 +4,11 @@
 
 use bytes::Bytes;
 use fencing::{input, Protocol};
-use wire::pg::Classification;
+use wire::pg::{Classification, CommentFence};
 
 use super::refusal::{refusal_error, refuse, Unit};
 use super::session::Ctx;
-use super::state::{Statement, Write};
+use super::state::{Shared, Statement, Steady, Write};
 use super::vars::Setting;
 use crate::fencer::{Decision, Refusal, WriteInfo};
 
@@ -41,9 +41,15 @@ pub(super) async fn fence(
         if let Some(b) = class.block_after {
             s.in_block = b;
         }
+        let write = class.write || strict_write;
+        if write && !class.commits {
+            if let Some(verdict) = steady(ctx, &mut s, class) {
+                return verdict;
+            }
+        }
         // The variables as this statement sees them, its own SETs included;
         // read only for a write.
-        let view = (class.write || strict_write).then(|| s.view());
+        let view = write.then(|| s.view());
         // The block's writes must still be current when it commits.
         let commits = if class.commits {
             s.txn_write_keys()
@@ -75,13 +81,27 @@ pub(super) async fn fence(
     };
     let proxy = &ctx.proxy;
     let mut admitted = Vec::with_capacity(1 + commits.len());
+    let mut steady_now = None;
     if let Some(presented) = &own {
         match proxy
             .fencer
             .decide(&proxy.checker, &proxy.counters, presented, &info)
             .await
         {
-            Decision::Admit(a) => admitted.push((a.guard, a.resource.to_name(), a.token)),
+            Decision::Admit(a) => {
+                if let (Ok(token), Some(slot)) = (
+                    &presented.token,
+                    proxy.fencer.table().get(a.resource.as_str()),
+                ) {
+                    steady_now = Some(Steady {
+                        resource: a.resource.to_name(),
+                        token: *token,
+                        n: a.token,
+                        slot,
+                    });
+                }
+                admitted.push((a.guard, a.resource.to_name(), a.token));
+            }
             Decision::Refuse(r) => return refused(ctx, class, unit, &r),
         }
     }
@@ -118,6 +138,9 @@ pub(super) async fn fence(
         guarded.dedup();
         guarded.retain(|w| !s.gate_held(w));
     }
+    if steady_now.is_some() {
+        s.steady = steady_now;
+    }
     let cycle = s.open_cycle();
     cycle.data.guarded.extend(guarded.iter().cloned());
     for (guard, resource, token) in admitted {
@@ -129,6 +152,37 @@ pub(super) async fn fence(
     } else {
         Verdict::Admitted(guarded)
     }
+}
+
+/// The fast path (proxy mode; guard mode decides in full, for its gate
+/// bookkeeping): a write that presents what the session's last admitted
+/// write presented (the committed variables, no setting pending, no
+/// comment) is admitted on the slot the session holds, with one CAS and no
+/// allocation. `None`: decide in full.
+fn steady(ctx: &Ctx, s: &mut Shared, class: &Classification) -> Option<Verdict> {
+    let proxy = &ctx.proxy;
+    if (proxy.guard && !class.outside_block) || class.comment != CommentFence::default() {
+        return None;
+    }
+    let (Ok(resource), Ok(token)) = s.settled()? else {
+        return None;
+    };
+    let held = s.steady.as_ref()?;
+    if held.resource != *resource || held.token != *token {
+        return None;
+    }
+    let admission = proxy.fencer.admit_held(
+        &proxy.counters,
+        &held.slot,
+        held.resource.as_ref_name(),
+        held.n,
+    )?;
+    let write: Write = (held.resource.clone(), held.n);
+    let guard = admission.guard;
+    let cycle = s.open_cycle();
+    cycle.data.guards.push(guard);
+    cycle.data.writes.push(write);
+    Some(Verdict::Pass)
 }
 
 /// The refused statement's replacement, with the cycle set to swap the

@@ -17,6 +17,7 @@
 
 mod client;
 mod fence;
+mod readbuf;
 mod refusal;
 mod server;
 mod session;

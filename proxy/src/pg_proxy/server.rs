@@ -8,57 +8,76 @@ use fencing::{Protocol, Reason};
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use wire::pg::cycle::GuardRefused;
-use wire::pg::frame::split_frame;
+use wire::pg::frame::{complete_frames, frames};
 use wire::pg::Frame;
 
+use super::readbuf::{ReadBuf, IDLE};
 use super::refusal::fatal;
 use super::session::Ctx;
 use super::state::GuardCall;
 use crate::fencer::{Refusal, WriteInfo};
 
 pub(super) async fn server_loop(ctx: &Ctx, mut sr: OwnedReadHalf) {
-    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut rb = ReadBuf::new();
+    let mut shrink = false;
+    // Only for a batch with a message swapped or hidden; the rest are
+    // forwarded as they were read, without a copy.
     let mut out = BytesMut::new();
     let mut client_gone = false;
     let mut durable: Vec<Durable> = Vec::new();
     loop {
-        loop {
-            let frame = match split_frame(&mut buf, ctx.proxy.max_frame) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(peer = %ctx.peer, error = %e, "malformed message from the upstream server");
-                    ctx.proxy.counters.upstream_errors.increment(1);
-                    out.extend_from_slice(&fatal(
-                        "08P01",
-                        &format!("fencepost: the upstream server sent a malformed message: {e}"),
-                    ));
-                    if !client_gone {
-                        ctx.to_client(&out).await;
-                    }
-                    finish(ctx);
-                    return;
+        let (complete, malformed) = complete_frames(&rb.buf, ctx.proxy.max_frame);
+        if complete > 0 {
+            let batch = rb.buf.split_to(complete).freeze();
+            let mut copied = 0;
+            let mut rewritten = false;
+            for (at, frame) in frames(&batch) {
+                if let Some(replacement) = on_server_frame(ctx, &frame, &mut durable) {
+                    out.extend_from_slice(&batch[copied..at]);
+                    out.extend_from_slice(&replacement);
+                    copied = at + frame.raw().len();
+                    rewritten = true;
                 }
-            };
-            match on_server_frame(ctx, &frame, &mut durable) {
-                Some(replacement) => out.extend_from_slice(&replacement),
-                None => out.extend_from_slice(frame.raw()),
             }
-        }
-        // A guard refusal is answered only once its audit record is durable.
-        for d in durable.drain(..) {
-            d.await;
-        }
-        if !out.is_empty() {
-            if !client_gone && !ctx.to_client(&out).await {
+            // A guard refusal is answered only once its audit record is
+            // durable.
+            for d in durable.drain(..) {
+                d.await;
+            }
+            let send: &[u8] = if rewritten {
+                out.extend_from_slice(&batch[copied..]);
+                &out
+            } else {
+                &batch
+            };
+            if !send.is_empty() && !client_gone && !ctx.to_client(send).await {
                 // Keep reading: the server's answers still release guards.
                 client_gone = true;
             }
             out.clear();
+            if shrink && out.capacity() > 4 * IDLE {
+                // A large answer is over: give its room back.
+                out = BytesMut::new();
+            }
         }
-        match sr.read_buf(&mut buf).await {
+        if let Some(e) = malformed {
+            tracing::warn!(peer = %ctx.peer, error = %e, "malformed message from the upstream server");
+            ctx.proxy.counters.upstream_errors.increment(1);
+            if !client_gone {
+                ctx.to_client(&fatal(
+                    "08P01",
+                    &format!("fencepost: the upstream server sent a malformed message: {e}"),
+                ))
+                .await;
+            }
+            finish(ctx);
+            return;
+        }
+        rb.prepare(shrink);
+        let had = rb.spare();
+        match sr.read_buf(&mut rb.buf).await {
             Ok(0) | Err(_) => break,
-            Ok(_) => {}
+            Ok(n) => shrink = rb.read(n, had),
         }
     }
     finish(ctx);

@@ -87,6 +87,7 @@ use tokio::sync::Notify;
 use wire::pg::StartupKind;
 
 use super::client::client_loop;
+use super::readbuf;
 use super::server::server_loop;
 use super::startup::{accept, connect_upstream, forward_cancel, ClientWrite};
 use super::state::Shared;
@@ -131,7 +132,7 @@ pub(super) async fn run(
     peer: SocketAddr,
     shutdown: Shutdown,
 ) {
-    let mut cbuf = BytesMut::with_capacity(8 * 1024);
+    let mut cbuf = BytesMut::with_capacity(readbuf::IDLE);
     let (mut client, startup) = match tokio::time::timeout(
         proxy.startup_timeout,
         accept(&proxy, client, &mut cbuf, peer),

@@ -4,14 +4,15 @@
 //! variables. The client loop files into it; [`Shared::on_server`] updates
 //! it from one server message.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use fencing::{InflightGuard, ResourceName};
+use fencing::{InflightGuard, Presented, ResourceName, Slot};
 use wire::pg::cycle::{self, Cycles, GuardRefused};
 use wire::pg::{ClientMsg, Frame};
 
-use super::vars::{Setting, Vars, View};
+use super::vars::{Resource, Setting, Token, Vars, View};
 
 /// A write admitted in a transaction: its resource and verified number,
 /// which the block's COMMIT decides again.
@@ -57,8 +58,9 @@ pub(super) struct GuardCall {
 pub(super) enum Statement {
     /// A simple Query message.
     Query(Frame),
-    /// The Parse message of an executed statement.
-    Parse(Frame),
+    /// The text of an executed statement (shared, not copied: see
+    /// [`wire::pg::Recent::classify_text`]).
+    Text(Bytes),
     /// No text to show.
     Label(&'static str),
 }
@@ -70,13 +72,23 @@ impl Statement {
                 Ok(ClientMsg::Query(t)) => wire::pg::fingerprint(t),
                 _ => "(unreadable statement)".into(),
             },
-            Statement::Parse(f) => match f.client() {
-                Ok(ClientMsg::Parse { query, .. }) => wire::pg::fingerprint(query),
-                _ => "(unreadable statement)".into(),
-            },
+            Statement::Text(t) => wire::pg::fingerprint(t),
             Statement::Label(l) => (*l).to_owned(),
         }
     }
+}
+
+/// What the session's last admitted write presented, the number it
+/// verified to, and its resource's fence slot: a write presenting the same
+/// is admitted with one CAS on the slot ([`Fencer::admit_held`]), without
+/// verifying, looking up or allocating anything.
+///
+/// [`Fencer::admit_held`]: crate::fencer::Fencer::admit_held
+pub(super) struct Steady {
+    pub(super) resource: ResourceName,
+    pub(super) token: Presented,
+    pub(super) n: u64,
+    pub(super) slot: Arc<Slot>,
 }
 
 /// State both loops see.
@@ -95,6 +107,11 @@ pub(super) struct Shared {
     /// sent so far say (for `strict` mode): set by BEGIN, cleared by
     /// COMMIT/ROLLBACK and by an idle ReadyForQuery with nothing pending.
     pub(super) in_block: bool,
+    /// The fast path's inputs, from the last full decision that admitted.
+    pub(super) steady: Option<Steady>,
+    /// An answered cycle's data, emptied, for the next cycle: its vectors
+    /// keep their capacity, so filing a guard allocates nothing.
+    spare: CycleData,
 }
 
 /// What one server message did to the session.
@@ -119,16 +136,20 @@ impl Shared {
             held: Vec::new(),
             vars,
             in_block: false,
+            steady: None,
+            spare: CycleData::default(),
         }
     }
 
     /// The cycle new client messages belong to, opened if needed.
     pub(super) fn open_cycle(&mut self) -> &mut Cycle {
         let began_in_block = self.cycles.is_empty() && self.cycles.status() == b'T';
+        let spare = &mut self.spare;
         self.cycles.open_with(|| CycleData {
             started: Some(Instant::now()),
             began_in_block,
-            ..CycleData::default()
+            executed: false,
+            ..std::mem::take(spare)
         })
     }
 
@@ -152,6 +173,16 @@ impl Shared {
         let held = self.held.contains(write);
         let c = self.open_cycle();
         held && c.data.began_in_block && !c.data.executed
+    }
+
+    /// The variables as the next statement sees them when no setting is
+    /// pending (none in the open transaction, none unanswered): the
+    /// committed ones, borrowed. `None` when settings are pending
+    /// ([`Shared::view`] replays them).
+    pub(super) fn settled(&self) -> Option<(&Resource, &Token)> {
+        let pending =
+            !self.txn_settings.is_empty() || self.cycles.data().any(|c| !c.settings.is_empty());
+        (!pending).then(|| self.vars.committed())
     }
 
     /// Every write of the transaction so far, answered or not.
@@ -227,6 +258,12 @@ impl Shared {
                 // commit any more.
                 self.txn_writes.clear();
             }
+            // The cycle's writes are over: its guards drop here.
+            c.guards.clear();
+            c.guarded.clear();
+            c.writes.clear();
+            c.settings.clear();
+            self.spare = c;
         }
         answered
     }

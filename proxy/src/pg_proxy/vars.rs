@@ -181,6 +181,12 @@ impl Vars {
     }
 
     /// The committed values with `settings` replayed on top.
+    /// The committed values, borrowed: what a statement sees when no
+    /// setting is pending (see `Shared::settled`).
+    pub(super) fn committed(&self) -> (&Resource, &Token) {
+        (&self.committed.resource, &self.committed.token)
+    }
+
     pub(super) fn view<'a>(&self, settings: impl IntoIterator<Item = &'a Setting>) -> View {
         let mut v = View {
             resource: Var::new(self.committed.resource.clone()),

@@ -48,7 +48,7 @@ pub const DEFAULT_WRITE_FUNCTIONS: &[&str] = &[
 
 /// Statements longer than this are classified but not cached: they are
 /// usually batches with literals that never repeat.
-const MAX_CACHED_TEXT: usize = 16 * 1024;
+pub(crate) const MAX_CACHED_TEXT: usize = 16 * 1024;
 
 /// One of the two session variables the proxy tracks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +123,15 @@ pub struct Classification {
     pub outside_block: bool,
 }
 
+impl Classification {
+    /// Depends on the statement's structure alone (no fencing settings, no
+    /// comment values), so it may be cached by [`shape`]; otherwise only by
+    /// the exact text.
+    pub fn by_shape(&self) -> bool {
+        self.settings.is_empty() && self.comment == CommentFence::default()
+    }
+}
+
 /// Classifies statements, with a cache by text and one by shape.
 pub struct Classifier {
     write_functions: Vec<String>,
@@ -178,7 +187,7 @@ impl Classifier {
         }
         let c = Arc::new(self.classify_uncached(text));
         match shape {
-            Some(k) if c.settings.is_empty() && c.comment == CommentFence::default() => {
+            Some(k) if c.by_shape() => {
                 self.shapes.insert(k.into_boxed_str(), Arc::clone(&c));
             }
             _ => self.cache.insert(text.into(), Arc::clone(&c)),
@@ -424,6 +433,15 @@ fn begins_read_only(t: &pg_query::protobuf::TransactionStmt) -> bool {
 /// digit run belongs to an identifier when the byte before it is a letter,
 /// digit or underscore (`t1`, `col_2`), and is then kept as it is.
 pub fn shape(text: &str) -> Option<String> {
+    let mut out = String::new();
+    shape_into(text, &mut out).then_some(out)
+}
+
+/// [`shape`] written into `out` (cleared first; its capacity is reused, so
+/// a caller that keeps `out` shapes without allocating); `false` when the
+/// text has no shape.
+pub fn shape_into(text: &str, out: &mut String) -> bool {
+    out.clear();
     let bytes = text.as_bytes();
     if bytes
         .iter()
@@ -431,9 +449,9 @@ pub fn shape(text: &str) -> Option<String> {
         || text.contains("--")
         || text.contains("/*")
     {
-        return None;
+        return false;
     }
-    let mut out = String::with_capacity(text.len());
+    out.reserve(text.len());
     let mut prev: u8 = b' ';
     let mut in_number = false;
     for &b in bytes {
@@ -454,7 +472,7 @@ pub fn shape(text: &str) -> Option<String> {
         out.push(char::from(b));
         prev = b;
     }
-    Some(out)
+    true
 }
 
 /// Bytes an entry really costs: its text twice (the key, and the

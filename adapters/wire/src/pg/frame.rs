@@ -360,6 +360,16 @@ pub fn shift_position(tag: u8, body: &[u8], shift: u32) -> Option<Bytes> {
 /// enough bytes have arrived. The length is checked before waiting for the
 /// body, so an oversized frame is refused without buffering it.
 pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameError> {
+    // No reserve for an announced length: a peer's claim is not a reason
+    // to allocate, the read loop grows the buffer as bytes come.
+    Ok(frame_len(buf, max)?.map(|total| Frame {
+        raw: buf.split_to(total).freeze(),
+    }))
+}
+
+/// The length (tag included) of the complete message at the start of
+/// `buf`; `None` if it is not all there yet.
+fn frame_len(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
     if buf.len() < 5 {
         return Ok(None);
     }
@@ -374,14 +384,35 @@ pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, Fram
         });
     }
     let total = 1 + len as usize;
-    if buf.len() < total {
-        // No reserve for the announced length: a peer's claim is not a
-        // reason to allocate, the read loop grows the buffer as bytes come.
-        return Ok(None);
+    Ok((buf.len() >= total).then_some(total))
+}
+
+/// How many bytes at the start of `buf` are complete messages, and the
+/// error of a malformed message right after them, if one is there: what a
+/// relay may cut off as one batch ([`frames`]) and forward in one write.
+pub fn complete_frames(buf: &[u8], max: usize) -> (usize, Option<FrameError>) {
+    let mut at = 0;
+    loop {
+        match frame_len(&buf[at..], max) {
+            Ok(Some(n)) => at += n,
+            Ok(None) => return (at, None),
+            Err(e) => return (at, Some(e)),
+        }
     }
-    Ok(Some(Frame {
-        raw: buf.split_to(total).freeze(),
-    }))
+}
+
+/// The messages of `batch` (complete ones only, as [`complete_frames`]
+/// measured), each with its offset; they share `batch`'s bytes.
+pub fn frames(batch: &Bytes) -> impl Iterator<Item = (usize, Frame)> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let n = frame_len(&batch[at..], usize::MAX).ok().flatten()?;
+        let f = Frame {
+            raw: batch.slice(at..at + n),
+        };
+        at += n;
+        Some((at - n, f))
+    })
 }
 
 /// An ErrorResponse as Postgres sends one: severity (also as the
@@ -552,6 +583,35 @@ mod tests {
             _ => panic!("not an error"),
         }
         assert!(shift_position(b'E', &e[5..], 50).is_none());
+    }
+
+    #[test]
+    fn a_batch_is_its_complete_messages_cut_as_split_frame_cuts_them() {
+        let mut wire = BytesMut::new();
+        wire.extend_from_slice(&ready_for_query(b'I'));
+        wire.extend_from_slice(&query("SELECT 1"));
+        let whole = wire.len();
+        wire.extend_from_slice(&query("SELECT 2")[..7]);
+        assert_eq!(complete_frames(&wire, DEFAULT_MAX_FRAME), (whole, None));
+        let batch = Bytes::copy_from_slice(&wire[..whole]);
+        let mut one_by_one = BytesMut::from(&wire[..whole]);
+        let mut n = 0;
+        for (at, f) in super::frames(&batch) {
+            let g = split_frame(&mut one_by_one, DEFAULT_MAX_FRAME)
+                .unwrap()
+                .unwrap();
+            assert_eq!(f, g);
+            assert_eq!(&batch[at..at + f.raw().len()], &f.raw()[..]);
+            n += 1;
+        }
+        assert_eq!(n, 2);
+        // A malformed header after complete messages: they still count.
+        wire.truncate(whole);
+        wire.extend_from_slice(&[b'Z', 0, 0, 0, 1]);
+        assert_eq!(
+            complete_frames(&wire, DEFAULT_MAX_FRAME),
+            (whole, Some(FrameError::TooShort { len: 1 }))
+        );
     }
 
     #[test]

@@ -1,0 +1,199 @@
+//! One session's memory of the statements it classified, in front of the
+//! shared [`Classifier`].
+//!
+//! A client repeats a handful of texts: an `-M extended` client sends the
+//! same Parse text for every statement, a simple-protocol client the same
+//! text with other numbers. The shared cache answers them too, but each
+//! lookup there is a concurrent cache's work (hashing the text, its
+//! bookkeeping of reads) plus, for a shaped text, a new `String`. Here the
+//! last few texts are compared in place against a reused buffer: no lock,
+//! no hash, no allocation on a hit. Callgrind, `-M extended -S`, one client:
+//! see BENCHMARKS.md ("instructions per statement").
+//!
+//! The same rule as the shared cache decides what an entry is keyed by
+//! ([`Classification::by_shape`]), and an entry holds the shared cache's own
+//! `Arc`, so a hit here is exactly what the shared cache would answer.
+//!
+//! An entry also keeps the exact text it was last used with, as `Bytes` of
+//! its own: a prepared statement keeps its text for the audit (a refused
+//! Execute names it) and shares that copy instead of the Parse message,
+//! which would pin the session's read buffer and make it reallocate.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::classify::{shape_into, Classification, Classifier, MAX_CACHED_TEXT};
+
+/// Entries kept per session: more than pgbench's TPC-B-like script uses
+/// (seven texts), few enough to compare one by one.
+const ENTRIES: usize = 16;
+
+/// Texts longer than this are not kept per session (the shared cache still
+/// has them): bounds a session's memory at `ENTRIES` times this.
+const MAX_TEXT: usize = 1024;
+
+/// A session's recent classifications. Empty (and allocation-free) until
+/// the session's first statement.
+#[derive(Default)]
+pub struct Recent {
+    entries: Vec<Entry>,
+    /// The next entry to replace once full.
+    next: usize,
+    /// The shape of the text being looked up, reused.
+    scratch: String,
+}
+
+struct Entry {
+    /// The text's shape, or the text itself (see [`Classification::by_shape`]).
+    key: Box<str>,
+    by_shape: bool,
+    class: Arc<Classification>,
+    /// The exact text the entry was last used with.
+    text: Bytes,
+}
+
+impl Recent {
+    pub fn new() -> Recent {
+        Recent::default()
+    }
+
+    /// What `classifier` says of `text` (raw bytes off the wire), from this
+    /// session's memory when it has seen the text or its shape before.
+    pub fn classify(&mut self, classifier: &Classifier, text: &[u8]) -> Arc<Classification> {
+        self.lookup(classifier, text).0
+    }
+
+    /// As [`Recent::classify`], with the text as `Bytes` that share no
+    /// buffer but the entry's own: no copy when the text is the one the
+    /// entry last saw (a repeated Parse), one otherwise.
+    pub fn classify_text(
+        &mut self,
+        classifier: &Classifier,
+        text: &[u8],
+    ) -> (Arc<Classification>, Bytes) {
+        let (class, at) = self.lookup(classifier, text);
+        let kept = match at.and_then(|i| self.entries.get_mut(i)) {
+            Some(e) if e.text == text => e.text.clone(),
+            Some(e) => {
+                e.text = Bytes::copy_from_slice(text);
+                e.text.clone()
+            }
+            None => Bytes::copy_from_slice(text),
+        };
+        (class, kept)
+    }
+
+    /// The classification, and the entry holding it if there is one.
+    fn lookup(
+        &mut self,
+        classifier: &Classifier,
+        text: &[u8],
+    ) -> (Arc<Classification>, Option<usize>) {
+        let raw = text;
+        let Ok(text) = std::str::from_utf8(raw) else {
+            return (classifier.classify_bytes(raw), None);
+        };
+        if text.len() > MAX_TEXT.min(MAX_CACHED_TEXT) {
+            return (classifier.classify(text), None);
+        }
+        let shaped = shape_into(text, &mut self.scratch);
+        let shape = self.scratch.as_str();
+        let hit = self.entries.iter().position(|e| {
+            if e.by_shape {
+                shaped && *e.key == *shape
+            } else {
+                *e.key == *text
+            }
+        });
+        if let Some(i) = hit {
+            return (Arc::clone(&self.entries[i].class), Some(i));
+        }
+        let class = classifier.classify(text);
+        let by_shape = shaped && class.by_shape();
+        let entry = Entry {
+            key: if by_shape { shape.into() } else { text.into() },
+            by_shape,
+            class: Arc::clone(&class),
+            text: Bytes::copy_from_slice(raw),
+        };
+        let at = if self.entries.len() < ENTRIES {
+            self.entries.push(entry);
+            self.entries.len() - 1
+        } else {
+            let at = self.next;
+            self.entries[at] = entry;
+            self.next = (self.next + 1) % ENTRIES;
+            at
+        };
+        (class, Some(at))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classifier() -> Classifier {
+        Classifier::new(super::super::DEFAULT_WRITE_FUNCTIONS, 1 << 20)
+    }
+
+    #[test]
+    fn answers_what_the_shared_classifier_answers() {
+        let c = classifier();
+        let mut r = Recent::new();
+        let texts: [&[u8]; 9] = [
+            b"SELECT abalance FROM acc WHERE aid = 17",
+            b"SELECT abalance FROM acc WHERE aid = 90210",
+            b"UPDATE acc SET abalance = abalance + 5 WHERE aid = 3",
+            b"SET fencing.token = 7",
+            b"SET fencing.token = 8",
+            b"/* fencing.token=9 */ UPDATE t SET a = 1",
+            b"/* fencing.token=10 */ UPDATE t SET a = 1",
+            b"SELECT '\xff'",
+            b"SELECT 1",
+        ];
+        // Twice: the second round is answered from the session's entries.
+        for _ in 0..2 {
+            for t in texts {
+                assert_eq!(*r.classify(&c, t), *c.classify_bytes(t), "{t:?}");
+            }
+        }
+        assert_eq!(r.classify(&c, b"SET fencing.token = 8").settings.len(), 1);
+    }
+
+    #[test]
+    fn the_kept_text_is_the_exact_text_and_shared_when_repeated() {
+        let c = classifier();
+        let mut r = Recent::new();
+        let (_, a) = r.classify_text(&c, b"SELECT 1 FROM t WHERE x = 1");
+        let (_, b) = r.classify_text(&c, b"SELECT 1 FROM t WHERE x = 1");
+        assert_eq!(a, &b"SELECT 1 FROM t WHERE x = 1"[..]);
+        assert_eq!(
+            a.as_ptr(),
+            b.as_ptr(),
+            "a repeated text is not copied again"
+        );
+        let (_, d) = r.classify_text(&c, b"SELECT 1 FROM t WHERE x = 2");
+        assert_eq!(d, &b"SELECT 1 FROM t WHERE x = 2"[..]);
+        let (_, e) = r.classify_text(&c, b"SELECT '\xff'");
+        assert_eq!(e, &b"SELECT '\xff'"[..]);
+    }
+
+    #[test]
+    fn a_repeated_text_is_the_same_entry_and_the_memory_is_bounded() {
+        let c = classifier();
+        let mut r = Recent::new();
+        let a = r.classify(&c, b"SELECT 1 FROM t WHERE x = 1");
+        let b = r.classify(&c, b"SELECT 1 FROM t WHERE x = 2");
+        assert!(Arc::ptr_eq(&a, &b));
+        for i in 0..100 {
+            let t = format!("SELECT c{i} FROM t");
+            assert!(!r.classify(&c, t.as_bytes()).write);
+        }
+        assert_eq!(r.entries.len(), ENTRIES);
+        let long = format!("SELECT {} 1", "x, ".repeat(MAX_TEXT));
+        let _ = r.classify(&c, long.as_bytes());
+        assert!(r.entries.iter().all(|e| e.key.len() <= MAX_TEXT));
+    }
+}
