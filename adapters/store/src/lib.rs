@@ -28,11 +28,13 @@ use fencing::{
 };
 
 pub mod guard;
+mod listing;
 mod postgres;
 mod replicas;
 mod sqlite;
 mod timed;
 
+pub use listing::{Digest, Page, PageQuery, ReplicaMark};
 pub use postgres::PgStore;
 pub use replicas::{
     Notifications, Renewal, ReplicaRow, TierAdvance, TierAdvanceRow, ACK_CHANNEL, ADVANCE_CHANNEL,
@@ -133,6 +135,37 @@ pub trait Store: Send + Sync + 'static {
 
     /// All lease rows (held or not), ordered by resource.
     async fn list_leases(&self) -> Result<Vec<LeaseRecord>, StoreError>;
+
+    /// One page of the marks matching `p`, ordered by resource, and how
+    /// many matched (`listing.rs`). The default filters [`Store::list_fences`].
+    async fn page_fences(&self, p: &PageQuery) -> Result<Page<FenceRow>, StoreError> {
+        Ok(p.apply(self.list_fences().await?, |r| r.resource.as_str()))
+    }
+
+    /// One page of the lease rows matching `p`, like [`Store::page_fences`].
+    async fn page_leases(&self, p: &PageQuery) -> Result<Page<LeaseRecord>, StoreError> {
+        Ok(p.apply(self.list_leases().await?, |r| r.resource.as_str()))
+    }
+
+    /// A few numbers that change whenever a mark or a lease row does: what
+    /// the console's event stream polls instead of reading the tables.
+    async fn digest(&self) -> Result<Digest, StoreError> {
+        let fences = self.list_fences().await?;
+        let leases = self.list_leases().await?;
+        Ok(Digest {
+            fences: fences.len() as i64,
+            fences_updated_ms: fences.iter().map(|f| f.updated_at_ms).max().unwrap_or(0),
+            leases: leases.len() as i64,
+            leases_granted_ms: leases.iter().map(|l| l.granted_at_ms).max().unwrap_or(0),
+            leases_expiry_sum: leases.iter().map(|l| l.expires_at_ms % 1_000_003).sum(),
+        })
+    }
+
+    /// Each replica's acknowledged mark of these resources (the tier's
+    /// acknowledgements); none where there is no tier.
+    async fn replica_marks(&self, _resources: &[String]) -> Result<Vec<ReplicaMark>, StoreError> {
+        Ok(Vec::new())
+    }
 
     /// Appends records in one transaction; ids are assigned by the store.
     async fn append_audit(&self, records: &[AuditRecord]) -> Result<(), StoreError>;

@@ -16,6 +16,7 @@ use fencing::{AuditRecord, LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
 
+use super::listing::{self, Digest, Page, PageQuery, ReplicaMark};
 use super::{
     audit_from_row, fence_from_row, lease_from_row, token_from_text, token_text, AuditQuery,
     FenceRow, Notifications, Renewal, ReplicaRow, Store, StoreError, TierAdvance, TierAdvanceRow,
@@ -308,6 +309,22 @@ impl Store for PgStore {
                 .await
                 .map_err(classify)?;
         rows.iter().map(fence_from_row).collect()
+    }
+
+    async fn page_fences(&self, p: &PageQuery) -> Result<Page<FenceRow>, StoreError> {
+        listing::pg_fences(self.pool(), p, classify).await
+    }
+
+    async fn page_leases(&self, p: &PageQuery) -> Result<Page<LeaseRecord>, StoreError> {
+        listing::pg_leases(self.pool(), p, classify).await
+    }
+
+    async fn digest(&self) -> Result<Digest, StoreError> {
+        listing::pg_digest(self.pool(), classify).await
+    }
+
+    async fn replica_marks(&self, resources: &[String]) -> Result<Vec<ReplicaMark>, StoreError> {
+        listing::pg_replica_marks(self.pool(), resources, classify).await
     }
 
     async fn lease_apply(

@@ -16,6 +16,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite};
 
+use super::listing::{self, Digest, Page, PageQuery};
 use super::{
     audit_from_row, fence_from_row, lease_from_row, token_from_text, token_text, AuditQuery,
     FenceRow, Store, StoreError,
@@ -198,6 +199,18 @@ impl Store for SqliteStore {
                 .await
                 .map_err(classify)?;
         rows.iter().map(fence_from_row).collect()
+    }
+
+    async fn page_fences(&self, p: &PageQuery) -> Result<Page<FenceRow>, StoreError> {
+        listing::sqlite_fences(&self.pool, p, classify).await
+    }
+
+    async fn page_leases(&self, p: &PageQuery) -> Result<Page<LeaseRecord>, StoreError> {
+        listing::sqlite_leases(&self.pool, p, classify).await
+    }
+
+    async fn digest(&self) -> Result<Digest, StoreError> {
+        listing::sqlite_digest(&self.pool, classify).await
     }
 
     async fn lease_apply(

@@ -23,6 +23,7 @@ use super::{
     AuditQuery, FenceRow, Notifications, Renewal, ReplicaRow, Store, StoreError, TierAdvance,
     TierAdvanceRow,
 };
+use super::{Digest, Page, PageQuery, ReplicaMark};
 
 /// Audit flushes can carry thousands of records after an outage and are
 /// off the write path, so they get at least this long.
@@ -105,6 +106,22 @@ impl<S: Store> Store for TimedStore<S> {
 
     async fn list_fences(&self) -> Result<Vec<FenceRow>, StoreError> {
         bounded(self.call, self.inner.list_fences()).await
+    }
+
+    async fn page_fences(&self, p: &PageQuery) -> Result<Page<FenceRow>, StoreError> {
+        bounded(self.call, self.inner.page_fences(p)).await
+    }
+
+    async fn page_leases(&self, p: &PageQuery) -> Result<Page<LeaseRecord>, StoreError> {
+        bounded(self.call, self.inner.page_leases(p)).await
+    }
+
+    async fn digest(&self) -> Result<Digest, StoreError> {
+        bounded(self.call, self.inner.digest()).await
+    }
+
+    async fn replica_marks(&self, resources: &[String]) -> Result<Vec<ReplicaMark>, StoreError> {
+        bounded(self.call, self.inner.replica_marks(resources)).await
     }
 
     async fn lease_apply(

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fencepost_store::{AuditQuery, PgStore, SqliteStore, Store, StoreError};
+use fencepost_store::{AuditQuery, PageQuery, PgStore, SqliteStore, Store, StoreError};
 use fencing::{
     AuditRecord, Kind, LeaseAudit, LeaseConfig, LeaseOp, LeaseOutcome, LeaseReason, Protocol,
     Reason,
@@ -246,6 +246,7 @@ both!(
     audit_is_newest_first_and_filters,
     audit_limit_defaults_and_cap,
     large_tokens_round_trip_and_compare,
+    pages_search_and_digest,
 );
 
 fn cfg() -> LeaseConfig {
@@ -571,6 +572,92 @@ async fn release_keeps_the_token(fx: Arc<Fixture>) {
         panic!("acquire after release must grant")
     };
     assert_eq!((lease.token, previous), (2, None));
+    s.close().await;
+}
+
+/// The console's listings: pages and substring search done by the store,
+/// the total of what matched, and a digest that moves with every grant,
+/// renewal, release and advance.
+async fn pages_search_and_digest(fx: Arc<Fixture>) {
+    let s = fx.open_migrated().await;
+    let empty = s.digest().await.unwrap();
+    for (i, r) in ["app/a", "app/b", "jobs/c", "zz"].iter().enumerate() {
+        s.advance_fence(r, i as u64 + 1, 100 + i as i64)
+            .await
+            .unwrap();
+        s.lease_apply(r, &acquire("h", 1_000), 0, &cfg())
+            .await
+            .unwrap();
+    }
+    let page = |q: Option<&str>, limit: Option<u32>, offset: u64| PageQuery {
+        q: q.map(str::to_owned),
+        limit,
+        offset,
+    };
+    let cases = [
+        (
+            page(None, None, 0),
+            vec!["app/a", "app/b", "jobs/c", "zz"],
+            4,
+        ),
+        (page(None, Some(2), 1), vec!["app/b", "jobs/c"], 4),
+        (page(None, None, 3), vec!["zz"], 4),
+        (page(Some("app/"), Some(1), 1), vec!["app/b"], 2),
+        (page(Some("bs/c"), None, 0), vec!["jobs/c"], 1),
+        // Case-sensitive, and LIKE's wildcards are plain text here.
+        (page(Some("APP"), None, 0), vec![], 0),
+        (page(Some("%"), None, 0), vec![], 0),
+        (page(Some("_"), None, 0), vec![], 0),
+        (page(None, Some(10), 10), vec![], 4),
+    ];
+    for (q, want, total) in cases {
+        let f = s.page_fences(&q).await.unwrap();
+        let got: Vec<String> = f.rows.iter().map(|r| r.resource.clone()).collect();
+        assert_eq!(
+            (got, f.total),
+            (want.iter().map(|w| w.to_string()).collect(), total),
+            "fences {q:?}"
+        );
+        let l = s.page_leases(&q).await.unwrap();
+        let got: Vec<String> = l.rows.iter().map(|r| r.resource.clone()).collect();
+        assert_eq!(
+            (got, l.total),
+            (want.iter().map(|w| w.to_string()).collect(), total),
+            "leases {q:?}"
+        );
+    }
+    let d1 = s.digest().await.unwrap();
+    assert_ne!(d1, empty);
+    assert_eq!((d1.fences, d1.leases), (4, 4));
+    // A renewal moves the digest, though no row is added.
+    s.lease_apply(
+        "zz",
+        &LeaseOp::Renew {
+            holder: "h".into(),
+            token: 1,
+            ttl_ms: None,
+        },
+        500,
+        &cfg(),
+    )
+    .await
+    .unwrap();
+    let d2 = s.digest().await.unwrap();
+    assert_ne!(d2, d1, "a renewal");
+    // So does an advance of an existing mark.
+    s.advance_fence("zz", 9, 900).await.unwrap();
+    let d3 = s.digest().await.unwrap();
+    assert_ne!(
+        (d3.fences, d3.fences_updated_ms),
+        (d2.fences, d2.fences_updated_ms)
+    );
+    assert_eq!(d3.leases_expiry_sum, d2.leases_expiry_sum);
+    // A tier's per-replica marks: none without replicas.
+    assert!(s
+        .replica_marks(&["zz".to_owned()])
+        .await
+        .unwrap()
+        .is_empty());
     s.close().await;
 }
 
