@@ -1,7 +1,10 @@
 //! The admin API: `/metrics`, `/healthz`, `/readyz`, `/v1/fences`,
-//! `/v1/audit`, `/v1/replicas`. With a token configured, everything but `/healthz` needs
-//! `Authorization: Bearer <token>` (liveness probes rarely carry secrets,
-//! and `/healthz` reveals nothing).
+//! `/v1/leases`, `/v1/audit`, `/v1/replicas`, `/v1/events`, and the console
+//! (`/ui`, `console/`). With a token configured, everything but `/healthz`
+//! and the console's static assets needs `Authorization: Bearer <token>`
+//! (liveness probes rarely carry secrets, `/healthz` reveals nothing, and
+//! the assets hold no data: the page asks for the token and sends it with
+//! every data request).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,10 +19,11 @@ use fencing::{AuditRecord, Kind};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use store::{AuditQuery, Store, StoreError};
+use store::{AuditQuery, Page, PageQuery, Store, StoreError};
 
 use crate::cluster::Tier;
 use crate::config::Upstream;
+use crate::console;
 use crate::edge::problem::{self, Problem};
 use crate::edge::{bearer, http1};
 use crate::shutdown::Shutdown;
@@ -33,6 +37,9 @@ pub struct AdminState {
     pub upstreams: Vec<Upstream>,
     /// This process's replica of the fencing tier, if it is one.
     pub tier: Option<Arc<Tier>>,
+    /// Ends the console's event streams, which would otherwise hold the
+    /// drain open.
+    pub shutdown: Shutdown,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -41,11 +48,14 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/fences", get(list_fences))
         .route("/v1/fences/{*resource}", get(get_fence))
+        .route("/v1/leases", get(list_leases))
         .route("/v1/audit", get(audit))
         .route("/v1/replicas", get(replicas))
+        .route("/v1/events", get(console::events::stream))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .merge(console::assets::router())
         .merge(protected)
         .fallback(|| async {
             Problem::plain(
@@ -84,7 +94,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     resp
 }
 
-fn store_error(e: StoreError) -> Response {
+pub(crate) fn store_error(e: StoreError) -> Response {
     Problem::plain(
         StatusCode::SERVICE_UNAVAILABLE,
         problem::STORE_UNAVAILABLE,
@@ -172,9 +182,107 @@ fn fence_json(row: &store::FenceRow) -> Value {
     })
 }
 
-async fn list_fences(State(state): State<AdminState>) -> Response {
-    match state.store.list_fences().await {
-        Ok(rows) => Json(Value::Array(rows.iter().map(fence_json).collect())).into_response(),
+/// `q`, `limit` and `offset` of a listing (`/v1/fences`, `/v1/leases`).
+/// Without them a listing is whole, as it always was.
+#[derive(Deserialize)]
+pub struct PageParams {
+    q: Option<String>,
+    limit: Option<String>,
+    offset: Option<String>,
+}
+
+/// The longest search string taken: longer than any resource name.
+const MAX_Q: usize = 1024;
+
+impl PageParams {
+    pub fn parse(&self) -> Result<PageQuery, String> {
+        let limit = match self.limit.as_deref().map(str::parse::<u32>) {
+            None => None,
+            Some(Ok(n)) if (1..=10_000).contains(&n) => Some(n),
+            Some(_) => return Err("limit must be 1 to 10000".into()),
+        };
+        let offset = match self.offset.as_deref().map(str::parse::<u64>) {
+            None => 0,
+            Some(Ok(n)) => n,
+            Some(Err(_)) => return Err("offset must be a whole number".into()),
+        };
+        let q = self.q.clone().filter(|q| !q.is_empty());
+        if q.as_ref().is_some_and(|q| q.len() > MAX_Q) {
+            return Err(format!("q is longer than {MAX_Q} bytes"));
+        }
+        Ok(PageQuery { q, limit, offset })
+    }
+}
+
+/// The header that carries how many rows matched in all, so a listing's
+/// body stays the plain array it always was.
+pub const TOTAL_HEADER: &str = "x-total-count";
+
+/// A page as JSON, with its total in [`TOTAL_HEADER`].
+pub fn page_response<T>(page: &Page<T>, row: impl Fn(&T) -> Value) -> Response {
+    let mut resp = Json(Value::Array(page.rows.iter().map(row).collect())).into_response();
+    resp.headers_mut()
+        .insert(TOTAL_HEADER, HeaderValue::from(page.total));
+    resp
+}
+
+async fn list_fences(State(state): State<AdminState>, Query(p): Query<PageParams>) -> Response {
+    let q = match p.parse() {
+        Ok(q) => q,
+        Err(e) => return bad_query(e),
+    };
+    let page = match state.store.page_fences(&q).await {
+        Ok(page) => page,
+        Err(e) => return store_error(e),
+    };
+    if !state.store.supports_tier() {
+        return page_response(&page, fence_json);
+    }
+    // A shared store: each replica's own acknowledged mark, per resource.
+    let names: Vec<String> = page.rows.iter().map(|r| r.resource.clone()).collect();
+    let marks = match state.store.replica_marks(&names).await {
+        Ok(m) => m,
+        Err(e) => return store_error(e),
+    };
+    page_response(&page, |row| {
+        let mut v = fence_json(row);
+        let per: serde_json::Map<String, Value> = marks
+            .iter()
+            .filter(|m| m.resource == row.resource)
+            .map(|m| (m.replica.clone(), Value::from(m.token)))
+            .collect();
+        v["replicas"] = Value::Object(per);
+        v
+    })
+}
+
+/// A lease as the admin API shows it: the elector's view (the token
+/// number, never a signed token) and the time left when it was read.
+pub fn lease_json(rec: &fencing::LeaseRecord, now_ms: i64) -> Value {
+    let holder = rec.live_holder(now_ms);
+    json!({
+        "resource": rec.resource,
+        "holder": holder,
+        "live": holder.is_some(),
+        "token": rec.token.to_string(),
+        "granted_at": format_ms(rec.granted_at_ms),
+        "expires_at": format_ms(rec.expires_at_ms),
+        "expires_at_ms": rec.expires_at_ms,
+        "ttl_ms": rec.ttl_ms,
+        "time_left_ms": if holder.is_some() { (rec.expires_at_ms - now_ms).max(0) } else { 0 },
+    })
+}
+
+async fn list_leases(State(state): State<AdminState>, Query(p): Query<PageParams>) -> Response {
+    let q = match p.parse() {
+        Ok(q) => q,
+        Err(e) => return bad_query(e),
+    };
+    match state.store.page_leases(&q).await {
+        Ok(page) => {
+            let now = crate::fencer::now_ms();
+            page_response(&page, |r| lease_json(r, now))
+        }
         Err(e) => store_error(e),
     }
 }

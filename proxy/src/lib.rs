@@ -14,7 +14,8 @@
 //! - `http_proxy/`: the HTTP fencing proxy: routing, forwarding, the upstream pool, the elector watch.
 //! - `pg_proxy/`: the Postgres fencing proxy: the listener (`mod.rs`) and one session's protocol.
 //! - `elector/`: the lease elector's API and its event stream.
-//! - `admin`: the admin API (`/metrics`, `/healthz`, `/readyz`, `/v1/fences`, `/v1/audit`, `/v1/replicas`).
+//! - `admin`: the admin API (`/metrics`, `/healthz`, `/readyz`, `/v1/fences`, `/v1/leases`, `/v1/audit`, `/v1/replicas`).
+//! - `console/`: the web console on the admin port (`/ui`, embedded assets) and its event stream (`/v1/events`).
 //! - `audit_sink`: the batched, bounded writer of refusals to the store.
 //! - `metrics`: metric names and pre-registered handles.
 //! - `shutdown`: the one shutdown signal of a process.
@@ -40,6 +41,7 @@ pub mod cli;
 mod client;
 mod cluster;
 pub mod config;
+mod console;
 mod demo;
 mod edge;
 mod elector;

@@ -416,6 +416,7 @@ pub async fn start(
             token: acfg.token.clone(),
             upstreams: config.http.iter().map(|h| h.upstream.clone()).collect(),
             tier: tier.clone(),
+            shutdown: shutdown.clone(),
         };
         let sd = shutdown.clone();
         tracing::info!(listen = %acfg.listen, "admin API listening");

@@ -6,6 +6,7 @@
 //! - `support`: the shared harness: temp dirs and databases, the typed
 //!   config builder, servers in-process or as processes, test upstreams.
 //! - `audit`: leadership records in the audit log, kinds and filters.
+//! - `console`: the web console in a real headless Chromium, and its API over plain HTTP.
 //! - `ops`: audit flush, admin API, metrics, CLI commands, config errors.
 //! - `elector`: leases, tokens and the event stream over the elector API.
 //! - `http_proxy`, `pg_proxy`: the two fencing proxies end to end.
@@ -27,6 +28,7 @@ mod support;
 mod audit;
 mod checker;
 mod client;
+mod console;
 mod docs;
 mod elector;
 mod framing;

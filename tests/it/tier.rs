@@ -484,4 +484,25 @@ async fn the_admin_api_lists_the_tier_and_a_graceful_stop_leaves_it() {
         "the advance waited {:?} for a replica that had left",
         t.elapsed()
     );
+    // The fence shows each replica's own mark: the replica still in the
+    // tier acknowledged 2 before the advance was admitted.
+    let url = format!("http://{}/v1/fences?q=r&limit=10", tier.replicas[0].admin);
+    let (status, body) = get(&url, None).await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let fence = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["resource"] == "r")
+        .unwrap_or_else(|| panic!("no fence r in {body}"));
+    assert_eq!(fence["token"], 2, "{body}");
+    let (_, me) = get(
+        &format!("http://{}/v1/replicas", tier.replicas[1].admin),
+        None,
+    )
+    .await;
+    let me: serde_json::Value = serde_json::from_str(&me).unwrap();
+    let id = me["self"]["id"].as_str().expect("replica 1's id");
+    assert_eq!(fence["replicas"][id], 2, "{body}");
 }

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use store::StoreError;
 
 use super::{duration_ms, now_ms, rfc3339_ms, Elector, Source, MAX_BODY_BYTES};
+use crate::admin::{page_response, PageParams};
 use crate::edge::bearer;
 use crate::edge::http1::ClientAddr;
 use crate::edge::problem::{self, Problem};
@@ -764,11 +765,21 @@ async fn show(el: &Elector, resource: &ResourceName) -> Result<Response, Problem
     }
 }
 
-async fn list(State(el): State<Arc<Elector>>) -> Result<Response, Problem> {
-    let rows = el.store.list_leases().await.map_err(store_problem)?;
+/// `GET /v1/leases`: every lease, or one page of them (`q`, `limit`,
+/// `offset`, as the admin API's listings take them), the number matched
+/// in `X-Total-Count`.
+async fn list(
+    State(el): State<Arc<Elector>>,
+    Query(p): Query<PageParams>,
+) -> Result<Response, Problem> {
+    let q = p
+        .parse()
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, problem::BAD_QUERY, "Bad query", e))?;
+    let page = el.store.page_leases(&q).await.map_err(store_problem)?;
     let now = now_ms();
-    let views: Vec<View> = rows.iter().map(|r| view(r, now)).collect();
-    Ok(Json(views).into_response())
+    Ok(page_response(&page, |r| {
+        serde_json::to_value(view(r, now)).unwrap_or_default()
+    }))
 }
 
 #[cfg(test)]

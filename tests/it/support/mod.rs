@@ -2,6 +2,7 @@
 //! in this process or the real binary. Each test gets its own temp dir,
 //! listeners and (where needed) database, so tests run in parallel.
 //!
+//! - `browser`: headless Chromium over WebDriver, for the console.
 //! - `config`: [`Conf`], the typed config builder, which binds each
 //!   listener when it is declared.
 //! - `http`: one HTTP client and [`Resp`], a response as tests read it.
@@ -10,6 +11,7 @@
 //!   SIGTERM, SIGSTOP and whatever else needs a process).
 #![allow(dead_code)]
 
+pub mod browser;
 mod config;
 mod http;
 mod server;
