@@ -377,7 +377,7 @@ async fn without_the_token_the_console_is_a_sign_in_page_and_the_data_is_401() {
     let admin = conf.admin(Section::new().set("token", ADMIN_TOKEN));
     let el = conf.elector(Section::new());
     let http = conf.http(Section::to(format!("http://{}", up.addr)));
-    let _server = InProc::start(conf).await;
+    let server = InProc::start(conf).await;
 
     let page = send(client().get(format!("http://{admin}/ui"))).await;
     assert_eq!(page.status, 200);
@@ -535,6 +535,78 @@ async fn without_the_token_the_console_is_a_sign_in_page_and_the_data_is_401() {
     assert_eq!(code, 409);
     read_until(&mut events, &mut seen, "event: audit").await;
     assert!(seen.contains("\"kind\":\"refused_write\""), "{seen}");
+
+    // An open console does not hold a shutdown up: its stream ends.
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || server.shutdown()),
+    )
+    .await
+    .expect("shutdown with an event stream open finished");
+    assert_eq!(stopped.expect("the shutdown thread"), Ok(()));
+    let rest = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(_)) = events.chunk().await {}
+    })
+    .await;
+    assert!(rest.is_ok(), "the event stream ended with the server");
+}
+
+/// Without `[admin] token` the page opens on the data at once (no
+/// sign-in), and a release shows up live.
+#[tokio::test]
+async fn without_an_admin_token_the_console_opens_on_the_data() {
+    let dir = TempDir::new("fp-console-open");
+    let mut conf = Conf::sqlite(dir.path());
+    conf.set("audit", "flush_interval", "20ms");
+    let admin = conf.admin(Section::new());
+    let el = conf.elector(Section::new());
+    let _server = InProc::start(conf).await;
+    let token = granted(&lease(el, "acquire", json!({"holder": "solo", "ttl_ms": 60_000})).await);
+
+    let browser = Browser::start().await;
+    browser.goto(&format!("http://{admin}/ui")).await;
+    let holder = browser
+        .wait_for(
+            "the lease, without signing in",
+            60,
+            "const r = document.querySelector(`#leases tr[data-resource='${arguments[0]}'] .holder`);
+             return r && document.querySelector('#signin').hidden ? r.textContent : null;",
+            json!([RESOURCE]),
+        )
+        .await;
+    assert_eq!(holder, json!("solo"));
+    assert_eq!(
+        browser
+            .script(
+                "return document.querySelector('#signout').hidden;",
+                json!([])
+            )
+            .await,
+        json!(true),
+        "nothing to sign out of"
+    );
+    browser
+        .wait_for(
+            "the stream to be live",
+            30,
+            "return document.querySelector('#live').textContent === 'live';",
+            json!([]),
+        )
+        .await;
+    let released = lease(el, "release", json!({"holder": "solo", "token": token})).await;
+    assert_eq!(released.status, 204, "{}", released.text);
+    browser
+        .wait_for(
+            "the release, live",
+            30,
+            "const r = document.querySelector(`#leases tr[data-resource='${arguments[0]}']`);
+             return r && r.querySelector('.holder').textContent === '\u{2014}'
+                 && r.querySelector('.left').textContent === 'free'
+                 && document.querySelector(\"#audit tr[data-kind='lease_released']\") !== null;",
+            json!([RESOURCE]),
+        )
+        .await;
+    browser.quit().await;
 }
 
 /// Reads the event stream into `seen` until it holds `want`.

@@ -156,6 +156,7 @@ pub trait Store: Send + Sync + 'static {
             fences: fences.len() as i64,
             fences_updated_ms: fences.iter().map(|f| f.updated_at_ms).max().unwrap_or(0),
             leases: leases.len() as i64,
+            leases_held: leases.iter().filter(|l| l.holder.is_some()).count() as i64,
             leases_granted_ms: leases.iter().map(|l| l.granted_at_ms).max().unwrap_or(0),
             leases_expiry_sum: leases.iter().map(|l| l.expires_at_ms % 1_000_003).sum(),
         })

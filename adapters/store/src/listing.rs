@@ -63,6 +63,8 @@ pub struct Digest {
     pub fences: i64,
     pub fences_updated_ms: i64,
     pub leases: i64,
+    /// Leases with a holder (a release clears it).
+    pub leases_held: i64,
     pub leases_granted_ms: i64,
     /// The expiries folded into one number (a renewal moves one).
     pub leases_expiry_sum: i64,
@@ -81,6 +83,7 @@ fn digest_sql() -> String {
         "SELECT (SELECT count(*) FROM fences) AS f, \
                 (SELECT coalesce(max(updated_at_ms), 0) FROM fences) AS fu, \
                 (SELECT count(*) FROM leases) AS l, \
+                (SELECT count(holder) FROM leases) AS lh, \
                 (SELECT coalesce(max(granted_at_ms), 0) FROM leases) AS lg, \
                 (SELECT coalesce(sum(expires_at_ms % {FOLD}), 0) FROM leases) AS le"
     )
@@ -234,6 +237,7 @@ pub(crate) async fn sqlite_digest(
         fences: row.try_get("f").map_err(classify)?,
         fences_updated_ms: row.try_get("fu").map_err(classify)?,
         leases: row.try_get("l").map_err(classify)?,
+        leases_held: row.try_get("lh").map_err(classify)?,
         leases_granted_ms: row.try_get("lg").map_err(classify)?,
         leases_expiry_sum: row.try_get("le").map_err(classify)?,
     })
@@ -253,6 +257,7 @@ pub(crate) async fn pg_digest(
         fences: row.try_get("f").map_err(classify)?,
         fences_updated_ms: row.try_get("fu").map_err(classify)?,
         leases: row.try_get("l").map_err(classify)?,
+        leases_held: row.try_get("lh").map_err(classify)?,
         leases_granted_ms: row.try_get("lg").map_err(classify)?,
         leases_expiry_sum: row.try_get("le").map_err(classify)?,
     })

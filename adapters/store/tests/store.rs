@@ -652,6 +652,20 @@ async fn pages_search_and_digest(fx: Arc<Fixture>) {
         (d2.fences, d2.fences_updated_ms)
     );
     assert_eq!(d3.leases_expiry_sum, d2.leases_expiry_sum);
+    // A release empties a holder.
+    assert_eq!(d3.leases_held, 4);
+    s.lease_apply(
+        "zz",
+        &LeaseOp::Release {
+            holder: "h".into(),
+            token: 1,
+        },
+        600,
+        &cfg(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.digest().await.unwrap().leases_held, 3);
     // A tier's per-replica marks: none without replicas.
     assert!(s
         .replica_marks(&["zz".to_owned()])

@@ -87,12 +87,17 @@ impl Poller {
         if let Ok(d) = digest {
             let fences_changed = (d.fences, d.fences_updated_ms)
                 != (self.digest.fences, self.digest.fences_updated_ms);
-            let leases_changed = (d.leases, d.leases_granted_ms, d.leases_expiry_sum)
-                != (
-                    self.digest.leases,
-                    self.digest.leases_granted_ms,
-                    self.digest.leases_expiry_sum,
-                );
+            let leases_changed = (
+                d.leases,
+                d.leases_held,
+                d.leases_granted_ms,
+                d.leases_expiry_sum,
+            ) != (
+                self.digest.leases,
+                self.digest.leases_held,
+                self.digest.leases_granted_ms,
+                self.digest.leases_expiry_sum,
+            );
             self.digest = d;
             if fences_changed {
                 self.pending.push_back(event("fences", &json!(d)));
