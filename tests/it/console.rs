@@ -620,3 +620,95 @@ async fn read_until(events: &mut reqwest::Response, seen: &mut String, want: &st
     .await;
     assert!(got.is_ok(), "no {want:?} in {seen:?}");
 }
+
+/// On a tier (two replicas on one Postgres store) the page lists the
+/// replicas and, beside a fence, each replica's own mark.
+#[tokio::test]
+async fn on_a_tier_the_console_shows_each_replicas_mark() {
+    let db = TestDb::create("console_tier").await;
+    let up = Upstream::start().await;
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let dir = TempDir::new("fp-console-tier");
+        let (http, admin) = (free_addr(), free_addr());
+        let config = format!(
+            r#"store = "{}"
+[fencing]
+store_timeout = "1s"
+[cluster]
+replica_ttl = "2000ms"
+[admin]
+listen = "{admin}"
+[[http]]
+listen = "{http}"
+upstream = "http://{}"
+"#,
+            db.url, up.addr
+        );
+        let server = Server::start(dir.path(), &config);
+        wait_port(http).await;
+        wait_port(admin).await;
+        replicas.push((dir, server, http, admin));
+    }
+    // Both join: token 1 is admitted through each.
+    for (_, server, http, _) in &replicas {
+        let ok = eventually(30, || async {
+            (put(&format!("http://{http}/w"), Some("1"), Some("r"), "x")
+                .await
+                .0
+                == 200)
+                .then_some(())
+        })
+        .await;
+        assert!(ok.is_some(), "{}", server.log_text());
+    }
+    // An advance through the first: the second acknowledges 2 before it
+    // is admitted.
+    let first = replicas[0].2;
+    assert_eq!(
+        put(&format!("http://{first}/w"), Some("2"), Some("r"), "x")
+            .await
+            .0,
+        200
+    );
+    let (_, me) = get(&format!("http://{}/v1/replicas", replicas[1].3), None).await;
+    let me: Value = serde_json::from_str(&me).unwrap();
+    let second = me["self"]["id"]
+        .as_str()
+        .expect("the second's id")
+        .to_owned();
+
+    let browser = Browser::start().await;
+    browser.goto(&format!("http://{}/ui", replicas[0].3)).await;
+    let rows = browser
+        .wait_for(
+            "both replicas",
+            60,
+            "const r = document.querySelectorAll('#replicas tbody tr');
+             return !document.querySelector('#replicas-panel').hidden && r.length === 2
+                 ? Array.from(r).map(x => x.dataset.replica) : null;",
+            json!([]),
+        )
+        .await;
+    assert!(rows.as_array().unwrap().contains(&json!(second)), "{rows}");
+    let marks = browser
+        .wait_for(
+            "the per-replica marks",
+            30,
+            "const c = document.querySelector(`#fences tr[data-resource='r'] td.per-replica`);
+             return c ? Array.from(c.querySelectorAll('.mark')).map(m => m.textContent) : null;",
+            json!([]),
+        )
+        .await;
+    assert!(
+        marks
+            .as_array()
+            .unwrap()
+            .contains(&json!(format!("{second}: 2"))),
+        "{marks}"
+    );
+    browser
+        .screenshot(&artifact_dir().join("console-tier.png"))
+        .await;
+    browser.quit().await;
+}

@@ -128,8 +128,8 @@ function guard(promise) {
 function refreshAll() {
   return Promise.all([
     guard(loadList('leases')),
-    guard(loadList('fences')),
-    guard(loadReplicas()),
+    // The replicas first: how many there are decides the per-replica column.
+    guard(loadReplicas()).then(() => guard(loadList('fences'))),
     guard(loadAudit()),
     guard(loadTimeline()),
   ]);
@@ -150,8 +150,9 @@ async function loadList(name) {
   l.fetchedAt = performance.now();
   if (name === 'leases') renderLeases();
   else renderFences();
-  const first = total === 0 ? 0 : l.offset + 1;
-  $('#' + name + '-range').textContent = `${first}\u2013${l.offset + body.length} of ${total}`;
+  $('#' + name + '-range').textContent = total === 0
+    ? (l.q ? 'no match' : 'none')
+    : `${l.offset + 1}\u2013${l.offset + body.length} of ${total}`;
 }
 
 function resourceLink(name) {
@@ -432,8 +433,7 @@ function dispatch(block) {
       guard(loadList('leases'));
       break;
     case 'fences':
-      guard(loadList('fences'));
-      guard(loadReplicas());
+      guard(loadReplicas()).then(() => guard(loadList('fences')));
       break;
     case 'store': {
       const s = $('#store-state');
