@@ -203,11 +203,16 @@ impl Browser {
 
     fn kill(&mut self) {
         if let Some(mut d) = self.driver.take() {
-            // The whole group: chromedriver and any browser it left.
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(format!("-{}", d.id()))
-                .status();
+            // The whole group (its id is the driver's pid): chromedriver
+            // and any browser it left. A pid, never 0 or -1, so nothing
+            // else can be signalled.
+            let group = i32::try_from(d.id())
+                .ok()
+                .filter(|&pid| pid > 1)
+                .and_then(rustix::process::Pid::from_raw);
+            if let Some(group) = group {
+                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+            }
             let _ = d.kill();
             let _ = d.wait();
         }
