@@ -224,12 +224,15 @@ pub async fn run(args: ServeArgs, log_format: Option<LogFormat>) -> Result<ExitC
         config.log.format = f;
     }
     logging::init(config.log.format, &config.log.level);
+    // Caught before anything listens or `--ready-file` says we are up: a
+    // SIGTERM from then on drains, it never kills.
+    let stop = shutdown::os_signal();
     let listeners = Listeners::bind(&config).await?;
     let server = start(config, listeners, args.shutdown_timeout).await?;
     if let Some(path) = &args.ready_file {
         write_ready_file(path, server.addrs())?;
     }
-    server.run_until(shutdown::os_signal()).await?;
+    server.run_until(stop).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -39,25 +39,45 @@ impl Shutdown {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn os_signal() {
+/// SIGINT and SIGTERM, caught from the moment this is called: the returned
+/// future resolves on the first of them, including one that arrived
+/// before it was first polled.
+///
+/// Call it before binding anything (and so before `--ready-file` exists):
+/// until a handler is installed a SIGTERM has its default action and kills
+/// the process, so a supervisor that signals as soon as the server says it
+/// is ready would otherwise get a kill instead of a drain.
+pub fn os_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+        use tokio::signal::unix::{signal, Signal, SignalKind};
+        // `signal` installs the handler now, not at the first poll.
+        fn install(kind: SignalKind, name: &'static str) -> Option<Signal> {
+            signal(kind)
+                .inspect_err(|e| tracing::warn!(signal = name, error = %e, "cannot handle the signal; it keeps its default action"))
+                .ok()
+        }
+        async fn next(sig: Option<Signal>) {
+            match sig {
+                Some(mut s) => {
+                    s.recv().await;
                 }
+                None => std::future::pending().await,
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+        }
+        let term = install(SignalKind::terminate(), "SIGTERM");
+        let int = install(SignalKind::interrupt(), "SIGINT");
+        async move {
+            tokio::select! {
+                _ = next(term) => {}
+                _ = next(int) => {}
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

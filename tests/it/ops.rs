@@ -6,6 +6,7 @@
 
 use crate::support::*;
 use serde_json::Value;
+use std::time::{Duration, Instant};
 
 /// An admin API (shaped by `admin`) and an HTTP proxy in front of
 /// `upstream`, over `store`, with a 1 s store timeout; returns the config
@@ -451,4 +452,70 @@ async fn serve_on_port_zero_writes_the_bound_addresses_to_the_ready_file() {
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A SIGTERM sent the instant serve is up drains and exits 0: the
+/// handlers are installed before anything is bound, so there is no moment
+/// when a listener accepts, or `--ready-file` says ready, and SIGTERM
+/// still has its default action (it had, until the first poll of the
+/// shutdown future after the ready file was written: a supervisor's prompt
+/// SIGTERM killed serve). Signalled the instant the first listener accepts
+/// (before the store is even opened, a wide window the old order failed
+/// every time) and the instant the ready file appears.
+#[tokio::test]
+async fn a_sigterm_the_instant_serve_is_up_drains_and_exits_0() {
+    for round in 0..6 {
+        let at_ready = round % 2 == 1;
+        let dir = TempDir::new("fp-term");
+        let store = format!("sqlite://{}/fp.db", dir.path().display());
+        let mut conf = Conf::store(store);
+        let http = conf.http(Section::to("http://127.0.0.1:9"));
+        let mut server = Server::launch(dir.path(), conf);
+        let ready = server.ready_file().unwrap().to_owned();
+        let pid = server.child.as_ref().unwrap().id().to_string();
+        // A blocking watch on its own thread: the signal follows the
+        // listener or the file within a millisecond or so.
+        let signalled = tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let up = || {
+                if at_ready {
+                    ready.exists()
+                } else {
+                    std::net::TcpStream::connect(http).is_ok()
+                }
+            };
+            while !up() {
+                if Instant::now() > deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .await
+        .unwrap();
+        let when = if at_ready { "ready file" } else { "listener" };
+        assert!(
+            signalled,
+            "round {round}: no {when} in 30 s\n{}",
+            server.log_text()
+        );
+        let mut child = server.child.take().unwrap();
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        let log = server.log_text();
+        assert!(
+            status.success(),
+            "round {round}: SIGTERM at the {when} ended serve with {status:?}\n{log}"
+        );
+        assert!(
+            log.contains("shutting down: draining connections"),
+            "round {round}: no drain in the log\n{log}"
+        );
+    }
 }

@@ -25,7 +25,15 @@ impl Server {
     /// Writes `conf` into `dir/fencepost.toml`, starts serve on its
     /// addresses (the held sockets are closed just before) and waits
     /// until every listener is bound (`--ready-file`).
-    pub async fn run(dir: &Path, mut conf: Conf) -> Server {
+    pub async fn run(dir: &Path, conf: Conf) -> Server {
+        let s = Self::launch(dir, conf);
+        s.wait_ready().await;
+        s
+    }
+
+    /// Like [`Server::run`] without waiting: the process is started, and
+    /// [`Server::ready_file`] appears once every listener is bound.
+    pub fn launch(dir: &Path, mut conf: Conf) -> Server {
         conf.release();
         let config = dir.join("fencepost.toml");
         std::fs::write(&config, conf.render()).expect("write config");
@@ -37,8 +45,12 @@ impl Server {
             ready: Some(dir.join(format!("ready-{}.json", rand::random::<u32>()))),
         };
         s.spawn();
-        s.wait_ready().await;
         s
+    }
+
+    /// Where `--ready-file` is written; `None` for a raw config text.
+    pub fn ready_file(&self) -> Option<&Path> {
+        self.ready.as_deref()
     }
 
     /// Waits until serve has written its ready file (every listener
