@@ -444,6 +444,52 @@ pub async fn put(
     }
 }
 
+/// SIGSTOPs `pid` and waits until every thread of it has stopped. `kill`
+/// returning is not enough: the kernel wakes one thread of the process to
+/// begin the group stop, and until that thread gets a CPU (milliseconds on
+/// a loaded machine) the others keep running and may still serve a
+/// request that arrives "after" the stop.
+pub async fn stop_process(pid: u32) {
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success()),
+        "kill -STOP {pid}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !all_threads_stopped(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} not stopped 10 s after SIGSTOP"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Whether every thread of `pid` is in state T (stopped), from
+/// `/proc/<pid>/task/<tid>/stat` (the state follows the command name's
+/// closing parenthesis).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut threads = 0;
+    for task in tasks {
+        let Ok(stat) = task.and_then(|t| std::fs::read_to_string(t.path().join("stat"))) else {
+            return false;
+        };
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        if state != Some("T") {
+            return false;
+        }
+        threads += 1;
+    }
+    threads > 0
+}
+
 /// Polls `f` until it returns Some or `secs` pass.
 pub async fn eventually<T, F, Fut>(secs: u64, mut f: F) -> Option<T>
 where
