@@ -421,6 +421,15 @@ async fn a_replica_paused_past_its_ttl_forwards_nothing_stale() {
         "{waited:?}"
     );
     tokio::time::sleep(Duration::from_millis(TTL_MS)).await;
+    // Paused all along, or the case is not the one this test is about: a
+    // SIGCONT from outside (the kernel sends one to every process of a
+    // process group that becomes orphaned while one of them is stopped)
+    // resumes R3 within its lease, and it may then admit A's write before
+    // it learns of B's advance, legitimately, B's advance waiting for it.
+    assert!(
+        all_threads_stopped(r3.pid()),
+        "R3 was resumed before its TTL by a SIGCONT from outside the test"
+    );
     assert!(std::process::Command::new("kill")
         .args(["-CONT", &pid])
         .status()

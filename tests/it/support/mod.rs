@@ -470,7 +470,7 @@ pub async fn stop_process(pid: u32) {
 /// Whether every thread of `pid` is in state T (stopped), from
 /// `/proc/<pid>/task/<tid>/stat` (the state follows the command name's
 /// closing parenthesis).
-fn all_threads_stopped(pid: u32) -> bool {
+pub fn all_threads_stopped(pid: u32) -> bool {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return false;
     };
