@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::audit_chain::ChainLink;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
@@ -224,6 +226,10 @@ pub struct AuditRecord {
     pub current_token: Option<u64>,
     pub client_addr: String,
     pub detail: String,
+    /// Its place in its writer's hash chain ([`crate::audit_chain`]): set
+    /// by the writer, `None` until then and on rows written before chains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<ChainLink>,
 }
 
 impl AuditRecord {
@@ -251,6 +257,7 @@ impl AuditRecord {
             current_token,
             client_addr,
             detail: truncate(detail, MAX_DETAIL).to_owned(),
+            chain: None,
         }
     }
 }
@@ -285,6 +292,7 @@ impl AuditRecord {
             current_token: e.current_token,
             client_addr: e.client_addr,
             detail: truncate(e.detail, MAX_DETAIL).to_owned(),
+            chain: None,
         }
     }
 }

@@ -16,11 +16,15 @@
 //!   in-flight accounting behind the drain of guarantee 2.
 //! - [`lease`]: the elector's lease state machine.
 //! - [`replica`]: a tier replica's admission deadline from its lease renewals.
-//! - [`audit`]: the shape of an audit record for a refused write.
+//! - [`audit`]: the shape of an audit record: a refused write or a
+//!   leadership change.
+//! - [`audit_chain`]: the hash chain that makes edits to the audit log
+//!   evident, and its verifier.
 
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod audit_chain;
 pub mod fence;
 pub mod input;
 pub mod lease;
@@ -30,6 +34,7 @@ pub mod signing;
 pub mod token;
 
 pub use audit::{AuditReason, AuditRecord, Kind, LeaseAudit, LeaseReason, Protocol, Reason};
+pub use audit_chain::{ChainLink, ChainVerifier, Chainer, Mismatch, Problem};
 pub use fence::{Admitted, FenceTable, InflightGuard, Persist, Slot, Verdict};
 pub use input::{FenceInput, Field, InputError};
 pub use lease::{LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord};

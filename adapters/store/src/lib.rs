@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fencing::{
-    AuditReason, AuditRecord, Kind, LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord, Protocol,
+    AuditReason, AuditRecord, ChainLink, Kind, LeaseConfig, LeaseOp, LeaseOutcome, LeaseRecord,
+    Protocol,
 };
 
 pub mod guard;
@@ -174,6 +175,17 @@ pub trait Store: Send + Sync + 'static {
     /// Newest first, at most `limit` (capped at 10,000).
     async fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
 
+    /// Chained audit records in (chain id, seq) order, `limit` at a time,
+    /// after `after`; what `fencepost audit verify` walks.
+    async fn audit_chain_page(
+        &self,
+        after: Option<(&str, u64)>,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// How many audit records carry no chain (written before chains).
+    async fn audit_unchained(&self) -> Result<u64, StoreError>;
+
     // The fencing tier (`replicas.rs`): Postgres only. SQLite is one
     // process, so these say "not supported" there and the tier is off.
 
@@ -294,6 +306,7 @@ pub(crate) trait Columns {
     fn text(&self, col: &str) -> Result<String, StoreError>;
     fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError>;
     fn int(&self, col: &str) -> Result<i64, StoreError>;
+    fn opt_int(&self, col: &str) -> Result<Option<i64>, StoreError>;
 }
 
 fn opt_token_text(t: Option<u64>) -> Option<String> {
@@ -343,13 +356,33 @@ pub(crate) fn audit_from_row(row: &impl Columns) -> Result<AuditRecord, StoreErr
         current_token: opt_token_from_text(row.opt_text("current_token")?)?,
         client_addr: row.text("client_addr")?,
         detail: row.text("detail")?,
+        chain: chain_from_row(row)?,
     })
+}
+
+/// A row's chain link. A row with a chain id always yields a link, even a
+/// damaged one (a missing hash reads as empty, a negative seq as 0), so
+/// that `audit verify` names it as a mismatch instead of failing to read.
+fn chain_from_row(row: &impl Columns) -> Result<Option<ChainLink>, StoreError> {
+    let Some(chain) = row.opt_text("chain_id")? else {
+        return Ok(None);
+    };
+    Ok(Some(ChainLink {
+        chain,
+        seq: row
+            .opt_int("seq")?
+            .and_then(|s| u64::try_from(s).ok())
+            .unwrap_or(0),
+        prev_hash: row.opt_text("prev_hash")?.unwrap_or_default(),
+        hash: row.opt_text("hash")?.unwrap_or_default(),
+    }))
 }
 
 /// The columns every audit read selects, in both backends.
 pub(crate) const AUDIT_COLUMNS: &str =
     "SELECT id, at_ms, kind, resource, holder, protocol, reason, \
-     presented_token, current_token, client_addr, detail FROM audit";
+     presented_token, current_token, client_addr, detail, \
+     chain_id, seq, prev_hash, hash FROM audit";
 
 /// The filters of an audit read, the same SQL for both backends (after a
 /// `WHERE` that is always true).
@@ -378,10 +411,12 @@ where
     &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     Option<&'a str>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     Option<String>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<i64>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
 {
     let mut qb = sqlx::QueryBuilder::new(
         "INSERT INTO audit (at_ms, kind, resource, holder, protocol, reason, \
-         presented_token, current_token, client_addr, detail) ",
+         presented_token, current_token, client_addr, detail, \
+         chain_id, seq, prev_hash, hash) ",
     );
     qb.push_values(chunk, |mut b, r| {
         b.push_bind(r.at_ms)
@@ -393,7 +428,41 @@ where
             .push_bind(opt_token_text(r.presented_token))
             .push_bind(opt_token_text(r.current_token))
             .push_bind(r.client_addr.as_str())
-            .push_bind(r.detail.as_str());
+            .push_bind(r.detail.as_str())
+            .push_bind(r.chain.as_ref().map(|l| l.chain.as_str()))
+            .push_bind(r.chain.as_ref().map(|l| l.seq as i64))
+            .push_bind(r.chain.as_ref().map(|l| l.prev_hash.as_str()))
+            .push_bind(r.chain.as_ref().map(|l| l.hash.as_str()));
     });
+    // A batch shipped from the spool a second time (a crash between its
+    // commit and its removal from the spool) is already stored: skip it.
+    qb.push(" ON CONFLICT (chain_id, seq) DO NOTHING");
+    qb
+}
+
+/// One page of chained audit records in (chain, seq) order, after the
+/// given (chain, seq), for `audit verify`; the same SQL for both backends.
+pub(crate) fn audit_chain_page<'a, DB>(
+    after: Option<(&'a str, u64)>,
+    limit: u32,
+) -> sqlx::QueryBuilder<'a, DB>
+where
+    DB: sqlx::Database,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let mut qb = sqlx::QueryBuilder::new(AUDIT_COLUMNS);
+    qb.push(" WHERE chain_id IS NOT NULL");
+    if let Some((chain, seq)) = after {
+        qb.push(" AND (chain_id > ")
+            .push_bind(chain)
+            .push(" OR (chain_id = ")
+            .push_bind(chain)
+            .push(" AND seq > ")
+            .push_bind(seq as i64)
+            .push("))");
+    }
+    qb.push(" ORDER BY chain_id, seq, id LIMIT ")
+        .push_bind(i64::from(limit));
     qb
 }

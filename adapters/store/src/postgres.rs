@@ -168,6 +168,10 @@ impl super::Columns for PgRow {
     fn int(&self, col: &str) -> Result<i64, StoreError> {
         self.try_get(col).map_err(classify)
     }
+
+    fn opt_int(&self, col: &str) -> Result<Option<i64>, StoreError> {
+        self.try_get(col).map_err(classify)
+    }
 }
 
 const SELECT_LEASE_FOR_UPDATE: &str = "SELECT resource, holder, token, granted_at_ms, \
@@ -376,6 +380,24 @@ impl Store for PgStore {
         }
         tx.commit().await.map_err(classify)?;
         Ok(())
+    }
+
+    async fn audit_chain_page(
+        &self,
+        after: Option<(&str, u64)>,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut qb = super::audit_chain_page::<Postgres>(after, limit.clamp(1, MAX_AUDIT_LIMIT));
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(classify)?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    async fn audit_unchained(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit WHERE chain_id IS NULL")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(n.max(0) as u64)
     }
 
     async fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {

@@ -150,6 +150,18 @@ impl<S: Store> Store for TimedStore<S> {
         bounded(self.call, self.inner.query_audit(q)).await
     }
 
+    async fn audit_chain_page(
+        &self,
+        after: Option<(&str, u64)>,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        bounded(self.audit, self.inner.audit_chain_page(after, limit)).await
+    }
+
+    async fn audit_unchained(&self) -> Result<u64, StoreError> {
+        bounded(self.audit, self.inner.audit_unchained()).await
+    }
+
     fn supports_tier(&self) -> bool {
         self.inner.supports_tier()
     }
@@ -289,6 +301,18 @@ mod tests {
         async fn query_audit(&self, _: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
             self.wait().await;
             Ok(vec![])
+        }
+        async fn audit_chain_page(
+            &self,
+            _: Option<(&str, u64)>,
+            _: u32,
+        ) -> Result<Vec<AuditRecord>, StoreError> {
+            self.wait().await;
+            Ok(vec![])
+        }
+        async fn audit_unchained(&self) -> Result<u64, StoreError> {
+            self.wait().await;
+            Ok(0)
         }
     }
 
