@@ -351,6 +351,10 @@ pub fn audit_json(r: &AuditRecord) -> Value {
         "current_token": r.current_token,
         "client_addr": r.client_addr,
         "detail": r.detail,
+        "chain": r.chain.as_ref().map(|l| &l.chain),
+        "seq": r.chain.as_ref().map(|l| l.seq),
+        "prev_hash": r.chain.as_ref().map(|l| &l.prev_hash),
+        "hash": r.chain.as_ref().map(|l| &l.hash),
     })
 }
 

@@ -1,5 +1,6 @@
 //! `fencepost audit`: audit records (refused writes unless `--kind` says
-//! otherwise), newest first, from the admin API or straight from the store.
+//! otherwise), newest first, from the admin API or straight from the store;
+//! `fencepost audit verify` is [`crate::audit_verify`].
 
 use std::process::ExitCode;
 
@@ -7,11 +8,14 @@ use serde_json::Value;
 use store::AuditQuery;
 
 use crate::admin::{audit_json, parse_kind, parse_since};
-use crate::cli::AuditArgs;
+use crate::cli::{AuditAction, AuditArgs};
 use crate::config::Config;
 use crate::error::Error;
 
 pub async fn run(args: AuditArgs) -> Result<ExitCode, Error> {
+    if let Some(AuditAction::Verify(v)) = args.action {
+        return crate::audit_verify::run(v).await;
+    }
     if let Some(r) = &args.resource {
         fencing::resource::validate(r).map_err(|e| Error::Usage(format!("--resource: {e}")))?;
     }

@@ -18,6 +18,17 @@
 //! shipped from the spool. Only a full spool (`[audit] spool_max_bytes`)
 //! drops records, counted in `fencepost_audit_records_dropped_total`.
 //!
+//! The writer is also where records are chained (tamper evidence,
+//! [`fencing::audit_chain`]): it is the one place every record of this
+//! process passes through in order, so it links each record to the one
+//! before under this process's chain id before the batch goes to the store
+//! or the spool. A spooled record keeps its link when it is shipped later.
+//! A batch the full spool drops keeps its place in the chain: the lost
+//! records show as a gap in `fencepost audit verify`, where they were lost.
+//! (Reusing their sequence numbers would be wrong: a batch whose store
+//! commit timed out may have landed after all, and the unique (chain, seq)
+//! index would then skip the later records that reused them.)
+//!
 //! A kill -9 loses nothing answered: every answered refusal's record is in
 //! the store or in the synced spool, which the next start ships. A crash
 //! in the instant between a shipped batch's commit and its removal from
@@ -27,7 +38,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fencing::AuditRecord;
+use fencing::{AuditRecord, Chainer};
 use metrics::Counter;
 use store::Store;
 use tokio::sync::{mpsc, oneshot};
@@ -36,6 +47,9 @@ use crate::audit_spool::Spool;
 use crate::config::AuditConfig;
 use crate::metrics::{AUDIT_DROPPED, AUDIT_SPOOLED, AUDIT_WRITTEN};
 
+// Boxing the record would cost an allocation per refusal to shrink the
+// rare `Flush`; the channel holds at most `queue_capacity` messages.
+#[allow(clippy::large_enum_variant)]
 enum Msg {
     /// A record, and who waits for it to be durable, if anyone.
     Record(AuditRecord, Option<oneshot::Sender<()>>),
@@ -53,7 +67,8 @@ pub struct AuditSink {
 const SHIP_EVERY: Duration = Duration::from_secs(1);
 
 impl AuditSink {
-    /// Starts the writer and the spool shipper on the current runtime.
+    /// Starts the writer and the spool shipper on the current runtime. The
+    /// writer's records form one hash chain under a new random chain id.
     pub fn start(store: Arc<dyn Store>, cfg: &AuditConfig, spool: Spool) -> AuditSink {
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
         let dropped = metrics::counter!(AUDIT_DROPPED);
@@ -66,7 +81,9 @@ impl AuditSink {
             written: metrics::counter!(AUDIT_WRITTEN),
             spooled: metrics::counter!(AUDIT_SPOOLED),
             dropped: dropped.clone(),
+            chain: Chainer::new(new_chain_id()),
         };
+        tracing::info!(chain = writer.chain.chain(), "audit chain started");
         tokio::spawn(writer.run(rx));
         tokio::spawn(ship_loop(store, spool, cfg.batch_size.max(1)));
         AuditSink { tx, dropped }
@@ -122,10 +139,17 @@ struct Writer {
     written: Counter,
     spooled: Counter,
     dropped: Counter,
+    chain: Chainer,
+}
+
+/// 128 random bits, hex: two processes never share a chain.
+fn new_chain_id() -> String {
+    let bits: u128 = rand::random();
+    format!("{bits:032x}")
 }
 
 impl Writer {
-    async fn run(self, mut rx: mpsc::Receiver<Msg>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         let mut batch: Vec<AuditRecord> = Vec::with_capacity(self.batch_size);
         let mut waiters: Vec<oneshot::Sender<()>> = vec![];
         while let Some(first) = rx.recv().await {
@@ -134,7 +158,8 @@ impl Writer {
             let deadline = tokio::time::Instant::now() + self.interval;
             loop {
                 match next.take() {
-                    Some(Msg::Record(r, w)) => {
+                    Some(Msg::Record(mut r, w)) => {
+                        self.chain.link(&mut r);
                         batch.push(r);
                         if let Some(w) = w {
                             waiters.push(w);

@@ -53,7 +53,8 @@ pub enum Command {
     /// command while holding it.
     #[command(subcommand)]
     Lease(LeaseCommand),
-    /// Show refused writes, newest first.
+    /// Show refused writes, newest first; `audit verify` checks the
+    /// audit log's hash chains.
     Audit(AuditArgs),
     /// The fencing tier, the marks and the latest refusals at a glance.
     Status(StatusArgs),
@@ -242,6 +243,8 @@ pub struct LeaseRunArgs {
 
 #[derive(Debug, Args)]
 pub struct AuditArgs {
+    #[command(subcommand)]
+    pub action: Option<AuditAction>,
     /// Admin API base URL. Without it, the store of --config (or
     /// ./fencepost.db) is read directly.
     #[arg(long, env = "FENCEPOST_ADMIN_URL")]
@@ -268,6 +271,25 @@ pub struct AuditArgs {
     /// One JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditAction {
+    /// Check every writer's hash chain in the store and name the first
+    /// record that does not match. Exit 0: every chain verifies; 3: a
+    /// record does not match (edited, deleted, inserted or reordered);
+    /// 1: the store could not be read.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Config whose store to check (its `store` key).
+    #[arg(long, short, env = "FENCEPOST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Store URL (overrides the config's `store`).
+    #[arg(long, env = "FENCEPOST_STORE")]
+    pub store: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -37,6 +37,7 @@ mod admin;
 mod audit_cmd;
 mod audit_sink;
 mod audit_spool;
+mod audit_verify;
 pub mod cli;
 mod client;
 mod cluster;

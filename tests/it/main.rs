@@ -7,6 +7,7 @@
 //!   config builder, servers in-process or as processes, test upstreams.
 //! - `audit`: leadership records in the audit log, kinds and filters.
 //! - `console`: the web console in a real headless Chromium, and its API over plain HTTP.
+//! - `audit_chain`: the audit log's hash chains and `fencepost audit verify`.
 //! - `ops`: audit flush, admin API, metrics, CLI commands, config errors.
 //! - `elector`: leases, tokens and the event stream over the elector API.
 //! - `http_proxy`, `pg_proxy`: the two fencing proxies end to end.
@@ -26,6 +27,7 @@
 mod support;
 
 mod audit;
+mod audit_chain;
 mod checker;
 mod client;
 mod console;
