@@ -19,6 +19,8 @@
 //! - `guard`: guard mode's in-database gate, in SQL and through two proxies.
 //! - `security`, `hostile`: abuse cases and hostile input.
 //! - `docs`: docs/ kept true against the code.
+//! - `deploy`: the Grafana dashboard and the alert rules under deploy/, by
+//!   promtool and against a real process's metrics.
 //! - `lease_run`, `client`: `fencepost lease run` and `fencepost-client` as leaders use them.
 
 // A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
@@ -31,6 +33,7 @@ mod audit_chain;
 mod checker;
 mod client;
 mod console;
+mod deploy;
 mod docs;
 mod elector;
 mod framing;
