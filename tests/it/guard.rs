@@ -989,3 +989,278 @@ async fn a_token_change_within_a_block_through_the_proxy_is_refused() {
         token += 2;
     }
 }
+
+// ------------------------- several statements in one Query (a hole, closed)
+
+/// A backend waiting for the gate exclusive: a newer token's advance has
+/// arrived and waits for the transactions holding the gate shared.
+async fn wait_for_an_advance_to_queue(db: &TestDb) {
+    let probe = direct(db).await;
+    let queued = async {
+        loop {
+            let n: i64 = probe
+                .query_one(
+                    "SELECT count(*) FROM pg_locks
+                      WHERE locktype = 'advisory' AND classid = 1717920355 AND objsubid = 2
+                        AND mode = 'ExclusiveLock' AND NOT granted",
+                    &[],
+                )
+                .await
+                .expect("pg_locks")
+                .get(0);
+            if n > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, queued)
+        .await
+        .expect("the newer token's advance never queued for the gate");
+}
+
+/// What the old leader's one Query does around its transaction boundary:
+/// `{t}` is its (stale) token. `WAIT` takes the gate shared by hand, which
+/// Postgres grants only after the newer leader's advance has committed (its
+/// exclusive request queued first): the later write then surely runs after
+/// the advance, in the new transaction the boundary opened.
+const WAIT: &str = "SELECT pg_advisory_xact_lock_shared(1717920355, hashtext('h'))";
+
+/// A backend waiting for the test's own advisory lock [`HOLD_KEY`].
+async fn wait_for_a_holder(db: &TestDb) {
+    let probe = direct(db).await;
+    let waiting = async {
+        loop {
+            let n: i64 = probe
+                .query_one(
+                    &format!(
+                        "SELECT count(*) FROM pg_locks
+                          WHERE locktype = 'advisory' AND classid = 0 AND objid = {HOLD_KEY}
+                            AND objsubid = 1 AND NOT granted"
+                    ),
+                    &[],
+                )
+                .await
+                .expect("pg_locks")
+                .get(0);
+            if n > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, waiting)
+        .await
+        .expect("the old leader's Query never reached its hold");
+}
+
+/// An advisory lock the test holds while the old leader's Query, in the
+/// middle of its first transaction, waits for it (`{hold}` in the Query).
+const HOLD_KEY: i64 = 4242;
+
+/// The old leader (token `t`, proxy 0, which never learns `t + 1`) holds
+/// the gate shared in an open transaction (`setup`, or the start of its
+/// Query up to `{hold}`, where it waits for the test); the new leader
+/// (token `t + 1`, proxy 1) queues its advance behind it; then the old
+/// leader's one Query ends that transaction and writes again in a new one.
+/// The guard in front of the Query runs in the old transaction (or is
+/// undone by its `ROLLBACK TO`), so only a guard before the later write
+/// keeps it from committing: it must fail (`ZF001`, or `40001` under
+/// REPEATABLE READ / SERIALIZABLE), and no row of `t` may land after
+/// `t + 1`.
+async fn a_boundary_inside_one_query(prefix: &str, setup: &str, query: &str) {
+    let env = TwoProxies::start(prefix).await;
+    let holder = direct(&env.db).await;
+    let mut t = 3u64;
+    for level in LEVELS {
+        let old = Arc::new(env.client(0, t, level).await);
+        old.batch_execute(&format!("INSERT INTO h (token) VALUES ({t})"))
+            .await
+            .expect("first write of the old token");
+        old.batch_execute(&setup.replace("{t}", &t.to_string()))
+            .await
+            .expect("the old leader's open transaction");
+        let sent = query.replace("{t}", &t.to_string()).replace(
+            "{hold}",
+            &format!("SELECT pg_advisory_xact_lock({HOLD_KEY})"),
+        );
+        let holds = query.contains("{hold}");
+        holder
+            .execute("SELECT pg_advisory_lock($1)", &[&HOLD_KEY])
+            .await
+            .expect("hold");
+        let mut running = None;
+        if holds {
+            running = Some(spawn_sql(&old, sent.clone()));
+            wait_for_a_holder(&env.db).await;
+        }
+        let new = Arc::new(env.client(1, t + 1, level).await);
+        let newer = spawn_sql(&new, format!("INSERT INTO h (token) VALUES ({})", t + 1));
+        wait_for_an_advance_to_queue(&env.db).await;
+        let running = running.unwrap_or_else(|| spawn_sql(&old, sent.clone()));
+        holder
+            .execute("SELECT pg_advisory_unlock($1)", &[&HOLD_KEY])
+            .await
+            .expect("release");
+        let r = finish(running, &format!("{level}: {sent}")).await;
+        finish(newer, "the newer leader's write")
+            .await
+            .unwrap_or_else(|e| panic!("{level}: the newer leader's write failed: {e:?}"));
+        let e = r.expect_err(&format!(
+            "{level}: {sent}: a stale write in the Query's new transaction was not refused"
+        ));
+        assert!(
+            ["ZF001", "40001"].contains(&code(&e).as_str()),
+            "{level}: {sent}: {e:?}"
+        );
+        let _ = old.batch_execute("ROLLBACK").await;
+        assert_eq!(mark(&env.db, "h").await, Some(t + 1), "{level}");
+        t += 2;
+    }
+    assert_tokens_never_go_down(&env.db).await;
+}
+
+#[tokio::test]
+async fn a_write_after_commit_and_begin_in_one_query_is_guarded() {
+    a_boundary_inside_one_query(
+        "fp_gate_q_commit_begin",
+        "BEGIN; INSERT INTO h (token) VALUES ({t})",
+        &format!("COMMIT; BEGIN; {WAIT}; INSERT INTO h (token) VALUES ({{t}}); COMMIT"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_write_after_rollback_to_in_one_query_is_guarded() {
+    a_boundary_inside_one_query(
+        "fp_gate_q_rollback_to",
+        "BEGIN; SAVEPOINT s; INSERT INTO h (token) VALUES ({t})",
+        &format!("ROLLBACK TO s; {WAIT}; INSERT INTO h (token) VALUES ({{t}}); COMMIT"),
+    )
+    .await;
+}
+
+/// Outside a block: the Query's first write holds the gate in the implicit
+/// transaction until its `COMMIT`; the write after it runs in a new one.
+#[tokio::test]
+async fn a_write_after_commit_in_an_implicit_transaction_is_guarded() {
+    a_boundary_inside_one_query(
+        "fp_gate_q_implicit",
+        "SELECT 1",
+        &format!(
+            "INSERT INTO h (token) VALUES ({{t}}); {{hold}}; COMMIT; {WAIT}; INSERT INTO h (token) VALUES ({{t}})"
+        ),
+    )
+    .await;
+}
+
+/// The old leader's answers, row by row and completion by completion.
+fn answers(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Vec<String> {
+    use tokio_postgres::SimpleQueryMessage as M;
+    msgs.iter()
+        .map(|m| match m {
+            M::Row(r) => format!("row {:?}", r.get(0)),
+            M::CommandComplete(n) => format!("complete {n}"),
+            _ => "other".to_string(),
+        })
+        .collect()
+}
+
+/// A guard inserted in the middle of a Query takes the gate in the new
+/// transaction, and the client sees what Postgres alone answers: the same
+/// rows and completions, the same error position in its own text, with
+/// strings, dollar quotes and comments that hold semicolons and `COMMIT`.
+#[tokio::test]
+async fn a_guard_inside_a_query_is_in_the_new_transaction_and_hidden() {
+    let env = TwoProxies::start("fp_gate_q_hidden").await;
+    let alone = direct(&env.db).await;
+    for level in LEVELS {
+        let c = env.client(0, 3, level).await;
+        alone
+            .batch_execute(&format!(
+                "SET default_transaction_isolation = '{}'",
+                level.to_lowercase()
+            ))
+            .await
+            .expect("isolation level");
+        let p = pid(&c).await;
+        let q = "INSERT INTO h (token) VALUES (3) RETURNING token; \
+                 SELECT 'a; COMMIT; b' /* ; ROLLBACK; */ ; COMMIT; -- ; BEGIN;\n\
+                 BEGIN; SELECT $x$ ; END; $x$; \
+                 INSERT INTO h (token) VALUES (3) RETURNING token; SELECT 42";
+        let through = c.simple_query(q).await.expect("through the proxy");
+        assert_eq!(
+            gate_locks(&env.db, p).await,
+            vec![("ShareLock".to_string(), true)],
+            "{level}: the write after COMMIT; BEGIN runs without the gate"
+        );
+        c.batch_execute("COMMIT").await.expect("commit");
+        let direct_answers = alone.simple_query(q).await.expect("without the proxy");
+        alone.batch_execute("COMMIT").await.expect("commit");
+        assert_eq!(answers(&through), answers(&direct_answers), "{level}");
+
+        let bad = "COMMIT; BEGIN; INSERT INTO h (token) VALUES (3); SELECT 'é', nosuch FROM h";
+        let pos =
+            |e: tokio_postgres::Error| format!("{:?}", e.as_db_error().and_then(|d| d.position()));
+        let through = pos(c.batch_execute(bad).await.expect_err("unknown column"));
+        let _ = c.batch_execute("ROLLBACK").await;
+        let by_itself = pos(alone.batch_execute(bad).await.expect_err("unknown column"));
+        let _ = alone.batch_execute("ROLLBACK").await;
+        assert!(by_itself.contains("Original"), "{by_itself}");
+        assert_eq!(through, by_itself, "{level}");
+    }
+}
+
+/// A Query in another client encoding that is not UTF-8 cannot be split
+/// into its statements reliably: guard mode refuses it whole (`0A000`)
+/// when it holds a `;`, and nothing of it runs; one without a `;` is one
+/// statement and is guarded in front as usual.
+#[tokio::test]
+async fn a_query_not_in_utf8_with_several_statements_is_refused_whole() {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+    let env = TwoProxies::start("fp_gate_q_latin1").await;
+    let psql = |sql: &[u8]| {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} dbname={} user=postgres options='{}'",
+            env.proxies[0].port(),
+            env.db.name,
+            opts(3, "h")
+        );
+        let mut cmd = tokio::process::Command::new("psql");
+        cmd.env("PGCLIENTENCODING", "LATIN1")
+            .arg(conninfo)
+            .args([
+                "-X",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-v",
+                "VERBOSITY=verbose",
+                "-c",
+            ])
+            .arg(OsString::from_vec(sql.to_vec()));
+        async move {
+            let out = cmd.output().await.expect("run psql");
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let (st, err) = psql(b"INSERT INTO h (token) VALUES (3) /* caf\xe9 */").await;
+    assert_eq!(st, 0, "one statement in LATIN1: {err}");
+    let (st, err) = psql(
+        b"INSERT INTO h (token) VALUES (3); COMMIT; INSERT INTO h (token) VALUES (3) /* caf\xe9 */",
+    )
+    .await;
+    assert_ne!(st, 0, "several statements in LATIN1 ran");
+    assert!(err.contains("0A000"), "{err}");
+    assert!(err.contains("not valid UTF-8"), "{err}");
+    let rows: i64 = direct(&env.db)
+        .await
+        .query_one("SELECT count(*) FROM h", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, 1, "a statement of the refused query ran");
+}
