@@ -992,8 +992,10 @@ async fn a_token_change_within_a_block_through_the_proxy_is_refused() {
 
 // ------------------------- several statements in one Query (a hole, closed)
 
-/// A backend waiting for the gate exclusive: a newer token's advance has
-/// arrived and waits for the transactions holding the gate shared.
+/// A backend of this test's database waiting for the gate exclusive: a
+/// newer token's advance has arrived and waits for the transactions
+/// holding the gate shared. (`pg_locks` shows every database's locks, and
+/// tests running in parallel take the same gate keys in theirs.)
 async fn wait_for_an_advance_to_queue(db: &TestDb) {
     let probe = direct(db).await;
     let queued = async {
@@ -1002,7 +1004,9 @@ async fn wait_for_an_advance_to_queue(db: &TestDb) {
                 .query_one(
                     "SELECT count(*) FROM pg_locks
                       WHERE locktype = 'advisory' AND classid = 1717920355 AND objsubid = 2
-                        AND mode = 'ExclusiveLock' AND NOT granted",
+                        AND mode = 'ExclusiveLock' AND NOT granted
+                        AND database = (SELECT oid FROM pg_database
+                                         WHERE datname = current_database())",
                     &[],
                 )
                 .await
@@ -1026,7 +1030,8 @@ async fn wait_for_an_advance_to_queue(db: &TestDb) {
 /// the advance, in the new transaction the boundary opened.
 const WAIT: &str = "SELECT pg_advisory_xact_lock_shared(1717920355, hashtext('h'))";
 
-/// A backend waiting for the test's own advisory lock [`HOLD_KEY`].
+/// A backend of this test's database waiting for the test's own advisory
+/// lock [`HOLD_KEY`].
 async fn wait_for_a_holder(db: &TestDb) {
     let probe = direct(db).await;
     let waiting = async {
@@ -1036,7 +1041,9 @@ async fn wait_for_a_holder(db: &TestDb) {
                     &format!(
                         "SELECT count(*) FROM pg_locks
                           WHERE locktype = 'advisory' AND classid = 0 AND objid = {HOLD_KEY}
-                            AND objsubid = 1 AND NOT granted"
+                            AND objsubid = 1 AND NOT granted
+                            AND database = (SELECT oid FROM pg_database
+                                             WHERE datname = current_database())"
                     ),
                     &[],
                 )
