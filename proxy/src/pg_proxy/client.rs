@@ -18,10 +18,10 @@ use wire::pg::{Classification, ClientMsg, Frame, FrameError, Recent};
 
 use super::fence::{fence, Verdict};
 use super::readbuf::{ReadBuf, IDLE};
-use super::refusal::{fatal, Unit};
+use super::refusal::{fatal, refuse, Unit};
 use super::session::Ctx;
 use super::startup::ClientRead;
-use super::state::{GuardCall, Statement};
+use super::state::{GuardCall, Statement, Write};
 use super::ORPHAN_WAIT;
 use crate::shutdown::Shutdown;
 
@@ -238,34 +238,45 @@ async fn handle(ctx: &Ctx, side: &mut ClientSide, frame: Frame) -> Result<Out, F
 }
 
 /// A simple Query: one cycle; in guard mode the guard calls go in front of
-/// the client's text, in the same implicit transaction (or the same block).
+/// the client's text, in the same implicit transaction (or the same block),
+/// or, in a text of several statements that ends a transaction or rolls
+/// back to a savepoint, also between its statements (see
+/// [`wire::pg::classify::GuardPoint`]).
 async fn on_query(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, text: &[u8]) -> Send {
     side.skip_until_sync = false;
     let class = side.recent.classify(&ctx.proxy.classifier, text);
     let statement = Statement::Query(frame.clone());
-    let send = match fence(ctx, &class, &statement, Unit::Query).await {
-        Verdict::Refused(b) => Send::Instead(b),
-        Verdict::Pass => Send::Same,
-        Verdict::Admitted(writes) => {
-            let mut s = ctx.lock();
-            let cycle = s.open_cycle();
-            // One guard statement per admitted (resource, token).
-            let mut body = Vec::with_capacity(text.len() + 96 * writes.len());
-            for (r, t) in writes {
-                body.extend_from_slice(
-                    guard::call(r.as_str(), t, ctx.proxy.guard_wait_ms).as_bytes(),
-                );
-                body.extend_from_slice(b";\n");
-                cycle.hide_simple(GuardCall {
-                    resource: r,
-                    token: t,
-                    statement: statement.clone(),
-                });
+    let send = if ctx.proxy.guard && class.unsplit {
+        Send::Instead(unguardable(ctx, &class, NOT_UTF8))
+    } else {
+        match fence(ctx, &class, &statement, Unit::Query).await {
+            Verdict::Refused(b) => Send::Instead(b),
+            Verdict::Pass => Send::Same,
+            Verdict::Admitted(plan) if plan.iter().all(|(at, _)| *at == 0) => {
+                let mut s = ctx.lock();
+                let cycle = s.open_cycle();
+                // One guard statement per admitted (resource, token).
+                let mut body = Vec::with_capacity(text.len() + 96 * plan.len());
+                for (_, (r, t)) in plan {
+                    body.extend_from_slice(
+                        guard::call(r.as_str(), t, ctx.proxy.guard_wait_ms).as_bytes(),
+                    );
+                    body.extend_from_slice(b";\n");
+                    cycle.hide_simple(GuardCall {
+                        resource: r,
+                        token: t,
+                        statement: statement.clone(),
+                    });
+                }
+                cycle.shift_positions(u32::try_from(body.len()).unwrap_or(u32::MAX));
+                body.extend_from_slice(text);
+                body.push(0);
+                Send::Instead(Frame::new(b'Q', &body).into_raw())
             }
-            cycle.shift_positions(u32::try_from(body.len()).unwrap_or(u32::MAX));
-            body.extend_from_slice(text);
-            body.push(0);
-            Send::Instead(Frame::new(b'Q', &body).into_raw())
+            Verdict::Admitted(plan) => match guards_between(ctx, text, plan, &statement) {
+                Some(b) => Send::Instead(b),
+                None => Send::Instead(unguardable(ctx, &class, UNSPLIT)),
+            },
         }
     };
     let mut s = ctx.lock();
@@ -273,6 +284,74 @@ async fn on_query(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, text: &[u8]) 
     cycle.data.executed = true;
     cycle.close();
     send
+}
+
+/// Why guard mode refuses a Query it cannot guard statement by statement.
+const NOT_UTF8: &str =
+    "fencepost guard mode: a simple query that is not valid UTF-8 and holds a ';' \
+     may be several statements, and where one transaction ends and the next begins cannot be told \
+     to guard each; send it as one statement per query, or in UTF-8";
+const UNSPLIT: &str =
+    "fencepost guard mode: the statements of this simple query could not be told apart \
+     to guard each transaction in it; send one statement per query";
+
+/// The Query refused whole (it fails at the server, which answers the
+/// error in its place, as a fencing refusal does), with Postgres's
+/// `feature_not_supported`: nothing of it runs.
+fn unguardable(ctx: &Ctx, class: &Classification, message: &str) -> Bytes {
+    let error = frame::error_response("ERROR", "0A000", message);
+    let mut s = ctx.lock();
+    refuse(s.open_cycle(), class, Unit::Query, error)
+}
+
+/// The client's text with each guard call of `plan` inserted just before
+/// the statement it names, the cycle set to hide their answers and to
+/// move error positions back into the client's text. `None` when the text
+/// cannot be split where its classification said.
+fn guards_between(
+    ctx: &Ctx,
+    text: &[u8],
+    plan: Vec<(u32, Write)>,
+    statement: &Statement,
+) -> Option<Bytes> {
+    let text = std::str::from_utf8(text).ok()?;
+    let starts = wire::pg::split::statement_starts(text)?;
+    let mut body = Vec::with_capacity(text.len() + 96 * plan.len() + 1);
+    let mut inserted: Vec<(u32, u32, u32, Write)> = Vec::with_capacity(plan.len());
+    let (mut copied, mut chars, mut prev) = (0usize, 0u32, 0u32);
+    for (stmt, (r, t)) in plan {
+        let at = *starts.get(usize::try_from(stmt).ok()?)?;
+        if at < copied {
+            return None;
+        }
+        body.extend_from_slice(&text.as_bytes()[copied..at]);
+        chars += u32::try_from(text[copied..at].chars().count()).ok()?;
+        copied = at;
+        let mut call = guard::call(r.as_str(), t, ctx.proxy.guard_wait_ms);
+        call.push_str(";\n");
+        body.extend_from_slice(call.as_bytes());
+        // Statements of the client's answered before this one.
+        let skip = stmt.checked_sub(prev)?;
+        prev = stmt;
+        let len = u32::try_from(call.len()).ok()?;
+        inserted.push((skip, chars, len, (r, t)));
+    }
+    body.extend_from_slice(&text.as_bytes()[copied..]);
+    body.push(0);
+    let mut s = ctx.lock();
+    let cycle = s.open_cycle();
+    for (skip, chars, len, (r, t)) in inserted {
+        cycle.hide_simple_after(
+            skip,
+            GuardCall {
+                resource: r,
+                token: t,
+                statement: statement.clone(),
+            },
+        );
+        cycle.shift_positions_after(chars, len);
+    }
+    Some(Frame::new(b'Q', &body).into_raw())
 }
 
 /// Parse: the statement is classified now, decided at its Execute.
@@ -340,7 +419,8 @@ async fn on_execute(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, portal: &[u
         Verdict::Pass => Send::Same,
         Verdict::Admitted(writes) => {
             let mut out = BytesMut::new();
-            for (r, t) in writes {
+            // One statement: every guard goes before it.
+            for (_, (r, t)) in writes {
                 let name = format!(
                     "fencepost-guard-{}",
                     GUARD_NAMES.fetch_add(1, Ordering::Relaxed)

@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 use fencing::{input, Protocol};
+use wire::pg::classify::GuardPoint;
 use wire::pg::{Classification, CommentFence};
 
 use super::refusal::{refusal_error, refuse, Unit};
@@ -16,9 +17,10 @@ use crate::fencer::{Decision, Refusal, WriteInfo};
 pub(super) enum Verdict {
     /// Nothing to decide (a read), or admitted in proxy mode: send it.
     Pass,
-    /// Admitted in guard mode: send it after the guard calls for these
-    /// writes (resource and verified number).
-    Admitted(Vec<Write>),
+    /// Admitted in guard mode: send it with guard calls for these writes
+    /// (resource and verified number), each just before the statement of
+    /// the text with that index (0: in front of it), in that order.
+    Admitted(Vec<(u32, Write)>),
     /// Refused: send these bytes instead.
     Refused(Bytes),
 }
@@ -31,7 +33,7 @@ pub(super) async fn fence(
     statement: &Statement,
     unit: Unit,
 ) -> Verdict {
-    let (view, commits) = {
+    let (view, commits, strict_write) = {
         let mut s = ctx.lock();
         if !class.settings.is_empty() {
             let settings = class.settings.iter().map(Setting::parse);
@@ -56,7 +58,7 @@ pub(super) async fn fence(
         } else {
             Vec::new()
         };
-        (view, commits)
+        (view, commits, strict_write)
     };
     if view.is_none() && commits.is_empty() {
         return Verdict::Pass;
@@ -82,6 +84,11 @@ pub(super) async fn fence(
     let proxy = &ctx.proxy;
     let mut admitted = Vec::with_capacity(1 + commits.len());
     let mut steady_now = None;
+    // The statement's own write, which each later segment of a
+    // multi-statement text guards again; and whether the block's COMMIT
+    // needs it decided too.
+    let mut own_write: Option<Write> = None;
+    let mut own_commits = false;
     if let Some(presented) = &own {
         match proxy
             .fencer
@@ -100,6 +107,7 @@ pub(super) async fn fence(
                         slot,
                     });
                 }
+                own_write = Some((a.resource.to_name(), a.token));
                 admitted.push((a.guard, a.resource.to_name(), a.token));
             }
             Decision::Refuse(r) => return refused(ctx, class, unit, &r),
@@ -110,6 +118,7 @@ pub(super) async fn fence(
             .first()
             .is_some_and(|(_, r, t)| *r == resource && *t == token)
         {
+            own_commits = true;
             continue;
         }
         match proxy
@@ -131,12 +140,15 @@ pub(super) async fn fence(
     // Only before the transaction's first write of each (resource, token):
     // later ones run under the gate it took (see `Shared::gate_held`).
     let mut guarded: Vec<Write> = Vec::new();
+    let mut plan: Vec<(u32, Write)> = Vec::new();
     let mut s = ctx.lock();
     if proxy.guard && !class.outside_block {
         guarded.extend(admitted.iter().map(|(_, r, t)| (r.clone(), *t)));
         guarded.sort();
         guarded.dedup();
         guarded.retain(|w| !s.gate_held(w));
+        plan = placed(class, strict_write, guarded.clone(), own_write, own_commits);
+        guarded.retain(|w| plan.iter().any(|(_, p)| p == w));
     }
     if steady_now.is_some() {
         s.steady = steady_now;
@@ -147,11 +159,51 @@ pub(super) async fn fence(
         cycle.data.guards.push(guard);
         cycle.data.writes.push((resource, token));
     }
-    if guarded.is_empty() {
+    if plan.is_empty() {
         Verdict::Pass
     } else {
-        Verdict::Admitted(guarded)
+        Verdict::Admitted(plan)
     }
+}
+
+/// Where in the text each guard call goes (see
+/// [`wire::pg::classify::GuardPoint`]). `lead`: the guards the
+/// transaction the text begins in still needs (the block's COMMIT's
+/// writes, and the text's own write unless that transaction holds its
+/// gate already); they go before the first segment's first data
+/// statement, or in front of the text. Each later segment that writes
+/// (in `strict` mode: that has any data statement, when the text counts as
+/// a write) runs in a transaction of its own, or after a `ROLLBACK TO`:
+/// the text's own write is guarded there again, whatever was held before.
+fn placed(
+    class: &Classification,
+    strict_write: bool,
+    lead: Vec<Write>,
+    own: Option<Write>,
+    own_commits: bool,
+) -> Vec<(u32, Write)> {
+    let points = &class.guard_points;
+    if points.is_empty() {
+        return lead.into_iter().map(|w| (0, w)).collect();
+    }
+    let guards = |p: &GuardPoint| p.write || strict_write;
+    let first = points.first().filter(|p| p.first);
+    let lead_at = first.map_or(0, |p| p.stmt);
+    let own_in_first = first.is_some_and(guards);
+    let mut plan: Vec<(u32, Write)> = lead
+        .into_iter()
+        .filter(|w| own_in_first || own_commits || own.as_ref() != Some(w))
+        .map(|w| (lead_at, w))
+        .collect();
+    if let Some(own) = own {
+        plan.extend(
+            points
+                .iter()
+                .filter(|p| !p.first && guards(p))
+                .map(|p| (p.stmt, own.clone())),
+        );
+    }
+    plan
 }
 
 /// The fast path (proxy mode; guard mode decides in full, for its gate

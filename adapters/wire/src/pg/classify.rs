@@ -121,6 +121,41 @@ pub struct Classification {
     /// can run in its transaction beside it: guard mode cannot put its
     /// guard there.
     pub outside_block: bool,
+    /// Where guard mode puts its guard calls in a text of several
+    /// statements, when that is not simply in front of it (see
+    /// [`GuardPoint`]); empty for one statement, for a text whose first
+    /// statement is its only guarded part, and for a text that does not
+    /// parse (Postgres's parser, the same grammar, refuses it whole before
+    /// running any of it).
+    pub guard_points: Vec<GuardPoint>,
+    /// The text is not UTF-8 and holds a `;`: it may be several statements,
+    /// and where they start cannot be told (guard mode refuses it).
+    pub unsplit: bool,
+}
+
+/// One part of a multi-statement text that guard mode guards on its own.
+///
+/// A guard taken in a transaction protects that transaction only: a
+/// `COMMIT`, `ROLLBACK` or `PREPARE TRANSACTION` inside the text ends it
+/// (the rest runs in a new one), and a `ROLLBACK TO SAVEPOINT` may release
+/// a gate taken after the savepoint. So the text is cut into *segments* at
+/// those statements, and each segment that writes gets a guard of its own,
+/// just before its first statement other than transaction control and
+/// session settings (after a `BEGIN ISOLATION LEVEL ...`, which must come
+/// before any query of its transaction, and as its transaction's first
+/// lock). Statement indices, not byte offsets, so texts of one
+/// [`shape`] share them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuardPoint {
+    /// The guard goes before this statement (0-based, as Postgres's parser
+    /// counts them).
+    pub stmt: u32,
+    /// The segment is the text's first (before any transaction end): it
+    /// runs in the transaction the text began in.
+    pub first: bool,
+    /// Some statement of the segment writes (otherwise it holds only
+    /// reads, which `strict` mode may count as writes).
+    pub write: bool,
 }
 
 impl Classification {
@@ -169,6 +204,7 @@ impl Classifier {
             Ok(t) => self.classify(t),
             Err(_) => Arc::new(Classification {
                 write: true,
+                unsplit: text.contains(&b';'),
                 ..Classification::default()
             }),
         }
@@ -217,12 +253,17 @@ impl Classifier {
             .iter()
             .map(|s| s.stmt.as_ref().and_then(|n| n.node.as_ref()))
             .collect();
-        for node in &stmts {
+        // The segment being read: its guard point once it has one.
+        let mut segment: Option<GuardPoint> = None;
+        let mut first_segment = true;
+        for (i, node) in stmts.iter().enumerate() {
+            let stmt = u32::try_from(i).unwrap_or(u32::MAX);
             let Some(node) = node else {
                 c.write = true;
                 continue;
             };
-            if self.is_write(node) {
+            let write = self.is_write(node);
+            if write {
                 c.write = true;
             }
             let data = !matches!(
@@ -232,6 +273,18 @@ impl Classifier {
                     | NodeEnum::VariableShowStmt(_)
                     | NodeEnum::DiscardStmt(_)
             );
+            if data || write {
+                let point = segment.get_or_insert(GuardPoint {
+                    stmt,
+                    first: first_segment,
+                    write: false,
+                });
+                point.write |= write;
+            }
+            if ends_segment(node) {
+                c.guard_points.extend(segment.take());
+                first_segment = false;
+            }
             if cannot_run_in_block(node) {
                 c.outside_block = true;
             }
@@ -269,6 +322,13 @@ impl Classifier {
                     c.settings.push(FenceSetting::ResetAll);
                 }
                 _ => {}
+            }
+        }
+        c.guard_points.extend(segment);
+        // One segment guarded in front of the text: the simple case.
+        if let [only] = c.guard_points.as_slice() {
+            if only.stmt == 0 && only.first {
+                c.guard_points.clear();
             }
         }
         c.single_commit = c.commits
@@ -376,6 +436,25 @@ impl Classifier {
             None => true,
         }
     }
+}
+
+/// A statement after which what a guard took may no longer hold: the end
+/// of the transaction (`COMMIT`, `END`, `ROLLBACK`, `ABORT`, `PREPARE
+/// TRANSACTION`, also `AND CHAIN`), or a `ROLLBACK TO SAVEPOINT`, which
+/// releases the locks taken since the savepoint. `BEGIN` is not one: it
+/// turns the transaction it finds into a block, or warns inside one.
+fn ends_segment(node: &NodeEnum) -> bool {
+    let NodeEnum::TransactionStmt(t) = node else {
+        return false;
+    };
+    [
+        TransactionStmtKind::TransStmtCommit,
+        TransactionStmtKind::TransStmtRollback,
+        TransactionStmtKind::TransStmtRollbackTo,
+        TransactionStmtKind::TransStmtPrepare,
+    ]
+    .iter()
+    .any(|k| t.kind == *k as i32)
 }
 
 /// The last name of the guard's function (`fencepost.advance`).
@@ -610,6 +689,66 @@ mod tests {
         assert!(!c.classify("SET fencing.token = 1").data);
         assert_eq!(c.classify("ROLLBACK").block_after, Some(false));
         assert_eq!(c.classify("COMMIT").block_after, Some(false));
+    }
+
+    #[test]
+    fn guard_points_follow_transaction_ends() {
+        let c = classifier();
+        let p = |stmt, first, write| GuardPoint { stmt, first, write };
+        let table: Vec<(&str, Vec<GuardPoint>)> = vec![
+            // One segment guarded in front: nothing to place.
+            ("INSERT INTO t VALUES (1)", vec![]),
+            ("SELECT 1; INSERT INTO t VALUES (1); COMMIT", vec![]),
+            ("SELECT 1; SELECT 2", vec![]),
+            ("COMMIT", vec![]),
+            ("not sql; COMMIT; INSERT INTO t VALUES (1)", vec![]),
+            // After BEGIN (and its isolation level), not before it.
+            (
+                "BEGIN ISOLATION LEVEL SERIALIZABLE; INSERT INTO t VALUES (1)",
+                vec![p(1, true, true)],
+            ),
+            ("COMMIT; BEGIN; UPDATE t SET a = 1", vec![p(2, false, true)]),
+            (
+                "UPDATE t SET a = 1; COMMIT; UPDATE t SET a = 2",
+                vec![p(0, true, true), p(2, false, true)],
+            ),
+            (
+                "ROLLBACK TO s; SELECT 1; UPDATE t SET a = 1; COMMIT",
+                vec![p(1, false, true)],
+            ),
+            (
+                "INSERT INTO t VALUES (1); PREPARE TRANSACTION 'x'; SET x = 1; SELECT 1; \
+                 ROLLBACK; END; DELETE FROM t; ABORT",
+                vec![p(0, true, true), p(3, false, false), p(6, false, true)],
+            ),
+            (
+                "INSERT INTO t VALUES (1); COMMIT AND CHAIN; INSERT INTO t VALUES (2)",
+                vec![p(0, true, true), p(2, false, true)],
+            ),
+            // Savepoints and their release end nothing.
+            (
+                "INSERT INTO t VALUES (1); SAVEPOINT s; RELEASE s; INSERT INTO t VALUES (2)",
+                vec![],
+            ),
+            // Semicolons and transaction words in strings, dollar quotes,
+            // comments and quoted identifiers are no statements.
+            (
+                "INSERT INTO t VALUES ('; COMMIT; ') /* ; ROLLBACK; */; -- ; END;\n\
+                 SELECT $q$ ; ABORT; $q$, \"x; commit\"",
+                vec![],
+            ),
+        ];
+        for (sql, want) in table {
+            assert_eq!(c.classify(sql).guard_points, want, "{sql}");
+        }
+        // Texts of one shape share their points (statement indices).
+        let a = c.classify("UPDATE t SET a = 1; COMMIT; UPDATE t SET a = 2");
+        let b = c.classify("UPDATE t SET a = 12345; COMMIT; UPDATE t SET a = 2");
+        assert_eq!(a.guard_points, b.guard_points);
+        // Not UTF-8: split only when there is nothing to split.
+        assert!(c.classify_bytes(b"UPDATE t SET a = '\xe9'; COMMIT").unsplit);
+        assert!(!c.classify_bytes(b"UPDATE t SET a = '\xe9'").unsplit);
+        assert!(!c.classify("UPDATE t SET a = 1; COMMIT").unsplit);
     }
 
     #[test]

@@ -76,6 +76,9 @@ pub struct Cycle<C, S> {
     /// Characters prepended to this cycle's Query, which error positions
     /// in the client's text must not count.
     position_shift: u32,
+    /// Texts inserted inside this cycle's Query: (characters of the
+    /// client's text before it, its length in characters), in order.
+    inserted: Vec<(u32, u32)>,
     /// The caller's part of the cycle.
     pub data: C,
 }
@@ -86,6 +89,10 @@ struct Strip<S> {
     /// Sent after the client's messages owing this many completions: its
     /// answers come right after theirs.
     after: u32,
+    /// A statement inserted in the middle of a Query: this many of the
+    /// client's own statements (each ending with a CommandComplete) are
+    /// answered first.
+    skip: u32,
     kind: StripKind,
     payload: S,
 }
@@ -111,6 +118,7 @@ impl<C, S> Cycle<C, S> {
             rolled_back: false,
             committed: false,
             position_shift: 0,
+            inserted: Vec::new(),
             data,
         }
     }
@@ -134,6 +142,19 @@ impl<C, S> Cycle<C, S> {
         self.hide(StripKind::Simple, payload);
     }
 
+    /// A statement inserted in this cycle's Query after `skip` more of the
+    /// client's statements than the previous added statement (or, for the
+    /// first, the start of the Query): hide its answers up to its
+    /// CommandComplete. Postgres answers each statement of a Query that
+    /// succeeds with exactly one CommandComplete; an error skips the rest
+    /// of the Query, and ends every strip.
+    pub fn hide_simple_after(&mut self, skip: u32, payload: S) {
+        self.hide(StripKind::Simple, payload);
+        if let Some(s) = self.strips.back_mut() {
+            s.skip = skip;
+        }
+    }
+
     /// A statement run inside this cycle's extended batch, owing
     /// `completions`, sent now: hide its answers.
     pub fn hide_extended(&mut self, completions: u32, payload: S) {
@@ -143,6 +164,7 @@ impl<C, S> Cycle<C, S> {
     fn hide(&mut self, kind: StripKind, payload: S) {
         self.strips.push_back(Strip {
             after: self.sent,
+            skip: 0,
             kind,
             payload,
         });
@@ -151,6 +173,25 @@ impl<C, S> Cycle<C, S> {
     /// `n` characters were prepended to this cycle's Query text.
     pub fn shift_positions(&mut self, n: u32) {
         self.position_shift = n;
+    }
+
+    /// `n` characters were inserted in this cycle's Query text after the
+    /// client's first `at` characters (calls in text order).
+    pub fn shift_positions_after(&mut self, at: u32, n: u32) {
+        self.inserted.push((at, n));
+    }
+
+    /// An error position counted by the server in the text it ran, as a
+    /// position in the client's own text (1-based characters).
+    fn client_position(&self, pos: u32) -> u32 {
+        let mut shift = self.position_shift;
+        for &(at, n) in &self.inserted {
+            // The inserted text starts at character `at + shift + 1`.
+            if pos > at + shift {
+                shift += n;
+            }
+        }
+        pos.saturating_sub(shift).max(1)
     }
 
     /// Swap the server's ErrorResponse whose message names `marker` for
@@ -291,8 +332,8 @@ impl<C, S> Cycles<C, S> {
                     Some((m, _)) if names_marker(m) => cycle.swap_error.take().map(|(_, e)| e),
                     // A position in the client's text, counted by the
                     // server over the statements prepended to it.
-                    _ if cycle.position_shift > 0 => {
-                        frame::shift_position(b'E', &frame.body(), cycle.position_shift)
+                    _ if cycle.position_shift > 0 || !cycle.inserted.is_empty() => {
+                        frame::map_position(b'E', &frame.body(), |p| cycle.client_position(p))
                     }
                     _ => None,
                 };
@@ -340,7 +381,13 @@ impl<C, S> Cycles<C, S> {
         let cycle = self.queue.front_mut()?;
         if tag == b'E' {
             let seen = cycle.seen;
-            if cycle.strips.front().is_some_and(|s| seen >= s.after) {
+            // The guard's own error only once the client's statements
+            // before it have all been answered.
+            if cycle
+                .strips
+                .front()
+                .is_some_and(|s| seen >= s.after && s.skip == 0)
+            {
                 if let (Some(strip), Ok(BackendMsg::ErrorResponse(fields))) =
                     (cycle.strips.pop_front(), frame.backend())
                 {
@@ -356,6 +403,16 @@ impl<C, S> Cycles<C, S> {
         }
         let seen = cycle.seen;
         match cycle.strips.front_mut() {
+            Some(strip) if seen >= strip.after && strip.skip > 0 => {
+                // The client's own statements before an inserted one.
+                if tag == b'C' {
+                    strip.skip -= 1;
+                }
+                if is_completion(tag) {
+                    cycle.seen += 1;
+                }
+                None
+            }
             Some(strip) if seen >= strip.after => {
                 let done = match &mut strip.kind {
                     StripKind::Simple => tag == b'C',

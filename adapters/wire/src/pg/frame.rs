@@ -337,9 +337,15 @@ impl<'a> ErrorFields<'a> {
 /// for a statement text that went to the server with `shift` ASCII
 /// characters prepended. `None` when there is no `P` field to move.
 pub fn shift_position(tag: u8, body: &[u8], shift: u32) -> Option<Bytes> {
+    map_position(tag, body, |pos| pos.saturating_sub(shift).max(1))
+}
+
+/// The error or notice with its `P` (position) field replaced by
+/// `map(position)`; `None` when it has no readable position.
+pub fn map_position(tag: u8, body: &[u8], map: impl FnOnce(u32) -> u32) -> Option<Bytes> {
     let fields = ErrorFields(body);
     let pos: u32 = std::str::from_utf8(fields.get(b'P')?).ok()?.parse().ok()?;
-    let new = pos.saturating_sub(shift).max(1).to_string();
+    let new = map(pos).to_string();
     let mut out = BytesMut::with_capacity(body.len());
     let mut b = body;
     while let Some((&c, mut rest)) = b.split_first() {

@@ -2,7 +2,8 @@
 //! [`frame`] cuts bytes into messages, [`classify`] says which statements
 //! are writes and what they set the fencing variables to, [`cycle`] tracks
 //! where the server is in answering (and which answers to hide or swap),
-//! [`recent`] is one session's memory of its classifications, [`guard`] is the text of the database guard's call and what its refusal
+//! [`recent`] is one session's memory of its classifications,
+//! [`split`] finds where the statements of a text begin, [`guard`] is the text of the database guard's call and what its refusal
 //! looks like. The proxy's session loop (in the
 //! `fencepost` crate) drives them.
 
@@ -11,6 +12,7 @@ pub mod cycle;
 pub mod frame;
 pub mod guard;
 pub mod recent;
+pub mod split;
 
 pub use classify::{
     fingerprint, Classification, Classifier, CommentFence, FenceSetting, FenceVar,

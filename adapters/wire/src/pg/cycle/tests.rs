@@ -451,3 +451,124 @@ fn a_cycle_that_ends_or_rolls_back_a_transaction_says_so() {
         assert_eq!((e.txn_ended, e.failed), (txn_ended, failed), "{tag}");
     }
 }
+
+#[test]
+fn guards_inside_a_query_are_hidden_after_the_clients_statements_before_them() {
+    let mut s = session();
+    let c = s.open_with(|| "q");
+    // `INSERT; SELECT ...; COMMIT; <guard>; INSERT; ROLLBACK TO s; <guard>
+    // <guard>; INSERT`: a prepended guard, then guards after three client
+    // statements, and after two more (two calls at one place).
+    c.hide_simple("front");
+    c.hide_simple_after(3, "a");
+    c.hide_simple_after(2, "b");
+    c.hide_simple_after(0, "c");
+    c.close();
+    // Guard, INSERT, SELECT (rows), COMMIT, guard, INSERT, ROLLBACK, two
+    // guards, INSERT. The client's SELECT's RowDescription counts as no
+    // statement: only CommandCompletes do.
+    let (seen, answers) = feed(&mut s, msgs("TDC C TDDC C TDC C C TDC TDC C Z"));
+    assert_eq!(seen, "CTDDCCCCCZ");
+    assert_eq!(ended(&answers), [(b'I', Some("q"), false)]);
+}
+
+#[test]
+fn an_error_before_an_inserted_guard_ends_its_strip() {
+    let mut s = session();
+    let c = s.open_with(|| "q");
+    c.hide_simple_after(2, "late");
+    c.close();
+    // The first statement fails: Postgres skips the rest, the guard too.
+    let (seen, answers) = feed(&mut s, msgs("E Z"));
+    assert_eq!(seen, "EZ");
+    assert!(answers.iter().all(|a| a.guard_refused.is_none()));
+    // The next cycle has no strip left over.
+    let c = s.open_with(|| "next");
+    c.close();
+    let (seen, _) = feed(&mut s, msgs("TDC Z"));
+    assert_eq!(seen, "TDCZ");
+}
+
+#[test]
+fn an_inserted_guards_stale_refusal_is_reported() {
+    let mut s = session();
+    let c = s.open_with(|| "q");
+    c.hide_simple_after(1, "late");
+    c.close();
+    let mut frames = msgs("C");
+    frames.push(error(
+        "ZF001",
+        "stale fencing token for resource r: presented 3, current 4 (refused by the database guard)",
+    ));
+    frames.extend(msgs("Z"));
+    let (seen, answers) = feed(&mut s, frames);
+    assert_eq!(seen, "CEZ");
+    let refused = answers[1]
+        .guard_refused
+        .as_ref()
+        .expect("the guard's refusal");
+    assert_eq!((refused.payload, refused.current), ("late", Some(4)));
+}
+
+#[test]
+fn error_positions_skip_every_inserted_guard_before_them() {
+    let position = |inserted: &[(u32, u32)], prefix: u32, pos: u32| {
+        let mut s = session();
+        let c = s.open_with(|| "q");
+        if prefix > 0 {
+            c.shift_positions(prefix);
+        }
+        for &(at, n) in inserted {
+            c.shift_positions_after(at, n);
+        }
+        c.close();
+        let mut body = BytesMut::new();
+        for (f, v) in [
+            (b'S', "ERROR"),
+            (b'C', "42703"),
+            (b'P', &pos.to_string()[..]),
+        ] {
+            body.put_u8(f);
+            body.extend_from_slice(v.as_bytes());
+            body.put_u8(0);
+        }
+        body.put_u8(0);
+        let (_, answers) = feed(&mut s, vec![Frame::new(b'E', &body)]);
+        let moved = from_raw(answers[0].replace.as_ref().unwrap());
+        let Ok(BackendMsg::ErrorResponse(fields)) = moved.backend() else {
+            panic!("not an error");
+        };
+        std::str::from_utf8(fields.get(b'P').unwrap())
+            .unwrap()
+            .parse::<u32>()
+            .unwrap()
+    };
+    // Client text of 30 characters; 10 inserted after its first 8, 20
+    // after its first 20; 5 prepended.
+    let ins = [(8, 10), (20, 20)];
+    // Client character 3 (1-based): before both.
+    assert_eq!(position(&ins, 5, 5 + 3), 3);
+    // Client character 8: the last one before the first insertion.
+    assert_eq!(position(&ins, 5, 5 + 8), 8);
+    // Client character 9: after the first insertion.
+    assert_eq!(position(&ins, 5, 5 + 10 + 9), 9);
+    // Client character 25: after both.
+    assert_eq!(position(&ins, 5, 5 + 10 + 20 + 25), 25);
+    assert_eq!(position(&ins, 0, 10 + 20 + 25), 25);
+}
+
+#[test]
+fn a_clients_own_error_before_an_inserted_guard_is_not_the_guards() {
+    let mut s = session();
+    let c = s.open_with(|| "q");
+    c.hide_simple_after(1, "late");
+    c.close();
+    let mut frames = vec![error(
+        "ZF001",
+        "stale fencing token for resource r: presented 3, current 4 (raised by the client's own function)",
+    )];
+    frames.extend(msgs("Z"));
+    let (seen, answers) = feed(&mut s, frames);
+    assert_eq!(seen, "EZ");
+    assert!(answers.iter().all(|a| a.guard_refused.is_none()));
+}
