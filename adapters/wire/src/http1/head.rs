@@ -54,7 +54,9 @@ pub enum Kind {
     TransferEncoding,
     Connection,
     /// `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Upgrade`:
-    /// about this connection, never forwarded (RFC 9110 section 7.6.1).
+    /// about this connection, never forwarded (RFC 9110 section 7.6.1);
+    /// `Proxy-Authorization` and `Proxy-Authenticate`: credentials and
+    /// challenges between a client and a proxy, not the origin's.
     HopByHop,
     Expect,
     FencingToken,
@@ -64,7 +66,7 @@ pub enum Kind {
 impl Kind {
     /// The kind of a header named `name` (ASCII case ignored).
     pub fn of(name: &str) -> Kind {
-        const TABLE: [(&str, Kind); 12] = [
+        const TABLE: [(&str, Kind); 14] = [
             ("host", Kind::Host),
             ("content-length", Kind::ContentLength),
             ("transfer-encoding", Kind::TransferEncoding),
@@ -77,6 +79,8 @@ impl Kind {
             ("te", Kind::HopByHop),
             ("trailer", Kind::HopByHop),
             ("upgrade", Kind::HopByHop),
+            ("proxy-authorization", Kind::HopByHop),
+            ("proxy-authenticate", Kind::HopByHop),
         ];
         TABLE
             .iter()

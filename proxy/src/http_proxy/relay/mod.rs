@@ -219,12 +219,7 @@ async fn read_head(
             }
         }
         if bufs.head.len() >= limit {
-            return Err(Problem::new(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                problem::BAD_REQUEST,
-                "Request header fields too large",
-                format!("the request head is larger than max_header_bytes ({limit})"),
-            ));
+            return Err(head_too_large(limit));
         }
         if bufs.head.capacity() - bufs.head.len() < 1024 {
             bufs.head.reserve(4096);
@@ -251,6 +246,15 @@ async fn read_head(
             Ok(Ok(_)) => {}
         }
     }
+}
+
+fn head_too_large(limit: usize) -> Problem {
+    Problem::new(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        problem::BAD_REQUEST,
+        "Request header fields too large",
+        format!("the request head is larger than max_header_bytes ({limit})"),
+    )
 }
 
 /// Writes `p` to the client; a client that is gone is not an error here.
@@ -304,6 +308,13 @@ async fn exchange(
             return Next::Close;
         }
     };
+    // A head that came whole in one read was not measured while it was
+    // read.
+    if head.len > proxy.relay.max_head {
+        let p = head_too_large(proxy.relay.max_head);
+        answer(client, &mut bufs.out, &p, true, false).await;
+        return Next::Close;
+    }
     let is_head = head.method == "HEAD";
     // The body as far as it came with the head, checked before anything
     // of it is forwarded.

@@ -220,7 +220,7 @@ fn connection_may_not_name_fencing_or_framing_headers() {
 
 #[test]
 fn hop_by_hop_and_connection_named_lines_stay_behind() {
-    let raw = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close, X-Secret\r\nKeep-Alive: 5\r\nTE: trailers\r\nUpgrade: websocket\r\nProxy-Connection: x\r\nTrailer: x\r\nX-Secret: 1\r\nX-Kept: 2\r\nExpect: 100-continue\r\n\r\n";
+    let raw = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close, X-Secret\r\nKeep-Alive: 5\r\nTE: trailers\r\nUpgrade: websocket\r\nProxy-Connection: x\r\nTrailer: x\r\nX-Secret: 1\r\nProxy-Authorization: Basic eDp5\r\nX-Kept: 2\r\nExpect: 100-continue\r\n\r\n";
     let (framing, lines) = request(raw).unwrap().unwrap();
     assert_eq!(framing, Framing::Length(0));
     assert_eq!(lines, ["X-Kept: 2\r\n"]);
