@@ -114,6 +114,10 @@ def signed_tokens():
     return out
 
 
+def http1_body(mode, length, reads, body):
+    return bytes([mode, length >> 8, length & 255, len(reads)] + [r - 1 for r in reads]) + body
+
+
 SEEDS = {
     "pg_frame": [
         b"\x40\x07" + EXTENDED,
@@ -153,6 +157,21 @@ SEEDS = {
         b"\x09\x01HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nto the end",
         b"\x02\x01HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
         b"\x02\x01HTTP/1.1 204 No Content\r\nContent-Length: 4\r\n\r\n",
+    ],
+    "http1_body": [
+        # byte 0: bit 0 set for chunked, else bytes 1-2 a Content-Length;
+        # byte 3: how many read sizes follow (each % 32 + 1); then the body
+        http1_body(1, 0, [], b"5\r\nhello\r\n0\r\n\r\n"),
+        http1_body(1, 0, [1], b"5\r\nhello\r\n3;ext=\"v\"\r\nabc\r\n0\r\nX-T: 1\r\n\r\nGET / HTTP/1.1\r\n"),
+        http1_body(1, 0, [3, 7], b"A\r\n0123456789\r\n0\r\n\r\n"),
+        http1_body(1, 0, [2], b"5\r\nhelloXX0\r\n\r\n"),
+        http1_body(1, 0, [], b"5\nhello\r\n0\r\n\r\n"),
+        http1_body(1, 0, [5], b"fffffffffffffff\r\nx"),
+        http1_body(1, 0, [4], b"0\r\nA: b\r\nC:\r\n\r\n"),
+        http1_body(1, 0, [1, 2, 3], b"5;a=b;c\r\nhello\r\n0\r\n\n"),
+        http1_body(0, 5, [2], b"helloGET / HTTP/1.1\r\n"),
+        http1_body(0, 0, [], b"GET / HTTP/1.1\r\n"),
+        http1_body(0, 300, [31, 17], b"x" * 100),
     ],
     "http_headers": [
         b"/orders/1\nFencing-Token:5\nFencing-Resource:orders",

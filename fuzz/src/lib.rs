@@ -13,6 +13,7 @@ use fencepost_fencing as fencing;
 
 pub mod files;
 pub mod http1;
+pub mod http1_body;
 pub mod http_headers;
 pub mod pg;
 pub mod token;

@@ -1,5 +1,6 @@
-//! The `pg_frame`, `pg_startup` and `http_headers` fuzz targets' checks,
-//! run in CI without AFL: over arbitrary and generated inputs (proptest),
+//! The `pg_frame`, `pg_startup`, `http_headers`, `http1` and `http1_body`
+//! fuzz targets' checks, run in CI without AFL: over arbitrary and
+//! generated inputs (proptest),
 //! and over every file of the committed corpus (`fuzz/corpus/<target>`)
 //! and of the crashes the fuzzers once found (`fuzz/regressions/<target>`).
 //! The checks themselves are the fuzz crate's (`fuzz/src/pg.rs`,
@@ -18,6 +19,8 @@ use fencing;
 
 #[path = "../../../fuzz/src/files.rs"]
 mod files;
+#[path = "../../../fuzz/src/http1_body.rs"]
+mod http1_body_target;
 #[path = "../../../fuzz/src/http1.rs"]
 mod http1_target;
 #[path = "../../../fuzz/src/http_headers.rs"]
@@ -63,9 +66,31 @@ fn committed_corpus_replays_clean() {
     replay("pg_startup", 8, pg_target::startup);
     replay("http_headers", 6, http_target::run);
     replay("http1", 8, http1_target::run);
+    replay("http1_body", 8, http1_body_target::run);
 }
 
 proptest! {
+    /// The `http1_body` target (the body machine against the reference
+    /// decoder) over arbitrary bytes.
+    #[test]
+    fn http1_body_target_holds_on_arbitrary_bytes(data in prop::collection::vec(any::<u8>(), 0..300)) {
+        http1_body_target::run(&data);
+    }
+
+    /// The `http1_body` target over chunked bodies built from plausible
+    /// pieces (valid ones and near misses), split into arbitrary reads.
+    #[test]
+    fn http1_body_target_holds_on_plausible_chunked_bodies(
+        pieces in prop::collection::vec(prop::sample::select(vec![
+            "5\r\nhello\r\n", "1;a=b\r\nx\r\n", "A\r\n0123456789\r\n", "0\r\n", "\r\n",
+            "T: 1\r\n", "T:\r\n", "\n", "\r", "zz", ";", "fffffffffffffff", "3\r\nab",
+        ]), 0..8),
+        reads in prop::collection::vec(1usize..40, 0..6),
+    ) {
+        let body: Vec<u8> = pieces.concat().into_bytes();
+        http1_body_target::check(fencepost_wire::http1::body::Framing::Chunked, &body, &reads);
+    }
+
     /// The `http1` target over arbitrary bytes.
     #[test]
     fn http1_target_holds_on_arbitrary_bytes(data in prop::collection::vec(any::<u8>(), 0..400)) {
