@@ -548,6 +548,10 @@ async fn request_framing_conflicts_are_refused(path: DataPath) {
         "HTTP/1.1\r\nContent-Length: 0x5\r\n\r\nhello",
         "HTTP/1.1\r\nContent-Length: 5 5\r\n\r\nhello",
         "HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\nhello!",
+        // Equal values: refused, or normalised, never forwarded verbatim
+        // (the strict parser below refuses a list).
+        "HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\nhello",
+        "HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
         "HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
         "HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\nhello",
         // 4. Line syntax: bare LF, obs-fold, space before the colon.
