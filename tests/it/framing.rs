@@ -69,7 +69,7 @@ on_both_paths!(
     an_oversized_head_is_refused,
     a_refused_body_is_never_read_as_a_request,
     bodiless_answers_have_no_body,
-    a_close_delimited_answer_is_not_pooled,
+    a_close_delimited_answer_is_relayed_whole,
     an_invalid_upstream_length_is_a_bad_gateway,
     interim_answers_reach_only_http11_clients,
 );
@@ -760,12 +760,13 @@ async fn bodiless_answers_have_no_body(path: DataPath) {
 }
 
 /// Research notes 1.4 item 8: an answer with neither length nor chunked
-/// framing runs to the upstream's close. The client gets all of it, and
-/// that upstream connection is never used again: each request here
-/// needs a connection of its own. (The relay passes the close on to the
-/// client; the hyper path re-frames the body as chunked and keeps the
+/// framing runs to the upstream's close. The client gets all of it, every
+/// time: the connection it came on is spent (the upstream closed it), so
+/// each request needs, and gets, a fresh one, never a reused dead one
+/// that would cost the client a 502. (The relay passes the close on to
+/// the client; the hyper path re-frames the body as chunked and keeps the
 /// client's connection: both are correct.)
-async fn a_close_delimited_answer_is_not_pooled(path: DataPath) {
+async fn a_close_delimited_answer_is_relayed_whole(path: DataPath) {
     let up = Raw::closing("HTTP/1.1 200 OK\r\n\r\nto the close").await;
     let env = Env::start("framing-close", up.addr, path).await;
     for i in 1..=3 {
