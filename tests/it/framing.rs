@@ -578,10 +578,9 @@ async fn request_framing_conflicts_are_refused(path: DataPath) {
             ""
         };
         // The line break after the version may be a bare LF in the case.
-        let (eol, rest) = if rest.starts_with("\r\n") {
-            ("\r\n", &rest[2..])
-        } else {
-            ("\n", &rest[1..])
+        let (eol, rest) = match rest.strip_prefix("\r\n") {
+            Some(rest) => ("\r\n", rest),
+            None => ("\n", &rest[1..]),
         };
         let raw = format!(
             "PUT /kv/1 {version}{host}{eol}Fencing-Token: 1{eol}Connection: close{eol}{rest}"
