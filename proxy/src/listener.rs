@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use metrics::{Counter, Gauge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -233,12 +234,12 @@ where
         let Some((stream, peer, permit)) = next else {
             break;
         };
-        let conn = serve(stream, peer);
-        open.spawn(async move {
-            conn.await;
-            // The connection's share of max_connections.
-            drop(permit);
-        });
+        // The connection's share of max_connections is released when its
+        // future ends. `map`, not `async move { conn.await; .. }`: an async
+        // block stores the future it captured and the future it awaits
+        // apart, so each connection's task would hold its future twice, for
+        // its whole life (most of an idle Postgres session's memory).
+        open.spawn(serve(stream, peer).map(move |()| drop(permit)));
     }
     drop(listener);
     Connections { name, open }
