@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use wire::pg::cycle::{owes_completion, RUN_NAMED_COMPLETIONS};
 use wire::pg::frame::{self, split_frame};
@@ -49,11 +49,51 @@ enum Out {
     Last(Bytes),
 }
 
+/// Prepared statements or portals by name. The unnamed one, which most
+/// drivers use for most statements, is kept inline: a session that uses
+/// only it allocates no map (which it would keep for its whole life, idle
+/// or not) and hashes nothing.
+#[derive(Default)]
+struct Named {
+    unnamed: Option<Prepared>,
+    named: HashMap<Bytes, Prepared>,
+}
+
+impl Named {
+    fn get(&self, name: &[u8]) -> Option<&Prepared> {
+        if name.is_empty() {
+            self.unnamed.as_ref()
+        } else {
+            self.named.get(name)
+        }
+    }
+
+    /// Replacing one keeps its key (no allocation for a repeated Parse or
+    /// Bind).
+    fn set(&mut self, name: &[u8], p: Prepared) {
+        if name.is_empty() {
+            self.unnamed = Some(p);
+        } else if let Some(old) = self.named.get_mut(name) {
+            *old = p;
+        } else {
+            self.named.insert(Bytes::copy_from_slice(name), p);
+        }
+    }
+
+    fn remove(&mut self, name: &[u8]) {
+        if name.is_empty() {
+            self.unnamed = None;
+        } else {
+            self.named.remove(name);
+        }
+    }
+}
+
 /// What the client loop knows of the client's prepared statements and
 /// portals, to classify an Execute.
 struct ClientSide {
-    statements: HashMap<Bytes, Prepared>,
-    portals: HashMap<Bytes, Prepared>,
+    statements: Named,
+    portals: Named,
     /// After a refusal in the extended protocol the server discards
     /// everything up to Sync; so does the proxy's fencing.
     skip_until_sync: bool,
@@ -70,10 +110,9 @@ pub(super) async fn client_loop(
     shutdown: Shutdown,
 ) {
     let mut rb = ReadBuf::from(buf);
-    let mut shrink = false;
     let mut side = ClientSide {
-        statements: HashMap::new(),
-        portals: HashMap::new(),
+        statements: Named::default(),
+        portals: Named::default(),
         skip_until_sync: false,
         recent: Recent::new(),
     };
@@ -142,7 +181,7 @@ pub(super) async fn client_loop(
                 break;
             }
             out.clear();
-            if shrink && out.capacity() > 4 * IDLE {
+            if rb.burst_over() && out.capacity() > 4 * IDLE {
                 // A large batch is over: give its room back.
                 out = BytesMut::new();
             }
@@ -158,12 +197,10 @@ pub(super) async fn client_loop(
             break;
         }
         let answered = ctx.answered.notified();
-        rb.prepare(shrink);
-        let had = rb.spare();
         tokio::select! {
-            r = cr.read_buf(&mut rb.buf) => match r {
+            r = cr.read(&mut rb) => match r {
                 Ok(0) | Err(_) => break,
-                Ok(n) => shrink = rb.read(n, had),
+                Ok(_) => {}
             },
             () = &mut server_gone => break,
             () = &mut shutting_down, if !closing => closing = true,
@@ -358,32 +395,15 @@ fn guards_between(
 fn on_parse(ctx: &Ctx, side: &mut ClientSide, name: &[u8], query: &[u8]) -> Send {
     let (class, text) = side.recent.classify_text(&ctx.proxy.classifier, query);
     ctx.lock().open_cycle().sent(b'P');
-    let prepared = Prepared { class, text };
-    // Replacing a statement keeps its key (no allocation for a repeated
-    // unnamed Parse).
-    match side.statements.get_mut(name) {
-        Some(p) => *p = prepared,
-        None => {
-            side.statements
-                .insert(Bytes::copy_from_slice(name), prepared);
-        }
-    }
+    side.statements.set(name, Prepared { class, text });
     Send::Same
 }
 
 fn on_bind(ctx: &Ctx, side: &mut ClientSide, portal: &[u8], statement: &[u8]) -> Send {
     ctx.lock().open_cycle().sent(b'B');
     match side.statements.get(statement).cloned() {
-        // A portal bound again keeps its key: no allocation per Bind.
-        Some(p) => match side.portals.get_mut(portal) {
-            Some(old) => *old = p,
-            None => {
-                side.portals.insert(Bytes::copy_from_slice(portal), p);
-            }
-        },
-        None => {
-            side.portals.remove(portal);
-        }
+        Some(p) => side.portals.set(portal, p),
+        None => side.portals.remove(portal),
     }
     Send::Same
 }
@@ -450,12 +470,8 @@ async fn on_execute(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, portal: &[u
 fn on_close(ctx: &Ctx, side: &mut ClientSide, kind: u8, name: &[u8]) -> Send {
     ctx.lock().open_cycle().sent(b'C');
     match kind {
-        b'S' => {
-            side.statements.remove(name);
-        }
-        b'P' => {
-            side.portals.remove(name);
-        }
+        b'S' => side.statements.remove(name),
+        b'P' => side.portals.remove(name),
         _ => {}
     }
     Send::Same

@@ -90,10 +90,15 @@ pub(super) async fn fence(
     let mut own_write: Option<Write> = None;
     let mut own_commits = false;
     if let Some(presented) = &own {
-        match proxy
-            .fencer
-            .decide(&proxy.checker, &proxy.counters, presented, &info)
-            .await
+        // Boxed: a full decision is the slow path (the fast one is
+        // `steady`), and its future (store and tier I/O) would otherwise
+        // size every session's task, idle or not.
+        match Box::pin(
+            proxy
+                .fencer
+                .decide(&proxy.checker, &proxy.counters, presented, &info),
+        )
+        .await
         {
             Decision::Admit(a) => {
                 if let (Ok(token), Some(slot)) = (
@@ -121,10 +126,13 @@ pub(super) async fn fence(
             own_commits = true;
             continue;
         }
-        match proxy
-            .fencer
-            .decide_again(&proxy.counters, resource.as_ref_name(), token, &info)
-            .await
+        match Box::pin(proxy.fencer.decide_again(
+            &proxy.counters,
+            resource.as_ref_name(),
+            token,
+            &info,
+        ))
+        .await
         {
             Decision::Admit(a) => admitted.push((a.guard, resource, token)),
             Decision::Refuse(r) => {

@@ -1,68 +1,182 @@
-//! The read buffers of a session's two loops: small while the session is
-//! idle, grown while the peer sends more than fits, shrunk back after.
+//! The read buffers of a session's two loops: none while the session is
+//! idle, small while it talks, grown while the peer sends more than fits,
+//! shrunk back after.
 //!
-//! Most statements and their answers are a few hundred bytes, and most
-//! client connections of a pool are idle most of the time, so a session
-//! starts with [`IDLE`] bytes per direction (it was 8 KiB and 16 KiB, which
-//! made an idle connection cost 15.7 KiB; see BENCHMARKS.md). A read that
-//! fills the room it had doubles the next read's room, up to [`MAX`], so a
-//! large result is read in large chunks; the first read that is small
-//! again, with nothing left over, returns the buffer to [`IDLE`].
+//! Most client connections of a pool are idle most of the time, and most
+//! statements and their answers are a few hundred bytes. So a loop with
+//! nothing left over waits for its socket to become readable holding no
+//! buffer at all ([`ReadBuf::fill_from`]); only then does it take one of
+//! [`IDLE`] bytes from a small per-thread pool (or allocate it), and the
+//! buffer goes back to the pool as soon as it is drained. An idle session
+//! therefore holds no read buffer on either side (each was 1 KiB, before
+//! that 8 KiB and 16 KiB; see BENCHMARKS.md), and a busy one takes and
+//! returns the same pooled buffer around every wait: no allocation per
+//! statement.
 //!
-//! In the steady state nothing allocates: the frames cut from the buffer
-//! are dropped before the next read (nothing the session keeps points into
-//! it: a prepared statement keeps its own copy of its text), so
-//! `BytesMut::reserve` takes the whole allocation back.
+//! A read that fills the room it had doubles the next read's room, up to
+//! [`MAX`], so a large result is read in large chunks; a buffer grown for
+//! such a burst is kept across waits until the first read that is small
+//! again, with nothing left over, returns it to [`IDLE`].
+//!
+//! Nothing the session keeps points into a buffer once its frames are
+//! handled (a prepared statement keeps its own copy of its text), so
+//! `BytesMut::reserve` takes the whole allocation back, pooled or not.
+//! A TLS client's side is read through rustls, which has buffers of its
+//! own and no readiness to wait on: it reads into a kept buffer
+//! ([`ReadBuf::read_from`]).
+
+use std::cell::RefCell;
 
 use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::tcp::OwnedReadHalf;
 
 /// Room for one read while nothing larger has come.
 pub(super) const IDLE: usize = 1024;
 /// The most room one read gets.
 const MAX: usize = 64 * 1024;
+/// Drained buffers kept per thread for the next session that has input:
+/// enough for the sessions one thread serves at once, few enough that the
+/// pool's memory stays a fixed few tens of KiB.
+const POOL: usize = 32;
+
+thread_local! {
+    static FREE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer of at least [`IDLE`] bytes of room: a pooled one if this
+/// thread has one.
+fn take() -> BytesMut {
+    FREE.with(|f| f.borrow_mut().pop())
+        .unwrap_or_else(|| BytesMut::with_capacity(IDLE))
+}
+
+/// Keeps a drained idle-size buffer for [`take`], or frees it when the
+/// pool is full.
+fn give(buf: BytesMut) {
+    FREE.with(|f| {
+        let mut f = f.borrow_mut();
+        if f.len() < POOL {
+            f.push(buf);
+        }
+    });
+}
 
 /// A read buffer and the room its next read gets.
 pub(super) struct ReadBuf {
+    /// Complete messages are cut from the front; what is left is the start
+    /// of the next one. No allocation while parked (see the module docs).
     pub(super) buf: BytesMut,
     room: usize,
+    /// The last read was small: a burst, if there was one, is over.
+    small: bool,
 }
 
 impl ReadBuf {
+    /// No buffer yet: the first read takes one.
     pub(super) fn new() -> ReadBuf {
-        ReadBuf::from(BytesMut::with_capacity(IDLE))
+        ReadBuf::from(BytesMut::new())
     }
 
-    /// Room for the next read: reuses the allocation when nothing points
-    /// into it any more; a buffer grown for a burst is given up once the
-    /// burst is over (`shrink`) and nothing is left in it.
-    pub(super) fn prepare(&mut self, shrink: bool) {
-        if shrink && self.room > IDLE && self.buf.is_empty() {
-            self.room = IDLE;
-            self.buf = BytesMut::with_capacity(IDLE);
+    /// Whether the last read was small (a burst is over), so buffers
+    /// grown for it may be given back.
+    pub(super) fn burst_over(&self) -> bool {
+        self.small
+    }
+
+    /// Reads what `s` has, waiting for it without holding a buffer when
+    /// nothing is left over. `Ok(0)` is the end of the stream.
+    /// Cancel-safe: dropped while waiting, nothing was read.
+    pub(super) async fn fill_from(&mut self, s: &OwnedReadHalf) -> std::io::Result<usize> {
+        loop {
+            self.park();
+            s.readable().await?;
+            self.prepare();
+            let had = self.spare();
+            match s.try_read_buf(&mut self.buf) {
+                Ok(n) => {
+                    self.read(n, had);
+                    return Ok(n);
+                }
+                // Readiness was stale: wait again.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads what `s` has into a buffer kept while waiting (a stream with
+    /// no readiness of its own to wait on: TLS). `Ok(0)` is the end of the
+    /// stream. Cancel-safe as `read_buf` is.
+    pub(super) async fn read_from<S: AsyncRead + Unpin>(
+        &mut self,
+        s: &mut S,
+    ) -> std::io::Result<usize> {
+        self.prepare();
+        let had = self.spare();
+        let n = s.read_buf(&mut self.buf).await?;
+        self.read(n, had);
+        Ok(n)
+    }
+
+    /// Before a wait: a drained buffer is given up (to the pool when it is
+    /// idle-size, freed when a burst that grew it is over); one holding
+    /// the start of a message, or grown for a burst still going, is kept.
+    fn park(&mut self) {
+        if !self.buf.is_empty() {
             return;
+        }
+        if self.room > IDLE {
+            if !self.small {
+                return;
+            }
+            self.room = IDLE;
+            self.buf = BytesMut::new();
+        }
+        if self.buf.capacity() > 0 {
+            give(std::mem::take(&mut self.buf));
+        }
+    }
+
+    /// Room for the next read: a pooled buffer if none is held, and the
+    /// allocation reused when nothing points into it any more; a buffer
+    /// grown for a burst is given up once the burst is over and nothing
+    /// is left in it.
+    fn prepare(&mut self) {
+        if self.small && self.room > IDLE && self.buf.is_empty() {
+            self.room = IDLE;
+            self.buf = BytesMut::new();
+        }
+        if self.buf.capacity() == 0 && self.buf.is_empty() {
+            self.buf = take();
         }
         self.buf.reserve(self.room);
     }
 
     /// After a read of `n` bytes into the room [`ReadBuf::prepare`] made:
-    /// whether the burst is over (a small read), and the room grown when
-    /// the read filled it.
-    pub(super) fn read(&mut self, n: usize, had: usize) -> bool {
+    /// the room grown when the read filled it, and whether the burst is
+    /// over (a small read).
+    fn read(&mut self, n: usize, had: usize) {
         if n >= had && self.room < MAX {
             self.room = (self.room * 2).min(MAX);
         }
-        n <= IDLE
+        self.small = n <= IDLE;
     }
 
     /// Free room right now, as the next read will see it.
-    pub(super) fn spare(&self) -> usize {
+    fn spare(&self) -> usize {
         self.buf.capacity() - self.buf.len()
     }
 }
 
 impl From<BytesMut> for ReadBuf {
+    /// Starts from what was read already (the startup exchange's buffer).
     fn from(buf: BytesMut) -> ReadBuf {
-        ReadBuf { buf, room: IDLE }
+        ReadBuf {
+            buf,
+            room: IDLE,
+            small: true,
+        }
     }
 }
 
@@ -70,41 +184,113 @@ impl From<BytesMut> for ReadBuf {
 mod tests {
     use super::*;
 
+    /// One read that fills all the room it had, leaving the start of
+    /// the next message (one byte) in the buffer, as a large answer does.
+    fn fill_leaving_one(r: &mut ReadBuf) {
+        r.prepare();
+        let had = r.spare();
+        r.buf.resize(r.buf.len() + had, 0);
+        r.read(had, had);
+        let keep = r.buf.len() - 1;
+        drop(r.buf.split_to(keep));
+    }
+
     #[test]
     fn grows_while_reads_fill_it_and_shrinks_back_after() {
         let mut r = ReadBuf::new();
         for _ in 0..10 {
-            r.prepare(false);
-            let had = r.spare();
-            r.buf.resize(r.buf.len() + had, 0);
-            let small = r.read(had, had);
-            assert_eq!(small, had <= IDLE, "a read is small only up to IDLE bytes");
-            r.buf.clear();
+            fill_leaving_one(&mut r);
         }
         assert_eq!(r.room, MAX);
-        r.prepare(false);
+        assert!(!r.burst_over());
+        r.prepare();
         assert!(r.spare() >= MAX);
         r.buf.extend_from_slice(b"small");
-        let small = r.read(5, MAX);
-        assert!(small);
+        r.read(5, MAX);
+        assert!(r.burst_over());
         r.buf.clear();
-        r.prepare(small);
+        r.prepare();
         assert_eq!(r.room, IDLE);
         assert!(r.buf.capacity() < 2 * IDLE);
     }
 
     #[test]
+    fn a_read_of_exactly_idle_bytes_is_a_small_one() {
+        let mut r = ReadBuf::new();
+        r.prepare();
+        r.buf.resize(IDLE, 0);
+        r.read(IDLE, IDLE);
+        assert!(r.burst_over());
+        r.buf.clear();
+        r.prepare();
+        assert_eq!(r.room, IDLE, "nothing left over: no burst");
+    }
+
+    #[test]
     fn the_steady_state_reuses_one_allocation() {
         let mut r = ReadBuf::new();
-        r.prepare(false);
+        r.prepare();
         let at = r.buf.as_ptr();
         for _ in 0..100 {
             r.buf.extend_from_slice(&[1u8; 100]);
             let frame = r.buf.split_to(100).freeze();
             drop(frame);
-            assert!(r.read(100, 1024));
-            r.prepare(true);
+            r.read(100, 1024);
+            assert!(r.burst_over());
+            // Parked in the pool while waiting, taken back after.
+            r.park();
+            assert_eq!(
+                r.buf.capacity(),
+                0,
+                "a drained buffer is given up while waiting"
+            );
+            r.prepare();
             assert_eq!(r.buf.as_ptr(), at, "reallocated");
+        }
+    }
+
+    #[test]
+    fn a_partial_message_or_a_burst_keeps_its_buffer_while_waiting() {
+        let mut r = ReadBuf::new();
+        r.prepare();
+        r.buf.extend_from_slice(b"half a message");
+        r.read(14, IDLE);
+        r.park();
+        assert_eq!(&r.buf[..], b"half a message");
+        r.buf.clear();
+        // Reads that fill their room with more to come: the room grows,
+        // and the grown buffer is kept across a wait while the burst goes
+        // on.
+        fill_leaving_one(&mut r);
+        fill_leaving_one(&mut r);
+        assert!(!r.burst_over());
+        r.buf.clear();
+        let kept = r.buf.capacity();
+        r.park();
+        assert!(
+            kept > 0 && r.buf.capacity() == kept,
+            "a burst keeps its buffer"
+        );
+        assert!(r.room > IDLE);
+        // The burst is over: the grown buffer is freed, not pooled.
+        r.prepare();
+        r.buf.extend_from_slice(b"done");
+        let had = r.spare() + 4;
+        r.read(4, had);
+        r.buf.clear();
+        r.park();
+        assert_eq!(r.buf.capacity(), 0);
+        assert_eq!(r.room, IDLE);
+    }
+
+    #[test]
+    fn the_pool_is_bounded() {
+        for _ in 0..POOL * 2 {
+            give(BytesMut::with_capacity(IDLE));
+        }
+        assert_eq!(FREE.with(|f| f.borrow().len()), POOL);
+        for _ in 0..POOL * 2 {
+            assert!(take().capacity() >= IDLE);
         }
     }
 }

@@ -5,7 +5,6 @@
 
 use bytes::{Bytes, BytesMut};
 use fencing::{Protocol, Reason};
-use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use wire::pg::cycle::GuardRefused;
 use wire::pg::frame::{complete_frames, frames};
@@ -17,9 +16,8 @@ use super::session::Ctx;
 use super::state::GuardCall;
 use crate::fencer::{Refusal, WriteInfo};
 
-pub(super) async fn server_loop(ctx: &Ctx, mut sr: OwnedReadHalf) {
+pub(super) async fn server_loop(ctx: &Ctx, sr: OwnedReadHalf) {
     let mut rb = ReadBuf::new();
-    let mut shrink = false;
     // Only for a batch with a message swapped or hidden; the rest are
     // forwarded as they were read, without a copy.
     let mut out = BytesMut::new();
@@ -55,7 +53,7 @@ pub(super) async fn server_loop(ctx: &Ctx, mut sr: OwnedReadHalf) {
                 client_gone = true;
             }
             out.clear();
-            if shrink && out.capacity() > 4 * IDLE {
+            if rb.burst_over() && out.capacity() > 4 * IDLE {
                 // A large answer is over: give its room back.
                 out = BytesMut::new();
             }
@@ -73,11 +71,9 @@ pub(super) async fn server_loop(ctx: &Ctx, mut sr: OwnedReadHalf) {
             finish(ctx);
             return;
         }
-        rb.prepare(shrink);
-        let had = rb.spare();
-        match sr.read_buf(&mut rb.buf).await {
+        match rb.fill_from(&sr).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => shrink = rb.read(n, had),
+            Ok(_) => {}
         }
     }
     finish(ctx);

@@ -82,6 +82,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use wire::pg::StartupKind;
@@ -89,7 +90,7 @@ use wire::pg::StartupKind;
 use super::client::client_loop;
 use super::readbuf;
 use super::server::server_loop;
-use super::startup::{accept, connect_upstream, forward_cancel, ClientWrite};
+use super::startup::{accept, connect_upstream, forward_cancel, ClientRead, ClientWrite};
 use super::state::Shared;
 use super::vars::Vars;
 use super::PgProxy;
@@ -126,40 +127,28 @@ impl Ctx {
 }
 
 /// One client connection, from its first byte to its end.
+///
+/// The session's task is sized for the largest state its future can be
+/// in, for as long as the connection lives, idle or not; so the startup
+/// exchange (the TLS handshake, the upstream connect, their timeouts)
+/// runs in a boxed future of its own, freed once the session is open.
 pub(super) async fn run(
     proxy: Arc<PgProxy>,
     client: TcpStream,
     peer: SocketAddr,
     shutdown: Shutdown,
 ) {
-    let mut cbuf = BytesMut::with_capacity(readbuf::IDLE);
-    let (mut client, startup) = match tokio::time::timeout(
-        proxy.startup_timeout,
-        accept(&proxy, client, &mut cbuf, peer),
-    )
-    .await
-    {
-        Ok(Some(x)) => x,
-        Ok(None) => return,
-        Err(_) => {
-            tracing::debug!(%peer, "startup timed out");
-            return;
-        }
-    };
-    if startup.kind == StartupKind::Cancel {
-        forward_cancel(&proxy, startup.raw).await;
-        return;
-    }
-    let Some(server) = connect_upstream(&proxy, &mut client, peer).await else {
+    let Some(open) = Box::pin(open(&proxy, client, peer)).await else {
         return;
     };
-    let vars = Vars::from_startup(&startup);
-    let (cr, cw) = client.into_halves();
-    let (sr, mut sw) = server.into_split();
-    if sw.write_all(&startup.raw).await.is_err() {
-        proxy.counters.upstream_errors.increment(1);
-        return;
-    }
+    let Open {
+        cr,
+        cw,
+        sr,
+        sw,
+        vars,
+        cbuf,
+    } = open;
     let ctx = Ctx {
         proxy,
         peer,
@@ -173,4 +162,56 @@ pub(super) async fn run(
         client_loop(&ctx, cr, sw, cbuf, shutdown),
         server_loop(&ctx, sr)
     );
+}
+
+/// A session past its startup packet, connected upstream.
+struct Open {
+    cr: ClientRead,
+    cw: ClientWrite,
+    sr: OwnedReadHalf,
+    sw: OwnedWriteHalf,
+    vars: Vars,
+    /// What the client sent after its startup packet.
+    cbuf: BytesMut,
+}
+
+/// The startup exchange, the upstream connection and the startup packet
+/// sent on; `None` when the session ends there (a CancelRequest, a client
+/// that left or was refused). The startup packet is dropped here, once
+/// sent: the session keeps only its fencing variables.
+async fn open(proxy: &Arc<PgProxy>, client: TcpStream, peer: SocketAddr) -> Option<Open> {
+    let mut cbuf = BytesMut::with_capacity(readbuf::IDLE);
+    let (mut client, startup) = match tokio::time::timeout(
+        proxy.startup_timeout,
+        accept(proxy, client, &mut cbuf, peer),
+    )
+    .await
+    {
+        Ok(Some(x)) => x,
+        Ok(None) => return None,
+        Err(_) => {
+            tracing::debug!(%peer, "startup timed out");
+            return None;
+        }
+    };
+    if startup.kind == StartupKind::Cancel {
+        forward_cancel(proxy, startup.raw).await;
+        return None;
+    }
+    let server = connect_upstream(proxy, &mut client, peer).await?;
+    let vars = Vars::from_startup(&startup);
+    let (cr, cw) = client.into_halves();
+    let (sr, mut sw) = server.into_split();
+    if sw.write_all(&startup.raw).await.is_err() {
+        proxy.counters.upstream_errors.increment(1);
+        return None;
+    }
+    Some(Open {
+        cr,
+        cw,
+        sr,
+        sw,
+        vars,
+        cbuf,
+    })
 }

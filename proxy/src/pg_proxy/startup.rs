@@ -3,13 +3,17 @@
 //! which goes to the server on a connection of its own.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use wire::pg::frame::{self, split_startup};
 use wire::pg::{FrameError, StartupKind, StartupPacket};
 
+use super::readbuf::ReadBuf;
 use super::refusal::fatal;
 use super::{PgProxy, CONNECT_TIMEOUT};
 
@@ -21,8 +25,58 @@ pub(super) enum ClientConn {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
-pub(super) type ClientRead = Box<dyn AsyncRead + Send + Unpin>;
-pub(super) type ClientWrite = Box<dyn AsyncWrite + Send + Unpin>;
+type TlsConn = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// The client's read half. Plain TCP is read when the socket is readable,
+/// so an idle session holds no read buffer (see `readbuf.rs`).
+pub(super) enum ClientRead {
+    Plain(OwnedReadHalf),
+    Tls(ReadHalf<TlsConn>),
+}
+
+/// The client's write half.
+pub(super) enum ClientWrite {
+    Plain(OwnedWriteHalf),
+    Tls(WriteHalf<TlsConn>),
+}
+
+impl ClientRead {
+    /// Reads what the client has into `rb`; `Ok(0)` is the end of the
+    /// stream. Cancel-safe: dropped while waiting, nothing was read.
+    pub(super) async fn read(&mut self, rb: &mut ReadBuf) -> std::io::Result<usize> {
+        match self {
+            ClientRead::Plain(s) => rb.fill_from(s).await,
+            ClientRead::Tls(s) => rb.read_from(s).await,
+        }
+    }
+}
+
+impl AsyncWrite for ClientWrite {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ClientWrite::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientWrite::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientWrite::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientWrite::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientWrite::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientWrite::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
 
 impl ClientConn {
     pub(super) async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -39,11 +93,11 @@ impl ClientConn {
         match self {
             ClientConn::Plain(s) => {
                 let (r, w) = s.into_split();
-                (Box::new(r), Box::new(w))
+                (ClientRead::Plain(r), ClientWrite::Plain(w))
             }
             ClientConn::Tls(s) => {
                 let (r, w) = tokio::io::split(*s);
-                (Box::new(r), Box::new(w))
+                (ClientRead::Tls(r), ClientWrite::Tls(w))
             }
         }
     }

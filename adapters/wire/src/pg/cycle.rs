@@ -271,6 +271,13 @@ impl<C, S> Cycles<C, S> {
     /// data) if the last one is closed.
     pub fn open_with(&mut self, new: impl FnOnce() -> C) -> &mut Cycle<C, S> {
         if self.queue.back().is_none_or(|c| c.closed) {
+            // Room for one cycle at first, not the four a first push
+            // makes: most sessions never have two in flight, and the
+            // room is kept for the session's life (idle or not). A
+            // pipelining client grows it as a Vec grows.
+            if self.queue.capacity() == 0 {
+                self.queue.reserve_exact(1);
+            }
             self.queue.push_back(Cycle::new(false, new()));
         }
         let n = self.queue.len();

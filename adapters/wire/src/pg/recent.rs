@@ -118,6 +118,11 @@ impl Recent {
             text: Bytes::copy_from_slice(raw),
         };
         let at = if self.entries.len() < ENTRIES {
+            // Room for one entry at first (a Vec's first push makes four):
+            // an idle pooled connection that ran one statement keeps one.
+            if self.entries.capacity() == 0 {
+                self.entries.reserve_exact(1);
+            }
             self.entries.push(entry);
             self.entries.len() - 1
         } else {
