@@ -15,6 +15,7 @@
 //! - `signed`: signed tokens across elector and proxy.
 //! - `tier`: three replicas on one Postgres store as one fencing tier.
 //! - `pg_clients`: real Postgres clients (psql, pgbench, psycopg) through the proxy.
+//! - `pg_idle`: idle Postgres client connections: memory per connection, no CPU.
 //! - `checker`: the fault-injection checker, judged by the storages' histories.
 //! - `guard`: guard mode's in-database gate, in SQL and through two proxies.
 //! - `security`, `hostile`: abuse cases and hostile input.
@@ -43,6 +44,7 @@ mod http_proxy;
 mod lease_run;
 mod ops;
 mod pg_clients;
+mod pg_idle;
 mod pg_proxy;
 mod security;
 mod signed;
