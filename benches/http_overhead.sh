@@ -7,6 +7,7 @@
 #                                 [--sweep-rounds N] [--connections C]
 #                                 [--requests N] [--no-callgrind] [--shared-runtime]
 #                                 [--skip-install] [--skip-build] [--keep-tmp]
+#                                 [--only-callgrind]
 #
 # Targets (all on 127.0.0.1, on ports picked at start):
 #   direct       wrk -> upstream nginx
@@ -32,6 +33,8 @@
 # fencepost (workers = 1) and nginx (one process) are started anew under
 # valgrind, warmed up, and --requests PUTs (default 2000, over 8 keep-alive
 # connections) are counted alone (counters zeroed before, dumped after).
+# --only-callgrind runs just that part (no wrk, no table of throughput):
+# instruction counts are repeatable on a loaded machine, throughput is not.
 #
 # Output: a table on stdout, and in benches/results/:
 #   http_overhead.csv        one row per wrk run (raw figures)
@@ -51,6 +54,7 @@ SWEEP_CONNS=(1 8 32 128)
 INSTALL=1
 BUILD=1
 KEEP_TMP=0
+ONLY_CALLGRIND=0
 
 usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; }
 
@@ -66,6 +70,7 @@ while [ $# -gt 0 ]; do
         --skip-install) INSTALL=0; shift ;;
         --skip-build) BUILD=0; shift ;;
         --keep-tmp) KEEP_TMP=1; shift ;;
+        --only-callgrind) ONLY_CALLGRIND=1; CALLGRIND=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -93,7 +98,8 @@ if [ "$INSTALL" = 1 ] && { ! command -v nginx >/dev/null || ! command -v wrk >/d
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nginx wrk valgrind >/dev/null
 fi
-NEED=(nginx wrk curl python3)
+NEED=(nginx curl python3)
+[ "$ONLY_CALLGRIND" = 1 ] || NEED+=(wrk)
 [ "$CALLGRIND" = 1 ] && NEED+=(valgrind callgrind_control)
 for t in "${NEED[@]}"; do
     command -v "$t" >/dev/null || { echo "missing tool: $t" >&2; exit 1; }
@@ -258,6 +264,7 @@ wait_http "http://127.0.0.1:$UP_PORT/item" upstream "$UP_PID"
 
 declare -A PORT=([direct]="$UP_PORT")
 declare -A PID=()
+if [ "$ONLY_CALLGRIND" = 0 ]; then
 for w in 1 2; do
     t="nginx-${w}w"; d="$TMP/$t"; mkdir -p "$d"; PORT[$t]="$(port)"
     nginx_proxy_conf "$d" "${PORT[$t]}" "$w" >"$d/nginx.conf"
@@ -376,6 +383,7 @@ MEMORY+=("fencepost-1w_peak_kb=$(hwm_kb "${PID[fencepost-1w]}")")
 LOAD_END="$(cut -d' ' -f1-3 /proc/loadavg)"
 # Was anything logged per request? (a hint when fencepost is slow)
 FP_LOG_LINES="$(wc -l <"$TMP/fencepost-1w.log")"
+fi # ONLY_CALLGRIND
 
 # ---------------------------------------------------------------- callgrind
 # Instructions per proxied PUT: the process under valgrind, its counters
@@ -426,6 +434,16 @@ if [ "$CALLGRIND" = 1 ]; then
 fi
 
 # ---------------------------------------------------------------- 4. report
+if [ "$ONLY_CALLGRIND" = 1 ]; then
+    echo
+    echo "Instructions per proxied PUT (callgrind, $REQUESTS PUTs, user space):"
+    for kv in "${CALLGRIND_META[@]}"; do
+        case "$kv" in callgrind_*_per_put=*)
+            k="${kv%%=*}"; k="${k#callgrind_}"; printf '  %-12s %10s\n' "${k%_per_put}" "${kv#*=}" ;;
+        esac
+    done
+    exit 0
+fi
 python3 "$HELPER" report \
     --manifest "$MANIFEST" \
     --out "$RESULTS" \
