@@ -259,6 +259,8 @@ async fn route_escapes_are_normalised_or_refused(path: DataPath) {
         "/x/..;/kv/1",
         "/x/%2e%2e;/kv/1",
         "/x/%252e%252e/kv/1",
+        // A double encoding that shows only once `%32`/`%65` are decoded.
+        "/x/%25%32%65%25%32%65/kv/1",
         "/x/%2e%2e/kv/1",
     ] {
         let answer = env
