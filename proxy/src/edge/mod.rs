@@ -6,7 +6,9 @@
 //! - [`bearer`]: the constant-time bearer-token check.
 //! - [`http1`]: the HTTP/1.1 serve loop over the shared accept loop
 //!   ([`crate::listener`]), with its connection bound and graceful drain.
+//! - [`peer`]: the identity a client certificate proved, for authorization.
 
 pub mod bearer;
 pub mod http1;
+pub mod peer;
 pub mod problem;
