@@ -43,6 +43,8 @@ const HYPER_PUT_BUDGET: f64 = 17.0;
 
 const ROUNDS: usize = 2000;
 const WARMUP: usize = 300;
+/// Measured windows per case; the least counts (see `least_of`).
+const REPEATS: usize = 3;
 
 /// The counter is process-wide: the tests take turns (`cargo test` runs
 /// them on parallel threads; nextest in separate processes).
@@ -129,9 +131,11 @@ fn per_request(to: SocketAddr, request: &'static [u8]) -> f64 {
                     }
                 };
                 round(WARMUP);
-                let region = Region::new(GLOBAL);
-                round(ROUNDS);
-                region.change().allocations as f64 / ROUNDS as f64
+                least_of(REPEATS, || {
+                    let region = Region::new(GLOBAL);
+                    round(ROUNDS);
+                    region.change().allocations as f64 / ROUNDS as f64
+                })
             })
             .join()
             .unwrap()
@@ -313,9 +317,21 @@ fn pg_per_statement(to: SocketAddr, db: &str, setup: &[u8], round: &[u8]) -> f64
         }
     };
     go(WARMUP);
-    let region = Region::new(GLOBAL);
-    go(ROUNDS);
-    region.change().allocations as f64 / ROUNDS as f64
+    least_of(REPEATS, || {
+        let region = Region::new(GLOBAL);
+        go(ROUNDS);
+        region.change().allocations as f64 / ROUNDS as f64
+    })
+}
+
+/// The counter sees the whole process: besides the path under test, the
+/// proxy's background work (timers, store upkeep, metrics) allocates
+/// now and then, and on a slow machine a burst of it can land in one
+/// measured window (CI once saw 0.110 for one case while every other case
+/// measured 0.015). A per-request allocation shows in every window, so
+/// the least of a few windows measures the path and not the background.
+fn least_of(repeats: usize, mut window: impl FnMut() -> f64) -> f64 {
+    (0..repeats).map(|_| window()).fold(f64::INFINITY, f64::min)
 }
 
 fn database_url() -> String {
