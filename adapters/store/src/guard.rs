@@ -10,11 +10,14 @@ use crate::StoreError;
 /// The guard's schema, table and functions, every migration in order;
 /// every statement is idempotent, so running them all again upgrades an
 /// installed guard in place (`0002` replaces the row-lock `advance` of
-/// `0001` with the shared/exclusive gate, keeping `fencepost.marks`).
+/// `0001` with the shared/exclusive gate, keeping `fencepost.marks`;
+/// `0003` gives the gate a cheaper same-token path).
 pub const GUARD_SQL: &str = concat!(
     include_str!("../../../migrations/guard/0001_guard.sql"),
     "\n",
     include_str!("../../../migrations/guard/0002_gate.sql"),
+    "\n",
+    include_str!("../../../migrations/guard/0003_fast_path.sql"),
 );
 
 /// Arbitrary key of the advisory lock that keeps two concurrent installs
