@@ -70,9 +70,10 @@ pub fn router(state: AdminState) -> Router {
 pub async fn serve(
     state: AdminState,
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<crate::tls::ServerTls>>,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    http1::serve_api("admin", listener, router(state), shutdown, || {}).await
+    http1::serve_api("admin", listener, tls, router(state), shutdown, || {}).await
 }
 
 async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {

@@ -210,7 +210,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, Error> {
         },
         audit.clone(),
     );
-    tokio::spawn(elector.serve(el_l, sd.clone()));
+    tokio::spawn(elector.serve(el_l, None, sd.clone()));
 
     let proxy_cfg: HttpProxyConfig = toml::from_str(&format!(
         "listen = \"{px_a}\"\nupstream = \"http://{up_a}\"\nelector_watch = \"http://{el_a}\"\nwatch_resources = [\"{RESOURCE}\"]\n"

@@ -9,6 +9,7 @@
 //! - `serve`: wiring a server from a config and bound listeners; the shutdown order.
 //! - `listener`: the accept loop and per-listener connection bound every listener shares.
 //! - `edge/`: what the HTTP listeners share: problem+json, the bearer check, the HTTP/1 serve loop.
+//! - `tls/`: TLS on every listener: the server config from PEM files, its reload, client certificate names.
 //! - `fencer`: the decision service both proxies call (store, token cache, audit, metrics).
 //! - `cluster/`: the fencing tier: replica lease, advances across replicas, acknowledgements.
 //! - `http_proxy/`: the HTTP fencing proxy: routing, forwarding, the upstream pool, the elector watch.
@@ -60,6 +61,7 @@ mod pg_proxy;
 pub mod serve;
 mod shutdown;
 mod status_cmd;
+mod tls;
 
 pub use crate::fencer::TokenChecker;
 

@@ -30,6 +30,8 @@ pub const CONNECTIONS_REJECTED: &str = "fencepost_connections_rejected_total";
 pub const REPLICAS_LIVE: &str = "fencepost_replicas_live";
 pub const ADVANCE_SECONDS: &str = "fencepost_advance_seconds";
 pub const SELF_FENCED: &str = "fencepost_self_fenced_total";
+pub const TLS_HANDSHAKE_FAILURES: &str = "fencepost_tls_handshake_failures_total";
+pub const TLS_RELOADS: &str = "fencepost_tls_reloads_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -138,6 +140,14 @@ fn describe() {
     metrics::describe_counter!(
         SELF_FENCED,
         "Times this replica stopped admitting writes because the store had not confirmed its lease in time."
+    );
+    metrics::describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "Connections to a TLS listener that ended before their handshake did: timeout, error (bad hello, refused or missing client certificate, the client left) or plaintext."
+    );
+    metrics::describe_counter!(
+        TLS_RELOADS,
+        "Certificate reloads of a TLS listener (SIGHUP or a file change): ok, or error (the previous certificate stays)."
     );
 }
 

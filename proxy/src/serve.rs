@@ -22,9 +22,11 @@ use crate::audit_spool::{self, Spool};
 use crate::cli::{MigrateArgs, ServeArgs};
 use crate::cluster::{self, Tier};
 use crate::config::{Config, LogFormat};
+use crate::edge::http1::API_HEAD_TIMEOUT;
 use crate::error::Error;
 use crate::fencer::{Fencer, FencerOptions, TokenChecker};
 use crate::shutdown::{self, Shutdown, Trigger};
+use crate::tls::{self, Alpn};
 use crate::{admin, elector, http_proxy, logging, metrics, pg_proxy};
 
 /// Reads a public key file for token verification.
@@ -357,10 +359,20 @@ pub async fn start(
                 shutdown.clone(),
             ));
         }
+        let tls = tls::for_listener(
+            "elector",
+            ecfg.listen,
+            ecfg.tls(),
+            Alpn::Http1,
+            API_HEAD_TIMEOUT,
+        )?;
+        if let Some(t) = &tls {
+            t.watch(shutdown.clone());
+        }
         let sd = shutdown.clone();
-        tracing::info!(listen = %ecfg.listen, "elector listening");
+        tracing::info!(listen = %ecfg.listen, tls = tls.is_some(), "elector listening");
         tasks.spawn(async move {
-            el.serve(listener, sd)
+            el.serve(listener, tls, sd)
                 .await
                 .map_err(|e| Error::io("elector", e))
         });
@@ -372,6 +384,9 @@ pub async fn start(
             config.fencing.token_cache_size,
         )?;
         let proxy = http_proxy::HttpProxy::new(hcfg, Arc::clone(&fencer), checker.clone())?;
+        if let Some(t) = proxy.tls() {
+            t.watch(shutdown.clone());
+        }
         if let Some(url) = &hcfg.elector_watch {
             let resources = hcfg.watched_resources();
             let bearer = hcfg
@@ -388,7 +403,7 @@ pub async fn start(
             ));
         }
         let sd = shutdown.clone();
-        tracing::info!(listen = %hcfg.listen, upstream = %hcfg.upstream, "HTTP fencing proxy listening");
+        tracing::info!(listen = %hcfg.listen, upstream = %hcfg.upstream, tls = proxy.tls().is_some(), "HTTP fencing proxy listening");
         tasks.spawn(async move {
             proxy
                 .serve(listener, sd, shutdown_timeout)
@@ -403,8 +418,11 @@ pub async fn start(
             config.fencing.token_cache_size,
         )?;
         let proxy = pg_proxy::PgProxy::new(pcfg, Arc::clone(&fencer), checker)?;
+        if let Some(t) = proxy.tls() {
+            t.watch(shutdown.clone());
+        }
         let sd = shutdown.clone();
-        tracing::info!(listen = %pcfg.listen, upstream = %pcfg.upstream, "Postgres fencing proxy listening");
+        tracing::info!(listen = %pcfg.listen, upstream = %pcfg.upstream, tls = proxy.tls().is_some(), "Postgres fencing proxy listening");
         tasks.spawn(async move {
             proxy
                 .serve(listener, sd, shutdown_timeout)
@@ -421,10 +439,20 @@ pub async fn start(
             tier: tier.clone(),
             shutdown: shutdown.clone(),
         };
+        let tls = tls::for_listener(
+            "admin",
+            acfg.listen,
+            acfg.tls(),
+            Alpn::Http1,
+            API_HEAD_TIMEOUT,
+        )?;
+        if let Some(t) = &tls {
+            t.watch(shutdown.clone());
+        }
         let sd = shutdown.clone();
-        tracing::info!(listen = %acfg.listen, "admin API listening");
+        tracing::info!(listen = %acfg.listen, tls = tls.is_some(), "admin API listening");
         tasks.spawn(async move {
-            admin::serve(state, listener, sd)
+            admin::serve(state, listener, tls, sd)
                 .await
                 .map_err(|e| Error::io("admin API", e))
         });

@@ -27,6 +27,14 @@ pub struct ElectorConfig {
     /// holder renews every third of its TTL, which would flood the log.
     #[serde(default)]
     pub audit_renewals: bool,
+    /// PEM certificate chain: when set (with `tls_key`), this listener
+    /// speaks TLS only. Reloaded on SIGHUP and when the file changes.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: when set, every client must present a
+    /// certificate that chains to one of them (mutual TLS).
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 fn default_ttl() -> Duration {
@@ -40,6 +48,15 @@ fn default_max_ttl() -> Duration {
 }
 
 impl ElectorConfig {
+    /// The TLS files, when this listener serves TLS.
+    pub fn tls(&self) -> Option<super::ListenerTls> {
+        super::ListenerTls::from_keys(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_client_ca.as_deref(),
+        )
+    }
+
     pub(super) fn validate(&self) -> Result<(), String> {
         let fmt = humantime::format_duration;
         // Compared in whole milliseconds, the unit leases are decided in.

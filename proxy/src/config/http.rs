@@ -69,6 +69,14 @@ pub struct HttpProxyConfig {
     /// process's shared multi-thread runtime.
     #[serde(default)]
     pub workers: usize,
+    /// PEM certificate chain: when set (with `tls_key`), this listener
+    /// speaks TLS only. Reloaded on SIGHUP and when the file changes.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: when set, every client must present a
+    /// certificate that chains to one of them (mutual TLS).
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// The proxied data path of an `[[http]]` listener.
@@ -121,6 +129,15 @@ impl HttpProxyConfig {
         }
     }
 
+    /// The TLS files, when this listener serves TLS.
+    pub fn tls(&self) -> Option<super::ListenerTls> {
+        super::ListenerTls::from_keys(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_client_ca.as_deref(),
+        )
+    }
+
     /// What the types cannot say; `i` is the listener's index.
     pub(super) fn validate(&self, i: usize) -> Result<(), String> {
         if self.max_concurrent_requests == 0 {
@@ -131,7 +148,12 @@ impl HttpProxyConfig {
         if self.max_connections == 0 {
             return Err(format!("http[{i}].max_connections must be at least 1"));
         }
-        Ok(())
+        super::tls::check(
+            &format!("http[{i}]"),
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_client_ca.as_deref(),
+        )
     }
 }
 

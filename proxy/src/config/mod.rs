@@ -21,6 +21,7 @@ mod fencing;
 mod http;
 mod log;
 mod postgres;
+mod tls;
 
 pub use self::admin::AdminConfig;
 pub use self::audit::AuditConfig;
@@ -31,6 +32,7 @@ pub use self::fencing::FencingConfig;
 pub use self::http::{DataPath, HttpProxyConfig, Upstream};
 pub use self::log::{LogConfig, LogFormat};
 pub use self::postgres::{Enforce, PgProxyConfig};
+pub use self::tls::ListenerTls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -129,6 +131,20 @@ impl Config {
         }
         if let Some(e) = &self.elector {
             e.validate()?;
+            tls::check(
+                "elector",
+                e.tls_cert.as_deref(),
+                e.tls_key.as_deref(),
+                e.tls_client_ca.as_deref(),
+            )?;
+        }
+        if let Some(a) = &self.admin {
+            tls::check(
+                "admin",
+                a.tls_cert.as_deref(),
+                a.tls_key.as_deref(),
+                a.tls_client_ca.as_deref(),
+            )?;
         }
         self.cluster.validate()?;
         self.fencing.validate()

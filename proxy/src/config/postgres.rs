@@ -48,10 +48,15 @@ pub struct PgProxyConfig {
     /// packet (TLS handshake included); then it is closed.
     #[serde(default = "default_startup_timeout", with = "humantime_serde")]
     pub startup_timeout: Duration,
-    /// PEM certificate chain offered to clients that ask for TLS.
+    /// PEM certificate chain: when set (with `tls_key`), clients must
+    /// ask for TLS (SSLRequest) before their startup packet; a plaintext
+    /// startup is refused (`28000`). Reloaded on SIGHUP and on change.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: when set, every client must present a
+    /// certificate that chains to one of them (`sslcert`/`sslkey`).
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 fn default_write_functions() -> Vec<String> {
@@ -90,6 +95,15 @@ impl PgProxyConfig {
         u32::try_from(ms.clamp(1, GUARD_WAIT_MAX_MS)).unwrap_or(i32::MAX.unsigned_abs())
     }
 
+    /// The TLS files, when this listener serves TLS.
+    pub fn tls(&self) -> Option<super::ListenerTls> {
+        super::ListenerTls::from_keys(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_client_ca.as_deref(),
+        )
+    }
+
     /// What the types cannot say; `i` is the listener's index.
     pub(super) fn validate(&self, i: usize) -> Result<(), String> {
         // Below this no ordinary statement fits; the startup packet has
@@ -113,10 +127,12 @@ impl PgProxyConfig {
                 ));
             }
         }
-        if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return Err(format!("postgres[{i}]: tls_cert and tls_key go together"));
-        }
-        Ok(())
+        super::tls::check(
+            &format!("postgres[{i}]"),
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_client_ca.as_deref(),
+        )
     }
 }
 

@@ -16,6 +16,7 @@
 //! proxy.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -28,9 +29,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
+use super::peer::PeerCertificate;
 use super::problem::{self, Problem};
 use crate::listener::{self, ConnLimit, Connections};
 use crate::shutdown::Shutdown;
+use crate::tls::ServerTls;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -39,8 +42,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub const HEAD_END: &[u8] = b"\r\n\r\n";
 
 /// A client of an API must send its request head (or its next one, on a
-/// keep-alive connection) within this.
-const API_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// keep-alive connection) within this; on a TLS listener, also its
+/// handshake.
+pub const API_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Open connections per API listener. Operators and proxies' watch
 /// streams need a handful; a flood gets 503s.
 const API_MAX_CONNECTIONS: usize = 1024;
@@ -113,18 +117,28 @@ pub fn problem_bytes(p: &Problem, close: bool, head_only: bool, out: &mut Vec<u8
 pub struct ClientAddr(pub SocketAddr);
 
 /// Serves `service(peer)` on every connection `listener` admits under
-/// `limit`, with `http`'s settings, until `shutdown`. Returns the
-/// connections still open, each already told to finish its request and
-/// close; the caller drains them.
-pub async fn serve<S, B>(
+/// `limit`, with `http`'s settings, until `shutdown`. With `tls`, each
+/// connection is a TLS handshake first ([`ServerTls::accept_http`]: a
+/// plaintext request gets a 400) and every request carries the client
+/// certificate's [`PeerCertificate`] in its extensions when the listener
+/// verifies clients. Returns the connections still open, each already told
+/// to finish its request and close; the caller drains them.
+///
+/// Two accept loops rather than one over an either-stream: the plaintext
+/// one is exactly what it was before TLS existed (same stream type, same
+/// future), and only TLS connections pay for a boxed stream.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve<F, S, B>(
     name: &'static str,
     listener: TcpListener,
     shutdown: &Shutdown,
     limit: &ConnLimit,
     http: &http1::Builder,
-    service: impl Fn(SocketAddr) -> S,
+    tls: Option<&Arc<ServerTls>>,
+    service: F,
 ) -> Connections
 where
+    F: Fn(SocketAddr) -> S + Send + Sync + 'static,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -132,33 +146,97 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    let Some(tls) = tls else {
+        return listener::serve(name, listener, shutdown, limit, |stream, peer| {
+            let conn = http.serve_connection(TokioIo::new(stream), service(peer));
+            drive(name, conn, shutdown.clone(), peer)
+        })
+        .await;
+    };
+    let service = Arc::new(service);
     listener::serve(name, listener, shutdown, limit, |stream, peer| {
-        let conn = http.serve_connection(TokioIo::new(stream), service(peer));
-        let shutdown = shutdown.clone();
-        async move {
-            let mut conn = std::pin::pin!(conn);
-            let ended = tokio::select! {
-                r = conn.as_mut() => r,
-                () = shutdown.wait() => {
-                    // Finish the request in flight, if any, then close.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+        let (tls, http, service, shutdown) = (
+            Arc::clone(tls),
+            http.clone(),
+            Arc::clone(&service),
+            shutdown.clone(),
+        );
+        // Boxed: the handshake's state is large and short-lived.
+        Box::pin(async move {
+            let Some((stream, who)) = tls.accept_http(stream, peer).await else {
+                return;
             };
-            if let Err(e) = ended {
-                tracing::debug!(error = %e, %peer, listener = name, "HTTP connection ended with an error");
-            }
-        }
+            let service = WithPeer {
+                inner: (*service)(peer),
+                peer: who,
+            };
+            let conn = http.serve_connection(TokioIo::new(stream), service);
+            drive(name, conn, shutdown, peer).await;
+        })
     })
     .await
 }
 
-/// Serves an API's router on `listener` until `shutdown`; then calls
-/// `closing` (to end long-lived streams, which never end on their own) and
-/// waits for the requests in flight to finish.
+/// One HTTP/1.1 connection until it ends; on shutdown, the request in
+/// flight (if any) is finished and the connection closed.
+async fn drive<I, S, B>(
+    name: &'static str,
+    conn: http1::Connection<I, S>,
+    shutdown: Shutdown,
+    peer: SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let mut conn = std::pin::pin!(conn);
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown.wait() => {
+            // Finish the request in flight, if any, then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, %peer, listener = name, "HTTP connection ended with an error");
+    }
+}
+
+/// A connection's service, with the client certificate's names put into
+/// each request's extensions (for the authorization that reads them).
+struct WithPeer<S> {
+    inner: S,
+    peer: Option<PeerCertificate>,
+}
+
+impl<S, B> Service<Request<B>> for WithPeer<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut req: Request<B>) -> S::Future {
+        if let Some(p) = &self.peer {
+            req.extensions_mut().insert(p.clone());
+        }
+        self.inner.call(req)
+    }
+}
+
+/// Serves an API's router on `listener` until `shutdown`, over TLS when
+/// `tls` is given; then calls `closing` (to end long-lived streams, which
+/// never end on their own) and waits for the requests in flight to finish.
 pub async fn serve_api(
     name: &'static str,
     listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
     app: Router,
     shutdown: Shutdown,
     closing: impl FnOnce(),
@@ -177,9 +255,15 @@ pub async fn serve_api(
     // The peer rides in each request's extensions ([`ClientAddr`]), for
     // the elector's audit records. Layering per connection copies the
     // router's route table; an API's few routes make that cheap.
-    let open = serve(name, listener, &shutdown, &limit, &http, |peer| {
-        TowerToHyperService::new(app.clone().layer(axum::Extension(ClientAddr(peer))))
-    })
+    let open = serve(
+        name,
+        listener,
+        &shutdown,
+        &limit,
+        &http,
+        tls.as_ref(),
+        move |peer| TowerToHyperService::new(app.clone().layer(axum::Extension(ClientAddr(peer)))),
+    )
     .await;
     closing();
     open.drain(None).await;

@@ -253,13 +253,14 @@ impl Elector {
     pub async fn serve(
         self: Arc<Self>,
         listener: tokio::net::TcpListener,
+        tls: Option<Arc<crate::tls::ServerTls>>,
         shutdown: Shutdown,
     ) -> std::io::Result<()> {
         let watcher = tokio::spawn(watch::expiry_watcher(Arc::clone(&self), shutdown.clone()));
         let app = self.router();
         // Watch streams end when `closing` is set; the server then waits
         // only for ordinary requests.
-        let result = crate::edge::http1::serve_api("elector", listener, app, shutdown, || {
+        let result = crate::edge::http1::serve_api("elector", listener, tls, app, shutdown, || {
             self.closing.send_replace(true);
         })
         .await;

@@ -50,6 +50,7 @@ use crate::fencer::{Decision, Fencer, TokenChecker, WriteInfo};
 use crate::listener::ConnLimit;
 use crate::metrics::WriteCounters;
 use crate::shutdown::Shutdown;
+use crate::tls::{self, Alpn, ServerTls};
 
 pub use self::watch::watch_elector;
 
@@ -82,6 +83,8 @@ pub struct HttpProxy {
     /// until the layouts are measured side by side on a quiet machine):
     /// the relay runs on the process's multi-thread runtime.
     workers: usize,
+    /// `tls_cert`: clients connect over TLS (and nothing else).
+    tls: Option<Arc<ServerTls>>,
 }
 
 /// The client-side bounds of the byte relay, from the listener's config.
@@ -131,8 +134,18 @@ impl HttpProxy {
             .max_buf_size(cfg.max_header_bytes.max(MIN_BUF))
             .keep_alive(true);
 
+        // The handshake shares the head's deadline: a client that is slow
+        // to say hello is as slow as one slow to send its head.
+        let tls = tls::for_listener(
+            Protocol::Http.as_str(),
+            cfg.listen,
+            cfg.tls(),
+            Alpn::Http1,
+            cfg.header_read_timeout.min(cfg.idle_timeout),
+        )?;
         let counters = WriteCounters::new(Protocol::Http);
         Ok(Arc::new(HttpProxy {
+            tls,
             fencer,
             checker,
             counters: counters.clone(),
@@ -170,6 +183,11 @@ impl HttpProxy {
         }))
     }
 
+    /// This listener's TLS, when it has `tls_cert`.
+    pub fn tls(&self) -> Option<&Arc<ServerTls>> {
+        self.tls.as_ref()
+    }
+
     /// Accepts until `shutdown` fires, then waits (at most `drain`) for the
     /// requests already in flight to be answered.
     pub async fn serve(
@@ -193,6 +211,7 @@ impl HttpProxy {
             &shutdown,
             &self.connections,
             &self.http1,
+            self.tls.as_ref(),
             move |peer| {
                 let this = Arc::clone(&this);
                 service_fn(move |req| {
@@ -224,22 +243,54 @@ impl HttpProxy {
         shutdown: &Shutdown,
         drain: Duration,
     ) {
-        let open = crate::listener::serve(
-            Protocol::Http.as_str(),
-            listener,
-            shutdown,
-            &self.connections,
-            |stream, peer| {
-                relay::serve_connection(
-                    Arc::clone(self),
-                    Arc::clone(&upstreams),
-                    stream,
-                    peer,
-                    shutdown.clone(),
+        let name = Protocol::Http.as_str();
+        let open = match &self.tls {
+            // Plain TCP: the relay on the accepted socket itself.
+            None => {
+                crate::listener::serve(
+                    name,
+                    listener,
+                    shutdown,
+                    &self.connections,
+                    |stream, peer| {
+                        relay::serve_connection(
+                            Arc::clone(self),
+                            Arc::clone(&upstreams),
+                            stream,
+                            peer,
+                            shutdown.clone(),
+                        )
+                    },
                 )
-            },
-        )
-        .await;
+                .await
+            }
+            // TLS: the handshake first, in this worker's task, then the
+            // relay over the (boxed) TLS stream; the worker keeps its own
+            // listener and its upstream sockets, as over plain TCP.
+            Some(tls) => {
+                crate::listener::serve(
+                    name,
+                    listener,
+                    shutdown,
+                    &self.connections,
+                    |stream, peer| {
+                        let (this, upstreams, tls, shutdown) = (
+                            Arc::clone(self),
+                            Arc::clone(&upstreams),
+                            Arc::clone(tls),
+                            shutdown.clone(),
+                        );
+                        Box::pin(async move {
+                            if let Some((stream, _)) = tls.accept_http(stream, peer).await {
+                                relay::serve_connection(this, upstreams, stream, peer, shutdown)
+                                    .await;
+                            }
+                        })
+                    },
+                )
+                .await
+            }
+        };
         open.drain(Some(drain)).await;
     }
 

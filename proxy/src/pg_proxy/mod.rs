@@ -25,21 +25,20 @@ mod startup;
 mod state;
 mod vars;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fencing::Protocol;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use wire::pg::Classifier;
 
-use crate::config::{ConfigError, Enforce, PgProxyConfig};
+use crate::config::{Enforce, PgProxyConfig};
 use crate::error::Error;
 use crate::fencer::{Fencer, TokenChecker};
 use crate::listener::{self, ConnLimit};
 use crate::metrics::WriteCounters;
 use crate::shutdown::Shutdown;
+use crate::tls::{self, Alpn, ServerTls};
 
 /// Connecting to the upstream server.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -78,8 +77,9 @@ pub struct PgProxy {
     /// older ones (`ZF005` past it).
     guard_wait_ms: u32,
     /// Set when `tls_cert`/`tls_key` are configured: SSLRequest is then
-    /// answered `S` and the session upgraded.
-    tls: Option<TlsAcceptor>,
+    /// answered `S` and the session upgraded; a plaintext startup is
+    /// refused.
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl PgProxy {
@@ -88,13 +88,15 @@ impl PgProxy {
         fencer: Arc<Fencer>,
         checker: TokenChecker,
     ) -> Result<Arc<Self>, Error> {
-        let tls =
-            match (&cfg.tls_cert, &cfg.tls_key) {
-                (Some(cert), Some(key)) => Some(tls_acceptor(cert, key).map_err(|m| {
-                    Error::Config(ConfigError::Invalid(format!("postgres TLS: {m}")))
-                })?),
-                _ => None,
-            };
+        // The handshake happens inside the startup exchange, so it has
+        // the startup's deadline too.
+        let tls = tls::for_listener(
+            Protocol::Postgres.as_str(),
+            cfg.listen,
+            cfg.tls(),
+            Alpn::Postgres,
+            cfg.startup_timeout,
+        )?;
         Ok(Arc::new(PgProxy {
             guard_wait_ms: cfg.guard_wait_ms(fencer.drain_timeout()),
             fencer,
@@ -124,6 +126,11 @@ impl PgProxy {
         }))
     }
 
+    /// This listener's TLS, when it has `tls_cert`.
+    pub fn tls(&self) -> Option<&Arc<ServerTls>> {
+        self.tls.as_ref()
+    }
+
     /// Accepts until `shutdown` fires; then idle sessions are closed as
     /// Postgres closes them on a fast shutdown, busy ones get up to `drain`
     /// to finish what they started.
@@ -142,29 +149,4 @@ impl PgProxy {
         open.drain(Some(drain)).await;
         Ok(())
     }
-}
-
-/// A TLS server config from PEM files: the certificate chain and its key.
-/// The crypto provider is named explicitly (ring), so the choice never
-/// depends on which other crates enabled which rustls features.
-fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("tls_cert {}: {e}", cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!("tls_cert {}: no certificate in it", cert.display()));
-    }
-    let key =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("tls_key {}: {e}", key.display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| format!("tls_cert/tls_key: {e}"))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -1,6 +1,6 @@
 //! The start of a session: TLS (SSLRequest answered `S` when a
-//! certificate is configured), the startup packet, and CancelRequest,
-//! which goes to the server on a connection of its own.
+//! certificate is configured, and then required), the startup packet, and
+//! CancelRequest, which goes to the server on a connection of its own.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -120,9 +120,31 @@ pub(super) async fn accept(
             ClientConn::Tls(s) => startup(&mut **s, buf, false).await,
         };
         match got {
+            // A listener with a certificate serves TLS sessions only, as a
+            // Postgres whose pg_hba.conf has only `hostssl` lines: the
+            // client is told so (28000, as Postgres says it). A
+            // CancelRequest carries no data and libpq before 17 sends it
+            // in plaintext whatever the session used: it goes through.
+            Ok(Some(Got::Packet(p)))
+                if matches!(conn, ClientConn::Plain(_))
+                    && p.kind != StartupKind::Cancel
+                    && proxy.tls.is_some() =>
+            {
+                if let Some(tls) = &proxy.tls {
+                    tls.count_plaintext();
+                }
+                tracing::debug!(%peer, "plaintext startup on a TLS listener refused");
+                let _ = conn
+                    .write_all(&fatal(
+                        "28000",
+                        "fencepost: this server accepts TLS connections only (use sslmode=require or stronger)",
+                    ))
+                    .await;
+                return None;
+            }
             Ok(Some(Got::Packet(p))) => return Some((conn, p)),
             Ok(Some(Got::Tls)) => {
-                let (ClientConn::Plain(mut tcp), Some(acceptor)) = (conn, proxy.tls.clone()) else {
+                let (ClientConn::Plain(mut tcp), Some(tls)) = (conn, proxy.tls.as_ref()) else {
                     return None;
                 };
                 // Bytes sent after the SSLRequest but before the handshake
@@ -138,13 +160,11 @@ pub(super) async fn accept(
                     return None;
                 }
                 tcp.write_all(frame::ACCEPT_ENCRYPTION).await.ok()?;
-                match acceptor.accept(tcp).await {
-                    Ok(tls) => conn = ClientConn::Tls(Box::new(tls)),
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return None;
-                    }
-                }
+                // Failures are logged and counted there. The client
+                // certificate's names have no use here yet: a session is
+                // authorized by Postgres itself.
+                let (stream, _) = tls.handshake(tcp, peer).await?;
+                conn = ClientConn::Tls(Box::new(stream));
             }
             Ok(None) => return None,
             Err(StartupError::Frame(e)) => {

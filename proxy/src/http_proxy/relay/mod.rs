@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use wire::http::fence_input;
 use wire::http1::body::{BodyReader, Framing, Progress};
@@ -103,14 +103,17 @@ enum Leftover {
 /// Serves one client connection until it closes, a request says
 /// `Connection: close`, or `shutdown` fires (the request in flight, if
 /// any, is finished first).
-pub async fn serve_connection(
+///
+/// `C` is the client's stream: a `TcpStream` (nodelay set at accept), or
+/// a TLS stream over one; each is its own monomorphisation, so plaintext
+/// pays nothing for TLS existing.
+pub async fn serve_connection<C: Client>(
     proxy: Arc<HttpProxy>,
     upstreams: Arc<Upstreams>,
-    mut client: TcpStream,
+    mut client: C,
     peer: SocketAddr,
     shutdown: Shutdown,
 ) {
-    let _ = client.set_nodelay(true);
     let mut bufs = Buffers {
         head: Vec::with_capacity(4096),
         scanned: 0,
@@ -151,10 +154,22 @@ pub async fn serve_connection(
     }
 }
 
+/// A client connection's stream: plain TCP or TLS over it.
+pub trait Client: AsyncRead + AsyncWrite + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Unpin> Client for T {}
+
+/// Writes `bytes` to the client, then flushes. For TCP the flush is a
+/// no-op; TLS keeps in its own buffer whatever the socket did not take at
+/// once, and nothing else would send it before the client's next read.
+async fn to_client<C: Client>(client: &mut C, bytes: &[u8]) -> std::io::Result<()> {
+    client.write_all(bytes).await?;
+    client.flush().await
+}
+
 /// Says the connection is over, then reads (and drops) what the client
 /// still sends for a moment, so a close with unread bytes does not reset
 /// the connection before the client has read its answer.
-async fn linger(mut client: TcpStream) {
+async fn linger<C: Client>(mut client: C) {
     if client.shutdown().await.is_err() {
         return;
     }
@@ -197,9 +212,9 @@ fn head_end(buf: &[u8], scanned: &mut usize) -> bool {
 /// closed, or stayed idle past the idle timeout, or shutdown came first,
 /// with nothing of a request sent; `Err`: the answer to send before
 /// closing (431, 408).
-async fn read_head(
+async fn read_head<C: Client>(
     proxy: &HttpProxy,
-    client: &mut TcpStream,
+    client: &mut C,
     bufs: &mut Buffers,
     shutdown: &Shutdown,
 ) -> Result<bool, Problem> {
@@ -258,10 +273,16 @@ fn head_too_large(limit: usize) -> Problem {
 }
 
 /// Writes `p` to the client; a client that is gone is not an error here.
-async fn answer(client: &mut TcpStream, out: &mut Vec<u8>, p: &Problem, close: bool, head: bool) {
+async fn answer<C: Client>(
+    client: &mut C,
+    out: &mut Vec<u8>,
+    p: &Problem,
+    close: bool,
+    head: bool,
+) {
     out.clear();
     problem_bytes(p, close, head, out);
-    let _ = client.write_all(out).await;
+    let _ = to_client(client, out).await;
 }
 
 fn bad_request(detail: impl Into<String>) -> Problem {
@@ -285,10 +306,10 @@ fn head_problem(e: &HeadError) -> Problem {
 }
 
 /// One request and its answer.
-async fn exchange(
+async fn exchange<C: Client>(
     proxy: &HttpProxy,
     upstreams: &Upstreams,
-    client: &mut TcpStream,
+    client: &mut C,
     peer: SocketAddr,
     bufs: &mut Buffers,
     shutdown: &Shutdown,
@@ -390,8 +411,8 @@ async fn exchange(
 
 /// Answers a request the proxy refuses; the connection stays open only if
 /// its body has been read through.
-async fn refuse(
-    client: &mut TcpStream,
+async fn refuse<C: Client>(
+    client: &mut C,
     out: &mut Vec<u8>,
     p: &Problem,
     head: &RequestHead<'_, '_>,
@@ -432,9 +453,9 @@ enum Failure {
 }
 
 impl Call<'_, '_, '_> {
-    async fn run(
+    async fn run<C: Client>(
         mut self,
-        client: &mut TcpStream,
+        client: &mut C,
         bufs: &mut Scratch,
         shutdown: &Shutdown,
     ) -> Next {
@@ -451,7 +472,7 @@ impl Call<'_, '_, '_> {
             Err(f) => return self.failed(client, bufs, f).await,
         };
         if expect && !self.first.done && self.first.consumed == 0 {
-            let _ = client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+            let _ = to_client(client, b"HTTP/1.1 100 Continue\r\n\r\n").await;
         }
         let body_sent = match self.upload(client, bufs, &mut up).await {
             Ok(sent) => sent,
@@ -493,9 +514,9 @@ impl Call<'_, '_, '_> {
     /// Relays the rest of the client's body. `Ok(false)`: the upstream
     /// answered before it was all sent (the answer is relayed, the
     /// upstream connection then closed, never pooled).
-    async fn upload(
+    async fn upload<C: Client>(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut C,
         bufs: &mut Scratch,
         up: &mut TcpStream,
     ) -> Result<bool, Failure> {
@@ -577,9 +598,9 @@ impl Call<'_, '_, '_> {
     }
 
     /// Reads the answer's head (relaying 1xx), then relays the answer.
-    async fn respond(
+    async fn respond<C: Client>(
         self,
-        client: &mut TcpStream,
+        client: &mut C,
         bufs: &mut Scratch,
         mut up: TcpStream,
         body_sent: bool,
@@ -650,7 +671,7 @@ impl Call<'_, '_, '_> {
                 // `100 Continue` was the proxy's to send; a 1.0 client
                 // knows no interim answers.
                 if resp.status != 100 && self.head.version == Version::Http11 {
-                    let _ = client.write_all(&bufs.resp[..len]).await;
+                    let _ = to_client(client, &bufs.resp[..len]).await;
                 }
                 bufs.resp.drain(..len);
                 scanned = 0;
@@ -692,7 +713,7 @@ impl Call<'_, '_, '_> {
             out.extend_from_slice(&rest[..first.consumed]);
             let mut clean = !first.done || first.consumed == rest.len();
             let reusable = resp.reusable() && body_sent;
-            let mut client_ok = client.write_all(out).await.is_ok();
+            let mut client_ok = to_client(client, out).await.is_ok();
             let mut complete = first.done;
             while !complete {
                 bufs.down.clear();
@@ -711,7 +732,7 @@ impl Call<'_, '_, '_> {
                     break;
                 };
                 if client_ok {
-                    client_ok = client.write_all(&bufs.down[..p.consumed]).await.is_ok();
+                    client_ok = to_client(client, &bufs.down[..p.consumed]).await.is_ok();
                 }
                 complete = p.done;
                 clean &= !p.done || p.consumed == n;
@@ -734,7 +755,7 @@ impl Call<'_, '_, '_> {
     }
 
     /// The answer to a failed call; the guard and permit go with `self`.
-    async fn failed(self, client: &mut TcpStream, bufs: &mut Scratch, f: Failure) -> Next {
+    async fn failed<C: Client>(self, client: &mut C, bufs: &mut Scratch, f: Failure) -> Next {
         let proxy = self.proxy;
         let upstream = proxy.upstream.authority();
         let p = match f {
