@@ -21,6 +21,8 @@ tokens.
 Start here:
   fencepost demo                          watch a stale write get refused
   fencepost keygen --out elector          make a key pair for signed tokens
+  fencepost keygen tls --out tls --client worker-a
+                                          a test CA and certificates for TLS
   fencepost serve --config fencepost.toml run elector, proxies and admin API
   TOKEN=$(fencepost lease acquire --elector http://127.0.0.1:7070 \\
             --resource orders --holder $(hostname))
@@ -61,7 +63,8 @@ pub enum Command {
     /// Apply the store's schema migrations (serve also does this at start).
     Migrate(MigrateArgs),
     /// Generate an Ed25519 key pair for signed tokens: the elector signs
-    /// with the secret key, proxies verify with the public one.
+    /// with the secret key, proxies verify with the public one. `keygen
+    /// tls` makes a test CA and certificates for the listeners' TLS.
     Keygen(KeygenArgs),
 }
 
@@ -322,11 +325,60 @@ pub struct MigrateArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct KeygenArgs {
+    #[command(subcommand)]
+    pub kind: Option<KeygenKind>,
     /// Write <OUT>.key (secret, mode 0600) and <OUT>.pub.
     #[arg(long, default_value = "elector")]
     pub out: PathBuf,
     /// Overwrite existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeygenKind {
+    /// A test CA and certificates for TLS on the listeners (tls_cert,
+    /// tls_key, tls_client_ca) and for their clients.
+    #[command(long_about = KEYGEN_TLS_HELP)]
+    Tls(KeygenTlsArgs),
+}
+
+const KEYGEN_TLS_HELP: &str = "\
+A test CA and certificates signed by it, for TLS on the listeners and for
+their clients (mutual TLS), in one step. Writes into --out:
+
+  ca.pem, ca.key                 the CA (tls_client_ca = ca.pem; clients
+                                 trust ca.pem: curl --cacert, sslrootcert)
+  server.pem, server.key         a server certificate for --san names
+                                 (tls_cert, tls_key)
+  client-NAME.pem, client-NAME.key
+                                 a client certificate per --client NAME:
+                                 subject CN NAME, and NAME as a DNS SAN (or a
+                                 URI SAN when it has \"://\")
+
+An existing ca.key made by this command is reused, so clients can be added
+later without replacing the CA; the server certificate is then written only
+when --san is given. Keys are written with mode 0600. For tests and trials:
+in production use your own CA.";
+
+#[derive(Debug, Args)]
+pub struct KeygenTlsArgs {
+    /// Directory to write into (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A name the server certificate is valid for (DNS name or IP address;
+    /// repeatable). Default: localhost, 127.0.0.1 and ::1.
+    #[arg(long = "san", value_name = "NAME")]
+    pub sans: Vec<String>,
+    /// Also make a client certificate for NAME (repeatable).
+    #[arg(long = "client", value_name = "NAME")]
+    pub clients: Vec<String>,
+    /// Validity of the certificates, in days from today.
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
+    /// Overwrite existing certificate and key files (a CA is always reused).
     #[arg(long)]
     pub force: bool,
 }

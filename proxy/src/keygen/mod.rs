@@ -1,4 +1,7 @@
-//! `fencepost keygen`: an Ed25519 key pair for signed tokens.
+//! `fencepost keygen`: an Ed25519 key pair for signed tokens; `keygen
+//! tls`: a test CA and certificates for the listeners' TLS (`tls.rs`).
+
+mod tls;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -6,10 +9,13 @@ use std::process::ExitCode;
 
 use fencing::Signer;
 
-use crate::cli::KeygenArgs;
+use crate::cli::{KeygenArgs, KeygenKind};
 use crate::error::Error;
 
 pub fn run(args: KeygenArgs) -> Result<ExitCode, Error> {
+    if let Some(KeygenKind::Tls(tls)) = args.kind {
+        return tls::run(tls);
+    }
     let secret = with_ext(&args.out, "key");
     let public = with_ext(&args.out, "pub");
     for p in [&secret, &public] {
