@@ -386,10 +386,10 @@ async fn serve_accepts_every_documented_config_key_with_its_documented_value() {
         &[],
     );
     assert_eq!(code, 0, "keygen: {err}");
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
-        .expect("self-signed certificate");
-    std::fs::write(d.join("server.crt"), ck.cert.pem()).expect("write cert");
-    std::fs::write(d.join("server.key"), ck.key_pair.serialize_pem()).expect("write key");
+    // Every listener gets TLS with client certificates (the documented
+    // `tls_*` keys are set on each section): the real `keygen tls` makes
+    // the CA, the server's and a client's certificate.
+    let pki = tls::Pki::keygen(&d.join("pki"), &["docs"]);
 
     let (admin, elector) = (free_addr(), free_addr());
     let quoted = |s: String| toml::Value::String(s).to_string();
@@ -402,8 +402,11 @@ async fn serve_accepts_every_documented_config_key_with_its_documented_value() {
             (_, "listen") => quoted(free_addr().to_string()),
             ("elector", "signing_key") => file("elector.key"),
             (_, "verify_key") => file("elector.pub"),
-            (_, "tls_cert") => file("server.crt"),
-            (_, "tls_key") => file("server.key"),
+            (_, "tls_cert") => file("pki/server.pem"),
+            (_, "tls_key") => file("pki/server.key"),
+            (_, "tls_client_ca") => file("pki/ca.pem"),
+            // The watch reaches the elector over TLS now; a plain URL is
+            // a documented value all the same (the watch only retries).
             ("http", "elector_watch") => quoted(format!("http://{elector}")),
             _ => k.example.clone().unwrap_or_else(|| {
                 panic!(
@@ -429,11 +432,12 @@ async fn serve_accepts_every_documented_config_key_with_its_documented_value() {
 
     let mut server = Server::start(d, &text);
     wait_port(admin).await;
-    let (status, body) = get(&format!("http://{admin}/healthz"), None).await;
-    assert_eq!(
-        status,
-        200,
-        "{body}\nconfig:\n{text}\nlog:\n{}",
+    let (cert, key) = pki.client("docs");
+    let cfg = tls::client_config(&pki.ca, Some((&cert, &key)));
+    let answer = tls::get(admin, "/healthz", &cfg).await;
+    assert!(
+        matches!(answer, Ok((200, _))),
+        "{answer:?}\nconfig:\n{text}\nlog:\n{}",
         server.log_text()
     );
     let exit = server.terminate().expect("serve was running");
@@ -911,6 +915,9 @@ async fn every_documented_metric_appears_and_every_exported_one_is_documented() 
     let elector = conf.elector(Section::new());
     let http = conf.http(Section::to(format!("http://{}", up.addr)));
     let pg = conf.postgres(Section::to(db.url.clone()));
+    // A TLS listener too, for the TLS metrics.
+    let pki = tls::Pki::keygen(&dir.path().join("pki"), &[]);
+    let https = conf.http(pki.section(Section::to(format!("http://{}", up.addr)), false));
     // A process: /metrics is per process.
     let server = Server::run(dir.path(), conf).await;
 
@@ -924,6 +931,9 @@ async fn every_documented_metric_appears_and_every_exported_one_is_documented() 
         );
     }
 
+    // A plaintext request on the TLS listener: a handshake failure.
+    let (_, out) = tls::curl(&[&format!("http://{https}/")]);
+    assert!(out.ends_with("400"), "{out}");
     // One admitted and one refused write through each proxy.
     let url = format!("http://{http}/orders/1");
     assert_eq!(put(&url, Some("1"), Some("orders"), "a").await.0, 200);

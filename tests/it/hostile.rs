@@ -1371,3 +1371,394 @@ async fn memory_stays_bounded_through_every_abuse() {
     );
     env.assert_healthy();
 }
+
+// ------------------------------------------------------------ TLS listeners
+
+/// A raw Postgres session over TLS (SSLRequest, then the handshake), for
+/// a well-behaved client whose every write is timed.
+async fn pg_tls_ready(
+    addr: SocketAddr,
+    db: &str,
+    config: &Arc<rustls::ClientConfig>,
+    params: &[(&str, &str)],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect pg proxy");
+    let mut ssl = 8u32.to_be_bytes().to_vec();
+    ssl.extend_from_slice(&80_877_103u32.to_be_bytes());
+    tcp.write_all(&ssl).await.expect("SSLRequest");
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer)
+        .await
+        .expect("SSLRequest answered");
+    assert_eq!(
+        &answer, b"S",
+        "the TLS Postgres listener must accept SSLRequest"
+    );
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut s = tokio_rustls::TlsConnector::from(Arc::clone(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake with the Postgres proxy");
+    let mut p = vec![("user", "postgres"), ("database", db)];
+    p.extend_from_slice(params);
+    s.write_all(&startup_packet(&p))
+        .await
+        .expect("send startup");
+    s.flush().await.expect("flush");
+    loop {
+        let (tag, body) = tokio::time::timeout(Duration::from_secs(10), read_msg(&mut s))
+            .await
+            .expect("startup answered in time")
+            .expect("read startup answer");
+        match tag {
+            b'Z' => return s,
+            b'E' => panic!("startup refused: {:?}", fields(&body)),
+            _ => {}
+        }
+    }
+}
+
+/// A well-behaved client of TLS listeners: one Postgres session and one
+/// keep-alive HTTPS connection, writing with a valid token.
+struct TlsProber {
+    pg: tokio_rustls::client::TlsStream<TcpStream>,
+    http: SendRequest<Full<Bytes>>,
+    http_addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    n: i64,
+}
+
+impl TlsProber {
+    async fn write(&mut self, lat: &mut Latencies) {
+        self.n += 1;
+        let t = Instant::now();
+        let q = query(&format!("INSERT INTO t VALUES ({})", 1_000_000 + self.n));
+        self.pg.write_all(&q).await.expect("send the write");
+        self.pg.flush().await.expect("flush");
+        loop {
+            let (tag, body) = read_msg(&mut self.pg).await.unwrap_or_else(|e| {
+                panic!("the well-behaved TLS Postgres write {} failed: {e}", self.n)
+            });
+            match tag {
+                b'Z' => break,
+                b'E' => panic!(
+                    "the well-behaved TLS Postgres write failed: {:?}",
+                    fields(&body)
+                ),
+                _ => {}
+            }
+        }
+        lat.pg.push(t.elapsed());
+
+        if self.http.is_closed() || self.http.ready().await.is_err() {
+            self.http = crate::support::tls::https_conn(self.http_addr, &self.config)
+                .await
+                .expect("reconnect over TLS");
+        }
+        let t = Instant::now();
+        let (status, _) = crate::support::tls::send(
+            &mut self.http,
+            "PUT",
+            &format!("/probe/{}", self.n),
+            Some("1"),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the well-behaved HTTPS write {} failed: {e}", self.n));
+        assert_eq!(status, 200, "the well-behaved HTTPS write {}", self.n);
+        lat.http.push(t.elapsed());
+    }
+
+    async fn run_while(&mut self, done: &AtomicBool, min: usize) -> Latencies {
+        let mut lat = Latencies::default();
+        while lat.pg.len() < min || !done.load(Ordering::SeqCst) {
+            self.write(&mut lat).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        lat
+    }
+}
+
+/// The first flight of a real TLS client: a whole ClientHello.
+fn client_hello(config: &Arc<rustls::ClientConfig>) -> Vec<u8> {
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut c = rustls::ClientConnection::new(Arc::clone(config), name).expect("client");
+    let mut out = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut out).expect("hello");
+    }
+    out
+}
+
+/// A TLS client at `addr` sending its ClientHello one byte every `every`
+/// (after an SSLRequest on Postgres); how it ended and when.
+async fn slow_hello(
+    addr: SocketAddr,
+    hello: Vec<u8>,
+    pg: bool,
+    every: Duration,
+) -> (Ending, Duration) {
+    let t = Instant::now();
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    if pg {
+        let mut ssl = 8u32.to_be_bytes().to_vec();
+        ssl.extend_from_slice(&80_877_103u32.to_be_bytes());
+        s.write_all(&ssl).await.expect("SSLRequest");
+        let mut answer = [0u8; 1];
+        s.read_exact(&mut answer).await.expect("answer");
+    }
+    let (mut r, mut w) = s.into_split();
+    let writer = async move {
+        for b in hello {
+            if w.write_all(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(every).await;
+        }
+        std::future::pending::<()>().await;
+    };
+    let reader = ending(&mut r, Duration::from_secs(20));
+    tokio::pin!(reader);
+    let (e, _) = tokio::select! {
+        e = &mut reader => e,
+        () = writer => reader.await,
+    };
+    (e, t.elapsed())
+}
+
+/// TLS listeners under abuse: a flood of complete handshakes, garbage
+/// (random, and random behind a TLS record header), ClientHellos sent a
+/// byte at a time, silent clients and plaintext requests, on the HTTP
+/// proxy (relay) and the Postgres proxy at once. Each abuser costs its own
+/// connection, for at most the handshake timeout; a well-behaved TLS
+/// client keeps writing through both without waiting on any of them; the
+/// process keeps its memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listeners_shrug_off_handshake_floods_garbage_and_slow_handshakes() {
+    use crate::support::tls::Pki;
+    let seed: u64 = rand::random();
+    eprintln!("[tls] garbage seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let prefix = "fp_hostile_tls";
+    let db = TestDb::create(prefix).await;
+    direct(&db)
+        .await
+        .batch_execute("CREATE TABLE t (v int)")
+        .await
+        .expect("create table");
+    let upstream = Upstream::start().await;
+    let dir = TempDir::new(prefix);
+    let pki = Pki::keygen(&dir.path().join("pki"), &[]);
+    let mut conf = Conf::sqlite(dir.path());
+    let admin = conf.admin(Section::new());
+    let http = conf.http(pki.section(
+        Section::to(format!("http://{}", upstream.addr)).set("header_read_timeout", "2s"),
+        false,
+    ));
+    let pg = conf.postgres(pki.section(
+        Section::to("127.0.0.1:5432").set("startup_timeout", "2s"),
+        false,
+    ));
+    let mut server = Server::run(dir.path(), conf).await;
+    let pid = server.child.as_ref().expect("running").id();
+    let timeout = Duration::from_secs(2);
+
+    let http_cfg = crate::support::tls::client_config(&pki.ca, None);
+    let mut pg_cfg = (*http_cfg).clone();
+    pg_cfg.alpn_protocols = vec![b"postgresql".to_vec()];
+    let pg_cfg = Arc::new(pg_cfg);
+    let probe_opts = opts(1, "probe-pg");
+    let mut prober = TlsProber {
+        pg: pg_tls_ready(pg, &db.name, &pg_cfg, &[("options", probe_opts.as_str())]).await,
+        http: crate::support::tls::https_conn(http, &http_cfg)
+            .await
+            .expect("HTTPS connect"),
+        http_addr: http,
+        config: Arc::clone(&http_cfg),
+        n: 0,
+    };
+    let warm = AtomicBool::new(true);
+    let base = prober.run_while(&warm, 100).await;
+    let before = rss_kib(pid);
+
+    let hello = client_hello(&http_cfg);
+    let pg_hello = client_hello(&pg_cfg);
+    let mut junk: Vec<Vec<u8>> = Vec::new();
+    for i in 0..16 {
+        let len = rng.gen_range(1..16 * 1024);
+        let mut bytes = vec![0u8; len];
+        rng.fill_bytes(&mut bytes);
+        if i % 2 == 0 {
+            // A handshake record header, then garbage.
+            bytes[0] = 0x16;
+            if len > 2 {
+                bytes[1] = 0x03;
+                bytes[2] = 0x01;
+            }
+        }
+        junk.push(bytes);
+    }
+
+    let done = AtomicBool::new(false);
+    let abuse = async {
+        // 1. A flood of complete handshakes, each dropped at once.
+        let mut set = JoinSet::new();
+        for i in 0..200 {
+            let (addr, cfg, is_pg) = if i % 2 == 0 {
+                (http, Arc::clone(&http_cfg), false)
+            } else {
+                (pg, Arc::clone(&pg_cfg), true)
+            };
+            set.spawn(async move {
+                if is_pg {
+                    let mut tcp = TcpStream::connect(addr).await.ok()?;
+                    let mut ssl = 8u32.to_be_bytes().to_vec();
+                    ssl.extend_from_slice(&80_877_103u32.to_be_bytes());
+                    tcp.write_all(&ssl).await.ok()?;
+                    let mut a = [0u8; 1];
+                    tcp.read_exact(&mut a).await.ok()?;
+                    let name = rustls::pki_types::ServerName::try_from("localhost").ok()?;
+                    tokio_rustls::TlsConnector::from(cfg)
+                        .connect(name, tcp)
+                        .await
+                        .ok()?;
+                } else {
+                    crate::support::tls::connect(addr, "localhost", &cfg)
+                        .await
+                        .ok()?;
+                }
+                Some(())
+            });
+        }
+        let handshakes = set.join_all().await.iter().filter(|r| r.is_some()).count();
+
+        // 2-5 at once: garbage, slow hellos, silent clients, plaintext.
+        let mut set = JoinSet::new();
+        for (i, bytes) in junk.iter().enumerate() {
+            let addr = if i % 4 < 2 { http } else { pg };
+            let bytes = bytes.clone();
+            set.spawn(async move {
+                let t = Instant::now();
+                let mut s = TcpStream::connect(addr).await.expect("connect");
+                let (mut r, mut w) = s.split();
+                let writer = async {
+                    let _ = w.write_all(&bytes).await;
+                };
+                let ((), (e, _)) = tokio::join!(writer, ending(&mut r, Duration::from_secs(20)));
+                ("garbage", e, t.elapsed())
+            });
+        }
+        for i in 0..20 {
+            let (addr, h, is_pg) = if i % 2 == 0 {
+                (http, hello.clone(), false)
+            } else {
+                (pg, pg_hello.clone(), true)
+            };
+            set.spawn(async move {
+                let (e, d) = slow_hello(addr, h, is_pg, Duration::from_millis(300)).await;
+                ("slow hello", e, d)
+            });
+        }
+        for addr in [http, pg] {
+            set.spawn(async move {
+                let t = Instant::now();
+                let mut s = TcpStream::connect(addr).await.expect("connect");
+                let (e, _) = ending(&mut s, Duration::from_secs(20)).await;
+                ("silent", e, t.elapsed())
+            });
+        }
+        set.spawn(async move {
+            let t = Instant::now();
+            let mut s = TcpStream::connect(http).await.expect("connect");
+            s.write_all(
+                b"PUT /x HTTP/1.1\r\nhost: x\r\nfencing-token: 1\r\ncontent-length: 0\r\n\r\n",
+            )
+            .await
+            .expect("send");
+            let (e, _) = ending(&mut s, Duration::from_secs(20)).await;
+            ("plaintext", e, t.elapsed())
+        });
+        let endings = set.join_all().await;
+        done.store(true, Ordering::SeqCst);
+        (handshakes, endings)
+    };
+    let (during, (handshakes, endings)) = tokio::join!(prober.run_while(&done, 20), abuse);
+
+    eprintln!("[tls] {handshakes} of 200 flood handshakes completed");
+    assert_eq!(
+        handshakes, 200,
+        "the handshake flood stays within max_connections"
+    );
+    for (what, e, d) in &endings {
+        match *what {
+            // Garbage is refused at once by the TLS parser (an alert or a
+            // close), never left open.
+            "garbage" => assert!(
+                !matches!(e, Ending::Open) && *d < timeout + Duration::from_secs(3),
+                "garbage on a TLS port: {e:?} after {d:?}"
+            ),
+            "slow hello" | "silent" => assert!(
+                !matches!(e, Ending::Open)
+                    && *d >= timeout - Duration::from_millis(300)
+                    && *d < timeout + Duration::from_secs(3),
+                "a {what} client must be cut at the {timeout:?} handshake timeout: {e:?} after {d:?}"
+            ),
+            _ => assert!(
+                matches!(e, Ending::Http(400)),
+                "plaintext on the TLS HTTP port must get a 400: {e:?}"
+            ),
+        }
+    }
+    let slow: Vec<Duration> = endings
+        .iter()
+        .filter(|(w, _, _)| *w == "slow hello")
+        .map(|(_, _, d)| *d)
+        .collect();
+    eprintln!(
+        "[tls] slow ClientHellos cut after min={:?} p50={:?} max={:?}",
+        pct(&slow, 0.0),
+        pct(&slow, 0.5),
+        pct(&slow, 1.0)
+    );
+    report("tls abuse", &base, &during);
+    assert_not_stalled("tls abuse", &during, timeout);
+
+    // Every kind of failure was counted.
+    let (_, text) = get(&format!("http://{admin}/metrics"), None).await;
+    for reason in ["timeout", "error", "plaintext"] {
+        let n: f64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("fencepost_tls_handshake_failures_total{")
+                    && l.contains(&format!("listener=\"{http}\""))
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(
+            n >= 1.0,
+            "no {reason} counted on the TLS HTTP listener:\n{text}"
+        );
+    }
+
+    let after = rss_kib(pid);
+    eprintln!("[tls] RSS before the abuse {before} KiB, after {after} KiB");
+    let bound = (2 * before).max(before + 64 * 1024);
+    assert!(
+        after <= bound,
+        "RSS grew from {before} KiB to {after} KiB (bound {bound} KiB)"
+    );
+    let exited = server
+        .child
+        .as_mut()
+        .and_then(|c| c.try_wait().ok().flatten());
+    assert!(
+        exited.is_none(),
+        "the proxy died: {exited:?}\n{}",
+        server.log_text()
+    );
+    assert!(
+        !server.log_text().contains("panicked"),
+        "{}",
+        server.log_text()
+    );
+}

@@ -19,6 +19,8 @@
 //! - `checker`: the fault-injection checker, judged by the storages' histories.
 //! - `guard`: guard mode's in-database gate, in SQL and through two proxies.
 //! - `security`, `hostile`: abuse cases and hostile input.
+//! - `tls`: TLS on every listener: keygen, verification both ways,
+//!   plaintext refused, client certificates, certificate rotation.
 //! - `docs`: docs/ kept true against the code.
 //! - `deploy`: the Grafana dashboard and the alert rules under deploy/, by
 //!   promtool and against a real process's metrics.
@@ -49,3 +51,4 @@ mod pg_proxy;
 mod security;
 mod signed;
 mod tier;
+mod tls;

@@ -1143,7 +1143,7 @@ except psycopg.Error as e:
 /// TLS: with `tls_cert`/`tls_key` (a self-signed certificate made here),
 /// psql with `sslmode=require` gets an encrypted session through which
 /// fencing works as over plain TCP; a client that does not ask for TLS is
-/// still served.
+/// refused (`28000`), as by a Postgres with only `hostssl` lines.
 #[tokio::test]
 async fn psql_over_tls_with_sslmode_require() {
     let env = Env::start_with("fp_pg_tls", |dir, _, pg| {
@@ -1183,7 +1183,8 @@ async fn psql_over_tls_with_sslmode_require() {
     assert!(out.contains("ZF001"), "{out}");
     let plain = format!("{} sslmode=disable", env.conninfo(None));
     let (st, out) = run(plain, "SELECT count(*) FROM t");
-    assert_eq!(st, 0, "{out}");
+    assert_ne!(st, 0, "plaintext must be refused: {out}");
+    assert!(out.contains("28000"), "{out}");
     assert_eq!(env.rows().await, vec![5]);
 }
 

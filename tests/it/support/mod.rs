@@ -9,12 +9,15 @@
 //! - `server`: [`InProc`] (the library's `serve::start` on those very
 //!   sockets) and [`Server`] (the `fencepost serve` process, for kill -9,
 //!   SIGTERM, SIGSTOP and whatever else needs a process).
+//! - `tls`: certificates from the real `fencepost keygen tls`, and TLS
+//!   clients (rustls under hyper, curl, openssl s_client).
 #![allow(dead_code)]
 
 pub mod browser;
 mod config;
 mod http;
 mod server;
+pub mod tls;
 
 pub use self::config::{Conf, Section};
 pub use self::http::{client, send, Resp};
