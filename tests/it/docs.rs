@@ -932,7 +932,7 @@ async fn every_documented_metric_appears_and_every_exported_one_is_documented() 
     }
 
     // A plaintext request on the TLS listener: a handshake failure.
-    let (_, out) = tls::curl(&[&format!("http://{https}/")]);
+    let (_, out) = tls::curl(&[&format!("http://{https}/")]).await;
     assert!(out.ends_with("400"), "{out}");
     // One admitted and one refused write through each proxy.
     let url = format!("http://{http}/orders/1");

@@ -128,10 +128,10 @@ async fn every_listener_speaks_tls_verified_by_its_clients_and_refuses_plaintext
         ("http hyper", hyper, "/orders/1"),
         ("http relay workers", workers, "/orders/1"),
     ] {
-        let (code, out) = curl(&["--cacert", &ca, &https(addr, path)]);
+        let (code, out) = curl(&["--cacert", &ca, &https(addr, path)]).await;
         assert_eq!((code, status(&out)), (0, "200"), "{what}: {out}");
         // Another CA: the client refuses the server (curl: 60).
-        let (code, out) = curl(&["--cacert", &other, &https(addr, path)]);
+        let (code, out) = curl(&["--cacert", &other, &https(addr, path)]).await;
         assert_eq!(
             code, 60,
             "{what} with a foreign CA must fail verification: {out}"
@@ -139,7 +139,7 @@ async fn every_listener_speaks_tls_verified_by_its_clients_and_refuses_plaintext
         // Another name: not in the certificate's SANs.
         let resolve = format!("wrong.example:{}:127.0.0.1", addr.port());
         let url = format!("https://wrong.example:{}{path}", addr.port());
-        let (code, out) = curl(&["--cacert", &ca, "--resolve", &resolve, &url]);
+        let (code, out) = curl(&["--cacert", &ca, "--resolve", &resolve, &url]).await;
         assert_eq!(code, 60, "{what} under a name it does not carry: {out}");
         // Plaintext: a 400 problem saying to use https, then a close.
         let plain = plaintext_http(addr).await;
@@ -147,7 +147,7 @@ async fn every_listener_speaks_tls_verified_by_its_clients_and_refuses_plaintext
             plain.starts_with("HTTP/1.1 400 ") && plain.contains("https://"),
             "{what}: plaintext must get a 400: {plain:?}"
         );
-        let (_, out) = curl(&[&format!("http://127.0.0.1:{}{path}", addr.port())]);
+        let (_, out) = curl(&[&format!("http://127.0.0.1:{}{path}", addr.port())]).await;
         assert_eq!(status(&out), "400", "{what}: curl over http://: {out}");
         // openssl s_client verifies the chain and the name.
         let (code, out) = s_client(
@@ -159,19 +159,20 @@ async fn every_listener_speaks_tls_verified_by_its_clients_and_refuses_plaintext
                 "-verify_hostname",
                 "localhost",
             ],
-        );
+        )
+        .await;
         assert!(
             code == 0 && out.contains("Verification: OK"),
             "{what}: {out}"
         );
-        let (code, out) = s_client(addr, &["-CAfile", &other, "-verify_return_error"]);
+        let (code, out) = s_client(addr, &["-CAfile", &other, "-verify_return_error"]).await;
         assert_ne!(code, 0, "{what}: s_client with a foreign CA: {out}");
     }
 
     // Fencing works over TLS: a write admitted, an older token refused.
     for addr in [http, hyper, workers] {
-        let put = |token: &str| {
-            curl(&[
+        for (token, expect) in [("5", "200"), ("4", "409")] {
+            let (_, out) = curl(&[
                 "--cacert",
                 &ca,
                 "-X",
@@ -184,12 +185,12 @@ async fn every_listener_speaks_tls_verified_by_its_clients_and_refuses_plaintext
                 "v",
                 &https(addr, "/orders/1"),
             ])
-        };
-        let (_, out) = put("5");
-        assert_eq!(status(&out), "200", "{out}");
-        let (_, out) = put("4");
-        assert_eq!(status(&out), "409", "{out}");
-        assert!(out.contains("urn:fencepost:stale-token"), "{out}");
+            .await;
+            assert_eq!(status(&out), expect, "{out}");
+            if expect == "409" {
+                assert!(out.contains("urn:fencepost:stale-token"), "{out}");
+            }
+        }
     }
     let (_, out) = curl(&[
         "--cacert",
@@ -201,7 +202,8 @@ async fn every_listener_speaks_tls_verified_by_its_clients_and_refuses_plaintext
         "--data",
         r#"{"holder":"a","ttl_ms":5000}"#,
         &https(elector, "/v1/leases/jobs/acquire"),
-    ]);
+    ])
+    .await;
     assert_eq!(status(&out), "200", "acquire over TLS: {out}");
 
     // Postgres: psql verifies the server (verify-full, by name and by IP
@@ -231,9 +233,20 @@ async fn every_listener_speaks_tls_verified_by_its_clients_and_refuses_plaintext
         "SELECT 1",
     );
     assert_ne!(code, 0, "plaintext must be refused: {out}");
+    assert!(out.contains("TLS connections only"), "{out}");
+    // psql does not print a connection error's SQLSTATE: read it raw.
+    let mut raw = TcpStream::connect(pg).await.expect("connect");
+    let mut startup = 196_608u32.to_be_bytes().to_vec();
+    startup.extend_from_slice(b"user\0postgres\0\0");
+    let mut packet = ((startup.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&startup);
+    raw.write_all(&packet).await.expect("send startup");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut answer)).await;
     assert!(
-        out.contains("28000") && out.contains("TLS connections only"),
-        "{out}"
+        answer.first() == Some(&b'E') && answer.windows(6).any(|w| w == b"C28000"),
+        "a plaintext startup must get ErrorResponse 28000: {:?}",
+        String::from_utf8_lossy(&answer)
     );
     let (code, out) = psql(
         &conninfo(
@@ -305,7 +318,8 @@ async fn client_certificates_are_required_and_must_come_from_the_ca_and_be_in_da
             "--key",
             &p(&good_key),
             &url,
-        ]);
+        ])
+        .await;
         assert_eq!(
             (code, status(&out)),
             (0, "200"),
@@ -346,7 +360,7 @@ async fn client_certificates_are_required_and_must_come_from_the_ca_and_be_in_da
             let mut all = vec!["--cacert", ca.as_str()];
             all.extend(args);
             all.push(&url);
-            let (code, out) = curl(&all);
+            let (code, out) = curl(&all).await;
             assert!(
                 code != 0 && status(&out) == "000",
                 "{what}: a client certificate that is {case} must be refused: {code} {out}"
@@ -364,7 +378,8 @@ async fn client_certificates_are_required_and_must_come_from_the_ca_and_be_in_da
                 "-key",
                 &p(&alien_key),
             ],
-        );
+        )
+        .await;
         assert_ne!(
             code, 0,
             "{what}: s_client with a foreign client certificate: {out}"
@@ -380,7 +395,8 @@ async fn client_certificates_are_required_and_must_come_from_the_ca_and_be_in_da
                 "-key",
                 &p(&good_key),
             ],
-        );
+        )
+        .await;
         assert_eq!(
             code, 0,
             "{what}: s_client with its client certificate: {out}"

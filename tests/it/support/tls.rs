@@ -11,7 +11,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -283,7 +282,13 @@ pub async fn send(
             .header("fencing-token", t)
             .header("fencing-resource", "orders");
     }
-    let req = req.body(Full::new(Bytes::from_static(b"v"))).unwrap();
+    // A body on a read would make it a write: only writes carry one.
+    let body = if token.is_some() {
+        Bytes::from_static(b"v")
+    } else {
+        Bytes::new()
+    };
+    let req = req.body(Full::new(body)).unwrap();
     conn.ready().await?;
     let resp = conn.send_request(req).await?;
     let status = resp.status().as_u16();
@@ -303,31 +308,36 @@ pub async fn get(
         .map_err(|e| format!("{e:?}"))
 }
 
-/// curl's exit code and output (`-w` status code on stdout's last line).
-pub fn curl(args: &[&str]) -> (i32, String) {
-    let out = Command::new("curl")
+/// curl's exit code and output: stderr, then stdout, whose last line is
+/// the status code (`-w %{http_code}`, `000` when there was no answer).
+/// Async (a child process of tokio's), so a test upstream on the test's
+/// own runtime keeps answering while curl waits for it.
+pub async fn curl(args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new("curl")
         .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
         .args(args)
         .output()
+        .await
         .expect("run curl");
     (
         out.status.code().unwrap_or(-1),
         format!(
             "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
         ),
     )
 }
 
 /// `openssl s_client` against `addr` with `args`; (exit code, output).
 /// Input is closed at once, so it ends after the handshake.
-pub fn s_client(addr: SocketAddr, args: &[&str]) -> (i32, String) {
-    let out = Command::new("openssl")
+pub async fn s_client(addr: SocketAddr, args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new("openssl")
         .args(["s_client", "-connect", &addr.to_string(), "-brief"])
         .args(args)
         .stdin(std::process::Stdio::null())
         .output()
+        .await
         .expect("run openssl");
     (
         out.status.code().unwrap_or(-1),
