@@ -23,9 +23,6 @@ impl PeerCertificate {
     /// Whether `identity` is one of the certificate's names (exact,
     /// case-sensitive for URIs, ASCII case-insensitive for DNS names and
     /// the common name, as a DNS name would be compared).
-    // Read by the elector's authorization (issue 17, part 2); until that
-    // lands only the TLS layer constructs the type.
-    #[allow(dead_code)]
     pub fn is(&self, identity: &str) -> bool {
         self.names.iter().any(|n| {
             if n.contains("://") {
@@ -44,7 +41,10 @@ mod tests {
     #[test]
     fn names_compare_as_their_kind_does() {
         let p = PeerCertificate {
-            names: vec!["Scheduler-A".into(), "spiffe://prod/ns/sched/sa/a".into()],
+            names: vec![
+                "Scheduler-A".into(),
+                "spiffe://prod/ns/sched/sa/a".into(),
+            ],
         };
         assert!(p.is("scheduler-a"));
         assert!(p.is("spiffe://prod/ns/sched/sa/a"));
