@@ -41,10 +41,7 @@ mod tests {
     #[test]
     fn names_compare_as_their_kind_does() {
         let p = PeerCertificate {
-            names: vec![
-                "Scheduler-A".into(),
-                "spiffe://prod/ns/sched/sa/a".into(),
-            ],
+            names: vec!["Scheduler-A".into(), "spiffe://prod/ns/sched/sa/a".into()],
         };
         assert!(p.is("scheduler-a"));
         assert!(p.is("spiffe://prod/ns/sched/sa/a"));
