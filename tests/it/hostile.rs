@@ -1,7 +1,8 @@
 //! Hostile input and load against the real `fencepost serve` binary, over
 //! real sockets: connection floods past `max_connections`, slowloris on
 //! both proxies, oversized messages and headers, garbage on every port,
-//! and a client that vanishes in the middle of a COPY.
+//! a client that vanishes in the middle of a COPY, and on TLS listeners
+//! handshake floods, garbage, byte-a-time ClientHellos and plaintext.
 //!
 //! The abuse tests keep a well-behaved client writing through both
 //! proxies with a valid token while the abuse goes on, assert that every
