@@ -43,6 +43,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("cluster", "replica_ttl"),
     ("http", "listen"),
     ("http", "upstream"),
+    ("http", "upstream_ca"),
     ("http", "verify_key"),
     ("http", "allow_plain_tokens"),
     ("http", "write_methods"),
@@ -71,6 +72,8 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("postgres", "startup_timeout"),
     ("postgres", "tls_cert"),
     ("postgres", "tls_key"),
+    ("postgres", "upstream_sslmode"),
+    ("postgres", "upstream_ca"),
 ];
 
 /// Settings whose value is always a string, even when it would parse as
@@ -83,6 +86,7 @@ const TEXT_KEYS: &[(&str, &str)] = &[
     ("elector", "token"),
     ("http", "listen"),
     ("http", "upstream"),
+    ("http", "upstream_ca"),
     ("http", "verify_key"),
     ("http", "elector_watch"),
     ("http", "elector_token"),
@@ -91,6 +95,7 @@ const TEXT_KEYS: &[(&str, &str)] = &[
     ("postgres", "verify_key"),
     ("postgres", "tls_cert"),
     ("postgres", "tls_key"),
+    ("postgres", "upstream_ca"),
 ];
 
 /// The sections that are lists (`[[http]]`), indexed in variable names.
