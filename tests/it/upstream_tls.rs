@@ -352,11 +352,9 @@ async fn verify_modes_refuse_a_wrong_ca_and_verify_full_a_wrong_host_name() {
         false,
     )
     .await;
-    let err = env
-        .connect(None)
-        .await
-        .err()
-        .expect("verify-full accepted a certificate for another host");
+    let Err(err) = env.connect(None).await else {
+        panic!("verify-full accepted a certificate for another host");
+    };
     assert_eq!(code(&err), "08006", "{err:?}");
     let m = err
         .as_db_error()
@@ -389,11 +387,9 @@ async fn a_server_that_will_not_do_tls_is_refused_under_require() {
     let ca = TestCa::new("fencepost test CA");
     let leaf = ca.leaf(&["127.0.0.1"]);
     let env = PgTls::start(&leaf, SslAnswer::No, "require", None, "127.0.0.1", true).await;
-    let err = env
-        .connect(Some(&opts(1, "r")))
-        .await
-        .err()
-        .expect("require accepted a server without SSL");
+    let Err(err) = env.connect(Some(&opts(1, "r"))).await else {
+        panic!("require accepted a server without SSL");
+    };
     assert_eq!(code(&err), "08004", "{err:?}");
     let m = err
         .as_db_error()
