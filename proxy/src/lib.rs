@@ -14,6 +14,7 @@
 //! - `cluster/`: the fencing tier: replica lease, advances across replicas, acknowledgements.
 //! - `http_proxy/`: the HTTP fencing proxy: routing, forwarding, the upstream pool, the elector watch.
 //! - `pg_proxy/`: the Postgres fencing proxy: the listener (`mod.rs`) and one session's protocol.
+//! - `upstream_tls`: TLS from both proxies to their upstreams (`https://`, `upstream_sslmode`).
 //! - `elector/`: the lease elector's API and its event stream.
 //! - `admin`: the admin API (`/metrics`, `/healthz`, `/readyz`, `/v1/fences`, `/v1/leases`, `/v1/audit`, `/v1/replicas`).
 //! - `console/`: the web console on the admin port (`/ui`, embedded assets) and its event stream (`/v1/events`).
@@ -62,6 +63,7 @@ pub mod serve;
 mod shutdown;
 mod status_cmd;
 mod tls;
+mod upstream_tls;
 
 pub use crate::fencer::TokenChecker;
 

@@ -408,6 +408,11 @@ async fn serve_accepts_every_documented_config_key_with_its_documented_value() {
             // The watch reaches the elector over TLS now; a plain URL is
             // a documented value all the same (the watch only retries).
             ("http", "elector_watch") => quoted(format!("http://{elector}")),
+            // A CA file is read only for a TLS upstream: the keys that
+            // read it are set to ones that do.
+            ("http", "upstream") => quoted("https://127.0.0.1:9000".to_owned()),
+            ("postgres", "upstream_sslmode") => quoted("verify-full".to_owned()),
+            (_, "upstream_ca") => file("pki/ca.pem"),
             _ => k.example.clone().unwrap_or_else(|| {
                 panic!(
                     "docs/config.md gives {} no TOML value (a default or an e.g. in code)",

@@ -24,6 +24,7 @@
 //! - `docs`: docs/ kept true against the code.
 //! - `deploy`: the Grafana dashboard and the alert rules under deploy/, by
 //!   promtool and against a real process's metrics.
+//! - `upstream_tls`: TLS to the upstreams: `https://` and `upstream_sslmode`.
 //! - `lease_run`, `client`: `fencepost lease run` and `fencepost-client` as leaders use them.
 
 // A test crate: unwrapping is how a test fails (the workspace denies it elsewhere).
@@ -52,3 +53,4 @@ mod security;
 mod signed;
 mod tier;
 mod tls;
+mod upstream_tls;

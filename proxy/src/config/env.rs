@@ -49,6 +49,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("cluster", "replica_ttl"),
     ("http", "listen"),
     ("http", "upstream"),
+    ("http", "upstream_ca"),
     ("http", "verify_key"),
     ("http", "allow_plain_tokens"),
     ("http", "write_methods"),
@@ -81,6 +82,8 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("postgres", "tls_cert"),
     ("postgres", "tls_key"),
     ("postgres", "tls_client_ca"),
+    ("postgres", "upstream_sslmode"),
+    ("postgres", "upstream_ca"),
 ];
 
 /// Settings whose value is always a string, even when it would parse as
@@ -99,6 +102,7 @@ const TEXT_KEYS: &[(&str, &str)] = &[
     ("elector", "tls_client_ca"),
     ("http", "listen"),
     ("http", "upstream"),
+    ("http", "upstream_ca"),
     ("http", "verify_key"),
     ("http", "elector_watch"),
     ("http", "elector_token"),
@@ -111,6 +115,7 @@ const TEXT_KEYS: &[(&str, &str)] = &[
     ("postgres", "tls_cert"),
     ("postgres", "tls_key"),
     ("postgres", "tls_client_ca"),
+    ("postgres", "upstream_ca"),
 ];
 
 /// The sections that are lists (`[[http]]`), indexed in variable names.

@@ -17,8 +17,12 @@ use wire::http::WriteMethods;
 #[serde(deny_unknown_fields)]
 pub struct HttpProxyConfig {
     pub listen: SocketAddr,
-    /// Base URL of the service behind the proxy, `http://host:port`.
+    /// Base URL of the service behind the proxy, `http://host:port` or
+    /// `https://host:port`.
     pub upstream: Upstream,
+    /// PEM file of the CA certificates an `https://` upstream's
+    /// certificate must chain to; unset, the system's store.
+    pub upstream_ca: Option<PathBuf>,
     /// Public key file: when set, tokens must be signed by the elector.
     pub verify_key: Option<PathBuf>,
     /// Accept plain decimal tokens even though `verify_key` is set.
@@ -148,6 +152,14 @@ impl HttpProxyConfig {
         if self.max_connections == 0 {
             return Err(format!("http[{i}].max_connections must be at least 1"));
         }
+        if self.upstream_ca.is_some() && !self.upstream.is_tls() {
+            // Surely a forgotten `https://`: say so rather than send in
+            // plain text what the operator meant to protect.
+            return Err(format!(
+                "http[{i}].upstream_ca is set, but the upstream {} is not an https:// URL",
+                self.upstream
+            ));
+        }
         super::tls::check(
             &format!("http[{i}]"),
             self.tls_cert.as_deref(),
@@ -178,13 +190,16 @@ fn resource_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ResourceName>, 
         .collect()
 }
 
-/// Where an HTTP proxy sends requests: `http://authority` plus an optional
-/// base path prepended to every request path. Parsed once, at load; the
-/// proxy only reads it.
+/// Where an HTTP proxy sends requests: `http://authority` or
+/// `https://authority` plus an optional base path prepended to every
+/// request path. Parsed once, at load; the proxy only reads it.
 #[derive(Debug, Clone)]
 pub struct Upstream {
     /// As configured, for logs and `/readyz`.
     url: String,
+    /// `https://`: connections are TLS, the host name checked against
+    /// the certificate.
+    tls: bool,
     authority: Authority,
     host: HeaderValue,
     base: String,
@@ -193,9 +208,15 @@ pub struct Upstream {
 impl Upstream {
     pub fn parse(url: &str) -> Result<Upstream, String> {
         let uri: Uri = url.parse().map_err(|e| format!("upstream {url:?}: {e}"))?;
-        if uri.scheme() != Some(&Scheme::HTTP) {
-            return Err(format!("upstream {url:?} must be an http:// URL"));
-        }
+        let tls = match uri.scheme() {
+            Some(s) if *s == Scheme::HTTP => false,
+            Some(s) if *s == Scheme::HTTPS => true,
+            _ => {
+                return Err(format!(
+                    "upstream {url:?} must be an http:// or https:// URL"
+                ))
+            }
+        };
         let authority = uri
             .authority()
             .cloned()
@@ -207,6 +228,7 @@ impl Upstream {
             .map_err(|e| format!("upstream {url:?}: {e}"))?;
         Ok(Upstream {
             url: url.to_owned(),
+            tls,
             base: uri.path().trim_end_matches('/').to_owned(),
             authority,
             host,
@@ -222,6 +244,11 @@ impl Upstream {
         &self.authority
     }
 
+    /// Whether the upstream is `https://`.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
     /// The `Host` header requests carry upstream.
     pub fn host(&self) -> &HeaderValue {
         &self.host
@@ -233,10 +260,14 @@ impl Upstream {
         &self.base
     }
 
-    /// `host:port` to connect to (port 80 when the URL has none).
+    /// `host:port` to connect to (port 80, or 443 for `https://`, when
+    /// the URL has none).
     pub fn addr(&self) -> String {
         let host = self.authority.host();
-        let port = self.authority.port_u16().unwrap_or(80);
+        let port = self
+            .authority
+            .port_u16()
+            .unwrap_or(if self.tls { 443 } else { 80 });
         if host.contains(':') && !host.starts_with('[') {
             format!("[{host}]:{port}")
         } else {
@@ -284,7 +315,12 @@ mod tests {
         assert_eq!(u.uri(None).unwrap().to_string(), "/");
         assert_eq!(u.host(), "h:1");
         assert_eq!(Upstream::parse("http://[::1]").unwrap().addr(), "[::1]:80");
-        assert!(Upstream::parse("https://h").is_err());
+        let u = Upstream::parse("https://h.example/api").unwrap();
+        assert!(u.is_tls());
+        assert_eq!(u.addr(), "h.example:443");
+        assert_eq!(u.host(), "h.example");
+        assert!(!Upstream::parse("http://h").unwrap().is_tls());
+        assert!(Upstream::parse("ftp://h").is_err());
         assert!(Upstream::parse("http://h/?q=1").is_err());
         assert!(Upstream::parse("/only/a/path").is_err());
     }

@@ -31,7 +31,7 @@ pub use self::env::env_help;
 pub use self::fencing::FencingConfig;
 pub use self::http::{DataPath, HttpProxyConfig, Upstream};
 pub use self::log::{LogConfig, LogFormat};
-pub use self::postgres::{Enforce, PgProxyConfig};
+pub use self::postgres::{Enforce, PgProxyConfig, SslMode};
 pub use self::tls::ListenerTls;
 
 #[derive(Debug, thiserror::Error)]
@@ -271,6 +271,51 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("tls_key"), "{e}");
+    }
+
+    /// `upstream_ca` goes with the modes that read it, and only with
+    /// them: a CA file that would be ignored, or a verify mode with
+    /// nothing to verify against, stops `serve`.
+    #[test]
+    fn upstream_tls_keys_that_cannot_work_are_refused() {
+        let pg = |keys: &str| {
+            Config::from_parts(
+                &format!("[[postgres]]\nupstream = \"db\"\n{keys}\n"),
+                "t",
+                env(&[]),
+            )
+        };
+        for ok in [
+            "upstream_sslmode = \"disable\"",
+            "upstream_sslmode = \"require\"",
+            "upstream_sslmode = \"verify-ca\"\nupstream_ca = \"ca.pem\"",
+            "upstream_sslmode = \"verify-full\"\nupstream_ca = \"ca.pem\"",
+        ] {
+            pg(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for (bad, says) in [
+            ("upstream_sslmode = \"verify-full\"", "needs upstream_ca"),
+            ("upstream_sslmode = \"verify-ca\"", "needs upstream_ca"),
+            (
+                "upstream_sslmode = \"require\"\nupstream_ca = \"ca.pem\"",
+                "only read with",
+            ),
+            ("upstream_ca = \"ca.pem\"", "only read with"),
+            ("upstream_sslmode = \"prefer\"", "\"prefer\""),
+        ] {
+            let e = pg(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let http = |upstream: &str| {
+            Config::from_parts(
+                &format!("[[http]]\nlisten = \"127.0.0.1:1\"\nupstream = \"{upstream}\"\nupstream_ca = \"ca.pem\"\n"),
+                "t",
+                env(&[]),
+            )
+        };
+        http("https://h:8443").unwrap();
+        let e = http("http://h:8080").unwrap_err().to_string();
+        assert!(e.contains("upstream_ca") && e.contains("https://"), "{e}");
     }
 
     #[test]

@@ -57,6 +57,12 @@ pub struct PgProxyConfig {
     /// PEM CA certificates: when set, every client must present a
     /// certificate that chains to one of them (`sslcert`/`sslkey`).
     pub tls_client_ca: Option<PathBuf>,
+    /// TLS towards the upstream server, as libpq's `sslmode` names it.
+    #[serde(default)]
+    pub upstream_sslmode: SslMode,
+    /// PEM CA certificates the server's certificate must chain to
+    /// (`verify-ca`, `verify-full`).
+    pub upstream_ca: Option<PathBuf>,
 }
 
 fn default_write_functions() -> Vec<String> {
@@ -127,6 +133,23 @@ impl PgProxyConfig {
                 ));
             }
         }
+        let mode = self.upstream_sslmode;
+        match (mode, &self.upstream_ca) {
+            (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
+                return Err(format!(
+                    "postgres[{i}].upstream_sslmode = \"{mode}\" needs upstream_ca, a PEM file of the CA certificates the server's certificate must chain to"
+                ))
+            }
+            // libpq would quietly verify with a CA file under `require`;
+            // here the mode says what is checked, so a CA file that would
+            // not be read is an error rather than a false sense of safety.
+            (SslMode::Disable | SslMode::Require, Some(_)) => {
+                return Err(format!(
+                    "postgres[{i}].upstream_ca is only read with upstream_sslmode = \"verify-ca\" or \"verify-full\", not \"{mode}\""
+                ))
+            }
+            _ => {}
+        }
         super::tls::check(
             &format!("postgres[{i}]"),
             self.tls_cert.as_deref(),
@@ -156,6 +179,56 @@ impl TryFrom<String> for Enforce {
             "database" => Ok(Enforce::Database),
             _ => Err(format!(
                 "enforce must be \"proxy\" or \"database\", not {s:?}"
+            )),
+        }
+    }
+}
+
+/// TLS towards the upstream server: libpq's `sslmode` values that mean
+/// something for a proxy (`prefer` and `allow` would fall back to plain
+/// text silently; a proxy's operator says which one it is).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum SslMode {
+    /// Plain text.
+    #[default]
+    Disable,
+    /// Encrypted; the server's certificate is not checked.
+    Require,
+    /// Encrypted; the certificate chains to `upstream_ca`.
+    VerifyCa,
+    /// Encrypted; the certificate chains to `upstream_ca` and names the
+    /// upstream's host.
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TryFrom<String> for SslMode {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "disable" => Ok(SslMode::Disable),
+            "require" => Ok(SslMode::Require),
+            "verify-ca" => Ok(SslMode::VerifyCa),
+            "verify-full" => Ok(SslMode::VerifyFull),
+            _ => Err(format!(
+                "upstream_sslmode must be \"disable\", \"require\", \"verify-ca\" or \"verify-full\", not {s:?}"
             )),
         }
     }
@@ -204,6 +277,11 @@ impl PgUpstream {
     pub fn addr(&self) -> &str {
         &self.0
     }
+
+    /// The host alone (an IPv6 address in brackets), the name TLS checks.
+    pub fn host(&self) -> &str {
+        self.0.rsplit_once(':').map_or(&self.0, |(h, _)| h)
+    }
 }
 
 impl fmt::Display for PgUpstream {
@@ -240,6 +318,24 @@ mod tests {
         assert!(addr("http://db").is_err());
         assert!(addr("db:notaport").is_err());
         assert!(addr("").is_err());
+    }
+
+    #[test]
+    fn upstream_hosts() {
+        let host = |s: &str| PgUpstream::parse(s).unwrap().host().to_owned();
+        assert_eq!(host("db.example:5433"), "db.example");
+        assert_eq!(host("db"), "db");
+        assert_eq!(host("[::1]:5433"), "[::1]");
+        assert_eq!(host("127.0.0.1:5432"), "127.0.0.1");
+    }
+
+    #[test]
+    fn sslmodes() {
+        for m in ["disable", "require", "verify-ca", "verify-full"] {
+            assert_eq!(SslMode::try_from(m.to_owned()).unwrap().as_str(), m);
+        }
+        let e = SslMode::try_from("prefer".to_owned()).unwrap_err();
+        assert!(e.contains("\"prefer\""), "{e}");
     }
 
     #[test]

@@ -265,10 +265,7 @@ impl Forwarder {
             StatusCode::BAD_GATEWAY,
             problem::UPSTREAM_UNREACHABLE,
             "Upstream unreachable",
-            format!(
-                "cannot connect to the upstream {}",
-                self.upstream.authority()
-            ),
+            e.detail(self.upstream.authority()),
         )
         .response()
     }

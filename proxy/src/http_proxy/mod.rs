@@ -43,7 +43,7 @@ use self::body::{Hold, ProxyBody};
 use self::forward::Forwarder;
 use self::pool::Pool;
 use self::problem::Problem;
-use crate::config::{DataPath, HttpProxyConfig, Upstream};
+use crate::config::{ConfigError, DataPath, HttpProxyConfig, Upstream};
 use crate::edge::http1::{conn_limit, MIN_BUF};
 use crate::error::Error;
 use crate::fencer::{Decision, Fencer, TokenChecker, WriteInfo};
@@ -51,6 +51,7 @@ use crate::listener::ConnLimit;
 use crate::metrics::WriteCounters;
 use crate::shutdown::Shutdown;
 use crate::tls::{self, Alpn, ServerTls};
+use crate::upstream_tls::{Roots, UpstreamTls, Verify};
 
 pub use self::watch::watch_elector;
 
@@ -77,6 +78,9 @@ pub struct HttpProxy {
     relay: RelaySettings,
     upstream: Upstream,
     upstream_timeout: Duration,
+    /// The TLS client for an `https://` upstream, shared by every relay
+    /// worker's connections.
+    upstream_tls: Option<Arc<UpstreamTls>>,
     /// `data_path = "relay"` (the default); else the hyper-based path.
     relay_path: bool,
     /// Relay worker threads (current-thread runtimes); 0 (the default
@@ -111,11 +115,13 @@ impl HttpProxy {
             .collect();
         routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
 
+        let upstream_tls = upstream_tls(cfg)?;
         let pool = Pool::new(
             upstream.addr(),
             cfg.upstream_timeout,
             POOL_MAX_IDLE,
             POOL_IDLE_TIMEOUT,
+            upstream_tls.clone(),
         );
 
         let mut http1 = http1::Builder::new();
@@ -170,6 +176,7 @@ impl HttpProxy {
             },
             upstream: upstream.clone(),
             upstream_timeout: cfg.upstream_timeout,
+            upstream_tls,
             relay_path: cfg.data_path == DataPath::Relay,
             workers: cfg.workers,
             forwarder: Forwarder {
@@ -232,6 +239,7 @@ impl HttpProxy {
             self.upstream_timeout,
             POOL_MAX_IDLE,
             POOL_IDLE_TIMEOUT,
+            self.upstream_tls.clone(),
         )
     }
 
@@ -419,6 +427,29 @@ impl HttpProxy {
             }
         }
     }
+}
+
+/// The TLS client of an `https://` upstream: its certificate checked
+/// against `upstream_ca`, or the system's store, and the URL's host;
+/// HTTP/1.1 offered by ALPN (both data paths speak only that). `None` for
+/// `http://`.
+fn upstream_tls(cfg: &HttpProxyConfig) -> Result<Option<Arc<UpstreamTls>>, Error> {
+    if !cfg.upstream.is_tls() {
+        return Ok(None);
+    }
+    let roots = cfg
+        .upstream_ca
+        .as_deref()
+        .map_or(Roots::System, Roots::File);
+    let host = cfg.upstream.authority().host();
+    UpstreamTls::new(host, Verify::Full, roots, &[&b"http/1.1"[..]])
+        .map(|t| Some(Arc::new(t)))
+        .map_err(|m| {
+            Error::Config(ConfigError::Invalid(format!(
+                "http upstream {}: {m}",
+                cfg.upstream
+            )))
+        })
 }
 
 /// What RFC 9112 makes an error and hyper lets through, refused before

@@ -11,15 +11,22 @@
 //!
 //! The lock is a plain mutex around a `Vec` push or pop, never held across
 //! an await.
+//!
+//! An `https://` upstream's connections are TLS under hyper's HTTP/1.1
+//! client; the sender does not show which, so the pool and the request
+//! path are the same for both (each kind of connection is a task of its
+//! own, typed by its stream: no dispatch per read or write).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::request_body::RequestBody;
+use crate::upstream_tls::UpstreamTls;
 
 pub type Sender = http1::SendRequest<RequestBody>;
 
@@ -35,6 +42,42 @@ pub enum ConnectError {
     Timeout { addr: String, timeout: Duration },
     #[error("HTTP/1.1 handshake with {addr} failed: {source}")]
     Handshake { addr: String, source: hyper::Error },
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Tls {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+impl ConnectError {
+    /// The problem detail a client gets for it (`502`): where the
+    /// upstream is, and for a TLS failure why (an unknown issuer, a name
+    /// the certificate does not carry), which is what an operator needs
+    /// to fix it.
+    pub fn detail(&self, upstream: &impl std::fmt::Display) -> String {
+        match self {
+            ConnectError::Tls { source, .. } => {
+                format!("TLS handshake with the upstream {upstream} failed: {source}")
+            }
+            _ => format!("cannot connect to the upstream {upstream}"),
+        }
+    }
+}
+
+/// A TCP connection to `addr` within `timeout`, then the TLS handshake
+/// when `tls` is set (within `timeout` again).
+pub async fn connect_tls(
+    addr: &str,
+    timeout: Duration,
+    tls: &UpstreamTls,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
+    let tcp = connect_tcp(addr, timeout).await?;
+    tls.handshake(tcp, timeout)
+        .await
+        .map_err(|source| ConnectError::Tls {
+            addr: addr.to_owned(),
+            source,
+        })
 }
 
 pub struct Pool {
@@ -44,6 +87,8 @@ pub struct Pool {
     max_idle: usize,
     idle_timeout: Duration,
     max_header_bytes: usize,
+    /// Set for an `https://` upstream.
+    tls: Option<Arc<UpstreamTls>>,
     idle: Mutex<Vec<(Sender, Instant)>>,
 }
 
@@ -53,6 +98,7 @@ impl Pool {
         connect_timeout: Duration,
         max_idle: usize,
         idle_timeout: Duration,
+        tls: Option<Arc<UpstreamTls>>,
     ) -> Arc<Pool> {
         Arc::new(Pool {
             addr,
@@ -60,6 +106,7 @@ impl Pool {
             max_idle,
             idle_timeout,
             max_header_bytes: 64 * 1024,
+            tls,
             idle: Mutex::new(Vec::new()),
         })
     }
@@ -103,13 +150,29 @@ impl Pool {
     /// the upstream closes it or every sender for it is gone.
     pub async fn connect(&self) -> Result<Sender, ConnectError> {
         let addr = &self.addr;
-        let stream = connect_tcp(addr, self.connect_timeout).await?;
+        match &self.tls {
+            None => {
+                self.handshake_http1(connect_tcp(addr, self.connect_timeout).await?)
+                    .await
+            }
+            Some(tls) => {
+                self.handshake_http1(connect_tls(addr, self.connect_timeout, tls).await?)
+                    .await
+            }
+        }
+    }
+
+    /// hyper's HTTP/1.1 client on a connected stream, its I/O spawned.
+    async fn handshake_http1<S>(&self, stream: S) -> Result<Sender, ConnectError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, conn) = http1::Builder::new()
             .max_header_size(self.max_header_bytes)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| ConnectError::Handshake {
-                addr: addr.clone(),
+                addr: self.addr.clone(),
                 source,
             })?;
         tokio::spawn(async move {

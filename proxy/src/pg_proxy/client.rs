@@ -9,8 +9,6 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use wire::pg::cycle::{owes_completion, RUN_NAMED_COMPLETIONS};
 use wire::pg::frame::{self, split_frame};
 use wire::pg::guard;
@@ -20,7 +18,7 @@ use super::fence::{fence, Verdict};
 use super::readbuf::{ReadBuf, IDLE};
 use super::refusal::{fatal, refuse, Unit};
 use super::session::Ctx;
-use super::startup::ClientRead;
+use super::startup::{ClientRead, ServerWrite};
 use super::state::{GuardCall, Statement, Write};
 use super::ORPHAN_WAIT;
 use crate::shutdown::Shutdown;
@@ -105,7 +103,7 @@ struct ClientSide {
 pub(super) async fn client_loop(
     ctx: &Ctx,
     mut cr: ClientRead,
-    mut sw: OwnedWriteHalf,
+    mut sw: ServerWrite,
     buf: BytesMut,
     shutdown: Shutdown,
 ) {

@@ -32,13 +32,14 @@ use fencing::Protocol;
 use tokio::net::TcpListener;
 use wire::pg::Classifier;
 
-use crate::config::{Enforce, PgProxyConfig};
+use crate::config::{ConfigError, Enforce, PgProxyConfig, SslMode};
 use crate::error::Error;
 use crate::fencer::{Fencer, TokenChecker};
 use crate::listener::{self, ConnLimit};
 use crate::metrics::WriteCounters;
 use crate::shutdown::Shutdown;
 use crate::tls::{self, Alpn, ServerTls};
+use crate::upstream_tls::{Roots, UpstreamTls, Verify};
 
 /// Connecting to the upstream server.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,6 +81,10 @@ pub struct PgProxy {
     /// answered `S` and the session upgraded; a plaintext startup is
     /// refused.
     tls: Option<Arc<ServerTls>>,
+    /// `upstream_sslmode` other than `disable`: every server connection
+    /// (cancel requests' too) starts with SSLRequest and goes on in TLS.
+    upstream_tls: Option<UpstreamTls>,
+    upstream_sslmode: SslMode,
 }
 
 impl PgProxy {
@@ -97,7 +102,12 @@ impl PgProxy {
             Alpn::Postgres,
             cfg.startup_timeout,
         )?;
+        let upstream_tls = upstream_tls(cfg).map_err(|m| {
+            Error::Config(ConfigError::Invalid(format!("postgres upstream TLS: {m}")))
+        })?;
         Ok(Arc::new(PgProxy {
+            upstream_tls,
+            upstream_sslmode: cfg.upstream_sslmode,
             guard_wait_ms: cfg.guard_wait_ms(fencer.drain_timeout()),
             fencer,
             checker,
@@ -149,4 +159,23 @@ impl PgProxy {
         open.drain(Some(drain)).await;
         Ok(())
     }
+}
+
+/// The TLS client towards the server for `upstream_sslmode`; `None` for
+/// `disable`. ALPN offers `postgresql`, as libpq 17 does: Postgres 17
+/// refuses any other protocol, and servers before it ignore the offer.
+fn upstream_tls(cfg: &PgProxyConfig) -> Result<Option<UpstreamTls>, String> {
+    let verify = match cfg.upstream_sslmode {
+        SslMode::Disable => return Ok(None),
+        SslMode::Require => Verify::Nothing,
+        SslMode::VerifyCa => Verify::Chain,
+        SslMode::VerifyFull => Verify::Full,
+    };
+    // Validation has made sure verify-* have a CA file; `require` reads
+    // none.
+    let roots = cfg
+        .upstream_ca
+        .as_deref()
+        .map_or(Roots::System, Roots::File);
+    UpstreamTls::new(cfg.upstream.host(), verify, roots, &[&b"postgresql"[..]]).map(Some)
 }

@@ -5,7 +5,6 @@
 
 use bytes::{Bytes, BytesMut};
 use fencing::{Protocol, Reason};
-use tokio::net::tcp::OwnedReadHalf;
 use wire::pg::cycle::GuardRefused;
 use wire::pg::frame::{complete_frames, frames};
 use wire::pg::Frame;
@@ -13,10 +12,11 @@ use wire::pg::Frame;
 use super::readbuf::{ReadBuf, IDLE};
 use super::refusal::fatal;
 use super::session::Ctx;
+use super::startup::ServerRead;
 use super::state::GuardCall;
 use crate::fencer::{Refusal, WriteInfo};
 
-pub(super) async fn server_loop(ctx: &Ctx, sr: OwnedReadHalf) {
+pub(super) async fn server_loop(ctx: &Ctx, mut sr: ServerRead) {
     let mut rb = ReadBuf::new();
     // Only for a batch with a message swapped or hidden; the rest are
     // forwarded as they were read, without a copy.
@@ -71,7 +71,7 @@ pub(super) async fn server_loop(ctx: &Ctx, sr: OwnedReadHalf) {
             finish(ctx);
             return;
         }
-        match rb.fill_from(&sr).await {
+        match sr.read(&mut rb).await {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }

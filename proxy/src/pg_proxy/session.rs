@@ -82,7 +82,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use wire::pg::StartupKind;
@@ -90,7 +89,9 @@ use wire::pg::StartupKind;
 use super::client::client_loop;
 use super::readbuf;
 use super::server::server_loop;
-use super::startup::{accept, connect_upstream, forward_cancel, ClientRead, ClientWrite};
+use super::startup::{
+    accept, connect_upstream, forward_cancel, ClientRead, ClientWrite, ServerRead, ServerWrite,
+};
 use super::state::Shared;
 use super::vars::Vars;
 use super::PgProxy;
@@ -168,8 +169,8 @@ pub(super) async fn run(
 struct Open {
     cr: ClientRead,
     cw: ClientWrite,
-    sr: OwnedReadHalf,
-    sw: OwnedWriteHalf,
+    sr: ServerRead,
+    sw: ServerWrite,
     vars: Vars,
     /// What the client sent after its startup packet.
     cbuf: BytesMut,
@@ -201,7 +202,7 @@ async fn open(proxy: &Arc<PgProxy>, client: TcpStream, peer: SocketAddr) -> Opti
     let server = connect_upstream(proxy, &mut client, peer).await?;
     let vars = Vars::from_startup(&startup);
     let (cr, cw) = client.into_halves();
-    let (sr, mut sw) = server.into_split();
+    let (sr, mut sw) = server.into_halves();
     if sw.write_all(&startup.raw).await.is_err() {
         proxy.counters.upstream_errors.increment(1);
         return None;

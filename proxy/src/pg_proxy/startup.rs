@@ -1,6 +1,12 @@
 //! The start of a session: TLS (SSLRequest answered `S` when a
 //! certificate is configured, and then required), the startup packet, and
 //! CancelRequest, which goes to the server on a connection of its own.
+//!
+//! Towards the server, with `upstream_sslmode` set, every connection
+//! (a cancel request's too, as libpq 17 sends it) begins as libpq's does:
+//! SSLRequest, then on `S` the TLS handshake and everything else inside
+//! it; on `N` the client is told, as libpq would tell it, and nothing is
+//! sent in plain text.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -16,6 +22,7 @@ use wire::pg::{FrameError, StartupKind, StartupPacket};
 use super::readbuf::ReadBuf;
 use super::refusal::fatal;
 use super::{PgProxy, CONNECT_TIMEOUT};
+use crate::config::SslMode;
 
 /// The client's half of the session: plain TCP, or TLS after an
 /// SSLRequest was answered `S`. The TLS session is split with a lock
@@ -101,6 +108,155 @@ impl ClientConn {
             }
         }
     }
+}
+
+type ServerTls = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// The connection to the server: plain TCP, or TLS for
+/// `upstream_sslmode` other than `disable`.
+pub(super) enum ServerConn {
+    Plain(TcpStream),
+    Tls(Box<ServerTls>),
+}
+
+/// The server's read half (the server loop's). Plain TCP is read when the
+/// socket is readable, holding no buffer while idle; TLS as the client's.
+pub(super) enum ServerRead {
+    Plain(OwnedReadHalf),
+    Tls(ReadHalf<ServerTls>),
+}
+
+/// The server's write half (the client loop's).
+pub(super) enum ServerWrite {
+    Plain(OwnedWriteHalf),
+    Tls(WriteHalf<ServerTls>),
+}
+
+impl ServerConn {
+    pub(super) fn into_halves(self) -> (ServerRead, ServerWrite) {
+        match self {
+            ServerConn::Plain(s) => {
+                let (r, w) = s.into_split();
+                (ServerRead::Plain(r), ServerWrite::Plain(w))
+            }
+            ServerConn::Tls(s) => {
+                let (r, w) = tokio::io::split(*s);
+                (ServerRead::Tls(r), ServerWrite::Tls(w))
+            }
+        }
+    }
+}
+
+impl ServerRead {
+    /// As [`ClientRead::read`].
+    pub(super) async fn read(&mut self, rb: &mut ReadBuf) -> std::io::Result<usize> {
+        match self {
+            ServerRead::Plain(s) => rb.fill_from(s).await,
+            ServerRead::Tls(s) => rb.read_from(s).await,
+        }
+    }
+}
+
+impl ServerWrite {
+    /// Writes all of `bytes`; TLS records are flushed, so the server has
+    /// the batch now.
+    pub(super) async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            ServerWrite::Plain(s) => s.write_all(bytes).await,
+            ServerWrite::Tls(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
+        }
+    }
+
+    /// The end of the client's side: a TCP half-close, or TLS
+    /// close_notify and then the half-close. Either way the server reads
+    /// the end of its input once it has answered what came before.
+    pub(super) async fn shutdown(&mut self) -> std::io::Result<()> {
+        match self {
+            ServerWrite::Plain(s) => s.shutdown().await,
+            ServerWrite::Tls(s) => s.shutdown().await,
+        }
+    }
+}
+
+/// Why no connection to the server could be had.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum DialError {
+    #[error("cannot reach the upstream server: {0}")]
+    Connect(std::io::Error),
+    #[error("the upstream server did not accept the connection in time")]
+    Timeout,
+    /// SSLRequest answered `N`.
+    #[error(
+        "the upstream server does not support SSL, but upstream_sslmode = \"{0}\" requires it"
+    )]
+    NoSsl(SslMode),
+    /// SSLRequest answered with neither `S` nor `N` (an old server's
+    /// ErrorResponse, or no Postgres at all).
+    #[error("the upstream server answered SSLRequest with {0:?}, not S or N")]
+    BadAnswer(char),
+    #[error("SSL handshake with the upstream server failed: {0}")]
+    Handshake(std::io::Error),
+}
+
+impl DialError {
+    /// The FATAL error the client is told, with the SQLSTATE drivers use
+    /// for these: a server that refuses SSL rejected the connection
+    /// (`08004`, sqlserver_rejected_establishment_of_sqlconnection); one
+    /// that cannot be reached, or whose certificate fails, failed it
+    /// (`08006`, connection_failure).
+    fn answer(&self) -> Bytes {
+        let message = format!("fencepost: {self}");
+        match self {
+            DialError::NoSsl(_) | DialError::BadAnswer(_) => fatal("08004", &message),
+            DialError::Connect(_) | DialError::Timeout | DialError::Handshake(_) => {
+                fatal("08006", &message)
+            }
+        }
+    }
+}
+
+/// A connection to the server, nodelay set, in TLS when configured:
+/// SSLRequest first, the handshake on `S`. Bounded as a whole by
+/// `CONNECT_TIMEOUT`.
+pub(super) async fn dial(proxy: &PgProxy) -> Result<ServerConn, DialError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, dial_within(proxy)).await {
+        Ok(r) => r,
+        Err(_) => Err(DialError::Timeout),
+    }
+}
+
+async fn dial_within(proxy: &PgProxy) -> Result<ServerConn, DialError> {
+    let mut tcp = TcpStream::connect(&proxy.upstream)
+        .await
+        .map_err(DialError::Connect)?;
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = &proxy.upstream_tls else {
+        return Ok(ServerConn::Plain(tcp));
+    };
+    tcp.write_all(&frame::SSL_REQUEST_PACKET)
+        .await
+        .map_err(DialError::Connect)?;
+    // One byte, no more: whatever a server sent after its `S` would be
+    // taken for part of the handshake (CVE-2021-23222), so none is read
+    // here; rustls reads the rest and fails on it.
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer)
+        .await
+        .map_err(DialError::Connect)?;
+    match answer[0] {
+        b'S' => {}
+        b'N' => return Err(DialError::NoSsl(proxy.upstream_sslmode)),
+        other => return Err(DialError::BadAnswer(char::from(other))),
+    }
+    // The caller's bound covers the handshake too.
+    let tls = tls
+        .handshake(tcp, CONNECT_TIMEOUT)
+        .await
+        .map_err(DialError::Handshake)?;
+    Ok(ServerConn::Tls(Box::new(tls)))
 }
 
 /// The startup exchange up to the StartupMessage or CancelRequest,
@@ -223,54 +379,40 @@ async fn startup<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// A CancelRequest goes to the server on a connection of its own, as
-/// Postgres expects; with one upstream, the backend it names is there.
+/// Postgres expects (in TLS when the sessions are); with one upstream,
+/// the backend it names is there. The client learns nothing either way,
+/// as from Postgres; a failure is logged and counted.
 pub(super) async fn forward_cancel(proxy: &PgProxy, raw: Bytes) {
-    let Ok(Ok(mut s)) =
-        tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&proxy.upstream)).await
-    else {
-        proxy.counters.upstream_errors.increment(1);
-        return;
+    let (mut r, mut w) = match dial(proxy).await {
+        Ok(s) => s.into_halves(),
+        Err(e) => {
+            proxy.counters.upstream_errors.increment(1);
+            tracing::warn!(upstream = %proxy.upstream, error = %e, "cannot forward a cancel request to the upstream Postgres server");
+            return;
+        }
     };
-    if s.write_all(&raw).await.is_ok() {
+    if w.write_all(&raw).await.is_ok() {
         // The server closes the connection when it has read the request.
-        let mut sink = [0u8; 64];
-        let _ = tokio::time::timeout(CONNECT_TIMEOUT, s.read(&mut sink)).await;
+        let mut rb = ReadBuf::new();
+        let _ = tokio::time::timeout(CONNECT_TIMEOUT, r.read(&mut rb)).await;
     }
 }
 
-/// The connection to the upstream server, with nodelay set; on failure
-/// the client is told why (`08006`) and `None` comes back.
+/// The connection to the upstream server (see [`dial`]); on failure the
+/// client is told why (`08006`, or `08004` for a server that refuses
+/// SSL), the reason is logged, and `None` comes back.
 pub(super) async fn connect_upstream(
     proxy: &PgProxy,
     client: &mut ClientConn,
     peer: SocketAddr,
-) -> Option<TcpStream> {
-    let server = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&proxy.upstream))
-        .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+) -> Option<ServerConn> {
+    match dial(proxy).await {
+        Ok(s) => Some(s),
+        Err(e) => {
             proxy.counters.upstream_errors.increment(1);
-            tracing::warn!(%peer, upstream = %proxy.upstream, error = %e, "cannot reach the upstream Postgres server");
-            let _ = client
-                .write_all(&fatal(
-                    "08006",
-                    &format!("fencepost: cannot reach the upstream server: {e}"),
-                ))
-                .await;
-            return None;
+            tracing::warn!(%peer, upstream = %proxy.upstream, sslmode = %proxy.upstream_sslmode, error = %e, "cannot connect to the upstream Postgres server");
+            let _ = client.write_all(&e.answer()).await;
+            None
         }
-        Err(_) => {
-            proxy.counters.upstream_errors.increment(1);
-            let _ = client
-                .write_all(&fatal(
-                    "08006",
-                    "fencepost: the upstream server did not accept the connection in time",
-                ))
-                .await;
-            return None;
-        }
-    };
-    let _ = server.set_nodelay(true);
-    Some(server)
+    }
 }

@@ -18,6 +18,7 @@ mod config;
 mod http;
 mod server;
 pub mod tls;
+pub mod tls_front;
 
 pub use self::config::{Conf, Section};
 pub use self::http::{client, send, Resp};
@@ -184,6 +185,8 @@ pub fn lines(child_stdout: std::process::ChildStdout) -> BufReader<std::process:
 pub struct Upstream {
     pub addr: SocketAddr,
     pub log: std::sync::Arc<std::sync::Mutex<Vec<Arrival>>>,
+    /// Connections served (for TLS: handshakes completed).
+    pub conns: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -226,19 +229,33 @@ impl Upstream {
     /// each) before answering, so writes overlap there and a drain that
     /// fails to wait for them shows in [`Arrival::done`].
     pub async fn start_holding(hold_ms: u64) -> Upstream {
+        Self::start_with(hold_ms, None).await
+    }
+
+    /// The same upstream behind TLS (`https://`), with `acceptor`'s
+    /// certificate.
+    pub async fn start_tls(acceptor: tokio_rustls::TlsAcceptor) -> Upstream {
+        Self::start_with(0, Some(acceptor)).await
+    }
+
+    async fn start_with(hold_ms: u64, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         use hyper::service::service_fn;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind upstream");
         let addr = listener.local_addr().expect("upstream addr");
         let log: std::sync::Arc<std::sync::Mutex<Vec<Arrival>>> = Default::default();
+        let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let log2 = log.clone();
+        let conns2 = conns.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 let log = log2.clone();
+                let conns = conns2.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let log = log.clone();
@@ -276,13 +293,31 @@ impl Upstream {
                             ))
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
+                    let http1 = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            conns.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            let _ = http1.serve_connection(io, svc).await;
+                        }
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            conns.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            let _ = http1.serve_connection(io, svc).await;
+                        }
+                    }
                 });
             }
         });
-        Upstream { addr, log, task }
+        Upstream {
+            addr,
+            log,
+            conns,
+            task,
+        }
     }
 
     pub fn arrivals(&self) -> Vec<Arrival> {

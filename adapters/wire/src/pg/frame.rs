@@ -521,6 +521,11 @@ pub const ACCEPT_ENCRYPTION: &[u8] = b"S";
 /// The single byte that answers SSLRequest or GSSENCRequest with "no".
 pub const REFUSE_ENCRYPTION: &[u8] = b"N";
 
+/// SSLRequest, as a client (here: the proxy towards its server) sends it
+/// before its startup packet: length 8, then the code 80877103
+/// (`1234 << 16 | 5679`).
+pub const SSL_REQUEST_PACKET: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
 /// Splits startup options (`-c a=b --c=d`, backslash escapes a space) into
 /// name/value settings, as the server's `pg_split_opts` does.
 pub fn option_settings(options: &str) -> Vec<(String, String)> {
@@ -668,6 +673,11 @@ mod tests {
         ssl.put_u32(SSL_REQUEST);
         assert_eq!(
             split_startup(&mut ssl).unwrap().unwrap().kind,
+            StartupKind::Ssl
+        );
+        let mut packet = BytesMut::from(&SSL_REQUEST_PACKET[..]);
+        assert_eq!(
+            split_startup(&mut packet).unwrap().unwrap().kind,
             StartupKind::Ssl
         );
         let mut gss = BytesMut::new();

@@ -27,6 +27,11 @@
 //! length line dropped, a close-delimited answer closes the client's
 //! connection after it; an upstream connection is reused only after an
 //! exchange that ended cleanly in both directions.
+//!
+//! An `https://` upstream is the same exchange over a TLS session
+//! (`upstream.rs` `UpConn`); what differs is only how an early answer is
+//! noticed mid-upload (read, not peeked, see `Early::answered`) and that
+//! writes are flushed through the session.
 
 mod upstream;
 
@@ -38,15 +43,14 @@ use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use wire::http::fence_input;
 use wire::http1::body::{BodyReader, Framing, Progress};
 use wire::http1::head::{
     header_slots, parse_request, parse_response, HeadError, RequestHead, ResponseKind, Version,
 };
 
-use self::upstream::ConnectError;
 pub use self::upstream::Upstreams;
+use self::upstream::{ConnectError, UpConn};
 use super::problem::{self, Problem};
 use super::HttpProxy;
 use crate::edge::http1::problem_bytes;
@@ -465,6 +469,9 @@ impl Call<'_, '_, '_> {
         write_request_head(proxy, head, self.peer.ip(), &mut bufs.out);
         bufs.out
             .extend_from_slice(&head.buf()[head.len..head.len + self.first.consumed]);
+        // Empty until the answer's first bytes: the upload may take them
+        // in (a TLS upstream that answers early).
+        bufs.resp.clear();
 
         let sent = self.send(&bufs.out).await;
         let (mut up, retry) = match sent {
@@ -478,7 +485,6 @@ impl Call<'_, '_, '_> {
             Ok(sent) => sent,
             Err(f) => return self.failed(client, bufs, f).await,
         };
-        bufs.resp.clear();
         match self
             .first_read(&mut up, &mut bufs.resp, retry, &bufs.out)
             .await
@@ -493,11 +499,11 @@ impl Call<'_, '_, '_> {
     /// A connection with the request head (and what came of the body)
     /// written; whether it may be retried on a new one if the upstream
     /// turns out to have closed it (pooled, the whole request in hand).
-    async fn send(&self, out: &[u8]) -> Result<(TcpStream, bool), Failure> {
+    async fn send(&self, out: &[u8]) -> Result<(UpConn, bool), Failure> {
         let upstreams = self.upstreams;
         let whole = self.first.done;
         if let Some(mut up) = upstreams.checkout() {
-            if up.write_all(out).await.is_ok() {
+            if up.send_all(out).await.is_ok() {
                 return Ok((up, whole));
             }
             if !whole {
@@ -505,7 +511,7 @@ impl Call<'_, '_, '_> {
             }
         }
         let mut up = upstreams.connect().await.map_err(Failure::Unreachable)?;
-        up.write_all(out)
+        up.send_all(out)
             .await
             .map_err(|_| Failure::Broken("the upstream connection failed"))?;
         Ok((up, false))
@@ -518,21 +524,20 @@ impl Call<'_, '_, '_> {
         &mut self,
         client: &mut C,
         bufs: &mut Scratch,
-        up: &mut TcpStream,
+        up: &mut UpConn,
     ) -> Result<bool, Failure> {
         if self.first.done {
             return Ok(true);
         }
         let stall = self.proxy.relay.body_stall;
         let within = self.proxy.upstream_timeout;
-        let (mut up_read, mut up_write) = up.split();
-        let mut probe = [0u8; 1];
+        let (mut up_read, mut up_write) = up.halves();
         loop {
             bufs.body.clear();
             bufs.body.reserve(CHUNK);
             let read = tokio::select! {
                 biased;
-                _ = up_read.peek(&mut probe) => return Ok(false),
+                () = up_read.answered(&mut bufs.resp) => return Ok(false),
                 r = tokio::time::timeout(stall, client.read_buf(&mut bufs.body)) => r,
             };
             let n = match read {
@@ -546,8 +551,8 @@ impl Call<'_, '_, '_> {
                 .map_err(|e| Failure::BodyInvalid(e.to_string()))?;
             let wrote = tokio::select! {
                 biased;
-                _ = up_read.peek(&mut probe) => return Ok(false),
-                r = tokio::time::timeout(within, up_write.write_all(&bufs.body[..p.consumed])) => r,
+                () = up_read.answered(&mut bufs.resp) => return Ok(false),
+                r = tokio::time::timeout(within, up_write.send_all(&bufs.body[..p.consumed])) => r,
             };
             match wrote {
                 Err(_) => return Err(Failure::TimedOut),
@@ -561,17 +566,21 @@ impl Call<'_, '_, '_> {
         }
     }
 
-    /// The first read of the answer, within `upstream_timeout`. A pooled
+    /// The first read of the answer, within `upstream_timeout` (done
+    /// already when the upload took the answer's first bytes in). A pooled
     /// connection the upstream had closed (nothing comes back, the whole
     /// request still in `out`) is replaced by a new one, once: the new
     /// one is returned.
     async fn first_read(
         &self,
-        up: &mut TcpStream,
+        up: &mut UpConn,
         resp: &mut Vec<u8>,
         retry: bool,
         out: &[u8],
-    ) -> Result<Option<TcpStream>, Failure> {
+    ) -> Result<Option<UpConn>, Failure> {
+        if !resp.is_empty() {
+            return Ok(None);
+        }
         let within = self.proxy.upstream_timeout;
         match tokio::time::timeout(within, up.read_buf(resp)).await {
             Err(_) => Err(Failure::TimedOut),
@@ -580,7 +589,7 @@ impl Call<'_, '_, '_> {
                 let upstreams = self.upstreams;
                 let mut fresh = upstreams.connect().await.map_err(Failure::Unreachable)?;
                 fresh
-                    .write_all(out)
+                    .send_all(out)
                     .await
                     .map_err(|_| Failure::Broken("the upstream connection failed"))?;
                 match tokio::time::timeout(within, fresh.read_buf(resp)).await {
@@ -602,7 +611,7 @@ impl Call<'_, '_, '_> {
         self,
         client: &mut C,
         bufs: &mut Scratch,
-        mut up: TcpStream,
+        mut up: UpConn,
         body_sent: bool,
         shutdown: &Shutdown,
     ) -> Next {
@@ -766,7 +775,7 @@ impl Call<'_, '_, '_> {
                     StatusCode::BAD_GATEWAY,
                     problem::UPSTREAM_UNREACHABLE,
                     "Upstream unreachable",
-                    format!("cannot connect to the upstream {upstream}"),
+                    e.detail(upstream),
                 )
             }
             Failure::Broken(why) => {
