@@ -31,9 +31,9 @@ use store::{AuditQuery, Page, PageQuery, Store, StoreError};
 use crate::cluster::Tier;
 use crate::config::{AdminClient, Upstream};
 use crate::console;
-use crate::edge::problem::{self, Problem};
 use crate::edge::access::{self, Caller, Identity, Role};
 use crate::edge::peer::PeerCertificate;
+use crate::edge::problem::{self, Problem};
 use crate::edge::{bearer, http1};
 use crate::shutdown::Shutdown;
 
@@ -176,9 +176,14 @@ fn forbidden(
         }
     };
     tracing::warn!(identity = %name, %method, path, "admin API: call outside the caller's role refused");
-    Problem::new(StatusCode::FORBIDDEN, problem::FORBIDDEN, "Forbidden", detail)
-        .with("identity", name)
-        .into_response()
+    Problem::new(
+        StatusCode::FORBIDDEN,
+        problem::FORBIDDEN,
+        "Forbidden",
+        detail,
+    )
+    .with("identity", name)
+    .into_response()
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {

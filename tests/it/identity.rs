@@ -36,7 +36,9 @@ fn keygen(name: &str, role: Option<&str>) -> (Client, String) {
         .unwrap_or_else(|| panic!("no token in {out}"))
         .to_owned();
     // The entry, from its header on, is TOML to paste as it is.
-    let at = out.find("[[").unwrap_or_else(|| panic!("no entry in {out}"));
+    let at = out
+        .find("[[")
+        .unwrap_or_else(|| panic!("no entry in {out}"));
     let doc: toml::Table = out[at..].parse().unwrap_or_else(|e| panic!("{e}: {out}"));
     let section = if role.is_some() { "admin" } else { "elector" };
     let entry = doc[section]["clients"][0]
@@ -302,7 +304,10 @@ async fn a_granted_client_leads_end_to_end_and_no_other_client_can_renew_or_rele
     let released = audit(&s, "kind=lease_released", 1).await;
     assert_eq!(released[0]["identity"], "sched-a");
     let grants = audit(&s, "kind=lease_granted", 2).await;
-    assert!(grants.iter().all(|g| g["identity"] == "sched-a"), "{grants:?}");
+    assert!(
+        grants.iter().all(|g| g["identity"] == "sched-a"),
+        "{grants:?}"
+    );
 }
 
 #[tokio::test]
@@ -404,8 +409,16 @@ async fn a_read_only_admin_identity_reads_everything_and_writes_nothing() {
         assert_eq!(r.status, 405, "{method} {path} as admin: {}", r.text);
     }
     // Liveness and the console's page stay open.
-    assert_eq!(send(client().get(format!("{}/healthz", s.admin))).await.status, 200);
-    assert_eq!(send(client().get(format!("{}/ui", s.admin))).await.status, 200);
+    assert_eq!(
+        send(client().get(format!("{}/healthz", s.admin)))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        send(client().get(format!("{}/ui", s.admin))).await.status,
+        200
+    );
 }
 
 #[tokio::test]
@@ -447,18 +460,32 @@ async fn the_identity_is_in_fencepost_audit_and_in_the_hash_chain() {
         .lines()
         .find(|l| l.contains("lease_denied"))
         .unwrap_or_else(|| panic!("{out}"));
-    assert!(denial.contains("sched-a") && denial.contains("forbidden"), "{out}");
+    assert!(
+        denial.contains("sched-a") && denial.contains("forbidden"),
+        "{out}"
+    );
     let (code, out, err) = run_cli(
         &[
-            "audit", "--admin", &s.admin, "--auth-token", &s.ops.token, "--kind", "lease_granted",
+            "audit",
+            "--admin",
+            &s.admin,
+            "--auth-token",
+            &s.ops.token,
+            "--kind",
+            "lease_granted",
             "--json",
         ],
         &[],
     );
     assert_eq!(code, 0, "{err}");
-    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2, "{out}");
-    assert!(lines.iter().any(|l| l["identity"] == "sched-a" && l["current_token"] == token_value(&t)));
+    assert!(lines
+        .iter()
+        .any(|l| l["identity"] == "sched-a" && l["current_token"] == token_value(&t)));
 
     s.server.shutdown().expect("clean shutdown");
     let verify = || run_cli(&["audit", "verify", "--store", &s.store], &[]);

@@ -449,7 +449,8 @@ mod tests {
                 "admin.token cannot be set",
             ),
             (
-                format!("[admin]\nlisten = \"127.0.0.1:2\"\n[[admin.clients]]\nname = \"g\"\nrole = \"root\"\n"),
+                "[admin]\nlisten = \"127.0.0.1:2\"\n[[admin.clients]]\nname = \"g\"\nrole = \"root\"\n"
+                    .to_owned(),
                 "root",
             ),
         ] {

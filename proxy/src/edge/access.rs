@@ -63,11 +63,7 @@ impl TokenHash {
 
 impl fmt::Display for TokenHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{HASH_PREFIX}{}",
-            fencing::audit_chain::to_hex(&self.0)
-        )
+        write!(f, "{HASH_PREFIX}{}", fencing::audit_chain::to_hex(&self.0))
     }
 }
 
@@ -197,9 +193,7 @@ pub fn check_name(what: &str, name: &str) -> Result<(), String> {
         return Err(format!("{what} is empty"));
     }
     if name.chars().count() > MAX_NAME_CHARS {
-        return Err(format!(
-            "{what} is longer than {MAX_NAME_CHARS} characters"
-        ));
+        return Err(format!("{what} is longer than {MAX_NAME_CHARS} characters"));
     }
     if name.chars().any(char::is_control) {
         return Err(format!("{what} {name:?} contains a control character"));
@@ -244,7 +238,9 @@ impl Grant {
     /// Checks the entry at load (`at`: how errors name it).
     pub fn validate(&self, at: &str) -> Result<(), String> {
         if self.identities.is_empty() {
-            return Err(format!("{at}.identities is empty: name who the grant is for"));
+            return Err(format!(
+                "{at}.identities is empty: name who the grant is for"
+            ));
         }
         for id in &self.identities {
             check_name(&format!("{at}.identities entry"), id)?;
@@ -296,7 +292,10 @@ impl Grant {
 
     fn covers(&self, resource: &str) -> bool {
         self.resources.iter().any(|r| r == "*" || r == resource)
-            || self.prefixes.iter().any(|p| resource.starts_with(p.as_str()))
+            || self
+                .prefixes
+                .iter()
+                .any(|p| resource.starts_with(p.as_str()))
     }
 
     /// Whether `holder` is one of this grant's holders for the caller
@@ -443,13 +442,27 @@ mod tests {
             "sha256:1ec1c26b50d5d3c58d9583181af8076655fe00756bf7285940ba3670f99fcba0"
         );
         assert_eq!(text.parse::<TokenHash>(), Ok(h));
-        assert_eq!(text.to_uppercase().replace("SHA256", "sha256").parse::<TokenHash>(), Ok(h));
-        for bad in ["", "s3cret", "sha256:", "sha256:abc", "md5:00", &text[..text.len() - 1]] {
+        assert_eq!(
+            text.to_uppercase()
+                .replace("SHA256", "sha256")
+                .parse::<TokenHash>(),
+            Ok(h)
+        );
+        for bad in [
+            "",
+            "s3cret",
+            "sha256:",
+            "sha256:abc",
+            "md5:00",
+            &text[..text.len() - 1],
+        ] {
             let e = bad.parse::<TokenHash>().unwrap_err();
             assert!(e.contains("sha256:"), "{bad}: {e}");
         }
         // An error never quotes a long value whole: it may be a token.
-        let e = "fp_aaaaaaaaaaaaaaaaaaaaaaaaaaaa".parse::<TokenHash>().unwrap_err();
+        let e = "fp_aaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+            .parse::<TokenHash>()
+            .unwrap_err();
         assert!(!e.contains("aaaaaaaaaaaaaaaaaaaa"), "{e}");
     }
 
@@ -467,24 +480,46 @@ mod tests {
             identify(&bearer("token-a"), Some(&c), clients),
             Caller::Known(Identity::Client("sched-a".into()))
         );
-        assert_eq!(identify(&bearer("token-c"), Some(&c), clients), Caller::UnknownToken);
-        assert_eq!(identify(&bearer("token-a "), None, clients), Caller::Known(Identity::Client("sched-a".into())), "blanks around a token are not part of it");
-        assert_eq!(identify(&bearer("token-"), None, clients), Caller::UnknownToken);
+        assert_eq!(
+            identify(&bearer("token-c"), Some(&c), clients),
+            Caller::UnknownToken
+        );
+        assert_eq!(
+            identify(&bearer("token-a "), None, clients),
+            Caller::Known(Identity::Client("sched-a".into())),
+            "blanks around a token are not part of it"
+        );
+        assert_eq!(
+            identify(&bearer("token-"), None, clients),
+            Caller::UnknownToken
+        );
         // The hash is not a token.
-        assert_eq!(identify(&bearer(&a.to_string()), None, clients), Caller::UnknownToken);
+        assert_eq!(
+            identify(&bearer(&a.to_string()), None, clients),
+            Caller::UnknownToken
+        );
         assert_eq!(
             identify(&HeaderMap::new(), Some(&c), clients),
             Caller::Known(Identity::Certificate(c.clone()))
         );
-        assert_eq!(identify(&HeaderMap::new(), None, clients), Caller::Anonymous);
+        assert_eq!(
+            identify(&HeaderMap::new(), None, clients),
+            Caller::Anonymous
+        );
     }
 
     #[test]
     fn a_client_gets_its_resources_under_its_own_name_only_by_default() {
         let grants = [grant(&["sched-a"], &["orders"], &["jobs/"], &[])];
         let a = Identity::Client("sched-a".into());
-        assert_eq!(authorize(&grants, &a, "orders", "sched-a"), Ok("sched-a".into()));
-        assert_eq!(authorize(&grants, &a, "jobs/x/1", "sched-a"), Ok("sched-a".into()));
+        assert_eq!(
+            authorize(&grants, &a, "orders", "sched-a"),
+            Ok("sched-a".into())
+        );
+        assert_eq!(
+            authorize(&grants, &a, "jobs/x/1", "sched-a"),
+            Ok("sched-a".into())
+        );
         let refused = |r, h| authorize(&grants, &a, r, h).map_err(|d| d.refused);
         assert_eq!(refused("orders", "sched-b"), Err(Refused::Holder));
         assert_eq!(refused("orders2", "sched-a"), Err(Refused::Resource));

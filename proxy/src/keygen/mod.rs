@@ -81,7 +81,10 @@ fn client_token(args: ClientTokenArgs) -> Result<ExitCode, Error> {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     );
     let quote = |s: &str| toml::Value::String(s.to_owned()).to_string();
-    println!("# the client's token (shown once; give it to {}):", args.name);
+    println!(
+        "# the client's token (shown once; give it to {}):",
+        args.name
+    );
     println!("{token}");
     println!();
     match &args.role {
