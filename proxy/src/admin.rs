@@ -515,3 +515,49 @@ async fn audit(State(state): State<AdminState>, Query(p): Query<AuditParams>) ->
         Err(e) => store_error(e),
     }
 }
+
+#[cfg(test)]
+mod role_tests {
+    use super::*;
+    use crate::edge::access::TokenHash;
+
+    fn entry(name: &str, token: Option<&str>, role: Role) -> AdminClient {
+        AdminClient {
+            name: name.into(),
+            token_hash: token.map(TokenHash::of),
+            role,
+        }
+    }
+
+    /// A token client has its own entry's role; a certificate the highest
+    /// of the token-less entries naming it, never a token entry's of the
+    /// same name (a certificate must not borrow a token client's role).
+    #[test]
+    fn roles_of_token_clients_and_certificates() {
+        let clients = [
+            entry("grafana", Some("t1"), Role::Read),
+            entry("ops", Some("t2"), Role::Admin),
+            entry("ops.example.com", None, Role::Read),
+            entry("spiffe://prod/ops", None, Role::Admin),
+        ];
+        let client = |n: &str| Identity::Client(n.into());
+        let cert = |names: &[&str]| {
+            Identity::Certificate(PeerCertificate {
+                names: names.iter().map(|n| n.to_string()).collect(),
+            })
+        };
+        assert_eq!(role_of(&clients, &client("grafana")), Some(Role::Read));
+        assert_eq!(role_of(&clients, &client("ops")), Some(Role::Admin));
+        assert_eq!(role_of(&clients, &client("ops.example.com")), None);
+        assert_eq!(
+            role_of(&clients, &cert(&["OPS.example.com"])),
+            Some(Role::Read)
+        );
+        assert_eq!(
+            role_of(&clients, &cert(&["ops.example.com", "spiffe://prod/ops"])),
+            Some(Role::Admin)
+        );
+        assert_eq!(role_of(&clients, &cert(&["ops"])), None);
+        assert_eq!(role_of(&clients, &cert(&["intruder"])), None);
+    }
+}
