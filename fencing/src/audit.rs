@@ -94,10 +94,13 @@ pub enum LeaseReason {
     Ttl,
     /// Renewed (or acquired again) by its holder.
     Renewed,
+    /// Denied: the caller's identity has no grant for this resource, or
+    /// not under this holder name (`[[elector.grants]]`).
+    Forbidden,
 }
 
 impl LeaseReason {
-    pub const ALL: [LeaseReason; 9] = [
+    pub const ALL: [LeaseReason; 10] = [
         LeaseReason::Free,
         LeaseReason::Takeover,
         LeaseReason::Held,
@@ -107,6 +110,7 @@ impl LeaseReason {
         LeaseReason::Released,
         LeaseReason::Ttl,
         LeaseReason::Renewed,
+        LeaseReason::Forbidden,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -120,6 +124,7 @@ impl LeaseReason {
             LeaseReason::Released => "released",
             LeaseReason::Ttl => "ttl",
             LeaseReason::Renewed => "renewed",
+            LeaseReason::Forbidden => "forbidden",
         }
     }
 
@@ -226,6 +231,13 @@ pub struct AuditRecord {
     pub current_token: Option<u64>,
     pub client_addr: String,
     pub detail: String,
+    /// Who made the call, when the elector knew (a `[[elector.clients]]`
+    /// name or a client certificate's name): `None` on refused writes, on
+    /// calls to an elector without identities, and on rows written before
+    /// identities existed. Chained only when present
+    /// ([`crate::audit_chain::record_hash`]), so older rows still verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
     /// Its place in its writer's hash chain ([`crate::audit_chain`]): set
     /// by the writer, `None` until then and on rows written before chains.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -257,6 +269,7 @@ impl AuditRecord {
             current_token,
             client_addr,
             detail: truncate(detail, MAX_DETAIL).to_owned(),
+            identity: None,
             chain: None,
         }
     }
@@ -275,6 +288,8 @@ pub struct LeaseAudit<'a> {
     pub current_token: Option<u64>,
     pub client_addr: String,
     pub detail: &'a str,
+    /// The caller's identity, when the elector has identities configured.
+    pub identity: Option<&'a str>,
 }
 
 impl AuditRecord {
@@ -292,6 +307,7 @@ impl AuditRecord {
             current_token: e.current_token,
             client_addr: e.client_addr,
             detail: truncate(e.detail, MAX_DETAIL).to_owned(),
+            identity: e.identity.map(|i| truncate(i, MAX_DETAIL).to_owned()),
             chain: None,
         }
     }

@@ -29,6 +29,13 @@ use crate::audit::AuditRecord;
 /// Domain separation: a hash over another structure never collides with
 /// an audit record's, and a future encoding gets a new tag.
 const TAG: &[u8] = b"fencepost-audit-v1";
+/// The encoding of a record that carries an identity: v1's fields, then
+/// the identity. A record without one is hashed as v1 exactly, so every
+/// row written before identities existed (and every record that has none,
+/// such as a refused write) verifies as it always did; a different tag,
+/// not an optional field appended to v1, so that the two encodings cannot
+/// be confused even in principle.
+const TAG_V2: &[u8] = b"fencepost-audit-v2";
 
 /// A record's place in its writer's chain. Hashes are lowercase hex.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -51,7 +58,7 @@ pub const GENESIS: [u8; 32] = [0; 32];
 /// what this computes).
 pub fn record_hash(rec: &AuditRecord, chain: &str, seq: u64, prev: &[u8; 32]) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(TAG);
+    h.update(if rec.identity.is_some() { TAG_V2 } else { TAG });
     field(&mut h, chain.as_bytes());
     h.update(seq.to_be_bytes());
     h.update(rec.at_ms.to_be_bytes());
@@ -64,6 +71,9 @@ pub fn record_hash(rec: &AuditRecord, chain: &str, seq: u64, prev: &[u8; 32]) ->
     opt_token(&mut h, rec.current_token);
     field(&mut h, rec.client_addr.as_bytes());
     field(&mut h, rec.detail.as_bytes());
+    if let Some(identity) = &rec.identity {
+        field(&mut h, identity.as_bytes());
+    }
     h.update(prev);
     h.finalize().into()
 }

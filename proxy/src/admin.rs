@@ -5,12 +5,19 @@
 //! (liveness probes rarely carry secrets, `/healthz` reveals nothing, and
 //! the assets hold no data: the page asks for the token and sends it with
 //! every data request).
+//!
+//! With `[[admin.clients]]` instead of the one token, each caller is an
+//! identity (a client token, or a client certificate's name) with a role:
+//! `read` may GET and HEAD (dashboards, the console), `admin` may also use
+//! every other method. The check is by method, ahead of routing, so a
+//! dashboard's credential can never be used for a write, whatever write
+//! endpoints the API grows.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -22,8 +29,10 @@ use serde_json::{json, Value};
 use store::{AuditQuery, Page, PageQuery, Store, StoreError};
 
 use crate::cluster::Tier;
-use crate::config::Upstream;
+use crate::config::{AdminClient, Upstream};
 use crate::console;
+use crate::edge::access::{self, Caller, Identity, Role};
+use crate::edge::peer::PeerCertificate;
 use crate::edge::problem::{self, Problem};
 use crate::edge::{bearer, http1};
 use crate::shutdown::Shutdown;
@@ -33,6 +42,9 @@ pub struct AdminState {
     pub store: Arc<dyn Store>,
     pub prometheus: PrometheusHandle,
     pub token: Option<String>,
+    /// `[[admin.clients]]`: when not empty, identities and roles decide
+    /// instead of `token`.
+    pub clients: Arc<[AdminClient]>,
     /// HTTP upstreams, checked by `/readyz`.
     pub upstreams: Vec<Upstream>,
     /// This process's replica of the fencing tier, if it is one.
@@ -52,7 +64,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/audit", get(audit))
         .route("/v1/replicas", get(replicas))
         .route("/v1/events", get(console::events::stream))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        // `layer`, not `route_layer`: the check also runs ahead of a 405,
+        // so a method a role may not use is refused as such.
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(console::assets::router())
@@ -77,6 +91,38 @@ pub async fn serve(
 }
 
 async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    if !state.clients.is_empty() {
+        let peer = req.extensions().get::<PeerCertificate>();
+        let role = match access::identify(
+            req.headers(),
+            peer,
+            state
+                .clients
+                .iter()
+                .filter_map(|c| Some((c.name.as_str(), c.token_hash.as_ref()?))),
+        ) {
+            Caller::Known(id) => role_of(&state.clients, &id).map(|r| (id, r)),
+            Caller::UnknownToken => {
+                return bearer::unauthorized("the bearer token is not one of this admin API's clients")
+                    .into_response()
+            }
+            Caller::Anonymous => {
+                return bearer::unauthorized(
+                    "this endpoint needs a client token (Authorization: Bearer <token>) or a client certificate",
+                )
+                .into_response()
+            }
+        };
+        let allowed = match &role {
+            Some((_, Role::Admin)) => true,
+            Some((_, Role::Read)) => matches!(*req.method(), Method::GET | Method::HEAD),
+            None => false,
+        };
+        if !allowed {
+            return forbidden(&role, req.method(), req.uri().path(), peer);
+        }
+        return next.run(req).await;
+    }
     if let Some(expected) = &state.token {
         if !bearer::matches(req.headers(), expected) {
             return bearer::unauthorized("this endpoint needs Authorization: Bearer <admin token>")
@@ -84,6 +130,60 @@ async fn require_token(State(state): State<AdminState>, req: Request, next: Next
         }
     }
     next.run(req).await
+}
+
+/// The role `[[admin.clients]]` gives `id`: a token client its own
+/// entry's; a certificate the highest of the entries without a token that
+/// name it. `None`: a certificate no entry names.
+fn role_of(clients: &[AdminClient], id: &Identity) -> Option<Role> {
+    match id {
+        Identity::Client(name) => clients
+            .iter()
+            .find(|c| c.token_hash.is_some() && c.name == *name)
+            .map(|c| c.role),
+        Identity::Certificate(_) => clients
+            .iter()
+            .filter(|c| c.token_hash.is_none() && id.is(&c.name))
+            .map(|c| c.role)
+            .max(),
+    }
+}
+
+/// 403 for a known caller whose role does not allow the call.
+fn forbidden(
+    role: &Option<(Identity, Role)>,
+    method: &Method,
+    path: &str,
+    peer: Option<&PeerCertificate>,
+) -> Response {
+    let (name, detail) = match role {
+        Some((id, r)) => (
+            id.name().to_owned(),
+            format!(
+                "{:?} has the {} role, which may not {method} {path}",
+                id.name(),
+                r.as_str()
+            ),
+        ),
+        None => {
+            let name = peer
+                .and_then(|p| p.names.first().cloned())
+                .unwrap_or_default();
+            (
+                name.clone(),
+                format!("the client certificate {name:?} is not one of [[admin.clients]]"),
+            )
+        }
+    };
+    tracing::warn!(identity = %name, %method, path, "admin API: call outside the caller's role refused");
+    Problem::new(
+        StatusCode::FORBIDDEN,
+        problem::FORBIDDEN,
+        "Forbidden",
+        detail,
+    )
+    .with("identity", name)
+    .into_response()
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
@@ -352,6 +452,7 @@ pub fn audit_json(r: &AuditRecord) -> Value {
         "current_token": r.current_token,
         "client_addr": r.client_addr,
         "detail": r.detail,
+        "identity": r.identity,
         "chain": r.chain.as_ref().map(|l| &l.chain),
         "seq": r.chain.as_ref().map(|l| l.seq),
         "prev_hash": r.chain.as_ref().map(|l| &l.prev_hash),
@@ -412,5 +513,51 @@ async fn audit(State(state): State<AdminState>, Query(p): Query<AuditParams>) ->
     match state.store.query_audit(&q).await {
         Ok(rows) => Json(Value::Array(rows.iter().map(audit_json).collect())).into_response(),
         Err(e) => store_error(e),
+    }
+}
+
+#[cfg(test)]
+mod role_tests {
+    use super::*;
+    use crate::edge::access::TokenHash;
+
+    fn entry(name: &str, token: Option<&str>, role: Role) -> AdminClient {
+        AdminClient {
+            name: name.into(),
+            token_hash: token.map(TokenHash::of),
+            role,
+        }
+    }
+
+    /// A token client has its own entry's role; a certificate the highest
+    /// of the token-less entries naming it, never a token entry's of the
+    /// same name (a certificate must not borrow a token client's role).
+    #[test]
+    fn roles_of_token_clients_and_certificates() {
+        let clients = [
+            entry("grafana", Some("t1"), Role::Read),
+            entry("ops", Some("t2"), Role::Admin),
+            entry("ops.example.com", None, Role::Read),
+            entry("spiffe://prod/ops", None, Role::Admin),
+        ];
+        let client = |n: &str| Identity::Client(n.into());
+        let cert = |names: &[&str]| {
+            Identity::Certificate(PeerCertificate {
+                names: names.iter().map(|n| n.to_string()).collect(),
+            })
+        };
+        assert_eq!(role_of(&clients, &client("grafana")), Some(Role::Read));
+        assert_eq!(role_of(&clients, &client("ops")), Some(Role::Admin));
+        assert_eq!(role_of(&clients, &client("ops.example.com")), None);
+        assert_eq!(
+            role_of(&clients, &cert(&["OPS.example.com"])),
+            Some(Role::Read)
+        );
+        assert_eq!(
+            role_of(&clients, &cert(&["ops.example.com", "spiffe://prod/ops"])),
+            Some(Role::Admin)
+        );
+        assert_eq!(role_of(&clients, &cert(&["ops"])), None);
+        assert_eq!(role_of(&clients, &cert(&["intruder"])), None);
     }
 }

@@ -64,7 +64,8 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Generate an Ed25519 key pair for signed tokens: the elector signs
     /// with the secret key, proxies verify with the public one. `keygen
-    /// tls` makes a test CA and certificates for the listeners' TLS.
+    /// tls` makes a test CA and certificates for the listeners' TLS;
+    /// `keygen client-token` a client's bearer token.
     Keygen(KeygenArgs),
 }
 
@@ -343,6 +344,11 @@ pub enum KeygenKind {
     /// tls_key, tls_client_ca) and for their clients.
     #[command(long_about = KEYGEN_TLS_HELP)]
     Tls(KeygenTlsArgs),
+    /// A fresh client token, and the config entry that names its client
+    /// with the token's hash. The token is printed once and stored nowhere:
+    /// give it to the client (its Authorization: Bearer), put the entry in
+    /// fencepost.toml.
+    ClientToken(ClientTokenArgs),
 }
 
 const KEYGEN_TLS_HELP: &str = "\
@@ -381,4 +387,16 @@ pub struct KeygenTlsArgs {
     /// Overwrite existing certificate and key files (a CA is always reused).
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientTokenArgs {
+    /// The client's name: its identity in [[elector.grants]] and in the
+    /// audit log.
+    #[arg(long)]
+    pub name: String,
+    /// Print an [[admin.clients]] entry with this role (read: GETs, for
+    /// dashboards; admin: every method) instead of [[elector.clients]].
+    #[arg(long, value_parser = ["read", "admin"])]
+    pub role: Option<String>,
 }

@@ -205,6 +205,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, Error> {
             default_ttl: ttl,
             signer: None,
             auth_token: None,
+            access: None,
             audit_renewals: false,
             resource_labels: true,
         },

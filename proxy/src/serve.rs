@@ -435,6 +435,7 @@ pub async fn start(
             store: Arc::clone(&store),
             prometheus,
             token: acfg.token.clone(),
+            clients: acfg.clients.clone().into(),
             upstreams: config.http.iter().map(|h| h.upstream.clone()).collect(),
             tier: tier.clone(),
             shutdown: shutdown.clone(),

@@ -21,6 +21,7 @@
 //! - `security`, `hostile`: abuse cases and hostile input.
 //! - `tls`: TLS on every listener: keygen, verification both ways,
 //!   plaintext refused, client certificates, certificate rotation.
+//! - `identity`: client identities, grants and roles at the elector and the admin API.
 //! - `docs`: docs/ kept true against the code.
 //! - `deploy`: the Grafana dashboard and the alert rules under deploy/, by
 //!   promtool and against a real process's metrics.
@@ -44,6 +45,7 @@ mod framing;
 mod guard;
 mod hostile;
 mod http_proxy;
+mod identity;
 mod lease_run;
 mod ops;
 mod pg_clients;

@@ -356,6 +356,7 @@ pub(crate) fn audit_from_row(row: &impl Columns) -> Result<AuditRecord, StoreErr
         current_token: opt_token_from_text(row.opt_text("current_token")?)?,
         client_addr: row.text("client_addr")?,
         detail: row.text("detail")?,
+        identity: row.opt_text("identity")?,
         chain: chain_from_row(row)?,
     })
 }
@@ -381,7 +382,7 @@ fn chain_from_row(row: &impl Columns) -> Result<Option<ChainLink>, StoreError> {
 /// The columns every audit read selects, in both backends.
 pub(crate) const AUDIT_COLUMNS: &str =
     "SELECT id, at_ms, kind, resource, holder, protocol, reason, \
-     presented_token, current_token, client_addr, detail, \
+     presented_token, current_token, client_addr, detail, identity, \
      chain_id, seq, prev_hash, hash FROM audit";
 
 /// The filters of an audit read, the same SQL for both backends (after a
@@ -415,7 +416,7 @@ where
 {
     let mut qb = sqlx::QueryBuilder::new(
         "INSERT INTO audit (at_ms, kind, resource, holder, protocol, reason, \
-         presented_token, current_token, client_addr, detail, \
+         presented_token, current_token, client_addr, detail, identity, \
          chain_id, seq, prev_hash, hash) ",
     );
     qb.push_values(chunk, |mut b, r| {
@@ -429,6 +430,7 @@ where
             .push_bind(opt_token_text(r.current_token))
             .push_bind(r.client_addr.as_str())
             .push_bind(r.detail.as_str())
+            .push_bind(r.identity.as_deref())
             .push_bind(r.chain.as_ref().map(|l| l.chain.as_str()))
             .push_bind(r.chain.as_ref().map(|l| l.seq as i64))
             .push_bind(r.chain.as_ref().map(|l| l.prev_hash.as_str()))

@@ -761,7 +761,7 @@ async fn audit_is_newest_first_and_filters(fx: Arc<Fixture>) {
         .unwrap()
         .is_empty());
 
-    // A leadership record round-trips with its kind and holder, and the
+    // A leadership record round-trips with its kind, holder and identity, and the
     // kind filter tells the two apart.
     let granted = AuditRecord::lease(
         500,
@@ -774,6 +774,8 @@ async fn audit_is_newest_first_and_filters(fx: Arc<Fixture>) {
             current_token: Some(7),
             client_addr: "10.0.0.9:4000".into(),
             detail: "previous holder node-a (token 6)",
+            // The caller's identity round-trips too (its own column).
+            identity: Some("sched-b"),
         },
     );
     s.append_audit(std::slice::from_ref(&granted))

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::edge::access::{self, Grant, TokenHash};
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ElectorConfig {
@@ -35,6 +37,26 @@ pub struct ElectorConfig {
     /// PEM CA certificates: when set, every client must present a
     /// certificate that chains to one of them (mutual TLS).
     pub tls_client_ca: Option<PathBuf>,
+    /// `[[elector.clients]]`: callers known by a bearer token of their
+    /// own, stored as its hash. With clients or grants configured, every
+    /// call needs an identity and every lease call a grant; without
+    /// either, the elector is as open (or as `token`-guarded) as before.
+    #[serde(default)]
+    pub clients: Vec<ElectorClient>,
+    /// `[[elector.grants]]`: which identities (client names, certificate
+    /// names) may take which resources under which holder names.
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+}
+
+/// One `[[elector.clients]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ElectorClient {
+    /// The identity: what grants name and the audit records.
+    pub name: String,
+    /// `sha256:<hex>` of the client's token (`fencepost keygen client-token`).
+    pub token_hash: TokenHash,
 }
 
 fn default_ttl() -> Duration {
@@ -87,6 +109,42 @@ impl ElectorConfig {
         if self.token.as_deref().is_some_and(str::is_empty) {
             return Err("elector.token is empty; remove it or set a secret".into());
         }
+        if self.token.is_some() && self.identities() {
+            // One shared secret beside per-client identities would let its
+            // holder act as anyone, which is what identities are for.
+            return Err(
+                "elector.token cannot be set with [[elector.clients]] or [[elector.grants]]: \
+                 give each caller a client of its own (fencepost keygen client-token)"
+                    .into(),
+            );
+        }
+        for (i, c) in self.clients.iter().enumerate() {
+            let at = format!("elector.clients[{i}]");
+            access::check_name(&format!("{at}.name"), &c.name)?;
+            if let Some(j) = self.clients[..i].iter().position(|o| o.name == c.name) {
+                return Err(format!(
+                    "{at}.name {:?} is also elector.clients[{j}]'s name",
+                    c.name
+                ));
+            }
+            if let Some(j) = self.clients[..i]
+                .iter()
+                .position(|o| o.token_hash == c.token_hash)
+            {
+                return Err(format!(
+                    "{at}.token_hash is also elector.clients[{j}]'s: two clients with one token \
+                     cannot be told apart; make each its own token"
+                ));
+            }
+        }
+        for (i, g) in self.grants.iter().enumerate() {
+            g.validate(&format!("elector.grants[{i}]"))?;
+        }
         Ok(())
+    }
+
+    /// Whether calls are authorized by identity (clients or grants set).
+    pub fn identities(&self) -> bool {
+        !self.clients.is_empty() || !self.grants.is_empty()
     }
 }

@@ -23,10 +23,10 @@ mod log;
 mod postgres;
 mod tls;
 
-pub use self::admin::AdminConfig;
+pub use self::admin::{AdminClient, AdminConfig};
 pub use self::audit::AuditConfig;
 pub use self::cluster::ClusterConfig;
-pub use self::elector::ElectorConfig;
+pub use self::elector::{ElectorClient, ElectorConfig};
 pub use self::env::env_help;
 pub use self::fencing::FencingConfig;
 pub use self::http::{DataPath, HttpProxyConfig, Upstream};
@@ -145,6 +145,9 @@ impl Config {
                 a.tls_key.as_deref(),
                 a.tls_client_ca.as_deref(),
             )?;
+        }
+        if let Some(a) = &self.admin {
+            a.validate()?;
         }
         self.cluster.validate()?;
         self.fencing.validate()
@@ -421,5 +424,83 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("enforce") && e.contains("\"both\""), "{e}");
+    }
+
+    #[test]
+    fn identities_are_parsed_and_checked_at_load() {
+        const H1: &str = "sha256:1ec1c26b50d5d3c58d9583181af8076655fe00756bf7285940ba3670f99fcba0";
+        const H2: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000002";
+        let ok = format!(
+            "[elector]\nlisten = \"127.0.0.1:1\"\n\
+             [[elector.clients]]\nname = \"a\"\ntoken_hash = \"{H1}\"\n\
+             [[elector.clients]]\nname = \"b\"\ntoken_hash = \"{H2}\"\n\
+             [[elector.grants]]\nidentities = [\"a\", \"spiffe://prod/a\"]\nprefixes = [\"jobs/\"]\n\
+             [admin]\nlisten = \"127.0.0.1:2\"\n\
+             [[admin.clients]]\nname = \"grafana\"\ntoken_hash = \"{H1}\"\n\
+             [[admin.clients]]\nname = \"ops.example\"\nrole = \"admin\"\n"
+        );
+        let c = Config::from_parts(&ok, "t", env(&[])).unwrap();
+        let e = c.elector.unwrap();
+        assert!(e.identities());
+        assert_eq!(e.clients[1].name, "b");
+        assert_eq!(e.grants[0].holders, vec!["{identity}".to_string()]);
+        let a = c.admin.unwrap();
+        assert_eq!(a.clients[0].role, crate::edge::access::Role::Read);
+        assert!(a.clients[1].token_hash.is_none());
+        // From the environment, as TOML.
+        let c = Config::from_parts(
+            "[elector]\nlisten = \"127.0.0.1:1\"\n",
+            "t",
+            env(&[(
+                "FENCEPOST_ELECTOR_CLIENTS",
+                &format!("[{{ name = \"a\", token_hash = \"{H1}\" }}]"),
+            )]),
+        )
+        .unwrap();
+        assert_eq!(c.elector.unwrap().clients[0].name, "a");
+
+        let el = "[elector]\nlisten = \"127.0.0.1:1\"\n";
+        for (bad, needle) in [
+            (
+                format!("{el}token = \"s\"\n[[elector.clients]]\nname = \"a\"\ntoken_hash = \"{H1}\"\n"),
+                "elector.token cannot be set",
+            ),
+            (
+                format!("{el}[[elector.clients]]\nname = \"a\"\ntoken_hash = \"s3cret\"\n"),
+                "sha256:",
+            ),
+            (
+                format!("{el}[[elector.clients]]\nname = \"a\"\ntoken_hash = \"{H1}\"\n[[elector.clients]]\nname = \"a\"\ntoken_hash = \"{H2}\"\n"),
+                "elector.clients[1].name",
+            ),
+            (
+                format!("{el}[[elector.clients]]\nname = \"a\"\ntoken_hash = \"{H1}\"\n[[elector.clients]]\nname = \"b\"\ntoken_hash = \"{H1}\"\n"),
+                "elector.clients[1].token_hash",
+            ),
+            (
+                format!("{el}[[elector.clients]]\nname = \"\"\ntoken_hash = \"{H1}\"\n"),
+                "elector.clients[0].name",
+            ),
+            (
+                format!("{el}[[elector.grants]]\nidentities = [\"a\"]\n"),
+                "elector.grants[0] grants no resource",
+            ),
+            (
+                format!("{el}[[elector.grants]]\nidentities = [\"a\"]\nresources = [\"x\"]\nholder = [\"a\"]\n"),
+                "holder",
+            ),
+            (
+                format!("[admin]\nlisten = \"127.0.0.1:2\"\ntoken = \"t\"\n[[admin.clients]]\nname = \"g\"\ntoken_hash = \"{H1}\"\n"),
+                "admin.token cannot be set",
+            ),
+            (
+                "[admin]\nlisten = \"127.0.0.1:2\"\n[[admin.clients]]\nname = \"g\"\nrole = \"root\"\n"
+                    .to_owned(),
+                "root",
+            ),
+        ] {
+            let e = Config::from_parts(&bad, "t", env(&[])).unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
     }
 }

@@ -33,7 +33,7 @@ pub fn matches(headers: &HeaderMap, expected: &str) -> bool {
 }
 
 /// The token after `Bearer `, if the header has that form.
-fn presented(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn presented(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.trim().split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())

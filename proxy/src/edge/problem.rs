@@ -36,6 +36,9 @@ pub const BAD_REQUEST: &str = "urn:fencepost:bad-request";
 pub const NOT_FOUND: &str = "urn:fencepost:not-found";
 pub const METHOD_NOT_ALLOWED: &str = "urn:fencepost:method-not-allowed";
 pub const UNAUTHORIZED: &str = "urn:fencepost:unauthorized";
+/// A known identity asking for what its grants (elector) or role (admin)
+/// do not allow.
+pub const FORBIDDEN: &str = "urn:fencepost:forbidden";
 pub const STORE_UNAVAILABLE: &str = "urn:fencepost:store-unavailable";
 pub const STORE_ERROR: &str = "urn:fencepost:store-error";
 pub const BAD_QUERY: &str = "urn:fencepost:bad-query";

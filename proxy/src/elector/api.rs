@@ -29,8 +29,10 @@ use store::StoreError;
 
 use super::{duration_ms, now_ms, rfc3339_ms, Elector, Source, MAX_BODY_BYTES};
 use crate::admin::{page_response, PageParams};
+use crate::edge::access::{self, Caller, Identity};
 use crate::edge::bearer;
 use crate::edge::http1::ClientAddr;
+use crate::edge::peer::PeerCertificate;
 use crate::edge::problem::{self, Problem};
 
 const PREFIX: &str = "/v1/leases/";
@@ -48,7 +50,7 @@ pub(super) fn router(el: Arc<Elector>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&el),
-            require_bearer,
+            authenticate,
         ))
         .with_state(el)
 }
@@ -130,14 +132,112 @@ fn json_rejection(r: JsonRejection) -> Problem {
 
 // ------------------------------------------------------------------- auth
 
-async fn require_bearer(State(el): State<Arc<Elector>>, req: Request, next: Next) -> Response {
-    if let Some(expected) = &el.settings.auth_token {
+/// Every request: with identities configured, who is calling (a client
+/// token, or a client certificate the TLS layer verified), put into the
+/// request for the handlers; else the one shared token, if set. Reads
+/// need an identity too; which leases it may touch is decided per call
+/// ([`authorize`]).
+async fn authenticate(State(el): State<Arc<Elector>>, mut req: Request, next: Next) -> Response {
+    if let Some(acc) = &el.settings.access {
+        let caller = access::identify(
+            req.headers(),
+            req.extensions().get::<PeerCertificate>(),
+            acc.clients.iter().map(|c| (c.name.as_str(), &c.token_hash)),
+        );
+        match caller {
+            Caller::Known(id) => {
+                req.extensions_mut().insert(id);
+            }
+            Caller::UnknownToken => {
+                return bearer::unauthorized("the bearer token is not one of this elector's clients")
+                    .into_response()
+            }
+            Caller::Anonymous => {
+                return bearer::unauthorized(
+                    "this elector requires a client token (Authorization: Bearer <token>) or a client certificate",
+                )
+                .into_response()
+            }
+        }
+    } else if let Some(expected) = &el.settings.auth_token {
         if !bearer::matches(req.headers(), expected) {
             return bearer::unauthorized("this elector requires Authorization: Bearer <token>")
                 .into_response();
         }
     }
     next.run(req).await
+}
+
+/// Who made a lease call, as its audit records name it.
+struct Who {
+    addr: String,
+    /// The caller's identity (identities configured only).
+    identity: Option<Identity>,
+    /// The name the audit records for it, once [`authorize`] has picked it.
+    name: Option<String>,
+}
+
+/// Whether the caller may `action` `resource` as `holder`: always without
+/// identities; with them, only inside a grant. A refusal is audited
+/// (`lease_denied`, reason `forbidden`, with the identity) before its 403
+/// is answered.
+fn authorize(
+    el: &Elector,
+    who: &mut Who,
+    action: &str,
+    resource: &ResourceName,
+    holder: &str,
+    presented_token: Option<u64>,
+) -> Result<(), Problem> {
+    let (Some(acc), Some(id)) = (&el.settings.access, &who.identity) else {
+        return Ok(());
+    };
+    let denial = match access::authorize(&acc.grants, id, resource.as_str(), holder) {
+        Ok(name) => {
+            who.name = Some(name);
+            return Ok(());
+        }
+        Err(d) => d,
+    };
+    let why = match denial.refused {
+        access::Refused::Resource => format!("no grant of {:?} covers {resource}", denial.identity),
+        access::Refused::Holder => format!(
+            "{:?} may not use the holder name {holder:?} on {resource}",
+            denial.identity
+        ),
+    };
+    let detail = format!("{action} refused: {why}");
+    tracing::warn!(
+        identity = %denial.identity,
+        resource = %resource,
+        holder,
+        action,
+        refused = denial.refused.as_str(),
+        client = %who.addr,
+        "elector: call outside the caller's grants refused"
+    );
+    el.record(LeaseAudit {
+        kind: Kind::LeaseDenied,
+        reason: LeaseReason::Forbidden,
+        resource: resource.as_str(),
+        holder,
+        presented_token,
+        current_token: None,
+        client_addr: who.addr.clone(),
+        detail: &detail,
+        identity: Some(&denial.identity),
+    });
+    Err(Problem::new(
+        StatusCode::FORBIDDEN,
+        problem::FORBIDDEN,
+        "Forbidden",
+        format!("{why}; see [[elector.grants]]"),
+    )
+    .with("identity", denial.identity)
+    .with("action", action)
+    .with("resource", resource.as_str())
+    .with("holder", holder)
+    .with("refused", denial.refused.as_str()))
 }
 
 // ------------------------------------------------------------- routing
@@ -213,6 +313,7 @@ async fn get_dispatch(State(el): State<Arc<Elector>>, method: Method, uri: Uri) 
 async fn post_dispatch(
     State(el): State<Arc<Elector>>,
     client: Option<Extension<ClientAddr>>,
+    identity: Option<Extension<Identity>>,
     method: Method,
     uri: Uri,
     body: Result<Json<LeaseBody>, JsonRejection>,
@@ -240,13 +341,17 @@ async fn post_dispatch(
         Ok(Json(b)) => b,
         Err(r) => return json_rejection(r).into_response(),
     };
-    let client = client
-        .map(|Extension(ClientAddr(a))| a.to_string())
-        .unwrap_or_default();
+    let who = Who {
+        addr: client
+            .map(|Extension(ClientAddr(a))| a.to_string())
+            .unwrap_or_default(),
+        identity: identity.map(|Extension(id)| id),
+        name: None,
+    };
     let result = match action {
-        "acquire" => acquire(&el, &resource, body, client).await,
-        "renew" => renew(&el, &resource, body, client).await,
-        _ => release(&el, &resource, body, client).await,
+        "acquire" => acquire(&el, &resource, body, who).await,
+        "renew" => renew(&el, &resource, body, who).await,
+        _ => release(&el, &resource, body, who).await,
     };
     result.unwrap_or_else(IntoResponse::into_response)
 }
@@ -488,7 +593,7 @@ fn audit_acquire(
     holder: &str,
     outcome: &LeaseOutcome,
     now: i64,
-    client_addr: String,
+    who: &Who,
 ) {
     let (kind, reason, current, detail) = match outcome {
         LeaseOutcome::Granted { lease, previous } => {
@@ -544,8 +649,9 @@ fn audit_acquire(
         holder,
         presented_token: None,
         current_token: Some(current),
-        client_addr,
+        client_addr: who.addr.clone(),
         detail: &detail,
+        identity: who.name.as_deref(),
     });
 }
 
@@ -558,7 +664,7 @@ fn audit_renew(
     token: u64,
     outcome: &LeaseOutcome,
     now: i64,
-    client_addr: String,
+    who: &Who,
 ) {
     let (kind, reason, current, detail) = match outcome {
         LeaseOutcome::Renewed { lease } if el.settings.audit_renewals => (
@@ -591,8 +697,9 @@ fn audit_renew(
         holder,
         presented_token: Some(token),
         current_token: current,
-        client_addr,
+        client_addr: who.addr.clone(),
         detail: &detail,
+        identity: who.name.as_deref(),
     });
 }
 
@@ -602,7 +709,7 @@ async fn acquire(
     el: &Elector,
     resource: &ResourceName,
     body: LeaseBody,
-    client_addr: String,
+    mut who: Who,
 ) -> Result<Response, Problem> {
     holder_name(&body.holder)?;
     if body.token.is_some() {
@@ -613,6 +720,7 @@ async fn acquire(
         ));
     }
     let ttl = ttl_ms(body.ttl_ms.as_ref())?.unwrap_or_else(|| duration_ms(el.settings.default_ttl));
+    authorize(el, &mut who, "acquire", resource, &body.holder, None)?;
     let op = LeaseOp::Acquire {
         holder: body.holder,
         ttl_ms: ttl,
@@ -623,7 +731,7 @@ async fn acquire(
         metrics::histogram!(crate::metrics::ACQUISITION_SECONDS)
             .record(received.elapsed().as_secs_f64());
     }
-    audit_acquire(el, resource, op.holder(), &outcome, now, client_addr);
+    audit_acquire(el, resource, op.holder(), &outcome, now, &who);
     match &outcome {
         LeaseOutcome::Granted { lease, previous } => {
             metrics::counter!(crate::metrics::GRANTS).increment(1);
@@ -652,17 +760,19 @@ async fn renew(
     el: &Elector,
     resource: &ResourceName,
     body: LeaseBody,
-    client_addr: String,
+    mut who: Who,
 ) -> Result<Response, Problem> {
     holder_name(&body.holder)?;
     let token = presented_token(el, resource, body.token.as_ref())?;
+    let renew_ttl = ttl_ms(body.ttl_ms.as_ref())?;
+    authorize(el, &mut who, "renew", resource, &body.holder, Some(token))?;
     let op = LeaseOp::Renew {
         holder: body.holder,
         token,
-        ttl_ms: ttl_ms(body.ttl_ms.as_ref())?,
+        ttl_ms: renew_ttl,
     };
     let (outcome, now) = apply(el, resource, &op).await?;
-    audit_renew(el, resource, op.holder(), token, &outcome, now, client_addr);
+    audit_renew(el, resource, op.holder(), token, &outcome, now, &who);
     match &outcome {
         LeaseOutcome::Renewed { lease } => {
             metrics::counter!(crate::metrics::RENEWALS).increment(1);
@@ -700,7 +810,7 @@ async fn release(
     el: &Elector,
     resource: &ResourceName,
     body: LeaseBody,
-    client_addr: String,
+    mut who: Who,
 ) -> Result<Response, Problem> {
     holder_name(&body.holder)?;
     let token = presented_token(el, resource, body.token.as_ref())?;
@@ -711,6 +821,7 @@ async fn release(
             "release takes no ttl_ms",
         ));
     }
+    authorize(el, &mut who, "release", resource, &body.holder, Some(token))?;
     let op = LeaseOp::Release {
         holder: body.holder,
         token,
@@ -725,8 +836,9 @@ async fn release(
                 holder: op.holder(),
                 presented_token: Some(token),
                 current_token: Some(lease.token),
-                client_addr,
+                client_addr: who.addr.clone(),
                 detail: "released by its holder",
+                identity: who.name.as_deref(),
             });
             metrics::counter!(crate::metrics::RELEASES).increment(1);
             tracing::info!(resource = %resource, holder = op.holder(), token, "lease released");

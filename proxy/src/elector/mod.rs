@@ -14,7 +14,8 @@
 //! to look. That view is rebuilt from the store at start and refreshed from
 //! it every second, which also picks up grants made by other replicas.
 //!
-//! - [`api`]: the HTTP endpoints, problem+json errors, bearer auth.
+//! - [`api`]: the HTTP endpoints, problem+json errors, bearer auth,
+//!   identities and grants.
 //! - [`watch`]: the Server-Sent Events stream and the expiry watcher.
 
 use std::collections::HashMap;
@@ -29,7 +30,8 @@ use store::Store;
 use tokio::sync::{broadcast, watch as watch_chan, Notify};
 
 use crate::audit_sink::AuditSink;
-use crate::config::ElectorConfig;
+use crate::config::{ElectorClient, ElectorConfig};
+use crate::edge::access::Grant;
 use crate::error::Error;
 use crate::shutdown::Shutdown;
 
@@ -54,6 +56,9 @@ pub struct ElectorSettings {
     pub signer: Option<Signer>,
     /// Bearer token every endpoint requires, when set.
     pub auth_token: Option<String>,
+    /// Identities and grants, when configured: every call then needs an
+    /// identity, and every lease call a grant (`api.rs` `authorize`).
+    pub access: Option<Arc<ElectorAccess>>,
     /// Audit successful renewals too (`lease_renewed`).
     pub audit_renewals: bool,
     /// Label the transitions metric by resource (`[admin] resource_labels`).
@@ -77,10 +82,23 @@ impl ElectorSettings {
             default_ttl: cfg.default_ttl,
             signer,
             auth_token: cfg.token.clone(),
+            access: cfg.identities().then(|| {
+                Arc::new(ElectorAccess {
+                    clients: cfg.clients.clone(),
+                    grants: cfg.grants.clone(),
+                })
+            }),
             audit_renewals: cfg.audit_renewals,
             resource_labels: true,
         })
     }
+}
+
+/// `[[elector.clients]]` and `[[elector.grants]]`, as loaded.
+#[derive(Debug, Clone)]
+pub struct ElectorAccess {
+    pub clients: Vec<ElectorClient>,
+    pub grants: Vec<Grant>,
 }
 
 fn read_signer(path: &std::path::Path) -> Result<Signer, Error> {
@@ -540,6 +558,7 @@ impl Elector {
                 current_token: Some(token),
                 client_addr: String::new(),
                 detail: &detail,
+                identity: None,
             });
         }
     }

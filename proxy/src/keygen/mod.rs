@@ -1,5 +1,7 @@
 //! `fencepost keygen`: an Ed25519 key pair for signed tokens; `keygen
-//! tls`: a test CA and certificates for the listeners' TLS (`tls.rs`).
+//! tls`: a test CA and certificates for the listeners' TLS (`tls.rs`);
+//! `keygen client-token`: a client's bearer token and the config entry
+//! holding its hash (`edge::access::TokenHash`).
 
 mod tls;
 
@@ -9,12 +11,15 @@ use std::process::ExitCode;
 
 use fencing::Signer;
 
-use crate::cli::{KeygenArgs, KeygenKind};
+use crate::cli::{ClientTokenArgs, KeygenArgs, KeygenKind};
+use crate::edge::access::{self, TokenHash};
 use crate::error::Error;
 
 pub fn run(args: KeygenArgs) -> Result<ExitCode, Error> {
-    if let Some(KeygenKind::Tls(tls)) = args.kind {
-        return tls::run(tls);
+    match args.kind {
+        Some(KeygenKind::Tls(tls)) => return tls::run(tls),
+        Some(KeygenKind::ClientToken(t)) => return client_token(t),
+        None => {}
     }
     let secret = with_ext(&args.out, "key");
     let public = with_ext(&args.out, "pub");
@@ -62,4 +67,38 @@ fn write_file(path: &std::path::Path, text: &str, secret: bool) -> Result<(), Er
         .open(path)
         .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
     writeln!(f, "{text}").map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
+}
+
+/// Prints a new token (32 random bytes, base64url, `fpc_` in front so a
+/// leaked one is recognisable in logs and secret scanners) and the entry
+/// with its hash, ready to paste; the names are written as TOML strings.
+fn client_token(args: ClientTokenArgs) -> Result<ExitCode, Error> {
+    use base64::Engine as _;
+    access::check_name("--name", &args.name).map_err(Error::Usage)?;
+    let bytes: [u8; 32] = rand::random();
+    let token = format!(
+        "fpc_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
+    let quote = |s: &str| toml::Value::String(s.to_owned()).to_string();
+    println!(
+        "# the client's token (shown once; give it to {}):",
+        args.name
+    );
+    println!("{token}");
+    println!();
+    match &args.role {
+        None => {
+            println!("[[elector.clients]]");
+            println!("name = {}", quote(&args.name));
+            println!("token_hash = \"{}\"", TokenHash::of(&token));
+        }
+        Some(role) => {
+            println!("[[admin.clients]]");
+            println!("name = {}", quote(&args.name));
+            println!("token_hash = \"{}\"", TokenHash::of(&token));
+            println!("role = {}", quote(role));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

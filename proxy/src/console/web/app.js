@@ -243,7 +243,8 @@ function auditRow(r, fresh) {
     el('td', { class: 'token' }, r.presented_token ?? ''),
     el('td', { class: 'token' }, r.current_token ?? ''),
     el('td', {}, r.reason || ''),
-    el('td', {}, r.client_addr || ''),
+    // Who called, when the elector has identities, then from where.
+    el('td', {}, r.identity ? `${r.identity} (${r.client_addr || ''})` : (r.client_addr || '')),
     el('td', { class: 'detail' }, r.detail || ''));
 }
 
