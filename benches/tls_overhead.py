@@ -16,6 +16,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.dont_write_bytecode = True  # no __pycache__ left in benches/
 import http_overhead as hx  # noqa: E402  (parse_wrk: one wrk output)
 
 # Per data path: the four targets (peer plain, peer TLS, fencepost plain,

@@ -198,7 +198,8 @@ CERTS="$TMP/certs"
 "$FENCEPOST" keygen tls --out "$CERTS" --san 127.0.0.1 --san localhost >"$TMP/keygen.log" 2>&1 \
     || { cat "$TMP/keygen.log" >&2; exit 1; }
 chmod 755 "$CERTS"; chmod 644 "$CERTS"/server.key   # throwaway key: pgbouncer (as postgres) reads it
-KEY_TYPE="$(openssl x509 -in "$CERTS/server.pem" -noout -text | awk -F': ' '/Public Key Algorithm/ {print $2; exit}')"
+KEY_TYPE="$(openssl x509 -in "$CERTS/server.pem" -noout -text \
+    | awk -F': ' '/Public Key Algorithm/ {a = $2} /ASN1 OID|Public-Key:/ {k = $2} END {print a " " k}')"
 
 mkdir -p "$RESULTS"
 RAW="$RESULTS/tls_overhead.txt"
