@@ -15,7 +15,7 @@
 //! idempotent.
 
 use fencepost_wire::http1::body::{BodyReader, Framing};
-use fencepost_wire::http1::head::{self, Kind, MAX_HEADERS};
+use fencepost_wire::http1::head::{self, Kind};
 use fencepost_wire::http1::path;
 
 /// Fuzz target `http1`.
@@ -25,7 +25,7 @@ pub fn run(data: &[u8]) {
     };
     let step = usize::from(step % 64) + 1;
     let stream = &data[2..];
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut headers = head::header_slots();
     let (len, framing) = if flags & 1 == 1 {
         let Ok(Some(h)) = head::parse_response(stream, &mut headers, "GET") else {
             return;
@@ -45,7 +45,7 @@ pub fn run(data: &[u8]) {
         (h.len, h.framing)
     };
     for cut in 0..len {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut headers = head::header_slots();
         let partial = if flags & 1 == 1 {
             head::parse_response(&stream[..cut], &mut headers, "GET").map(|h| h.is_some())
         } else {

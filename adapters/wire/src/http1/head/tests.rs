@@ -6,7 +6,7 @@ use super::*;
 use proptest::prelude::*;
 
 fn request(raw: &[u8]) -> Result<Option<(Framing, Vec<String>)>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut headers = header_slots();
     let Some(head) = parse_request(raw, &mut headers)? else {
         return Ok(None);
     };
@@ -27,7 +27,7 @@ fn refused(raw: &[u8]) -> HeadError {
 #[test]
 fn a_plain_request_keeps_its_lines() {
     let raw = b"PUT /kv/a?x=1 HTTP/1.1\r\nHost: p\r\nFencing-Token: 7\r\nContent-Length: 5\r\nX-A:  b \r\n\r\nhello";
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut headers = header_slots();
     let head = parse_request(raw, &mut headers).unwrap().unwrap();
     assert_eq!(head.method, "PUT");
     assert_eq!(head.path(), "/kv/a");
@@ -189,11 +189,11 @@ fn connect_and_odd_targets_are_refused() {
         .unwrap()
         .is_some());
     let raw = b"GET http://a/kv/1?q HTTP/1.1\r\nHost: a\r\n\r\n";
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut headers = header_slots();
     let head = parse_request(raw, &mut headers).unwrap().unwrap();
     assert_eq!((head.path(), head.path_and_query()), ("/kv/1", "/kv/1?q"));
     let raw = b"GET http://a HTTP/1.1\r\nHost: a\r\n\r\n";
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut headers = header_slots();
     let head = parse_request(raw, &mut headers).unwrap().unwrap();
     assert_eq!(head.path(), "/");
 }
@@ -224,7 +224,7 @@ fn hop_by_hop_and_connection_named_lines_stay_behind() {
     let (framing, lines) = request(raw).unwrap().unwrap();
     assert_eq!(framing, Framing::Length(0));
     assert_eq!(lines, ["X-Kept: 2\r\n"]);
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut headers = header_slots();
     let head = parse_request(raw, &mut headers).unwrap().unwrap();
     assert!(head.expect_continue && !head.keep_alive());
     assert!(!head.options.upgrade);
@@ -236,13 +236,13 @@ fn hop_by_hop_and_connection_named_lines_stay_behind() {
 
 #[test]
 fn http10_closes_unless_asked() {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut headers = header_slots();
     let raw = b"GET / HTTP/1.0\r\n\r\n";
     assert!(!parse_request(raw, &mut headers)
         .unwrap()
         .unwrap()
         .keep_alive());
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut headers = header_slots();
     let raw = b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n";
     assert!(parse_request(raw, &mut headers)
         .unwrap()
@@ -263,7 +263,7 @@ fn too_many_headers_is_431() {
 #[test]
 fn repeated_and_binary_fencing_headers_never_validate() {
     let raw = b"PUT / HTTP/1.1\r\nHost: a\r\nFencing-Token: 5\r\nfencing-token: 5\r\nFencing-Resource: ord\xffers\r\n\r\n";
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut headers = header_slots();
     let head = parse_request(raw, &mut headers).unwrap().unwrap();
     assert_eq!(head.token(), Some(Err(InputError::Repeated)));
     assert_eq!(head.resource(), Some(Err(InputError::NotText)));
@@ -273,7 +273,7 @@ fn response(
     raw: &[u8],
     method: &str,
 ) -> Result<(u16, ResponseKind, Framing, bool, Vec<String>), HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut headers = header_slots();
     let head = parse_response(raw, &mut headers, method)?.expect("complete");
     let lines = head
         .forwarded_lines()
@@ -381,11 +381,11 @@ proptest! {
     /// hop-by-hop or Connection line.
     #[test]
     fn forwarded_lines_are_whole_lines_of_the_head(raw in prop::collection::vec(any::<u8>(), 0..300)) {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut headers = header_slots();
         if let Ok(Some(head)) = parse_request(&raw, &mut headers) {
             check_lines(&raw, head.len, head.forwarded_lines(), true)?;
         }
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut headers = header_slots();
         if let Ok(Some(head)) = parse_response(&raw, &mut headers, "GET") {
             check_lines(&raw, head.len, head.forwarded_lines(), false)?;
         }
@@ -408,7 +408,7 @@ proptest! {
             }
         }
         raw.extend_from_slice(b"\r\n");
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut headers = header_slots();
         match parse_request(&raw, &mut headers) {
             Ok(Some(head)) => {
                 let got: Vec<String> = head.forwarded_lines().map(|r| String::from_utf8_lossy(&raw[r]).into_owned()).collect();
