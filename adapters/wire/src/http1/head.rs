@@ -171,18 +171,13 @@ fn malformed(e: httparse::Error) -> HeadError {
     }
 }
 
-/// Every LF preceded by CR, every CR followed by LF.
+/// Every LF preceded by CR, every CR followed by LF. Only the line ends
+/// are looked at (found with `memchr`), not every byte of the head.
 fn crlf_only(head: &[u8]) -> bool {
-    let mut prev = 0u8;
-    for (i, &b) in head.iter().enumerate() {
-        match b {
-            b'\n' if prev != b'\r' => return false,
-            b'\r' if head.get(i + 1) != Some(&b'\n') => return false,
-            _ => {}
-        }
-        prev = b;
-    }
-    true
+    memchr::memchr2_iter(b'\r', b'\n', head).all(|i| match head[i] {
+        b'\n' => i > 0 && head[i - 1] == b'\r',
+        _ => head.get(i + 1) == Some(&b'\n'),
+    })
 }
 
 /// Connection options, from every `Connection` line.

@@ -193,20 +193,17 @@ async fn linger<C: Client>(mut client: C) {
 /// Where a head ends in `buf`, searching from `*scanned` on: at a blank
 /// line (CRLF or bare LF; the parser refuses the latter), after the
 /// first byte that is not one (a client may send empty lines first).
+/// Only the LFs are looked at (found with `memchr`), not every byte.
 fn head_end(buf: &[u8], scanned: &mut usize) -> bool {
     let Some(first) = buf.iter().position(|&b| b != b'\r' && b != b'\n') else {
         *scanned = buf.len();
         return false;
     };
     let from = (*scanned).max(first);
-    let found = buf[from..]
-        .iter()
-        .enumerate()
-        .filter(|(_, &b)| b == b'\n')
-        .any(|(i, _)| {
-            let at = from + i;
-            buf[..at].ends_with(b"\n") || buf[..at].ends_with(b"\n\r")
-        });
+    let found = memchr::memchr_iter(b'\n', &buf[from..]).any(|i| {
+        let at = from + i;
+        buf[..at].ends_with(b"\n") || buf[..at].ends_with(b"\n\r")
+    });
     // A terminator may straddle reads: look back two bytes next time.
     *scanned = buf.len().saturating_sub(2);
     found
@@ -697,7 +694,9 @@ impl Call<'_, '_, '_> {
             let out = &mut bufs.out;
             out.clear();
             out.extend_from_slice(b"HTTP/1.1");
-            let status_end = bufs.resp.windows(2).position(|w| w == b"\r\n").unwrap_or(8);
+            // The head is CRLF only (checked by the parse): the status
+            // line ends just before the first LF.
+            let status_end = memchr::memchr(b'\n', &bufs.resp).map_or(8, |lf| lf.saturating_sub(1));
             out.extend_from_slice(&bufs.resp[8..status_end + 2]);
             for span in resp.forwarded_lines() {
                 out.extend_from_slice(&bufs.resp[span]);
