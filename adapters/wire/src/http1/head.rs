@@ -229,6 +229,9 @@ struct Facts {
     framing: Framing,
     length_and_chunked: bool,
     options: ConnectionOptions,
+    /// Some `Connection` option may name an end-to-end header line (any
+    /// but `keep-alive` and `upgrade`, which name hop-by-hop ones).
+    names_lines: bool,
     hosts: usize,
 }
 
@@ -241,6 +244,7 @@ fn facts(
     let mut length = None;
     let mut chunked = None;
     let mut options = ConnectionOptions::default();
+    let mut names_lines = false;
     let mut hosts = 0;
     for (h, kind) in headers.iter().zip(kinds) {
         match kind {
@@ -274,12 +278,15 @@ fn facts(
                 for opt in elements(h.value) {
                     if opt.eq_ignore_ascii_case(b"close") {
                         options.close = true;
+                        names_lines = true;
                     } else if opt.eq_ignore_ascii_case(b"keep-alive") {
                         options.keep_alive = true;
                     } else if opt.eq_ignore_ascii_case(b"upgrade") {
                         options.upgrade = true;
                     } else if let Some(name) = protected_option(opt) {
                         return Err(HeadError::ConnectionNamesProtected(name.to_owned()));
+                    } else {
+                        names_lines = true;
                     }
                 }
             }
@@ -299,6 +306,7 @@ fn facts(
         framing,
         length_and_chunked,
         options,
+        names_lines,
         hosts,
     })
 }
@@ -390,6 +398,9 @@ pub struct RequestHead<'b, 'h> {
     /// How the body is framed; no framing header means no body.
     pub framing: Framing,
     pub options: ConnectionOptions,
+    /// See `Facts::names_lines`: without it no line is looked up in the
+    /// `Connection` lines (the common `keep-alive`, or none).
+    names_lines: bool,
     /// `Expect: 100-continue`.
     pub expect_continue: bool,
 }
@@ -463,6 +474,7 @@ pub fn parse_request<'b, 'h>(
         kinds,
         framing: facts.framing,
         options: facts.options,
+        names_lines: facts.names_lines,
         expect_continue,
     }))
 }
@@ -535,7 +547,7 @@ impl<'b> RequestHead<'b, '_> {
     /// own), the hop-by-hop lines and the lines `Connection` names.
     pub fn forwarded_lines(&self) -> impl Iterator<Item = Range<usize>> + '_ {
         let kinds = &self.kinds[..self.headers.len()];
-        let listed = kinds.contains(&Kind::Connection);
+        let listed = self.names_lines;
         line_spans(self.buf, self.headers, self.len)
             .zip(self.headers.iter().zip(kinds))
             .filter(move |(_, (h, k))| match k {
@@ -570,6 +582,8 @@ pub struct ResponseHead<'b, 'h> {
     /// length line is not forwarded and the connection is not reused.
     pub length_dropped: bool,
     pub options: ConnectionOptions,
+    /// See `Facts::names_lines`.
+    names_lines: bool,
 }
 
 /// Parses a response head to a request whose method was `method`.
@@ -627,6 +641,7 @@ pub fn parse_response<'b, 'h>(
         },
         length_dropped: facts.length_and_chunked,
         options: facts.options,
+        names_lines: facts.names_lines,
     }))
 }
 
@@ -651,7 +666,7 @@ impl<'b> ResponseHead<'b, '_> {
     /// `Content-Length` overridden by chunked framing.
     pub fn forwarded_lines(&self) -> impl Iterator<Item = Range<usize>> + '_ {
         let kinds = &self.kinds[..self.headers.len()];
-        let listed = kinds.contains(&Kind::Connection);
+        let listed = self.names_lines;
         let dropped = self.length_dropped;
         line_spans(self.buf, self.headers, self.len)
             .zip(self.headers.iter().zip(kinds))
