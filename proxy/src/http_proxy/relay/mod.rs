@@ -35,9 +35,11 @@
 
 mod upstream;
 
+use std::future::Future;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -129,8 +131,12 @@ pub async fn serve_connection<C: Client>(
             out: Vec::with_capacity(4096),
         },
     };
+    // One wait for shutdown for the connection's life, polled while it
+    // idles between requests: a new one per request cost a receiver
+    // clone and a registration with the channel, and their undoing.
+    let mut stop = std::pin::pin!(shutdown.wait());
     loop {
-        match read_head(&proxy, &mut client, &mut bufs, &shutdown).await {
+        match read_head(&proxy, &mut client, &mut bufs, stop.as_mut()).await {
             Ok(true) => {}
             Ok(false) => return,
             Err(p) => {
@@ -246,14 +252,15 @@ fn head_end(buf: &[u8], scanned: &mut usize) -> bool {
 }
 
 /// Reads until `bufs.head` holds a whole head. `Ok(false)`: the client
-/// closed, or stayed idle past the idle timeout, or shutdown came first,
-/// with nothing of a request sent; `Err`: the answer to send before
-/// closing (431, 408).
+/// closed, or stayed idle past the idle timeout, or shutdown (`stop`, the
+/// connection's wait for it, never polled again once it has resolved)
+/// came first, with nothing of a request sent; `Err`: the answer to send
+/// before closing (431, 408).
 async fn read_head<C: Client>(
     proxy: &HttpProxy,
     client: &mut C,
     bufs: &mut Buffers,
-    shutdown: &Shutdown,
+    mut stop: Pin<&mut impl Future<Output = ()>>,
 ) -> Result<bool, Problem> {
     let deadline = tokio::time::Instant::now() + proxy.relay.head_timeout;
     let limit = proxy.relay.max_head;
@@ -278,8 +285,9 @@ async fn read_head<C: Client>(
         }
         let idle = bufs.head.is_empty();
         let read = tokio::select! {
+            biased;
             r = tokio::time::timeout_at(deadline, client.read_buf(&mut bufs.head)) => r,
-            () = shutdown.wait(), if idle => return Ok(false),
+            () = stop.as_mut(), if idle => return Ok(false),
         };
         match read {
             Err(_) if bufs.head.iter().all(|&b| b == b'\r' || b == b'\n') => return Ok(false),
