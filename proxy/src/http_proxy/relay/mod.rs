@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Sleep;
 use wire::http::fence_input;
 use wire::http1::body::{BodyReader, Framing, Progress};
 use wire::http1::head::{
@@ -120,7 +121,11 @@ pub async fn serve_connection<C: Client>(
     peer: SocketAddr,
     shutdown: Shutdown,
 ) {
-    let ip = ClientIp::new(peer.ip());
+    let peer = Peer::new(peer);
+    // The connection's two timers, each re-armed per use (see `until`):
+    // the client's (head, between requests) and the upstream's.
+    let mut client_timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+    let mut upstream_timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
     let mut bufs = Buffers {
         head: Vec::with_capacity(4096),
         scanned: 0,
@@ -136,7 +141,8 @@ pub async fn serve_connection<C: Client>(
     // clone and a registration with the channel, and their undoing.
     let mut stop = std::pin::pin!(shutdown.wait());
     loop {
-        match read_head(&proxy, &mut client, &mut bufs, stop.as_mut()).await {
+        let timer = client_timer.as_mut();
+        match read_head(&proxy, &mut client, &mut bufs, stop.as_mut(), timer).await {
             Ok(true) => {}
             Ok(false) => return,
             Err(p) => {
@@ -149,10 +155,10 @@ pub async fn serve_connection<C: Client>(
             &proxy,
             &upstreams,
             &mut client,
-            peer,
-            ip.text(),
+            &peer,
             &mut bufs,
             &shutdown,
+            upstream_timer.as_mut(),
         )
         .await;
         proxy
@@ -186,31 +192,60 @@ async fn to_client<C: Client>(client: &mut C, bytes: &[u8]) -> std::io::Result<(
     client.flush().await
 }
 
-/// The client's address as `X-Forwarded-For` gives it, formatted once per
-/// connection: `Display` for an address costs a few hundred instructions
-/// of formatting machinery, which every request paid.
-struct ClientIp {
-    text: [u8; ClientIp::MAX],
+/// The client: its address, and its IP as `X-Forwarded-For` gives it,
+/// formatted once per connection: `Display` for an address costs a few
+/// hundred instructions of formatting machinery, which every request paid.
+struct Peer {
+    addr: SocketAddr,
+    text: [u8; Peer::MAX],
     len: usize,
 }
 
-impl ClientIp {
+impl Peer {
     /// The longest IPv6 text form (an IPv4-mapped address), and more.
     const MAX: usize = 48;
 
-    fn new(ip: std::net::IpAddr) -> Self {
+    fn new(addr: SocketAddr) -> Self {
         let mut text = [0u8; Self::MAX];
         let mut rest = &mut text[..];
         // 48 bytes hold any address's text, so this cannot fail.
-        let _ = write!(rest, "{ip}");
+        let _ = write!(rest, "{}", addr.ip());
         let len = Self::MAX - rest.len();
-        ClientIp { text, len }
+        Peer { addr, text, len }
     }
 
-    fn text(&self) -> &[u8] {
+    fn ip_text(&self) -> &[u8] {
         &self.text[..self.len]
     }
 }
+
+/// `fut`, or `Err(TimedOut)` if `timer` (armed by the caller with
+/// `Sleep::reset`) fires first: `tokio::time::timeout` on a timer the
+/// connection keeps. A new `timeout` registers a timer in the runtime's
+/// wheel under its lock and removes it again, on every call; a kept
+/// timer moved to a later deadline is one atomic update (tokio extends a
+/// registered deadline in place). The future is polled first, as
+/// `timeout` does.
+async fn until<F: Future>(timer: Pin<&mut Sleep>, fut: F) -> Result<F::Output, TimedOut> {
+    tokio::select! {
+        biased;
+        out = fut => Ok(out),
+        () = timer => Err(TimedOut),
+    }
+}
+
+/// [`until`] `limit` from now.
+async fn bounded<F: Future>(
+    mut timer: Pin<&mut Sleep>,
+    limit: Duration,
+    fut: F,
+) -> Result<F::Output, TimedOut> {
+    timer.as_mut().reset(tokio::time::Instant::now() + limit);
+    until(timer, fut).await
+}
+
+/// A deadline passed.
+struct TimedOut;
 
 /// Says the connection is over, then reads (and drops) what the client
 /// still sends for a moment, so a close with unread bytes does not reset
@@ -261,8 +296,12 @@ async fn read_head<C: Client>(
     client: &mut C,
     bufs: &mut Buffers,
     mut stop: Pin<&mut impl Future<Output = ()>>,
+    mut timer: Pin<&mut Sleep>,
 ) -> Result<bool, Problem> {
-    let deadline = tokio::time::Instant::now() + proxy.relay.head_timeout;
+    // The whole head within `head_timeout`.
+    timer
+        .as_mut()
+        .reset(tokio::time::Instant::now() + proxy.relay.head_timeout);
     let limit = proxy.relay.max_head;
     loop {
         if head_end(&bufs.head, &mut bufs.scanned) {
@@ -286,7 +325,7 @@ async fn read_head<C: Client>(
         let idle = bufs.head.is_empty();
         let read = tokio::select! {
             biased;
-            r = tokio::time::timeout_at(deadline, client.read_buf(&mut bufs.head)) => r,
+            r = until(timer.as_mut(), client.read_buf(&mut bufs.head)) => r,
             () = stop.as_mut(), if idle => return Ok(false),
         };
         match read {
@@ -355,10 +394,10 @@ async fn exchange<C: Client>(
     proxy: &HttpProxy,
     upstreams: &Upstreams,
     client: &mut C,
-    peer: SocketAddr,
-    ip: &[u8],
+    peer: &Peer,
     bufs: &mut Buffers,
     shutdown: &Shutdown,
+    timer: Pin<&mut Sleep>,
 ) -> Next {
     let mut slots = header_slots();
     let Buffers { head, scratch, .. } = bufs;
@@ -425,7 +464,7 @@ async fn exchange<C: Client>(
         let detail = || format!("{} {}", head.method, head.path());
         let info = WriteInfo {
             protocol: fencing::Protocol::Http,
-            client: peer,
+            client: peer.addr,
             detail: &detail,
         };
         match proxy
@@ -444,7 +483,8 @@ async fn exchange<C: Client>(
     let call = Call {
         proxy,
         upstreams,
-        ip,
+        ip: peer.ip_text(),
+        timer,
         head: &head,
         first,
         body,
@@ -477,6 +517,8 @@ struct Call<'p, 'h, 'b> {
     upstreams: &'p Upstreams,
     /// The client's address, as text.
     ip: &'p [u8],
+    /// The upstream's timer (see `until`).
+    timer: Pin<&'p mut Sleep>,
     head: &'h RequestHead<'b, 'h>,
     first: Progress,
     body: BodyReader,
@@ -615,7 +657,7 @@ impl Call<'_, '_, '_> {
     /// request still in `out`) is replaced by a new one, once: the new
     /// one is returned.
     async fn first_read(
-        &self,
+        &mut self,
         up: &mut UpConn,
         resp: &mut Vec<u8>,
         retry: bool,
@@ -625,7 +667,7 @@ impl Call<'_, '_, '_> {
             return Ok(None);
         }
         let within = self.proxy.upstream_timeout;
-        match tokio::time::timeout(within, up.read_buf(resp)).await {
+        match bounded(self.timer.as_mut(), within, up.read_buf(resp)).await {
             Err(_) => Err(Failure::TimedOut),
             Ok(Ok(n)) if n > 0 => Ok(None),
             Ok(_) if retry => {
@@ -635,7 +677,7 @@ impl Call<'_, '_, '_> {
                     .send_all(out)
                     .await
                     .map_err(|_| Failure::Broken("the upstream connection failed"))?;
-                match tokio::time::timeout(within, fresh.read_buf(resp)).await {
+                match bounded(self.timer.as_mut(), within, fresh.read_buf(resp)).await {
                     Err(_) => Err(Failure::TimedOut),
                     Ok(Ok(n)) if n > 0 => Ok(Some(fresh)),
                     Ok(_) => Err(Failure::Broken(
@@ -651,7 +693,7 @@ impl Call<'_, '_, '_> {
 
     /// Reads the answer's head (relaying 1xx), then relays the answer.
     async fn respond<C: Client>(
-        self,
+        mut self,
         client: &mut C,
         bufs: &mut Scratch,
         mut up: UpConn,
@@ -672,7 +714,7 @@ impl Call<'_, '_, '_> {
                         .await;
                 }
                 bufs.resp.reserve(4096);
-                match tokio::time::timeout(within, up.read_buf(&mut bufs.resp)).await {
+                match bounded(self.timer.as_mut(), within, up.read_buf(&mut bufs.resp)).await {
                     Err(_) => return self.failed(client, bufs, Failure::TimedOut).await,
                     Ok(Ok(0) | Err(_)) => {
                         return self
@@ -772,16 +814,17 @@ impl Call<'_, '_, '_> {
             while !complete {
                 bufs.down.clear();
                 bufs.down.reserve(CHUNK);
-                let n = match tokio::time::timeout(within, up.read_buf(&mut bufs.down)).await {
-                    Ok(Ok(0)) => {
-                        // Close-delimited: the end; else truncated.
-                        complete = body.eof().is_ok();
-                        clean = false;
-                        break;
-                    }
-                    Ok(Ok(n)) => n,
-                    Ok(Err(_)) | Err(_) => break,
-                };
+                let n =
+                    match bounded(self.timer.as_mut(), within, up.read_buf(&mut bufs.down)).await {
+                        Ok(Ok(0)) => {
+                            // Close-delimited: the end; else truncated.
+                            complete = body.eof().is_ok();
+                            clean = false;
+                            break;
+                        }
+                        Ok(Ok(n)) => n,
+                        Ok(Err(_)) | Err(_) => break,
+                    };
                 let Ok(p) = body.advance(&bufs.down[..n]) else {
                     break;
                 };
