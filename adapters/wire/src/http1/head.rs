@@ -71,28 +71,28 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// The kind of a header named `name` (ASCII case ignored).
+    /// The kind of a header named `name` (ASCII case ignored). Dispatched
+    /// on the length first, so most names are compared with none or one
+    /// candidate rather than the whole list (every header line of every
+    /// request and answer comes through here).
     pub fn of(name: &str) -> Kind {
-        const TABLE: [(&str, Kind); 14] = [
-            ("host", Kind::Host),
-            ("content-length", Kind::ContentLength),
-            ("transfer-encoding", Kind::TransferEncoding),
-            ("connection", Kind::Connection),
-            ("fencing-token", Kind::FencingToken),
-            ("fencing-resource", Kind::FencingResource),
-            ("expect", Kind::Expect),
-            ("keep-alive", Kind::HopByHop),
-            ("proxy-connection", Kind::HopByHop),
-            ("te", Kind::HopByHop),
-            ("trailer", Kind::HopByHop),
-            ("upgrade", Kind::HopByHop),
-            ("proxy-authorization", Kind::HopByHop),
-            ("proxy-authenticate", Kind::HopByHop),
-        ];
-        TABLE
-            .iter()
-            .find(|(n, _)| n.len() == name.len() && n.eq_ignore_ascii_case(name))
-            .map_or(Kind::EndToEnd, |(_, k)| *k)
+        let is = |n: &str| name.eq_ignore_ascii_case(n);
+        match name.len() {
+            2 if is("te") => Kind::HopByHop,
+            4 if is("host") => Kind::Host,
+            6 if is("expect") => Kind::Expect,
+            7 if is("trailer") || is("upgrade") => Kind::HopByHop,
+            10 if is("connection") => Kind::Connection,
+            10 if is("keep-alive") => Kind::HopByHop,
+            13 if is("fencing-token") => Kind::FencingToken,
+            14 if is("content-length") => Kind::ContentLength,
+            16 if is("fencing-resource") => Kind::FencingResource,
+            16 if is("proxy-connection") => Kind::HopByHop,
+            17 if is("transfer-encoding") => Kind::TransferEncoding,
+            18 if is("proxy-authenticate") => Kind::HopByHop,
+            19 if is("proxy-authorization") => Kind::HopByHop,
+            _ => Kind::EndToEnd,
+        }
     }
 
     /// Headers a `Connection` header may not name: the proxy forwards them

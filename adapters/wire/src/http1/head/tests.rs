@@ -439,3 +439,42 @@ fn check_lines(
     }
     Ok(())
 }
+
+/// `Kind::of` knows each special header by name in any ASCII case, and
+/// nothing else: names one letter off or of another length are end to end.
+#[test]
+fn kind_of_knows_each_special_name_and_nothing_else() {
+    let table = [
+        ("host", Kind::Host),
+        ("content-length", Kind::ContentLength),
+        ("transfer-encoding", Kind::TransferEncoding),
+        ("connection", Kind::Connection),
+        ("fencing-token", Kind::FencingToken),
+        ("fencing-resource", Kind::FencingResource),
+        ("expect", Kind::Expect),
+        ("keep-alive", Kind::HopByHop),
+        ("proxy-connection", Kind::HopByHop),
+        ("te", Kind::HopByHop),
+        ("trailer", Kind::HopByHop),
+        ("upgrade", Kind::HopByHop),
+        ("proxy-authorization", Kind::HopByHop),
+        ("proxy-authenticate", Kind::HopByHop),
+    ];
+    for (name, kind) in table {
+        assert_eq!(Kind::of(name), kind, "{name}");
+        assert_eq!(Kind::of(&name.to_ascii_uppercase()), kind, "{name}");
+        let mut mixed: Vec<u8> = name.bytes().collect();
+        mixed[0] = mixed[0].to_ascii_uppercase();
+        assert_eq!(Kind::of(std::str::from_utf8(&mixed).unwrap()), kind);
+        // One letter off, one longer, one shorter: not special.
+        let mut off = name.as_bytes().to_vec();
+        let last = off.len() - 1;
+        off[last] = if off[last] == b'x' { b'y' } else { b'x' };
+        assert_eq!(Kind::of(std::str::from_utf8(&off).unwrap()), Kind::EndToEnd);
+        assert_eq!(Kind::of(&format!("{name}s")), Kind::EndToEnd, "{name}s");
+        assert_eq!(Kind::of(&name[1..]), Kind::EndToEnd, "{name}");
+    }
+    for name in ["", "x", "content-type", "server", "date", "x-forwarded-for"] {
+        assert_eq!(Kind::of(name), Kind::EndToEnd, "{name}");
+    }
+}
