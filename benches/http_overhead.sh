@@ -415,7 +415,9 @@ if [ "$CALLGRIND" = 1 ]; then
     log "callgrind: fencepost (workers = 1) and nginx (1 process) under valgrind"
     d="$TMP/cg-fencepost"; mkdir -p "$d"; p="$(port)"
     fencepost_conf "$d" "$p" 1 >"$d/fencepost.toml"
-    env -u RUST_LOG TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind \
+    # --dump-instr=yes: the kept dump (--keep-tmp) can be read per
+    # function and per instruction (callgrind_annotate); the count is the same.
+    env -u RUST_LOG TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --dump-instr=yes \
         --callgrind-out-file="$d/cg.out" "$FENCEPOST" serve --config "$d/fencepost.toml" >"$TMP/cg-fencepost.log" 2>&1 &
     cg=$!; PIDS+=("$cg")
     wait_up "$p" "$cg"
