@@ -43,6 +43,10 @@ pub struct Admission<'a> {
     pub resource: ResourceRef<'a>,
     /// The token's number, verified.
     pub token: u64,
+    /// When it was admitted, on the tier's clock (0 without a tier): what
+    /// [`Fencer::still_leased`] is asked with just before the write goes
+    /// upstream.
+    pub leased_at: u64,
 }
 
 #[derive(Debug)]
@@ -196,6 +200,12 @@ impl Fencer {
         self
     }
 
+    /// Whether this process is a replica of a tier (and so whether
+    /// [`Fencer::still_leased`] can ever say no).
+    pub fn tiered(&self) -> bool {
+        self.tier.is_some()
+    }
+
     pub fn table(&self) -> &FenceTable {
         &self.table
     }
@@ -257,16 +267,76 @@ impl Fencer {
         resource: ResourceRef<'a>,
         token: u64,
     ) -> Option<Admission<'a>> {
-        if self.tier.as_deref().is_some_and(|t| !t.admits()) {
-            return None;
-        }
+        let leased_at = match self.tier.as_deref() {
+            Some(t) => t.stamp()?,
+            None => 0,
+        };
         let guard = slot.try_admit_fast(token)?;
         counters.accepted();
         Some(Admission {
             guard,
             resource,
             token,
+            leased_at,
         })
+    }
+
+    /// The last look at an admitted write, taken immediately before its
+    /// first byte is written to the upstream: whether this replica's lease
+    /// has held without a break since the write was admitted at `leased_at`
+    /// ([`Admission::leased_at`]). Always true off a tier; on one, one
+    /// clock read and two atomic loads, no allocation.
+    ///
+    /// False means the write must not be forwarded: while the lease was
+    /// out, the rest of the tier may have advanced without waiting for
+    /// this replica (that is what a lease is for), so a write admitted
+    /// before could land after a newer token's. Also after the lease was
+    /// renewed: the renewal raised the marks it learnt, but cannot recall
+    /// an admission already made. Refuse it with [`Fencer::lapsed`].
+    ///
+    /// What this narrows, and what it cannot close: a pause or stall
+    /// between admission and this look (a SIGSTOP, a GC-like pause, an
+    /// upstream slow to accept the connection, a full socket) is caught,
+    /// however long. A pause between this look and the write system call
+    /// (a few instructions, no system call between them), or of a process
+    /// whose bytes are already written (sitting in socket buffers, or at
+    /// an upstream that applies them late) is not: no check inside the
+    /// proxy can see past its own write. For Postgres, guard mode
+    /// (`enforce = "database"`) closes it: the check runs in the write's
+    /// own transaction, atomic with the write.
+    #[inline]
+    pub fn still_leased(&self, leased_at: u64) -> bool {
+        self.tier.as_deref().is_none_or(|t| t.held_since(leased_at))
+    }
+
+    /// Refuses a write that [`Fencer::still_leased`] stopped after its
+    /// admission: `guard` (its in-flight hold, if the caller still has it)
+    /// goes first, since the write never reaches the upstream and no drain
+    /// need wait for it; then the refusal is counted and audited as
+    /// `unavailable`, like every other ([`Fencer::refused`]). Resolves once
+    /// the record is durable; answer the refusal (503 / ZF004) after.
+    pub async fn lapsed(
+        &self,
+        counters: &WriteCounters,
+        guard: Option<InflightGuard>,
+        resource: Option<ResourceName>,
+        token: Option<u64>,
+        info: &WriteInfo<'_>,
+    ) -> Refusal {
+        drop(guard);
+        let refusal = Refusal {
+            reason: Reason::Unavailable,
+            field: None,
+            resource,
+            presented: token,
+            current: None,
+            message: "fence state unavailable, write refused: this replica's lease in the \
+                      fencing tier lapsed after the write was admitted and before it reached \
+                      the upstream; retry"
+                .into(),
+        };
+        self.refused(counters, &refusal, info).await;
+        refusal
     }
 
     /// Counts an admission, or audits a refusal and waits until its record
@@ -429,20 +499,24 @@ impl Fencer {
         let tier = self.tier.as_deref();
         let self_fenced =
             || unavailable(&"this replica cannot confirm its lease in the fencing tier");
-        if tier.is_some_and(|t| !t.admits()) {
-            return Err(self_fenced());
-        }
+        // When the lease last held, for the last look before forwarding.
+        let stamp = || match tier {
+            Some(t) => t.stamp().ok_or_else(self_fenced),
+            None => Ok(0),
+        };
+        let leased_at = stamp()?;
         let name = resource.as_str();
         let slot = self.slot(name).await.map_err(|e| unavailable(&e))?;
-        let admission = |guard| Admission {
+        let admission = |guard, leased_at| Admission {
             guard,
             resource,
             token: presented,
+            leased_at,
         };
         // The steady state (the leader's token is the mark) needs no timer,
         // no store and no lock: one CAS.
         if let Some(guard) = slot.try_admit_fast(presented) {
-            return Ok((admission(guard), false));
+            return Ok((admission(guard, leased_at), false));
         }
         let persist = StorePersist {
             store: &*self.store,
@@ -461,10 +535,8 @@ impl Fencer {
             Verdict::Accepted(a) => {
                 metrics::histogram!(ADVANCE_SECONDS).record(started.elapsed().as_secs_f64());
                 // The wait may have outlasted this replica's own lease.
-                if tier.is_some_and(|t| !t.admits()) {
-                    return Err(self_fenced());
-                }
-                Ok((admission(a.guard), a.advanced_from.is_some()))
+                let leased_at = stamp()?;
+                Ok((admission(a.guard, leased_at), a.advanced_from.is_some()))
             }
             Verdict::Stale { current } => Err(refuse(
                 Reason::Stale,

@@ -35,8 +35,14 @@
 //! so it stopped admitting before that (by its own clock, with the
 //! margin), and it must renew, which returns the advance, before it admits
 //! again. A replica that joined after the advance loads the mark from the
-//! store. What remains is a write whose forwarding stalls (a pause, a slow
-//! upstream) longer than the margin after its admission: see the README.
+//! store.
+//!
+//! Between admission and forwarding there is a last look: every proxy
+//! calls [`Fencer::still_leased`] with the instant the write was admitted
+//! at, immediately before the write's first byte goes upstream, and a write
+//! whose replica lease lapsed at any moment since is refused there instead
+//! (503 / ZF004). What remains is a pause *after* that look, between it and
+//! the write system call, or of bytes already written: see the README.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -122,7 +128,23 @@ impl Tier {
     /// Whether this replica may admit a write now: its lease, confirmed by
     /// the store, cannot have expired there yet. One clock read.
     pub fn admits(&self) -> bool {
-        self.lease.admits(self.now_ns())
+        self.stamp().is_some()
+    }
+
+    /// The instant now on this replica's clock if its lease holds now, for
+    /// an admission to record: [`Tier::held_since`] later tells whether
+    /// the lease lapsed after it. One clock read.
+    pub fn stamp(&self) -> Option<u64> {
+        let now = self.now_ns();
+        self.lease.admits(now).then_some(now)
+    }
+
+    /// Whether the lease has held without a break since `at` (a
+    /// [`Tier::stamp`]): a write admitted then may still be forwarded.
+    /// False once it lapsed since, renewed or not (see
+    /// [`fencing::ReplicaLease::held_since`]). One clock read.
+    pub fn held_since(&self, at: u64) -> bool {
+        self.lease.held_since(at, self.now_ns())
     }
 
     /// Live replicas at the last renewal, this one included.
@@ -210,7 +232,7 @@ impl Tier {
             .await?;
         self.apply(fencer, r.advances, r.cursor);
         let ttl_ns = u64::try_from(self.ttl.as_nanos()).unwrap_or(u64::MAX);
-        self.lease.confirmed(sent, ttl_ns);
+        self.lease.confirmed(sent, ttl_ns, self.now_ns());
         self.live.store(r.live, Ordering::Relaxed);
         metrics::gauge!(REPLICAS_LIVE).set(r.live as f64);
         Ok(())

@@ -8,8 +8,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use fencing::{Protocol, ResourceName};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
@@ -19,6 +21,9 @@ use super::pool::{ConnectError, Pool};
 use super::problem::{self, Problem};
 use super::request_body::{self, RequestBody};
 use crate::config::Upstream;
+use crate::fencer::{Fencer, WriteInfo};
+use crate::metrics::WriteCounters;
+use wire::http::fencing_headers;
 
 const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
@@ -81,6 +86,22 @@ pub struct Forwarder {
     /// Longest a client may pause mid-upload.
     pub body_stall: Duration,
     pub upstream_errors: metrics::Counter,
+    /// For the last look at a write's replica lease before it is sent,
+    /// and the refusal when it lapsed.
+    pub fencer: Arc<Fencer>,
+    pub counters: WriteCounters,
+}
+
+/// An admitted write's last look before it is sent (see
+/// [`Fencer::still_leased`]), and what its refusal names.
+pub struct Leased<'a> {
+    /// [`crate::fencer::Admission::leased_at`].
+    pub at: u64,
+    pub token: u64,
+    /// The listener's routes: a refusal reads the resource from the
+    /// request again (the admission's borrows the request, which is sent
+    /// on; an owned copy would cost every write an allocation).
+    pub routes: &'a [(String, ResourceName)],
 }
 
 type Answer = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>;
@@ -146,14 +167,18 @@ impl Drop for Call {
 impl Forwarder {
     /// Sends `req` upstream and streams the answer back. `hold` (the
     /// write's guard and the request's permit) rides along in the
-    /// response body until the upstream has finished answering.
+    /// response body until the upstream has finished answering. A write
+    /// (`leased`) is sent only if its replica lease still holds once a
+    /// connection is in hand, else refused (503).
     pub async fn run(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
         hold: Hold,
+        leased: Option<Leased<'_>>,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
+        let had_body = !body.is_end_stream();
         let uri = match self.upstream.uri(parts.uri.path_and_query()) {
             Ok(uri) => uri,
             Err(e) => {
@@ -166,7 +191,9 @@ impl Forwarder {
                 .response()
             }
         };
-        parts.uri = uri;
+        // The client's own target, kept (moved, not copied) for a
+        // refusal's audit record.
+        let target = std::mem::replace(&mut parts.uri, uri);
         parts.version = http::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         add_forwarded_for(&mut parts.headers, peer);
@@ -196,6 +223,40 @@ impl Forwarder {
                     Err(e) => return self.unreachable(&e),
                 },
             };
+            // The last look before the write leaves (a connect can take
+            // long): on this path the request is handed to the
+            // connection's task, which writes the head at once.
+            if let Some(l) = leased.as_ref().filter(|l| !self.fencer.still_leased(l.at)) {
+                // Unused: back on the stack.
+                self.pool.checkin(sender);
+                let method = req.method().clone();
+                let detail = || format!("{method} {}", target.path());
+                let info = WriteInfo {
+                    protocol: Protocol::Http,
+                    client: peer,
+                    detail: &detail,
+                };
+                let refusal = self
+                    .fencer
+                    .lapsed(
+                        &self.counters,
+                        hold.guard.take(),
+                        fencing_headers(req.headers(), target.path(), l.routes)
+                            .resource
+                            .ok()
+                            .map(|r| r.to_name()),
+                        Some(l.token),
+                        &info,
+                    )
+                    .await;
+                let mut p = Problem::from_refusal(&refusal);
+                if had_body {
+                    // Left unread: the connection cannot carry another
+                    // request.
+                    p = p.header(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                return p.response();
+            }
             let mut call = Call {
                 answer: Some(Box::pin(sender.try_send_request(req))),
                 hold,

@@ -40,7 +40,7 @@ use tokio::sync::Semaphore;
 use wire::http::{fencing_headers, WriteMethods};
 
 use self::body::{Hold, ProxyBody};
-use self::forward::Forwarder;
+use self::forward::{Forwarder, Leased};
 use self::pool::Pool;
 use self::problem::Problem;
 use crate::config::{ConfigError, DataPath, HttpProxyConfig, Upstream};
@@ -150,6 +150,15 @@ impl HttpProxy {
             cfg.header_read_timeout.min(cfg.idle_timeout),
         )?;
         let counters = WriteCounters::new(Protocol::Http);
+        let forwarder = Forwarder {
+            pool,
+            upstream: upstream.clone(),
+            timeout: cfg.upstream_timeout,
+            body_stall: cfg.idle_timeout,
+            upstream_errors: counters.upstream_errors.clone(),
+            fencer: Arc::clone(&fencer),
+            counters: counters.clone(),
+        };
         Ok(Arc::new(HttpProxy {
             tls,
             fencer,
@@ -179,13 +188,7 @@ impl HttpProxy {
             upstream_tls,
             relay_path: cfg.data_path == DataPath::Relay,
             workers: cfg.workers,
-            forwarder: Forwarder {
-                pool,
-                upstream,
-                timeout: cfg.upstream_timeout,
-                body_stall: cfg.idle_timeout,
-                upstream_errors: counters.upstream_errors,
-            },
+            forwarder,
             http1,
         }))
     }
@@ -390,7 +393,7 @@ impl HttpProxy {
                 guard: None,
                 permit: Some(permit),
             };
-            return self.forwarder.run(req, peer, hold).await;
+            return self.forwarder.run(req, peer, hold, None).await;
         }
 
         let input = fencing_headers(req.headers(), req.uri().path(), &self.routes);
@@ -413,7 +416,12 @@ impl HttpProxy {
                     guard: Some(admitted.guard),
                     permit: Some(permit),
                 };
-                self.forwarder.run(req, peer, hold).await
+                let leased = Leased {
+                    at: admitted.leased_at,
+                    token: admitted.token,
+                    routes: &self.routes,
+                };
+                self.forwarder.run(req, peer, hold, Some(leased)).await
             }
             Decision::Refuse(refusal) => {
                 let mut p = Problem::for_headers(&refusal, &input);

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
+use fencing::{Protocol, Reason};
 use wire::pg::cycle::{owes_completion, RUN_NAMED_COMPLETIONS};
 use wire::pg::frame::{self, split_frame};
 use wire::pg::guard;
@@ -16,11 +17,12 @@ use wire::pg::{Classification, ClientMsg, Frame, FrameError, Recent};
 
 use super::fence::{fence, Verdict};
 use super::readbuf::{ReadBuf, IDLE};
-use super::refusal::{fatal, refuse, Unit};
+use super::refusal::{fatal, refuse, sqlstate, Unit};
 use super::session::Ctx;
 use super::startup::{ClientRead, ServerWrite};
 use super::state::{GuardCall, Statement, Write};
 use super::ORPHAN_WAIT;
+use crate::fencer::WriteInfo;
 use crate::shutdown::Shutdown;
 
 /// A statement known by name (Parse) or bound to a portal (Bind).
@@ -124,6 +126,9 @@ pub(super) async fn client_loop(
     let mut shutting_down = pin!(shutdown.wait());
     let mut closing = false;
     let mut terminated = false;
+    // Set when a batch was stopped because the replica lease lapsed since
+    // a write in it was admitted.
+    let mut lapsed: Option<Stopped> = None;
     'read: loop {
         loop {
             let frame = match split_frame(&mut rb.buf, ctx.proxy.max_frame) {
@@ -131,7 +136,10 @@ pub(super) async fn client_loop(
                 Ok(None) => break,
                 Err(e) => {
                     tracing::debug!(peer = %ctx.peer, error = %e, "malformed message from client");
-                    let _ = sw.write_all(&out).await;
+                    if let Err(Unsent::Lapsed(stopped)) = to_server(ctx, &mut sw, &out).await {
+                        lapsed = Some(stopped);
+                        break 'read;
+                    }
                     ctx.to_client(&fatal("08P01", &format!("fencepost: {e}")))
                         .await;
                     break 'read;
@@ -149,7 +157,8 @@ pub(super) async fn client_loop(
                 Poll::Ready(done) => done,
                 Poll::Pending => {
                     if !out.is_empty() {
-                        if sw.write_all(&out).await.is_err() {
+                        if let Err(e) = to_server(ctx, &mut sw, &out).await {
+                            lapsed = e.lapsed();
                             break 'read;
                         }
                         out.clear();
@@ -161,13 +170,18 @@ pub(super) async fn client_loop(
                 Ok(Out::Send(b)) => out.extend_from_slice(&b),
                 Ok(Out::Last(b)) => {
                     out.extend_from_slice(&b);
-                    terminated = true;
-                    let _ = sw.write_all(&out).await;
+                    match to_server(ctx, &mut sw, &out).await {
+                        Err(Unsent::Lapsed(stopped)) => lapsed = Some(stopped),
+                        Ok(()) | Err(Unsent::Broken) => terminated = true,
+                    }
                     break 'read;
                 }
                 Err(e) => {
                     tracing::debug!(peer = %ctx.peer, error = %e, "malformed message from client");
-                    let _ = sw.write_all(&out).await;
+                    if let Err(Unsent::Lapsed(stopped)) = to_server(ctx, &mut sw, &out).await {
+                        lapsed = Some(stopped);
+                        break 'read;
+                    }
                     ctx.to_client(&fatal("08P01", &format!("fencepost: {e}")))
                         .await;
                     break 'read;
@@ -175,7 +189,8 @@ pub(super) async fn client_loop(
             }
         }
         if !out.is_empty() {
-            if sw.write_all(&out).await.is_err() {
+            if let Err(e) = to_server(ctx, &mut sw, &out).await {
+                lapsed = e.lapsed();
                 break;
             }
             out.clear();
@@ -218,7 +233,122 @@ pub(super) async fn client_loop(
         let _ = sw.shutdown().await;
         wait_answered(ctx).await;
     }
+    if let Some(stopped) = lapsed {
+        // What was sent has been answered (or the server is gone); the
+        // rest never will be.
+        lapse_refused(ctx, stopped).await;
+    }
     let _ = sw.shutdown().await;
+}
+
+/// Why a batch did not reach the server whole.
+enum Unsent {
+    /// The server's connection failed.
+    Broken,
+    /// The replica lease lapsed since a write in the batch was admitted;
+    /// the rest of the batch was not written.
+    Lapsed(Stopped),
+}
+
+/// The write a stopped batch was armed for, for its audit record: the
+/// newest the session admitted, and the statement that armed the batch.
+struct Stopped {
+    write: Option<Write>,
+    statement: Option<Statement>,
+}
+
+impl Unsent {
+    fn lapsed(self) -> Option<Stopped> {
+        match self {
+            Unsent::Broken => None,
+            Unsent::Lapsed(newest) => Some(newest),
+        }
+    }
+}
+
+/// Writes a batch to the server. A batch holding a write the proxy alone
+/// fenced ([`Ctx::arm`]) goes out one write system call at a time, each
+/// immediately after the last look at the replica lease
+/// ([`Fencer::still_leased`]), waiting for room in the socket *before*
+/// the look: a server that stops reading (a batch larger than the socket
+/// buffers, behind a statement that waits) cannot hold the rest of a
+/// write past the look. A lapse stops the batch where it is.
+///
+/// Every other batch is one `write_all`, as before: nothing to look at.
+///
+/// [`Fencer::still_leased`]: crate::fencer::Fencer::still_leased
+async fn to_server(ctx: &Ctx, sw: &mut ServerWrite, out: &[u8]) -> Result<(), Unsent> {
+    let Some(since) = ctx.take_armed() else {
+        return sw.write_all(out).await.map_err(|_| Unsent::Broken);
+    };
+    let fencer = &ctx.proxy.fencer;
+    let lapsed = || {
+        let mut s = ctx.lock();
+        let write = s
+            .cycles
+            .data()
+            .filter_map(|c| c.writes.last().cloned())
+            .last();
+        Unsent::Lapsed(Stopped {
+            write,
+            statement: s.armed.take(),
+        })
+    };
+    let ServerWrite::Plain(w) = sw else {
+        // TLS: records are sealed and flushed whole, so one look, just
+        // before they are written.
+        if !fencer.still_leased(since) {
+            return Err(lapsed());
+        }
+        return sw.write_all(out).await.map_err(|_| Unsent::Broken);
+    };
+    let mut rest = out;
+    while !rest.is_empty() {
+        w.writable().await.map_err(|_| Unsent::Broken)?;
+        if !fencer.still_leased(since) {
+            return Err(lapsed());
+        }
+        match w.try_write(rest) {
+            Ok(0) => return Err(Unsent::Broken),
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Err(Unsent::Broken),
+        }
+    }
+    Ok(())
+}
+
+/// The answer to a batch stopped by a lapsed replica lease: audited and
+/// counted as `unavailable` like every refusal, then `FATAL` `ZF004` and
+/// the session's end. Not an `ERROR` in the statement's place, as other
+/// refusals are: part of the batch may already be at the server (up to a
+/// message cut in two), so the server's connection is closed instead,
+/// which runs nothing of the cut message or after it and rolls back an
+/// open block, as Postgres does for a client that vanished.
+async fn lapse_refused(ctx: &Ctx, stopped: Stopped) {
+    let (resource, token) = stopped.write.unzip();
+    let detail = || {
+        stopped.statement.as_ref().map_or_else(
+            || String::from("(not sent: the replica lease lapsed after its admission)"),
+            Statement::fingerprint,
+        )
+    };
+    let info = WriteInfo {
+        protocol: Protocol::Postgres,
+        client: ctx.peer,
+        detail: &detail,
+    };
+    let refusal = ctx
+        .proxy
+        .fencer
+        .lapsed(&ctx.proxy.counters, None, resource, token, &info)
+        .await;
+    let message = format!(
+        "{}; the session ends (what was sent before the lapse ran; nothing after it did)",
+        refusal.message
+    );
+    ctx.to_client(&fatal(sqlstate(Reason::Unavailable), &message))
+        .await;
 }
 
 fn idle(ctx: &Ctx) -> bool {
@@ -284,7 +414,7 @@ async fn on_query(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, text: &[u8]) 
     let send = if ctx.proxy.guard && class.unsplit {
         Send::Instead(unguardable(ctx, &class, NOT_UTF8))
     } else {
-        match fence(ctx, &class, &statement, Unit::Query).await {
+        match fence(ctx, &class, &statement, Unit::Query, false).await {
             Verdict::Refused(b) => Send::Instead(b),
             Verdict::Pass => Send::Same,
             Verdict::Admitted(plan) if plan.iter().all(|(at, _)| *at == 0) => {
@@ -426,7 +556,7 @@ async fn on_execute(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, portal: &[u
         None => (None, Statement::Label(UNKNOWN_PORTAL)),
     };
     let class = class.as_deref().unwrap_or(&unknown);
-    let verdict = fence(ctx, class, &statement, Unit::Execute).await;
+    let verdict = fence(ctx, class, &statement, Unit::Execute, false).await;
     let mut s = ctx.lock();
     let cycle = s.open_cycle();
     let send = match verdict {
@@ -490,7 +620,7 @@ async fn on_function_call(ctx: &Ctx) -> Send {
         ..Classification::default()
     };
     let statement = Statement::Label("(fast-path function call)");
-    let send = match fence(ctx, &class, &statement, Unit::Query).await {
+    let send = match fence(ctx, &class, &statement, Unit::Query, true).await {
         Verdict::Refused(b) => Send::Instead(b),
         Verdict::Pass | Verdict::Admitted(_) => Send::Same,
     };

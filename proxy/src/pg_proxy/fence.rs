@@ -8,7 +8,7 @@ use wire::pg::classify::GuardPoint;
 use wire::pg::{Classification, CommentFence};
 
 use super::refusal::{refusal_error, refuse, Unit};
-use super::session::Ctx;
+use super::session::{Ctx, NOT_ARMED};
 use super::state::{Shared, Statement, Steady, Write};
 use super::vars::Setting;
 use crate::fencer::{Decision, Refusal, WriteInfo};
@@ -27,11 +27,16 @@ pub(super) enum Verdict {
 
 /// Files the statement's SETs, decides its write (and a COMMIT's writes)
 /// through the fencer, and files guards and writes in the open cycle.
+/// `alone`: the statement is fenced by the proxy alone in guard mode too
+/// (a fast-path call, which no guard call can accompany): no guard is
+/// planned or filed for it, and its admission is looked at again before
+/// it is sent, as in proxy mode ([`Ctx::arm`]).
 pub(super) async fn fence(
     ctx: &Ctx,
     class: &Classification,
     statement: &Statement,
     unit: Unit,
+    alone: bool,
 ) -> Verdict {
     let (view, commits, strict_write) = {
         let mut s = ctx.lock();
@@ -45,7 +50,7 @@ pub(super) async fn fence(
         }
         let write = class.write || strict_write;
         if write && !class.commits {
-            if let Some(verdict) = steady(ctx, &mut s, class) {
+            if let Some(verdict) = steady(ctx, &mut s, class, statement) {
                 return verdict;
             }
         }
@@ -83,6 +88,8 @@ pub(super) async fn fence(
     };
     let proxy = &ctx.proxy;
     let mut admitted = Vec::with_capacity(1 + commits.len());
+    // The earliest admission's instant, for the look before sending.
+    let mut leased_at = NOT_ARMED;
     let mut steady_now = None;
     // The statement's own write, which each later segment of a
     // multi-statement text guards again; and whether the block's COMMIT
@@ -113,6 +120,7 @@ pub(super) async fn fence(
                     });
                 }
                 own_write = Some((a.resource.to_name(), a.token));
+                leased_at = leased_at.min(a.leased_at);
                 admitted.push((a.guard, a.resource.to_name(), a.token));
             }
             Decision::Refuse(r) => return refused(ctx, class, unit, &r),
@@ -134,7 +142,10 @@ pub(super) async fn fence(
         ))
         .await
         {
-            Decision::Admit(a) => admitted.push((a.guard, resource, token)),
+            Decision::Admit(a) => {
+                leased_at = leased_at.min(a.leased_at);
+                admitted.push((a.guard, resource, token));
+            }
             Decision::Refuse(r) => {
                 // Guards admitted for this statement drop here: it never runs.
                 drop(admitted);
@@ -160,6 +171,12 @@ pub(super) async fn fence(
     }
     if steady_now.is_some() {
         s.steady = steady_now;
+    }
+    // Guard mode's database guard checks the write in its own
+    // transaction; a write the proxy fences alone gets the proxy's last
+    // look before it is sent.
+    if leased_at != NOT_ARMED && (!proxy.guard || class.outside_block || alone) {
+        ctx.arm(&mut s, leased_at, statement);
     }
     let cycle = s.open_cycle();
     cycle.data.guarded.extend(guarded.iter().cloned());
@@ -219,7 +236,12 @@ fn placed(
 /// write presented (the committed variables, no setting pending, no
 /// comment) is admitted on the slot the session holds, with one CAS and no
 /// allocation. `None`: decide in full.
-fn steady(ctx: &Ctx, s: &mut Shared, class: &Classification) -> Option<Verdict> {
+fn steady(
+    ctx: &Ctx,
+    s: &mut Shared,
+    class: &Classification,
+    statement: &Statement,
+) -> Option<Verdict> {
     let proxy = &ctx.proxy;
     if (proxy.guard && !class.outside_block) || class.comment != CommentFence::default() {
         return None;
@@ -238,7 +260,9 @@ fn steady(ctx: &Ctx, s: &mut Shared, class: &Classification) -> Option<Verdict> 
         held.n,
     )?;
     let write: Write = (held.resource.clone(), held.n);
-    let guard = admission.guard;
+    let (guard, leased_at) = (admission.guard, admission.leased_at);
+    // Proxy mode, or a statement guard mode cannot guard: the proxy alone.
+    ctx.arm(s, leased_at, statement);
     let cycle = s.open_cycle();
     cycle.data.guards.push(guard);
     cycle.data.writes.push(write);

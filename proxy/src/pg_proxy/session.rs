@@ -49,6 +49,22 @@
 //! ROLLBACK's completion is swapped for the fencing error: the block is
 //! rolled back and COMMIT answers `ZF001`, as the contract says.
 //!
+//! # The last look before the server (a tier, proxy mode)
+//! A write the proxy alone fences (proxy mode; in guard mode the
+//! statements the guard cannot accompany) arms the client loop's next
+//! write to the server with the instant it was admitted at
+//! ([`Ctx::arm`]). That batch is then written one system call at a time,
+//! each right after [`Fencer::still_leased`] (waiting for room in the
+//! socket *before* the look), so neither a pause of the process nor a
+//! server that stops reading can carry the rest of an admitted write past
+//! a lapse of the replica lease. The exception is the session itself: a
+//! batch stopped there may be cut mid-message, which no refusal marker
+//! can follow, so the server's connection is closed (it runs nothing of
+//! the cut message or after it, and rolls back an open block), what it
+//! was sent before is answered, and the client gets `FATAL` `ZF004`.
+//!
+//! [`Fencer::still_leased`]: crate::fencer::Fencer::still_leased
+//!
 //! # Guard mode (`enforce = "database"`)
 //! After the proxy admits a write, it also sends `fencepost.advance(resource,
 //! token, guard_wait)` (installed by `fencepost migrate --guard`) in the
@@ -78,6 +94,7 @@
 //! ErrorResponse is never hidden.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::BytesMut;
@@ -92,7 +109,7 @@ use super::server::server_loop;
 use super::startup::{
     accept, connect_upstream, forward_cancel, ClientRead, ClientWrite, ServerRead, ServerWrite,
 };
-use super::state::Shared;
+use super::state::{Shared, Statement};
 use super::vars::Vars;
 use super::PgProxy;
 use crate::shutdown::Shutdown;
@@ -107,7 +124,19 @@ pub(super) struct Ctx {
     /// Fired when the server side has ended.
     pub(super) server_gone: Notify,
     client_w: tokio::sync::Mutex<ClientWrite>,
+    /// The earliest admission instant ([`Admission::leased_at`]) of the
+    /// writes fenced by the proxy alone whose bytes the client loop has
+    /// not written to the server yet ([`NOT_ARMED`]: none). The client
+    /// loop takes it before each write to the server and looks at the
+    /// replica lease before every write system call of that batch
+    /// (`client.rs` `to_server`). Only on a tier.
+    ///
+    /// [`Admission::leased_at`]: crate::fencer::Admission::leased_at
+    unsent: AtomicU64,
 }
+
+/// [`Ctx`]'s `unsent` when no write is waiting to be sent.
+pub(super) const NOT_ARMED: u64 = u64::MAX;
 
 impl Ctx {
     /// The shared state. A std mutex, never held across an await.
@@ -115,6 +144,24 @@ impl Ctx {
         // Nothing below panics while holding it; a poisoned lock still
         // holds consistent state.
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A write the proxy alone fenced, admitted at `leased_at`, is about
+    /// to join the batch for the server: the batch is written only while
+    /// the replica lease holds since then. `s` is this session's state,
+    /// locked by the caller: it keeps `statement` for the audit record of
+    /// a batch that is stopped (a reference count, no copy).
+    pub(super) fn arm(&self, s: &mut Shared, leased_at: u64, statement: &Statement) {
+        if self.proxy.fencer.tiered() {
+            self.unsent.fetch_min(leased_at, Ordering::Relaxed);
+            s.armed = Some(statement.clone());
+        }
+    }
+
+    /// The batch's earliest admission instant, if it holds such a write;
+    /// disarms for the next batch.
+    pub(super) fn take_armed(&self) -> Option<u64> {
+        Some(self.unsent.swap(NOT_ARMED, Ordering::Relaxed)).filter(|&at| at != NOT_ARMED)
     }
 
     /// Best effort: the client may be gone. Both loops write to the
@@ -158,6 +205,7 @@ pub(super) async fn run(
         answered: Notify::new(),
         server_gone: Notify::new(),
         client_w: tokio::sync::Mutex::new(cw),
+        unsent: AtomicU64::new(NOT_ARMED),
     };
     tokio::join!(
         client_loop(&ctx, cr, sw, cbuf, shutdown),

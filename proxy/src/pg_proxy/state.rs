@@ -109,6 +109,10 @@ pub(super) struct Shared {
     pub(super) in_block: bool,
     /// The fast path's inputs, from the last full decision that admitted.
     pub(super) steady: Option<Steady>,
+    /// On a tier, the newest write the proxy alone fenced and armed the
+    /// next write to the server with (see `Ctx::arm`): what the audit
+    /// record names if the replica lease lapses before it is sent.
+    pub(super) armed: Option<Statement>,
     /// An answered cycle's data, emptied, for the next cycle: its vectors
     /// keep their capacity, so filing a guard allocates nothing.
     spare: CycleData,
@@ -137,6 +141,7 @@ impl Shared {
             vars,
             in_block: false,
             steady: None,
+            armed: None,
             spare: CycleData::default(),
         }
     }

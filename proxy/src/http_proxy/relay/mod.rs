@@ -10,11 +10,15 @@
 //!
 //! What the hyper path did stays, in the same order: the concurrency
 //! bound (503), the fencing decision (problem+json refusals, audited by
-//! the fencer), the in-flight guard held until the upstream's answer has
-//! been read to its end (also when the client hangs up: the answer is
-//! still read, and discarded), `upstream_timeout` (504, which lets go of
-//! the guard), the header-read and body-stall bounds (408), 502 for an
-//! upstream that cannot be reached or breaks HTTP.
+//! the fencer), on a tier the last look at the replica lease immediately
+//! before the request's first byte is written upstream
+//! ([`Fencer::still_leased`](crate::fencer::Fencer::still_leased): 503
+//! if it lapsed since the admission), the in-flight guard held until the
+//! upstream's answer has been read to its end (also when the client hangs
+//! up: the answer is still read, and discarded), `upstream_timeout`
+//! (504, which lets go of the guard), the header-read and body-stall
+//! bounds (408), 502 for an upstream that cannot be reached or breaks
+//! HTTP.
 //!
 //! Framing rules, each a test in `tests/it/framing.rs`: a request head or
 //! body that is not exactly valid is refused before any of it is
@@ -57,7 +61,7 @@ use self::upstream::{ConnectError, UpConn};
 use super::problem::{self, Problem};
 use super::HttpProxy;
 use crate::edge::http1::problem_bytes;
-use crate::fencer::{Decision, WriteInfo};
+use crate::fencer::{Admission, Decision, WriteInfo};
 use crate::shutdown::Shutdown;
 
 /// Bytes read at a time while a body is relayed.
@@ -457,7 +461,7 @@ async fn exchange<C: Client>(
     // A body on a read would reach the upstream unfenced: a request with
     // a body is fenced whatever its method.
     let has_body = !(first.done && first.consumed == 0);
-    let guard = if !proxy.writes.is_write(&method) && !has_body {
+    let admitted = if !proxy.writes.is_write(&method) && !has_body {
         None
     } else {
         let input = fence_input(head.token(), head.resource(), head.path(), &proxy.routes);
@@ -472,7 +476,7 @@ async fn exchange<C: Client>(
             .decide(&proxy.checker, &proxy.counters, &input, &info)
             .await
         {
-            Decision::Admit(admitted) => Some(admitted.guard),
+            Decision::Admit(admitted) => Some(admitted),
             Decision::Refuse(refusal) => {
                 let p = Problem::for_headers(&refusal, &input);
                 return refuse(client, &mut bufs.out, &p, &head, read_through).await;
@@ -489,7 +493,7 @@ async fn exchange<C: Client>(
         first,
         body,
         read_through,
-        _guard: guard,
+        admitted,
         _permit: permit,
     };
     call.run(client, bufs, shutdown).await
@@ -511,7 +515,7 @@ async fn refuse<C: Client>(
 
 /// An admitted request on its way: what it holds until the upstream's
 /// answer has been read to its end (the guard, the concurrency permit).
-struct Call<'p, 'h, 'b> {
+struct Call<'p, 'h, 'b, 'r> {
     proxy: &'p HttpProxy,
     /// This worker's upstream connections.
     upstreams: &'p Upstreams,
@@ -523,8 +527,9 @@ struct Call<'p, 'h, 'b> {
     first: Progress,
     body: BodyReader,
     read_through: Option<Leftover>,
-    /// Dropped with the call: after the answer, or on a failure.
-    _guard: Option<fencing::InflightGuard>,
+    /// A write's admission, whose guard is dropped with the call: after
+    /// the answer, or on a failure. `None` for a read.
+    admitted: Option<Admission<'r>>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -539,9 +544,12 @@ enum Failure {
     BodyStalled,
     BodyInvalid(String),
     ClientGone,
+    /// Nothing was written: this replica's lease lapsed after the write's
+    /// admission (503, audited as `unavailable`).
+    Lapsed,
 }
 
-impl Call<'_, '_, '_> {
+impl Call<'_, '_, '_, '_> {
     async fn run<C: Client>(
         mut self,
         client: &mut C,
@@ -581,13 +589,30 @@ impl Call<'_, '_, '_> {
         self.respond(client, bufs, up, body_sent, shutdown).await
     }
 
+    /// The last look before a write's first byte goes upstream
+    /// ([`Fencer::still_leased`](crate::fencer::Fencer::still_leased)):
+    /// called immediately before each write of the request head, with no
+    /// await and no system call between it and the write's own (a
+    /// `TcpStream`'s first poll writes at once). A lapse is answered 503
+    /// and the connection, unused, goes back to the stack.
+    fn leased(&self, up: UpConn) -> Result<UpConn, Failure> {
+        match &self.admitted {
+            Some(a) if !self.proxy.fencer.still_leased(a.leased_at) => {
+                self.upstreams.checkin(up);
+                Err(Failure::Lapsed)
+            }
+            _ => Ok(up),
+        }
+    }
+
     /// A connection with the request head (and what came of the body)
     /// written; whether it may be retried on a new one if the upstream
     /// turns out to have closed it (pooled, the whole request in hand).
     async fn send(&self, out: &[u8]) -> Result<(UpConn, bool), Failure> {
         let upstreams = self.upstreams;
         let whole = self.first.done;
-        if let Some(mut up) = upstreams.checkout() {
+        if let Some(up) = upstreams.checkout() {
+            let mut up = self.leased(up)?;
             if up.send_all(out).await.is_ok() {
                 return Ok((up, whole));
             }
@@ -595,7 +620,10 @@ impl Call<'_, '_, '_> {
                 return Err(Failure::Broken("the upstream connection failed"));
             }
         }
-        let mut up = upstreams.connect().await.map_err(Failure::Unreachable)?;
+        // A connect can take long (an upstream slow to accept): the look
+        // comes after it.
+        let up = upstreams.connect().await.map_err(Failure::Unreachable)?;
+        let mut up = self.leased(up)?;
         up.send_all(out)
             .await
             .map_err(|_| Failure::Broken("the upstream connection failed"))?;
@@ -672,7 +700,8 @@ impl Call<'_, '_, '_> {
             Ok(Ok(n)) if n > 0 => Ok(None),
             Ok(_) if retry => {
                 let upstreams = self.upstreams;
-                let mut fresh = upstreams.connect().await.map_err(Failure::Unreachable)?;
+                let fresh = upstreams.connect().await.map_err(Failure::Unreachable)?;
+                let mut fresh = self.leased(fresh)?;
                 fresh
                     .send_all(out)
                     .await
@@ -852,7 +881,7 @@ impl Call<'_, '_, '_> {
     }
 
     /// The answer to a failed call; the guard and permit go with `self`.
-    async fn failed<C: Client>(self, client: &mut C, bufs: &mut Scratch, f: Failure) -> Next {
+    async fn failed<C: Client>(mut self, client: &mut C, bufs: &mut Scratch, f: Failure) -> Next {
         let proxy = self.proxy;
         let upstream = proxy.upstream.authority();
         let p = match f {
@@ -910,10 +939,28 @@ impl Call<'_, '_, '_> {
                 )
             }
             Failure::ClientGone => return Next::Close,
+            Failure::Lapsed => {
+                let head = self.head;
+                let detail = || format!("{} {}", head.method, head.path());
+                let info = WriteInfo {
+                    protocol: fencing::Protocol::Http,
+                    client: self.peer,
+                    detail: &detail,
+                };
+                let (guard, resource, token) = match self.admitted.take() {
+                    Some(a) => (Some(a.guard), Some(a.resource.to_name()), Some(a.token)),
+                    None => (None, None, None),
+                };
+                let refusal = proxy
+                    .fencer
+                    .lapsed(&proxy.counters, guard, resource, token, &info)
+                    .await;
+                Problem::from_refusal(&refusal)
+            }
         };
         let is_head = self.head.method == "HEAD";
         let keep = self.read_through.filter(|_| self.head.keep_alive());
-        drop(self._guard);
+        drop(self.admitted);
         answer(client, &mut bufs.out, &p, keep.is_none(), is_head).await;
         keep.map_or(Next::Close, Next::KeepAlive)
     }
