@@ -1271,3 +1271,45 @@ async fn a_query_not_in_utf8_with_several_statements_is_refused_whole() {
         .get(0);
     assert_eq!(rows, 1, "a statement of the refused query ran");
 }
+
+/// A fast-path function call (libpq's large-object calls, here psql's
+/// `\lo_import`) cannot carry the guard in its transaction: the proxy
+/// fences it alone, and must not file a guard call it never sent. Filed,
+/// it made the block look as if it held the gate, and the block's next
+/// write ran without the guard.
+#[tokio::test]
+async fn a_write_after_a_fast_path_call_in_a_block_is_guarded() {
+    let env = TwoProxies::start("fp_gate_fastpath").await;
+    let dir = TempDir::new("fp_gate_fastpath_file");
+    let file = dir.path().join("object");
+    std::fs::write(&file, b"a large object").expect("write the file");
+    let conninfo = format!(
+        "host=127.0.0.1 port={} dbname={} user=postgres options='{}'",
+        env.proxies[0].port(),
+        env.db.name,
+        opts(3, "h")
+    );
+    let script = format!(
+        "BEGIN;\n\\lo_import {}\nINSERT INTO h (token) VALUES (3);\n\
+         SELECT 'gate ' || count(*) FROM pg_locks WHERE locktype = 'advisory' \
+         AND classid = 1717920355 AND objsubid = 2 AND pid = pg_backend_pid() AND granted;\n\
+         COMMIT;\n",
+        file.display()
+    );
+    // A file: `-c` takes SQL or one backslash command, not both.
+    let script_file = dir.path().join("script.sql");
+    std::fs::write(&script_file, script).expect("write the script");
+    let mut cmd = tokio::process::Command::new("psql");
+    cmd.arg(conninfo)
+        .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-f"])
+        .arg(&script_file)
+        .kill_on_drop(true);
+    let out = cmd.output().await.expect("run psql");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.lines().any(|l| l == "gate 1"),
+        "the write after the fast-path calls ran without the gate: {stdout}{stderr}"
+    );
+}

@@ -161,7 +161,9 @@ pub(super) async fn fence(
     let mut guarded: Vec<Write> = Vec::new();
     let mut plan: Vec<(u32, Write)> = Vec::new();
     let mut s = ctx.lock();
-    if proxy.guard && !class.outside_block {
+    // `alone`: no guard call goes with it, so none may be filed (a guard
+    // filed as sent would make the block's next write skip its own).
+    if proxy.guard && !class.outside_block && !alone {
         guarded.extend(admitted.iter().map(|(_, r, t)| (r.clone(), *t)));
         guarded.sort();
         guarded.dedup();
