@@ -32,6 +32,12 @@ struct Recorder {
 
 impl Recorder {
     async fn start() -> Recorder {
+        Recorder::with(true).await
+    }
+
+    /// `keep_alive: false`: every answer closes its connection, so a proxy
+    /// keeps no idle connection to it and connects anew for each request.
+    async fn with(keep_alive: bool) -> Recorder {
         use hyper::service::service_fn;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -76,6 +82,7 @@ impl Recorder {
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(keep_alive)
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                         .await;
                 });
@@ -134,6 +141,11 @@ impl Replica {
     /// A replica on `store_url` in front of the HTTP upstream and the test
     /// database's server.
     async fn start(store_url: &str, upstream: SocketAddr) -> Replica {
+        Replica::start_with(store_url, upstream, "").await
+    }
+
+    /// With `http_extra` (TOML lines) in its `[[http]]` section.
+    async fn start_with(store_url: &str, upstream: SocketAddr, http_extra: &str) -> Replica {
         let dir = TempDir::new("tier");
         let (http, pg, admin) = (free_addr(), free_addr(), free_addr());
         let config = format!(
@@ -150,6 +162,7 @@ listen = "{admin}"
 [[http]]
 listen = "{http}"
 upstream = "http://{upstream}"
+{http_extra}
 [[postgres]]
 listen = "{pg}"
 upstream = "127.0.0.1:5432"
@@ -192,6 +205,74 @@ upstream = "127.0.0.1:5432"
 
     fn pid(&self) -> u32 {
         self.server.child.as_ref().unwrap().id()
+    }
+
+    async fn metrics(&self) -> String {
+        get(&format!("http://{}/metrics", self.admin), None).await.1
+    }
+
+    /// `fencepost_writes_total` of one protocol and outcome.
+    async fn writes(&self, protocol: &str, outcome: &str) -> f64 {
+        let name =
+            format!("fencepost_writes_total{{protocol=\"{protocol}\",outcome=\"{outcome}\"}}");
+        metric(&self.metrics().await, &name).unwrap_or(0.0)
+    }
+
+    /// Waits until `fencepost_writes_total` of `protocol` and `outcome`
+    /// is above `than`.
+    async fn wait_writes(&self, protocol: &str, outcome: &str, than: f64) {
+        let seen = eventually(20, || async {
+            (self.writes(protocol, outcome).await > than).then_some(())
+        })
+        .await;
+        assert!(
+            seen.is_some(),
+            "no {protocol} write counted {outcome}:\n{}\n{}",
+            self.metrics().await,
+            self.server.log_text()
+        );
+    }
+
+    /// Waits until the replica's lease is confirmed again (it admits).
+    async fn wait_admitting(&self) {
+        let url = format!("http://{}/readyz", self.admin);
+        let back = eventually(20, || async {
+            let (_, body) = get(&url, None).await;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (v["replica"]["admitting"] == true).then_some(())
+        })
+        .await;
+        assert!(
+            back.is_some(),
+            "the replica never admitted again:\n{}",
+            self.server.log_text()
+        );
+    }
+
+    /// Waits until the tier's audit (one store) holds a refused write of
+    /// `reason` whose detail begins with `detail`.
+    async fn wait_audited(&self, reason: &str, detail: &str) {
+        let url = format!(
+            "http://{}/v1/audit?kind=refused_write&limit=100",
+            self.admin
+        );
+        let found = eventually(20, || async {
+            let (_, body) = get(&url, None).await;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            v.as_array()?
+                .iter()
+                .any(|r| {
+                    r["reason"] == reason
+                        && r["detail"].as_str().is_some_and(|d| d.starts_with(detail))
+                })
+                .then_some(())
+        })
+        .await;
+        assert!(
+            found.is_some(),
+            "no {reason} refusal of {detail} audited:\n{}",
+            get(&url, None).await.1
+        );
     }
 }
 
@@ -461,6 +542,179 @@ async fn a_replica_paused_past_its_ttl_forwards_nothing_stale() {
         "R3 never rejoined:\n{}",
         r3.server.log_text()
     );
+}
+
+/// Issue 12's residue (tier checker, seed 6000422): R1 admits A's token-1
+/// write, and the write then waits longer than R1's replica TTL before its
+/// first byte would go upstream: R1's connect to the upstream is held (a
+/// [`ConnectGate`], no timer), while R1's store link is cut and R2
+/// advances to 2 without R1, once R1's lease has expired in the store.
+/// When the connect completes, R1 must not send A's write: 503, audited,
+/// and the upstream never sees it. `renewed`: R1's store link is back
+/// first and R1 has renewed its lease (learning token 2) before the
+/// connect completes: a renewal must not make an admission from before
+/// the lapse good again.
+async fn a_write_stalled_past_the_ttl_is_not_sent(data_path: &str, renewed: bool) {
+    let db = TestDb::create("tier_stall").await;
+    // No keep-alive: R1 holds no idle connection, so A's write connects.
+    let upstream = Recorder::with(false).await;
+    let link = Shim::start("127.0.0.1:5432".parse().unwrap()).await;
+    let link_url = db.url.replace("127.0.0.1:5432", &link.addr.to_string());
+    assert_ne!(link_url, db.url, "the store URL names 127.0.0.1:5432");
+    let mut gate = ConnectGate::start(upstream.addr).await;
+    let extra = format!("data_path = \"{data_path}\"");
+    let r1 = Replica::start_with(&link_url, gate.addr, &extra).await;
+    let r2 = Replica::start_with(&db.url, upstream.addr, &extra).await;
+    r1.ready(1).await;
+    r2.ready(1).await;
+
+    gate.hold().await;
+    let admitted = r1.writes("http", "accepted").await;
+    let a = tokio::spawn({
+        let url = r1.url("/a-stalled");
+        async move { put(&url, Some("1"), Some("r"), "a").await }
+    });
+    // Admitted (counted), then waiting for its connection.
+    r1.wait_writes("http", "accepted", admitted).await;
+    link.cut();
+    // Admitted once R1's lease has expired in the store.
+    assert_eq!(r2.put("/b", 2).await, 200);
+    if renewed {
+        link.restore();
+        r1.wait_admitting().await;
+    }
+    let unavailable = r1.writes("http", "unavailable").await;
+    gate.release();
+    let (status, body) = a.await.unwrap();
+    let seen: Vec<(String, u64)> = upstream
+        .seen()
+        .iter()
+        .map(|s| (s.path.clone(), s.token))
+        .collect();
+    assert!(
+        seen.iter().all(|(path, _)| path != "/a-stalled"),
+        "A's write reached the upstream after R1's lease had lapsed (answered {status}); \
+         the upstream saw {seen:?}\nR1 log:\n{}",
+        r1.server.log_text()
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("urn:fencepost:fence-unavailable"), "{body}");
+    assert_eq!(
+        r1.writes("http", "unavailable").await,
+        unavailable + 1.0,
+        "counted as unavailable"
+    );
+    if !renewed {
+        link.restore();
+    }
+    // Audited like every refusal (spooled while the store was away).
+    r1.wait_audited("unavailable", "PUT /a-stalled").await;
+    let v = upstream.violations();
+    assert!(v.is_empty(), "{v:#?}");
+}
+
+#[tokio::test]
+async fn a_write_stalled_past_the_ttl_is_not_sent_by_the_relay() {
+    a_write_stalled_past_the_ttl_is_not_sent("relay", false).await;
+}
+
+#[tokio::test]
+async fn a_write_stalled_past_the_ttl_is_not_sent_by_the_relay_after_a_renewal() {
+    a_write_stalled_past_the_ttl_is_not_sent("relay", true).await;
+}
+
+#[tokio::test]
+async fn a_write_stalled_past_the_ttl_is_not_sent_by_the_hyper_path() {
+    a_write_stalled_past_the_ttl_is_not_sent("hyper", false).await;
+}
+
+#[tokio::test]
+async fn a_write_stalled_past_the_ttl_is_not_sent_by_the_hyper_path_after_a_renewal() {
+    a_write_stalled_past_the_ttl_is_not_sent("hyper", true).await;
+}
+
+/// The same residue in Postgres proxy mode, where the stall is the
+/// server's: R1 admits A's token-1 INSERT, but A's session is blocked
+/// behind an advisory lock the test holds (A's own statement, pipelined
+/// just before), and the INSERT is larger than the sockets between R1 and
+/// the server can hold, so most of it is still in R1 while R1's store link
+/// is cut, R2 advances to 2 and R1 renews. When the test lets the lock go
+/// the server reads again, and R1 must not write the rest: the session
+/// ends with `FATAL` `ZF004` (what was sent before, the lock's `SELECT`,
+/// is answered first), the INSERT never runs, and the refusal is audited.
+#[tokio::test]
+async fn a_postgres_write_held_past_the_ttl_is_not_sent() {
+    let db = TestDb::create("tier_pg_stall").await;
+    direct(&db)
+        .await
+        .batch_execute("CREATE TABLE t (v int)")
+        .await
+        .unwrap();
+    let upstream = Recorder::start().await;
+    let link = Shim::start("127.0.0.1:5432".parse().unwrap()).await;
+    let link_url = db.url.replace("127.0.0.1:5432", &link.addr.to_string());
+    let r1 = Replica::start(&link_url, upstream.addr).await;
+    let r2 = Replica::start(&db.url, upstream.addr).await;
+    r1.ready(1).await;
+    r2.ready(1).await;
+    let lock = direct(&db).await;
+    lock.batch_execute("SELECT pg_advisory_lock(4242)")
+        .await
+        .unwrap();
+    let a = Arc::new(pg_client(&r1, &db, 1).await);
+    a.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    // Far more than the kernel buffers between R1 and the server hold
+    // while the server reads nothing (the send buffer grows to
+    // tcp_wmem's maximum, the receive buffer stays near its default).
+    let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(2).and_then(|v| v.parse().ok()))
+        .unwrap_or(4 << 20);
+    let size = (4 * wmem_max).max(16 << 20);
+    let insert = format!("INSERT INTO t VALUES (3) /* {} */", "x".repeat(size));
+    let admitted = r1.writes("postgres", "accepted").await;
+    let pipeline = tokio::spawn({
+        let a = Arc::clone(&a);
+        async move {
+            let (waited, inserted) = tokio::join!(
+                a.simple_query("SELECT pg_advisory_lock(4242)"),
+                a.simple_query(&insert)
+            );
+            (waited.map(|_| ()), inserted.map(|_| ()))
+        }
+    });
+    r1.wait_writes("postgres", "accepted", admitted).await;
+    link.cut();
+    let b = pg_client(&r2, &db, 2).await;
+    b.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
+    link.restore();
+    r1.wait_admitting().await;
+    lock.batch_execute("SELECT pg_advisory_unlock(4242)")
+        .await
+        .unwrap();
+    let (waited, inserted) = pipeline.await.unwrap();
+    let rows: Vec<i32> = direct(&db)
+        .await
+        .query("SELECT v FROM t ORDER BY v", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![1, 2],
+        "A's INSERT (token 1) ran after B's (token 2); if R1 had written all of its {size} \
+         bytes before the lapse, the socket buffers are larger than assumed \
+         (tcp_wmem max {wmem_max})\nR1 log:\n{}",
+        r1.server.log_text()
+    );
+    assert!(waited.is_ok(), "the statement sent before: {waited:?}");
+    let e = inserted.expect_err("the INSERT must fail");
+    assert_eq!(code(&e), "ZF004", "{e:?}");
+    // Named by its statement, as every refusal is.
+    r1.wait_audited("unavailable", "INSERT INTO t VALUES ($1)")
+        .await;
 }
 
 async fn pg_client(replica: &Replica, db: &TestDb, token: u64) -> tokio_postgres::Client {

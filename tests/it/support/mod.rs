@@ -434,6 +434,114 @@ impl Drop for Shim {
     }
 }
 
+/// A TCP forwarder to `target` whose new connections can be held back:
+/// while [`ConnectGate::hold`] is on, a connect to it does not complete,
+/// however long, and it completes once [`ConnectGate::release`] opens the
+/// gate (at the connecting side's next SYN retransmission: 1 s, 3 s, 7 s
+/// ... after its first).
+///
+/// No timer decides it: the gate's listener has a backlog of 0 (one
+/// connection may wait to be accepted), and while held it accepts nothing
+/// and has a connection of its own waiting, so its accept queue is full
+/// and the kernel drops every new SYN. Connections already forwarded are
+/// left alone.
+pub struct ConnectGate {
+    pub addr: SocketAddr,
+    open: tokio::sync::watch::Sender<bool>,
+    parked: tokio::sync::watch::Receiver<bool>,
+    filler: Option<tokio::net::TcpStream>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ConnectGate {
+    pub async fn start(target: SocketAddr) -> ConnectGate {
+        let socket = tokio::net::TcpSocket::new_v4().expect("gate socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind gate");
+        let listener = socket.listen(0).expect("listen with a backlog of 0");
+        let addr = listener.local_addr().expect("gate addr");
+        let (open, mut open_rx) = tokio::sync::watch::channel(true);
+        let (parked_tx, parked) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            loop {
+                if !*open_rx.borrow_and_update() {
+                    // Held: accept nothing, and say so.
+                    parked_tx.send_replace(true);
+                    if open_rx.changed().await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                parked_tx.send_replace(false);
+                let client = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok((c, _)) => c,
+                        Err(_) => return,
+                    },
+                    // Accepting is cancel-safe: a connection that arrives
+                    // now waits in the queue.
+                    r = open_rx.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                let no_delay = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::select! {
+                        _ = pump(cr, sw, no_delay.clone()) => {}
+                        _ = pump(sr, cw, no_delay) => {}
+                    }
+                });
+            }
+        });
+        ConnectGate {
+            addr,
+            open,
+            parked,
+            filler: None,
+            task,
+        }
+    }
+
+    /// From now until [`ConnectGate::release`], no new connection to the
+    /// gate completes.
+    pub async fn hold(&mut self) {
+        self.open.send_replace(false);
+        let mut parked = self.parked.clone();
+        parked
+            .wait_for(|p| *p)
+            .await
+            .expect("the gate's task is running");
+        // The one place in the accept queue, taken.
+        self.filler = Some(
+            tokio::net::TcpStream::connect(self.addr)
+                .await
+                .expect("the gate's own connection"),
+        );
+    }
+
+    /// Opens the gate: the queued connection of its own is accepted (and
+    /// ends), and held connects complete at their next SYN.
+    pub fn release(&mut self) {
+        self.filler = None;
+        self.open.send_replace(true);
+    }
+}
+
+impl Drop for ConnectGate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// The value of the first sample of `name_and_labels` (a metric name, or
 /// a name with its `{labels}`) in Prometheus text.
 pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
