@@ -274,7 +274,7 @@ pub(super) async fn run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usi
                     graceful: false,
                 });
                 rep.server.restart();
-                back_up(&mut rep.server, rep.http).await;
+                back_up(&mut rep.server).await;
             }
             "store_cut" => {
                 let link = &replicas[r].link;
@@ -297,7 +297,7 @@ pub(super) async fn run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usi
                 elector_srv.kill9();
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(50..400))).await;
                 elector_srv.restart();
-                back_up(&mut elector_srv, elector).await;
+                back_up(&mut elector_srv).await;
             }
             "store_delay" => {
                 let link = &replicas[r].link;
@@ -403,16 +403,41 @@ pub(super) async fn run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usi
     report.violations.len()
 }
 
-/// Waits until a restarted process listens on `addr` again; a start that
-/// lost its port to a race (the process exits) is retried.
-async fn back_up(server: &mut Server, addr: SocketAddr) {
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+/// Waits until a restarted process is up: its ready file, which `serve`
+/// writes (whole, by a rename) once every listener is bound. A connect to
+/// one of its addresses proves nothing: the ports were free between the
+/// kill and the restart, and another process on the machine (another
+/// test's listener on port 0) may have taken one, so the connect reached
+/// that process while the restarted one had exited, unable to bind; the
+/// run then went on with the replica gone and a stranger on its port. A
+/// start that lost a port exits and is retried (the port may come free
+/// again); if it keeps losing, the run stops, with the log, rather than be
+/// judged without that replica.
+async fn back_up(server: &mut Server) {
+    let ready = server
+        .ready_file()
+        .map(std::path::Path::to_path_buf)
+        .expect("the checker starts its servers with a ready file");
+    let mut starts = 1;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if ready.exists() {
             return;
         }
-        if let Some(Ok(Some(_))) = server.child.as_mut().map(|c| c.try_wait()) {
+        if let Some(Ok(Some(status))) = server.child.as_mut().map(|c| c.try_wait()) {
+            assert!(
+                starts < 5,
+                "a restarted server exited {starts} times ({status}), the last with:\n{}",
+                server.log_text()
+            );
+            starts += 1;
             server.restart();
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            Instant::now() < deadline,
+            "a restarted server was not up after 30 s:\n{}",
+            server.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
