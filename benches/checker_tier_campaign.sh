@@ -7,6 +7,7 @@
 #   bash benches/checker_tier_campaign.sh [--proxy-seed N] [--guard-seed N]
 #                                         [--until HH:MM] [--secs S]
 #                                         [--log FILE] [--skip-build]
+#                                         [--release]
 #
 # Builds the test binary, then runs a pinned copy of it and of fencepost
 # (FENCEPOST_BIN), so rebuilding the worktree meanwhile changes nothing
@@ -14,6 +15,9 @@
 # violation (its seed is in the log, with the command that replays each
 # run), at --until (UTC, checked between batches), or when the file
 # FILE.stop exists. Then prints the totals (benches/checker_tier_totals.py).
+# --release builds and runs the release profile (the replicas as a user
+# runs them; the printed replay commands build debug unless given
+# --release too).
 #
 # Defaults: proxy seeds from 5000000, guard seeds from 6000000, 5 s runs,
 # log target/checker_tier_campaign.log (half a MB per hundred runs: kept out
@@ -27,6 +31,7 @@ UNTIL=""
 SECS=5
 LOG=target/checker_tier_campaign.log
 BUILD=1
+PROFILE=debug
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -36,28 +41,31 @@ while [ $# -gt 0 ]; do
         --secs) SECS="$2"; shift 2 ;;
         --log) LOG="$2"; shift 2 ;;
         --skip-build) BUILD=0; shift ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --release) PROFILE=release; shift ;;
+        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
 
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
+PROFILE_FLAG=()
+[ "$PROFILE" = release ] && PROFILE_FLAG=(--release)
 if [ "$BUILD" = 1 ]; then
-    cargo build -p fencepost --test it --bin fencepost >&2 || exit 1
+    cargo build "${PROFILE_FLAG[@]}" -p fencepost --test it --bin fencepost >&2 || exit 1
 fi
 # The newest `it` test executable (not its .d file) and the binary.
-IT=$(ls -t target/debug/deps/it-* 2>/dev/null | grep -v '\.d$' | head -n 1)
-[ -n "$IT" ] && [ -x target/debug/fencepost ] || {
+IT=$(ls -t target/$PROFILE/deps/it-* 2>/dev/null | grep -v '\.d$' | head -n 1)
+[ -n "$IT" ] && [ -x target/$PROFILE/fencepost ] || {
     echo "no test binary: run without --skip-build" >&2
     exit 1
 }
 PIN=$(mktemp -d "${TMPDIR:-/tmp}/fp-campaign.XXXXXX")
 trap 'rm -rf "$PIN"' EXIT
 cp "$IT" "$PIN/it"
-cp target/debug/fencepost "$PIN/fencepost"
+cp target/$PROFILE/fencepost "$PIN/fencepost"
 export FENCEPOST_BIN="$PIN/fencepost"
 export FENCEPOST_CHECKER_RUNS=10 FENCEPOST_CHECKER_SECS="$SECS"
-echo "=== campaign on $(git rev-parse --short HEAD) from $(date -u +%H:%M:%S)" >>"$LOG"
+echo "=== campaign on $(git rev-parse --short HEAD) ($PROFILE) from $(date -u +%H:%M:%S)" >>"$LOG"
 
 past_until() {
     [ -n "$UNTIL" ] && [[ ! "$(date -u +%H:%M)" < "$UNTIL" ]]
