@@ -488,6 +488,7 @@ async fn exchange<C: Client>(
         proxy,
         upstreams,
         ip: peer.ip_text(),
+        peer: peer.addr,
         timer,
         head: &head,
         first,
@@ -521,6 +522,8 @@ struct Call<'p, 'h, 'b, 'r> {
     upstreams: &'p Upstreams,
     /// The client's address, as text.
     ip: &'p [u8],
+    /// The client's address, for the audit of a write refused late.
+    peer: SocketAddr,
     /// The upstream's timer (see `until`).
     timer: Pin<&'p mut Sleep>,
     head: &'h RequestHead<'b, 'h>,
