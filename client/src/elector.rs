@@ -47,9 +47,10 @@ struct GrantBody {
 }
 
 impl ElectorClient {
-    /// A client for the elector at `base_url` (`http://host:port`). For an
-    /// `https://` elector, enable one of reqwest's TLS features in your
-    /// crate and pass a client with [`ElectorClient::with_http_client`].
+    /// A client for the elector at `base_url` (`http://host:port` or
+    /// `https://host:port`; over https the system's CAs and `SSL_CERT_FILE`
+    /// are trusted). For a client certificate or another trust store, pass
+    /// a client with [`ElectorClient::with_http_client`].
     pub fn new(base_url: &str) -> Result<ElectorClient, Error> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))

@@ -648,3 +648,43 @@ async fn keygen_tls_reuses_its_ca_to_add_clients_and_keeps_keys_private() {
     assert_ne!(code, 0);
     assert!(err.contains("--force"), "{err}");
 }
+
+/// The leaders' side of TLS: `fencepost lease` (and the client crate's
+/// reqwest, built the same way) reaches an elector that speaks TLS only,
+/// trusting the system's CAs and `SSL_CERT_FILE` (read by
+/// `rustls-native-certs`), and refuses it when the CA is not trusted.
+#[tokio::test]
+async fn the_cli_reaches_a_tls_elector_through_ssl_cert_file() {
+    let dir = TempDir::new("fp-tls-cli");
+    let pki = Pki::keygen(&dir.path().join("pki"), &[]);
+    let mut conf = Conf::sqlite(dir.path());
+    let elector = conf.elector(pki.section(Section::new(), false));
+    let _server = InProc::start(conf).await;
+    let url = https(elector, "");
+    let ca = pki.ca.display().to_string();
+    let args = [
+        "lease",
+        "acquire",
+        "--elector",
+        url.as_str(),
+        "--resource",
+        "jobs/tls",
+        "--holder",
+        "a",
+    ];
+
+    let (code, out, err) = crate::support::run_cli(&args, &[("SSL_CERT_FILE", ca.as_str())]);
+    assert_eq!(code, 0, "lease acquire over TLS: {out}{err}");
+    let token: u64 = out.trim().parse().expect("the token alone on stdout");
+    assert!(token >= 1, "{out}");
+
+    // Without the test CA the elector's certificate is not trusted.
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").expect("write");
+    let (code, out, err) = crate::support::run_cli(
+        &args,
+        &[("SSL_CERT_FILE", empty.display().to_string().as_str())],
+    );
+    assert_ne!(code, 0, "an untrusted elector was accepted: {out}{err}");
+    assert!(out.trim().is_empty(), "no token printed: {out}");
+}
