@@ -65,6 +65,9 @@ def parse(lines):
         m = re.match(r"violations: (\d+)", line)
         if m:
             cur["violations"] = int(m.group(1))
+        m = re.match(r"writes sent after a lapse of their replica's lease .*: (\d+)", line)
+        if m:
+            cur["late"] = int(m.group(1))
     return runs
 
 
@@ -110,6 +113,11 @@ def main():
         f"refusals audited {sum(r.get('audited', 0) for r in judged)}; records lost to kill -9 "
         f"{sum(r.get('lost_kill', 0) for r in judged)}, to the sink's dropped batches "
         f"{sum(r.get('lost_sink', 0) for r in judged)}"
+    )
+    late = [r for r in judged if r.get("late")]
+    print(
+        f"writes sent after a lapse of their replica's lease (the residue, as logged): "
+        f"{sum(r.get('late', 0) for r in judged)} in {len(late)} runs {[r['seed'] for r in late]}"
     )
     bad = [r for r in judged if r["violations"]]
     print(f"violations: {sum(r['violations'] for r in judged)} in {len(bad)} runs {[r['seed'] for r in bad]}")

@@ -309,6 +309,40 @@ impl Fencer {
         self.tier.as_deref().is_none_or(|t| t.held_since(leased_at))
     }
 
+    /// After an admitted write's bytes have left for the upstream: when
+    /// the replica lease lapsed at some instant since the admission, the
+    /// process was held between its last look ([`Fencer::still_leased`])
+    /// and the end of the write (a pause, a starved scheduler), which is
+    /// the residue the look cannot close (docs/replicas.md,
+    /// "Assumptions"). Nothing can be undone then; what this does is make
+    /// it visible: `fencepost_writes_sent_after_lapse_total` and a warning
+    /// naming the write, so an operator (and the tier checker, which reads
+    /// the replicas' logs) can tell that residue from a fault in the
+    /// protocol. The warning may also fire for a write that left just
+    /// before the lapse but whose system call returned after it: it errs
+    /// on the side of saying so. Off a tier, nothing (one branch).
+    #[inline]
+    pub fn note_sent(
+        &self,
+        leased_at: u64,
+        protocol: &'static str,
+        resource: Option<&str>,
+        token: Option<u64>,
+    ) {
+        if self.still_leased(leased_at) {
+            return;
+        }
+        metrics::counter!(crate::metrics::SENT_AFTER_LAPSE, "protocol" => protocol).increment(1);
+        tracing::warn!(
+            protocol,
+            resource = resource.unwrap_or("-"),
+            token = token.unwrap_or(0),
+            "write sent after this replica's lease lapsed: the process was held between its \
+             last look at the lease and the write, so the tier may have advanced without \
+             waiting for it (docs/replicas.md, Assumptions)"
+        );
+    }
+
     /// Refuses a write that [`Fencer::still_leased`] stopped after its
     /// admission: `guard` (its in-flight hold, if the caller still has it)
     /// goes first, since the write never reaches the upstream and no drain

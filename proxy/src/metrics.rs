@@ -30,6 +30,7 @@ pub const CONNECTIONS_REJECTED: &str = "fencepost_connections_rejected_total";
 pub const REPLICAS_LIVE: &str = "fencepost_replicas_live";
 pub const ADVANCE_SECONDS: &str = "fencepost_advance_seconds";
 pub const SELF_FENCED: &str = "fencepost_self_fenced_total";
+pub const SENT_AFTER_LAPSE: &str = "fencepost_writes_sent_after_lapse_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "fencepost_tls_handshake_failures_total";
 pub const TLS_RELOADS: &str = "fencepost_tls_reloads_total";
 
@@ -140,6 +141,10 @@ fn describe() {
     metrics::describe_counter!(
         SELF_FENCED,
         "Times this replica stopped admitting writes because the store had not confirmed its lease in time."
+    );
+    metrics::describe_counter!(
+        SENT_AFTER_LAPSE,
+        "Admitted writes whose bytes left for the upstream after this replica's lease had lapsed (the process was held between its last look and the write)."
     );
     metrics::describe_counter!(
         TLS_HANDSHAKE_FAILURES,

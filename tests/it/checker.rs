@@ -1682,9 +1682,24 @@ fn check(
         if *token > hi {
             for b in &arrivals[..i] {
                 if b.token < *token && b.done.is_none_or(|d| d > l.at) {
+                    // What tells a replica held past its lease, or an
+                    // upstream (this process) starved mid-request, from a
+                    // fault in the drain: which proxies, how long the
+                    // older write had been at the upstream, and how long
+                    // the upstream held it (meant: 0-20 ms).
+                    let via =
+                        |k: &str| by_key.get(k).map_or("?".to_string(), |a| a.via.to_string());
+                    let held = b.done.map_or("never finished".to_string(), |d| {
+                        format!("held {} ms", d.duration_since(b.at).as_millis())
+                    });
                     v.push(format!(
-                        "http: {key} (token {token}) arrived while {} (token {}) was still in flight",
-                        b.key, b.token
+                        "http: {key} (token {token}, through proxy {}) arrived while {} (token {}, \
+                         through proxy {}, arrived {} ms earlier, {held}) was still in flight",
+                        via(key),
+                        b.key,
+                        b.token,
+                        via(&b.key),
+                        l.at.duration_since(b.at).as_millis()
                     ));
                 }
             }

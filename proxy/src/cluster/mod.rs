@@ -244,6 +244,10 @@ impl Tier {
     pub async fn join(self: &Arc<Self>, fencer: &Fencer) {
         // Present from the start on a replica, so alerts see a zero.
         metrics::counter!(SELF_FENCED).increment(0);
+        for protocol in ["http", "postgres"] {
+            metrics::counter!(crate::metrics::SENT_AFTER_LAPSE, "protocol" => protocol)
+                .increment(0);
+        }
         metrics::gauge!(REPLICAS_LIVE).set(0.0);
         if let Err(e) = self.renew(fencer).await {
             tracing::warn!(replica = self.id, error = %e, "could not join the fencing tier yet; writes are refused until it can");

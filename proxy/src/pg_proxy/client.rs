@@ -294,13 +294,34 @@ async fn to_server(ctx: &Ctx, sw: &mut ServerWrite, out: &[u8]) -> Result<(), Un
             statement: s.armed.take(),
         })
     };
+    // After the last byte left: a lapse since the admission all the same
+    // is the residue no look can close; say so (`Fencer::note_sent`).
+    let sent = || {
+        if !fencer.still_leased(since) {
+            let write = ctx
+                .lock()
+                .cycles
+                .data()
+                .filter_map(|c| c.writes.last().cloned())
+                .last();
+            let (resource, token) = write.unzip();
+            fencer.note_sent(
+                since,
+                "postgres",
+                resource.as_ref().map(|r| r.as_str()),
+                token,
+            );
+        }
+    };
     let ServerWrite::Plain(w) = sw else {
         // TLS: records are sealed and flushed whole, so one look, just
         // before they are written.
         if !fencer.still_leased(since) {
             return Err(lapsed());
         }
-        return sw.write_all(out).await.map_err(|_| Unsent::Broken);
+        sw.write_all(out).await.map_err(|_| Unsent::Broken)?;
+        sent();
+        return Ok(());
     };
     let mut rest = out;
     while !rest.is_empty() {
@@ -315,6 +336,7 @@ async fn to_server(ctx: &Ctx, sw: &mut ServerWrite, out: &[u8]) -> Result<(), Un
             Err(_) => return Err(Unsent::Broken),
         }
     }
+    sent();
     Ok(())
 }
 

@@ -617,6 +617,7 @@ impl Call<'_, '_, '_, '_> {
         if let Some(up) = upstreams.checkout() {
             let mut up = self.leased(up)?;
             if up.send_all(out).await.is_ok() {
+                self.sent();
                 return Ok((up, whole));
             }
             if !whole {
@@ -630,7 +631,22 @@ impl Call<'_, '_, '_, '_> {
         up.send_all(out)
             .await
             .map_err(|_| Failure::Broken("the upstream connection failed"))?;
+        self.sent();
         Ok((up, false))
+    }
+
+    /// After the head left: whether the lease lapsed since the admission
+    /// all the same ([`Fencer::note_sent`](crate::fencer::Fencer::note_sent)).
+    fn sent(&self) {
+        if let Some(a) = &self.admitted {
+            let fencer = &self.proxy.fencer;
+            fencer.note_sent(
+                a.leased_at,
+                "http",
+                Some(a.resource.as_str()),
+                Some(a.token),
+            );
+        }
     }
 
     /// Relays the rest of the client's body. `Ok(false)`: the upstream
