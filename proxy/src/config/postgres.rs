@@ -57,6 +57,11 @@ pub struct PgProxyConfig {
     /// PEM CA certificates: when set, every client must present a
     /// certificate that chains to one of them (`sslcert`/`sslkey`).
     pub tls_client_ca: Option<PathBuf>,
+    /// Session threads, each a current-thread runtime with its own accept
+    /// loop; 0 runs the sessions on the process's shared multi-thread
+    /// runtime.
+    #[serde(default)]
+    pub workers: usize,
     /// TLS towards the upstream server, as libpq's `sslmode` names it.
     #[serde(default)]
     pub upstream_sslmode: SslMode,
