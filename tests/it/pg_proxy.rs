@@ -622,13 +622,23 @@ async fn failovers_under_load_never_land_a_stale_write_after_a_newer_one() {
 }
 
 /// `workers = 2`: sessions on the listener's own current-thread runtimes,
-/// handed over by the accepting task, answer and fence as on the shared
-/// runtime: the failover campaign's writers (their sessions spread over
-/// both threads, each failover's drain waiting across them) land no stale
-/// write after a newer one, and a stale write on any session is refused.
+/// handed over by the accepting task, answer and fence: the failover
+/// campaign's writers (their sessions spread over both threads, each
+/// failover's drain waiting across them) land no stale write after a newer
+/// one, and a stale write on any session is refused.
 #[tokio::test]
 async fn session_threads_serve_and_fence() {
-    let env = Env::start_with("fp_pg_workers", |_, _, pg| pg.set("workers", 2)).await;
+    serves_and_fences_with_workers("fp_pg_workers", 2).await;
+}
+
+/// `workers = 0`: the same on the process's shared runtime.
+#[tokio::test]
+async fn sessions_on_the_shared_runtime_serve_and_fence() {
+    serves_and_fences_with_workers("fp_pg_shared_rt", 0).await;
+}
+
+async fn serves_and_fences_with_workers(prefix: &str, workers: i64) {
+    let env = Env::start_with(prefix, |_, _, pg| pg.set("workers", workers)).await;
     let writers = failover_campaign(&env.db, &[env.proxy.port()], Duration::ZERO).await;
     assert!(
         writers.iter().map(|w| w.stale).sum::<u32>() > 0,

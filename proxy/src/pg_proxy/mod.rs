@@ -139,7 +139,7 @@ impl PgProxy {
                 None,
             ),
             strict: cfg.strict,
-            workers: cfg.workers,
+            workers: cfg.workers(),
             guard: cfg.enforce == Enforce::Database,
             tls,
         }))
