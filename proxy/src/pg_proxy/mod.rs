@@ -90,8 +90,9 @@ pub struct PgProxy {
     /// (cancel requests' too) starts with SSLRequest and goes on in TLS.
     upstream_tls: Option<UpstreamTls>,
     upstream_sslmode: SslMode,
-    /// `workers`: threads, each a current-thread runtime with its own
-    /// accept loop; 0 runs the sessions on the process's runtime.
+    /// `workers`: session threads, each a current-thread runtime running
+    /// the connections this listener's accept loop hands it; 0 runs the
+    /// sessions on the process's runtime.
     workers: usize,
 }
 
@@ -210,8 +211,7 @@ impl PgProxy {
         let mut done = Vec::with_capacity(self.workers);
         for i in 0..self.workers {
             let (tx, rx) = mpsc::unbounded_channel();
-            let load = Arc::new(AtomicUsize::new(0));
-            let (this, shutdown, own) = (Arc::clone(&self), shutdown.clone(), Arc::clone(&load));
+            let (this, shutdown) = (Arc::clone(&self), shutdown.clone());
             let (ended, end) = tokio::sync::oneshot::channel::<()>();
             std::thread::Builder::new()
                 .name(format!("pg-proxy-{i}"))
@@ -220,25 +220,22 @@ impl PgProxy {
                         .enable_all()
                         .build()
                     {
-                        Ok(rt) => rt.block_on(this.worker(rx, own, shutdown, drain)),
+                        Ok(rt) => rt.block_on(this.worker(rx, shutdown, drain)),
                         Err(e) => {
                             tracing::error!(error = %e, "cannot start a Postgres proxy worker")
                         }
                     }
                     drop(ended);
                 })?;
-            workers.push(Worker { tx, load });
+            workers.push(Worker {
+                tx,
+                load: Arc::new(AtomicUsize::new(0)),
+            });
             done.push(end);
         }
         while let Some((stream, peer, permit)) =
             listener::next_connection(&listener, &shutdown, &self.limit).await
         {
-            let Some(w) = workers
-                .iter()
-                .min_by_key(|w| w.load.load(Ordering::Relaxed))
-            else {
-                break;
-            };
             // Off this runtime's reactor, onto the worker's.
             let stream = match stream.into_std() {
                 Ok(s) => s,
@@ -247,9 +244,31 @@ impl PgProxy {
                     continue;
                 }
             };
-            let load = Load::on(&w.load);
-            if w.tx.send((stream, peer, permit, load)).is_err() {
-                tracing::error!(%peer, "a Postgres proxy worker has ended; connection closed");
+            let mut handoff = (stream, peer, permit);
+            // A worker that could not start (or has ended) gives the
+            // connection back and is passed over from then on.
+            while let Some(at) =
+                (0..workers.len()).min_by_key(|&i| workers[i].load.load(Ordering::Relaxed))
+            {
+                let w = &workers[at];
+                match w
+                    .tx
+                    .send((handoff.0, handoff.1, handoff.2, Load::on(&w.load)))
+                {
+                    Ok(()) => break,
+                    Err(back) => {
+                        let (stream, peer, permit, _) = back.0;
+                        handoff = (stream, peer, permit);
+                        tracing::error!(
+                            "a Postgres proxy worker has ended; its share goes to the others"
+                        );
+                        workers.swap_remove(at);
+                    }
+                }
+            }
+            if workers.is_empty() {
+                tracing::error!("no Postgres proxy worker is running; the listener stops");
+                break;
             }
         }
         // New clients are refused by the kernel from here; each worker
@@ -267,7 +286,6 @@ impl PgProxy {
     async fn worker(
         self: Arc<Self>,
         mut handed: mpsc::UnboundedReceiver<Handoff>,
-        load: Arc<AtomicUsize>,
         shutdown: Shutdown,
         drain: Duration,
     ) {
@@ -292,7 +310,6 @@ impl PgProxy {
                 Some(_) = open.join_next(), if !open.is_empty() => {}
             }
         }
-        drop(load);
         listener::Connections::new(Protocol::Postgres.as_str(), open)
             .drain(Some(drain))
             .await;
