@@ -252,6 +252,13 @@ pub struct Connections {
 }
 
 impl Connections {
+    /// Connections a caller spawned itself (a listener's worker thread,
+    /// which runs the connections another task accepted), to drain as
+    /// [`serve`]'s are.
+    pub fn new(name: &'static str, open: JoinSet<()>) -> Self {
+        Connections { name, open }
+    }
+
     /// Waits for every connection to end, for at most `within` (`None`:
     /// as long as they take); returns whether all did. Connections still
     /// open past `within` are aborted.

@@ -621,6 +621,80 @@ async fn failovers_under_load_never_land_a_stale_write_after_a_newer_one() {
     assert_no_stale_write_after_a_newer_one(&env.db).await;
 }
 
+/// `workers = 2`: sessions on the listener's own current-thread runtimes,
+/// handed over by the accepting task, answer and fence: the failover
+/// campaign's writers (their sessions spread over both threads, each
+/// failover's drain waiting across them) land no stale write after a newer
+/// one, and a stale write on any session is refused.
+#[tokio::test]
+async fn session_threads_serve_and_fence() {
+    serves_and_fences_with_workers("fp_pg_workers", 2).await;
+}
+
+/// `workers = 0`: the same on the process's shared runtime.
+#[tokio::test]
+async fn sessions_on_the_shared_runtime_serve_and_fence() {
+    serves_and_fences_with_workers("fp_pg_shared_rt", 0).await;
+}
+
+async fn serves_and_fences_with_workers(prefix: &str, workers: i64) {
+    let env = Env::start_with(prefix, |_, _, pg| pg.set("workers", workers)).await;
+    let writers = failover_campaign(&env.db, &[env.proxy.port()], Duration::ZERO).await;
+    assert!(
+        writers.iter().map(|w| w.stale).sum::<u32>() > 0,
+        "older writers kept writing and were fenced"
+    );
+    assert_no_stale_write_after_a_newer_one(&env.db).await;
+    let mut old = Vec::new();
+    for _ in 0..4 {
+        old.push(env.client(Some(&opts(1, "w"))).await);
+    }
+    let new = env.client(Some(&opts(2, "w"))).await;
+    simple(&new, "INSERT INTO t VALUES (2)")
+        .await
+        .expect("current token admitted");
+    for c in &old {
+        let err = simple(c, "INSERT INTO t VALUES (1)")
+            .await
+            .expect_err("stale write must be refused");
+        assert_eq!(code(&err), "ZF001", "{err:?}");
+    }
+    assert_eq!(env.rows().await, vec![2]);
+}
+
+/// With `workers`, SIGTERM still closes idle sessions at once (each
+/// worker drains its own) and the process exits cleanly.
+#[tokio::test]
+async fn session_threads_shut_down_promptly() {
+    let mut env = Env::start_as("fp_pg_workers_down", true, |_, _, pg| pg.set("workers", 2)).await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let c = env.client(Some(&opts(1, "r"))).await;
+        simple(&c, &format!("INSERT INTO t VALUES ({i})"))
+            .await
+            .expect("write");
+        clients.push(c);
+    }
+    let started = std::time::Instant::now();
+    let (env, st) = tokio::task::spawn_blocking(move || {
+        let st = env.server.process().terminate();
+        (env, st)
+    })
+    .await
+    .expect("terminate");
+    assert!(st.is_some_and(|s| s.success()), "clean exit: {st:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    for c in &clients {
+        let err = simple(c, "SELECT 1").await.expect_err("session closed");
+        assert!(c.is_closed() || err.as_db_error().is_some(), "{err:?}");
+    }
+    assert_eq!(env.rows().await, vec![0, 1, 2]);
+}
+
 /// Guarantee 2's drain, forced: an older token's write is still running at
 /// the server when a newer token's first write arrives. The newer write
 /// must not be forwarded until the older one has finished, so the older

@@ -82,6 +82,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("postgres", "max_frame_bytes"),
     ("postgres", "max_connections"),
     ("postgres", "startup_timeout"),
+    ("postgres", "workers"),
     ("postgres", "tls_cert"),
     ("postgres", "tls_key"),
     ("postgres", "tls_client_ca"),

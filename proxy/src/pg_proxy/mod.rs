@@ -25,17 +25,22 @@ mod startup;
 mod state;
 mod vars;
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use fencing::Protocol;
-use tokio::net::TcpListener;
+use futures_util::FutureExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use wire::pg::Classifier;
 
 use crate::config::{ConfigError, Enforce, PgProxyConfig, SslMode};
 use crate::error::Error;
 use crate::fencer::{Fencer, TokenChecker};
-use crate::listener::{self, ConnLimit};
+use crate::listener::{self, ConnLimit, ConnPermit};
 use crate::metrics::WriteCounters;
 use crate::shutdown::Shutdown;
 use crate::tls::{self, Alpn, ServerTls};
@@ -85,6 +90,10 @@ pub struct PgProxy {
     /// (cancel requests' too) starts with SSLRequest and goes on in TLS.
     upstream_tls: Option<UpstreamTls>,
     upstream_sslmode: SslMode,
+    /// `workers`: session threads, each a current-thread runtime running
+    /// the connections this listener's accept loop hands it; 0 runs the
+    /// sessions on the process's runtime.
+    workers: usize,
 }
 
 impl PgProxy {
@@ -131,6 +140,7 @@ impl PgProxy {
                 None,
             ),
             strict: cfg.strict,
+            workers: cfg.workers(),
             guard: cfg.enforce == Enforce::Database,
             tls,
         }))
@@ -150,14 +160,186 @@ impl PgProxy {
         shutdown: Shutdown,
         drain: Duration,
     ) -> std::io::Result<()> {
+        if self.workers == 0 {
+            self.serve_on(listener, &shutdown, drain).await;
+            return Ok(());
+        }
+        self.serve_workers(listener, shutdown, drain).await
+    }
+
+    /// Sessions on `listener`, on the runtime this runs on.
+    async fn serve_on(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        shutdown: &Shutdown,
+        drain: Duration,
+    ) {
         let name = Protocol::Postgres.as_str();
-        let open = listener::serve(name, listener, &shutdown, &self.limit, |stream, peer| {
-            session::run(Arc::clone(&self), stream, peer, shutdown.clone())
+        let open = listener::serve(name, listener, shutdown, &self.limit, |stream, peer| {
+            session::run(Arc::clone(self), stream, peer, shutdown.clone())
         })
         .await;
         // Each session has seen the shutdown too: idle ones close at once.
         open.drain(Some(drain)).await;
+    }
+
+    /// `workers` threads, each a current-thread runtime running the
+    /// sessions handed to it: a session lives on one thread, so the
+    /// wake-up for a client's statement and the one for the server's
+    /// answer both land on the thread that polls the session, with no work
+    /// stealing and no hand-off between threads. On the shared
+    /// multi-thread runtime a session's wake-ups moved between its two
+    /// threads: at one client (`pgbench -S -M simple`) its second thread
+    /// slept and woke 0.17-0.25 times per statement besides the first
+    /// one's 1.1-1.5, where a worker thread does 1.96 (two per statement,
+    /// PgBouncer's count, on one thread); see BENCHMARKS.md.
+    ///
+    /// This task accepts (with the listener's limit, as `serve_on` does)
+    /// and hands each connection to the worker with the fewest sessions,
+    /// so sessions spread evenly over the threads whatever order clients
+    /// come in; a worker holds its sessions, drains them at shutdown and
+    /// ends when this task stops handing it any. The fencer, its store
+    /// and the connection limit are shared with the process's runtime as
+    /// before.
+    async fn serve_workers(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: Shutdown,
+        drain: Duration,
+    ) -> std::io::Result<()> {
+        let mut workers = Vec::with_capacity(self.workers);
+        let mut done = Vec::with_capacity(self.workers);
+        for i in 0..self.workers {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let (this, shutdown) = (Arc::clone(&self), shutdown.clone());
+            let (ended, end) = tokio::sync::oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name(format!("pg-proxy-{i}"))
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(this.worker(rx, shutdown, drain)),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start a Postgres proxy worker")
+                        }
+                    }
+                    drop(ended);
+                })?;
+            workers.push(Worker {
+                tx,
+                load: Arc::new(AtomicUsize::new(0)),
+            });
+            done.push(end);
+        }
+        while let Some((stream, peer, permit)) =
+            listener::next_connection(&listener, &shutdown, &self.limit).await
+        {
+            // Off this runtime's reactor, onto the worker's.
+            let stream = match stream.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "cannot hand a connection to a worker");
+                    continue;
+                }
+            };
+            let mut handoff = (stream, peer, permit);
+            // A worker that could not start (or has ended) gives the
+            // connection back and is passed over from then on.
+            while let Some(at) =
+                (0..workers.len()).min_by_key(|&i| workers[i].load.load(Ordering::Relaxed))
+            {
+                let w = &workers[at];
+                match w
+                    .tx
+                    .send((handoff.0, handoff.1, handoff.2, Load::on(&w.load)))
+                {
+                    Ok(()) => break,
+                    Err(back) => {
+                        let (stream, peer, permit, _) = back.0;
+                        handoff = (stream, peer, permit);
+                        tracing::error!(
+                            "a Postgres proxy worker has ended; its share goes to the others"
+                        );
+                        workers.swap_remove(at);
+                    }
+                }
+            }
+            if workers.is_empty() {
+                tracing::error!("no Postgres proxy worker is running; the listener stops");
+                break;
+            }
+        }
+        // New clients are refused by the kernel from here; each worker
+        // drains what it has once its channel is closed.
+        drop(listener);
+        drop(workers);
+        for end in done {
+            let _ = end.await;
+        }
         Ok(())
+    }
+
+    /// One worker thread's sessions, until the acceptor stops handing it
+    /// connections; then they are drained as `serve_on` drains its own.
+    async fn worker(
+        self: Arc<Self>,
+        mut handed: mpsc::UnboundedReceiver<Handoff>,
+        shutdown: Shutdown,
+        drain: Duration,
+    ) {
+        let mut open = JoinSet::new();
+        loop {
+            tokio::select! {
+                next = handed.recv() => {
+                    let Some((stream, peer, permit, held)) = next else {
+                        break;
+                    };
+                    match TcpStream::from_std(stream) {
+                        // `map`, not an async block: see `listener::serve`.
+                        Ok(stream) => {
+                            open.spawn(
+                                session::run(Arc::clone(&self), stream, peer, shutdown.clone())
+                                    .map(move |()| drop((permit, held))),
+                            );
+                        }
+                        Err(e) => tracing::warn!(%peer, error = %e, "a Postgres proxy worker cannot take a connection"),
+                    }
+                }
+                Some(_) = open.join_next(), if !open.is_empty() => {}
+            }
+        }
+        listener::Connections::new(Protocol::Postgres.as_str(), open)
+            .drain(Some(drain))
+            .await;
+    }
+}
+
+/// A connection on its way to a worker thread: the socket (off the
+/// acceptor's reactor), the peer, its share of `max_connections` and of
+/// the worker's load.
+type Handoff = (std::net::TcpStream, SocketAddr, ConnPermit, Load);
+
+/// A worker's way in: its channel and how many sessions it holds.
+struct Worker {
+    tx: mpsc::UnboundedSender<Handoff>,
+    load: Arc<AtomicUsize>,
+}
+
+/// One session's share of a worker's load, given back when it ends.
+struct Load(Arc<AtomicUsize>);
+
+impl Load {
+    fn on(load: &Arc<AtomicUsize>) -> Load {
+        load.fetch_add(1, Ordering::Relaxed);
+        Load(Arc::clone(load))
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
