@@ -107,14 +107,25 @@ impl PgProxyConfig {
         u32::try_from(ms.clamp(1, GUARD_WAIT_MAX_MS)).unwrap_or(i32::MAX.unsigned_abs())
     }
 
-    /// Session threads: `workers` as set, else one per CPU. The default
-    /// by measurement (BENCHMARKS.md, "Postgres at one client"): on its
-    /// own thread a session's wake-ups stay on that thread and a statement
-    /// costs about 1,600 instructions less than on the shared multi-thread
-    /// runtime, where they moved between its threads.
-    pub fn workers(&self) -> usize {
+    /// Session threads: `workers` as set, else one per CPU, except on a
+    /// replica of a fencing tier (`tiered`), where the default stays 0.
+    /// The default by measurement (BENCHMARKS.md, "Postgres at one
+    /// client"): on its own thread a session's wake-ups stay on that
+    /// thread and a statement costs about 1,600 instructions less than on
+    /// the shared multi-thread runtime, where they moved between its
+    /// threads. Not on a tier yet: the tier's fault-injection campaigns
+    /// (benches/results/checker_tier_campaign.md) ran on the shared
+    /// runtime, and the HTTP relay's threads once admitted a stale write
+    /// on a replica resuming from a pause (docs/config.md, `[[http]]
+    /// workers`); the threads are the default there once a campaign has
+    /// run on them.
+    pub fn workers(&self, tiered: bool) -> usize {
         self.workers_set.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            if tiered {
+                0
+            } else {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            }
         })
     }
 

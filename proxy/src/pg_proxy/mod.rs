@@ -114,6 +114,7 @@ impl PgProxy {
         let upstream_tls = upstream_tls(cfg).map_err(|m| {
             Error::Config(ConfigError::Invalid(format!("postgres upstream TLS: {m}")))
         })?;
+        let workers = cfg.workers(fencer.tiered());
         Ok(Arc::new(PgProxy {
             upstream_tls,
             upstream_sslmode: cfg.upstream_sslmode,
@@ -140,7 +141,7 @@ impl PgProxy {
                 None,
             ),
             strict: cfg.strict,
-            workers: cfg.workers(),
+            workers,
             guard: cfg.enforce == Enforce::Database,
             tls,
         }))
