@@ -1313,3 +1313,112 @@ async fn a_write_after_a_fast_path_call_in_a_block_is_guarded() {
         "the write after the fast-path calls ran without the gate: {stdout}{stderr}"
     );
 }
+
+// ------------------------------ the prepared guard statement (extended protocol)
+
+/// The prepared guard statements of this session, as Postgres lists them.
+async fn guard_statements(c: &Client) -> Vec<String> {
+    c.simple_query(
+        "SELECT name FROM pg_prepared_statements WHERE name LIKE 'fencepost%' ORDER BY name",
+    )
+    .await
+    .expect("pg_prepared_statements")
+    .iter()
+    .filter_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    })
+    .collect()
+}
+
+/// A block whose first write goes in the extended protocol: it must hold
+/// the gate shared after that write, and commit.
+async fn extended_block(env: &TwoProxies, c: &Client, p: i32, what: &str) {
+    let insert = c
+        .prepare("INSERT INTO h (token) VALUES ($1)")
+        .await
+        .expect("prepare");
+    c.batch_execute("BEGIN").await.expect("begin");
+    c.execute(&insert, &[&3i32])
+        .await
+        .unwrap_or_else(|e| panic!("{what}: the guarded write failed: {e}"));
+    assert_eq!(
+        gate_locks(&env.db, p).await,
+        vec![("ShareLock".to_string(), true)],
+        "{what}: a write without the gate"
+    );
+    c.batch_execute("COMMIT").await.expect("commit");
+}
+
+/// In the extended protocol the guard is one prepared statement per server
+/// session, parsed once and then only bound and executed; whatever the
+/// client does to prepared statements, every transaction is still guarded
+/// and the client's own statements are its own: `DISCARD ALL`,
+/// `DEALLOCATE ALL` and `DEALLOCATE` of the guard's name (it is parsed
+/// again), an SQL `PREPARE` under the guard's name (the client gets the
+/// name, the guard moves to the next), and a drop the proxy cannot see (a
+/// `DEALLOCATE` inside a `DO` block: the server's 26000 fails that one
+/// write, and the session falls back to one-shot guard calls).
+#[tokio::test]
+async fn the_prepared_guard_statement_survives_what_the_client_does_to_it() {
+    let env = TwoProxies::start("fp_gate_prepared").await;
+    let (c, p) = counted_client(&env, "READ COMMITTED").await;
+    for round in 0..3 {
+        extended_block(&env, &c, p, &format!("round {round}")).await;
+    }
+    assert_eq!(guard_statements(&c).await, vec!["fencepost_guard_1"]);
+
+    for drop in [
+        "DISCARD ALL",
+        "DEALLOCATE ALL",
+        "DEALLOCATE fencepost_guard_1",
+    ] {
+        c.batch_execute(drop).await.expect(drop);
+        assert!(guard_statements(&c).await.is_empty(), "{drop}");
+        extended_block(&env, &c, p, drop).await;
+        extended_block(&env, &c, p, drop).await;
+        assert_eq!(
+            guard_statements(&c).await,
+            vec!["fencepost_guard_1"],
+            "after {drop}"
+        );
+    }
+
+    // The client takes the guard's name for a statement of its own.
+    c.batch_execute("PREPARE fencepost_guard_1 AS SELECT 42")
+        .await
+        .expect("the client's PREPARE of the guard's name");
+    extended_block(&env, &c, p, "after the client took the name").await;
+    assert_eq!(
+        guard_statements(&c).await,
+        vec!["fencepost_guard_1", "fencepost_guard_2"]
+    );
+    let own = c
+        .simple_query("EXECUTE fencepost_guard_1")
+        .await
+        .expect("the client's own statement");
+    assert!(
+        own.iter().any(|m| matches!(m,
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("42"))),
+        "the client's statement of that name is its own"
+    );
+
+    // Dropped where the proxy cannot see it.
+    c.batch_execute("DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$")
+        .await
+        .expect("a DEALLOCATE in a DO block");
+    let insert = c
+        .prepare("INSERT INTO h (token) VALUES ($1)")
+        .await
+        .expect("prepare");
+    let lost = c
+        .execute(&insert, &[&3i32])
+        .await
+        .expect_err("a Bind of the lost guard statement");
+    assert_eq!(code(&lost), "26000", "{lost}");
+    for round in 0..2 {
+        extended_block(&env, &c, p, &format!("one-shot guard {round}")).await;
+    }
+    assert!(guard_statements(&c).await.is_empty());
+    assert_tokens_never_go_down(&env.db).await;
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
-use fencing::{Protocol, Reason};
+use fencing::{Protocol, Reason, ResourceName};
 use wire::pg::cycle::{owes_completion, RUN_NAMED_COMPLETIONS};
 use wire::pg::frame::{self, split_frame};
 use wire::pg::guard;
@@ -20,7 +20,8 @@ use super::readbuf::{ReadBuf, IDLE};
 use super::refusal::{fatal, refuse, sqlstate, Unit};
 use super::session::Ctx;
 use super::startup::{ClientRead, ServerWrite};
-use super::state::{GuardCall, Statement, Write};
+use super::state::{GuardCall, Shared, Statement, Write};
+use super::PgProxy;
 use super::ORPHAN_WAIT;
 use crate::fencer::WriteInfo;
 use crate::shutdown::Shutdown;
@@ -402,6 +403,8 @@ enum Send {
     Same,
     /// These bytes instead (a refusal, or the message with guard calls).
     Instead(Bytes),
+    /// These bytes, then the message.
+    Prefixed(Bytes),
 }
 
 /// One client message: bookkeeping, the decision if it carries a
@@ -421,6 +424,12 @@ async fn handle(ctx: &Ctx, side: &mut ClientSide, frame: Frame) -> Result<Out, F
     Ok(Out::Send(match send {
         Send::Same => frame.into_raw(),
         Send::Instead(b) => b,
+        Send::Prefixed(b) => {
+            let mut out = BytesMut::with_capacity(b.len() + frame.raw().len());
+            out.extend_from_slice(&b);
+            out.extend_from_slice(frame.raw());
+            out.freeze()
+        }
     }))
 }
 
@@ -432,6 +441,10 @@ async fn handle(ctx: &Ctx, side: &mut ClientSide, frame: Frame) -> Result<Out, F
 async fn on_query(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, text: &[u8]) -> Send {
     side.skip_until_sync = false;
     let class = side.recent.classify(&ctx.proxy.classifier, text);
+    if class.drops_prepared {
+        ctx.lock().guard_statement.invalidate();
+    }
+    let taken = sql_takes_guard_name(ctx, &class, text);
     let statement = Statement::Query(frame.clone());
     let send = if ctx.proxy.guard && class.unsplit {
         Send::Instead(unguardable(ctx, &class, NOT_UTF8))
@@ -449,11 +462,11 @@ async fn on_query(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, text: &[u8]) 
                         guard::call(r.as_str(), t, ctx.proxy.guard_wait_ms).as_bytes(),
                     );
                     body.extend_from_slice(b";\n");
-                    cycle.hide_simple(GuardCall {
+                    cycle.hide_simple(Some(GuardCall {
                         resource: r,
                         token: t,
                         statement: statement.clone(),
-                    });
+                    }));
                 }
                 cycle.shift_positions(u32::try_from(body.len()).unwrap_or(u32::MAX));
                 body.extend_from_slice(text);
@@ -470,7 +483,56 @@ async fn on_query(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, text: &[u8]) 
     let cycle = s.open_cycle();
     cycle.data.executed = true;
     cycle.close();
-    send
+    prefixed(taken, send)
+}
+
+/// An SQL `PREPARE` that may name the prepared guard statement (its text
+/// holds the name, in any case): the guard's statement is closed just
+/// before the client's message (its CloseComplete hidden, ahead of every
+/// other strip of the cycle) and the guard moves to the next name, so the
+/// client's PREPARE finds the name free. Returns the Close to send first.
+fn sql_takes_guard_name(ctx: &Ctx, class: &Classification, text: &[u8]) -> Option<Bytes> {
+    if !ctx.proxy.guard || !class.prepares {
+        return None;
+    }
+    let mut s = ctx.lock();
+    let name = s.guard_statement.name().as_bytes();
+    let named = text
+        .windows(name.len())
+        .any(|w| w.eq_ignore_ascii_case(name));
+    if !named {
+        return None;
+    }
+    Some(take_guard_name(&mut s))
+}
+
+/// The client takes the prepared guard statement's name: Close it, hide the
+/// answer, move the guard to the next name.
+fn take_guard_name(s: &mut Shared) -> Bytes {
+    let close = frame::close(b'S', s.guard_statement.name());
+    s.guard_statement.rename();
+    s.open_cycle().hide_extended(1, None);
+    close
+}
+
+/// `send`, after `first` when there is one.
+fn prefixed(first: Option<Bytes>, send: Send) -> Send {
+    match (first, send) {
+        (None, send) => send,
+        (Some(first), Send::Same) => Send::Prefixed(first),
+        (Some(first), Send::Instead(b)) => {
+            let mut out = BytesMut::with_capacity(first.len() + b.len());
+            out.extend_from_slice(&first);
+            out.extend_from_slice(&b);
+            Send::Instead(out.freeze())
+        }
+        (Some(first), Send::Prefixed(b)) => {
+            let mut out = BytesMut::with_capacity(first.len() + b.len());
+            out.extend_from_slice(&first);
+            out.extend_from_slice(&b);
+            Send::Prefixed(out.freeze())
+        }
+    }
 }
 
 /// Why guard mode refuses a Query it cannot guard statement by statement.
@@ -530,23 +592,33 @@ fn guards_between(
     for (skip, chars, len, (r, t)) in inserted {
         cycle.hide_simple_after(
             skip,
-            GuardCall {
+            Some(GuardCall {
                 resource: r,
                 token: t,
                 statement: statement.clone(),
-            },
+            }),
         );
         cycle.shift_positions_after(chars, len);
     }
     Some(Frame::new(b'Q', &body).into_raw())
 }
 
-/// Parse: the statement is classified now, decided at its Execute.
+/// Parse: the statement is classified now, decided at its Execute. A
+/// client that parses a statement under the prepared guard statement's
+/// name gets the name: the guard's statement is closed just before (its
+/// CloseComplete hidden) and the guard moves to the next name.
 fn on_parse(ctx: &Ctx, side: &mut ClientSide, name: &[u8], query: &[u8]) -> Send {
     let (class, text) = side.recent.classify_text(&ctx.proxy.classifier, query);
-    ctx.lock().open_cycle().sent(b'P');
+    let mut s = ctx.lock();
+    let taken = ctx.proxy.guard && guard::is_prepared_name(name, s.guard_statement.generation);
+    let send = taken.then(|| take_guard_name(&mut s));
+    s.open_cycle().sent(b'P');
+    drop(s);
     side.statements.set(name, Prepared { class, text });
-    Send::Same
+    match send {
+        Some(close) => Send::Prefixed(close),
+        None => Send::Same,
+    }
 }
 
 fn on_bind(ctx: &Ctx, side: &mut ClientSide, portal: &[u8], statement: &[u8]) -> Send {
@@ -578,9 +650,15 @@ async fn on_execute(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, portal: &[u
         None => (None, Statement::Label(UNKNOWN_PORTAL)),
     };
     let class = class.as_deref().unwrap_or(&unknown);
+    let taken = match &statement {
+        Statement::Text(text) => sql_takes_guard_name(ctx, class, text),
+        _ => None,
+    };
     let verdict = fence(ctx, class, &statement, Unit::Execute, false).await;
     let mut s = ctx.lock();
-    let cycle = s.open_cycle();
+    if class.drops_prepared {
+        s.guard_statement.invalidate();
+    }
     let send = match verdict {
         Verdict::Refused(poison) => {
             side.skip_until_sync = true;
@@ -591,34 +669,90 @@ async fn on_execute(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, portal: &[u
             let mut out = BytesMut::new();
             // One statement: every guard goes before it.
             for (_, (r, t)) in writes {
-                let name = format!(
-                    "fencepost-guard-{}",
-                    GUARD_NAMES.fetch_add(1, Ordering::Relaxed)
-                );
-                out.extend_from_slice(&frame::run_named(
-                    &name,
-                    &guard::call(r.as_str(), t, ctx.proxy.guard_wait_ms),
-                ));
-                cycle.hide_extended(
-                    RUN_NAMED_COMPLETIONS,
-                    GuardCall {
+                let owed = guard_extended(&mut out, &mut s, &ctx.proxy, &r, t);
+                s.open_cycle().hide_extended(
+                    owed,
+                    Some(GuardCall {
                         resource: r,
                         token: t,
                         statement: statement.clone(),
-                    },
+                    }),
                 );
             }
             out.extend_from_slice(frame.raw());
             Send::Instead(out.freeze())
         }
     };
+    let cycle = s.open_cycle();
     cycle.sent(b'E');
     cycle.data.executed = true;
-    send
+    prefixed(taken, send)
+}
+
+/// Appends one guard call to an extended batch, before the client's
+/// Execute; returns the completions the server owes for it. The session's
+/// prepared guard statement when it is ready (Bind, Execute, Close of the
+/// portal: the server neither parses nor plans the call); otherwise Close
+/// of its name and Parse first, which make it ready once the cycle
+/// succeeds; one-shot under a unique name when the session has given the
+/// prepared statement up ([`GuardStatement`]).
+///
+/// [`GuardStatement`]: super::state::GuardStatement
+fn guard_extended(
+    out: &mut BytesMut,
+    s: &mut Shared,
+    proxy: &PgProxy,
+    resource: &ResourceName,
+    token: u64,
+) -> u32 {
+    let g = &mut s.guard_statement;
+    if g.off {
+        let name = format!(
+            "fencepost-guard-{}",
+            GUARD_NAMES.fetch_add(1, Ordering::Relaxed)
+        );
+        out.extend_from_slice(&frame::run_named(
+            &name,
+            &guard::call(resource.as_str(), token, proxy.guard_wait_ms),
+        ));
+        return RUN_NAMED_COMPLETIONS;
+    }
+    let mut owed = 3;
+    if !g.ready() {
+        let epoch = g.parsing();
+        out.extend_from_slice(&frame::close(b'S', g.name()));
+        out.extend_from_slice(&frame::parse_typed(
+            g.name(),
+            guard::PREPARED,
+            &guard::PREPARED_TYPES,
+        ));
+        owed += 2;
+        s.open_cycle().data.prepares = Some(epoch);
+    }
+    let g = &mut s.guard_statement;
+    let name = g.name();
+    frame::bind_execute_close(
+        out,
+        name,
+        name,
+        &[
+            resource.as_str().as_bytes(),
+            &guard::token_digits(token),
+            proxy.guard_wait_text.as_bytes(),
+        ],
+    );
+    owed
 }
 
 fn on_close(ctx: &Ctx, side: &mut ClientSide, kind: u8, name: &[u8]) -> Send {
-    ctx.lock().open_cycle().sent(b'C');
+    let mut s = ctx.lock();
+    if kind == b'S' && guard::is_prepared_name(name, s.guard_statement.generation) {
+        // The client closes the guard's statement (it has none of that
+        // name): it is gone.
+        s.guard_statement.invalidate();
+    }
+    s.open_cycle().sent(b'C');
+    drop(s);
     match kind {
         b'S' => side.statements.remove(name),
         b'P' => side.portals.remove(name),

@@ -50,7 +50,7 @@ pub(super) async fn fence(
         }
         let write = class.write || strict_write;
         if write && !class.commits {
-            if let Some(verdict) = steady(ctx, &mut s, class, statement) {
+            if let Some(verdict) = steady(ctx, &mut s, class, statement, alone) {
                 return verdict;
             }
         }
@@ -233,19 +233,28 @@ fn placed(
     plan
 }
 
-/// The fast path (proxy mode; guard mode decides in full, for its gate
-/// bookkeeping): a write that presents what the session's last admitted
+/// The fast path: a write that presents what the session's last admitted
 /// write presented (the committed variables, no setting pending, no
 /// comment) is admitted on the slot the session holds, with one CAS and no
 /// allocation. `None`: decide in full.
+///
+/// In guard mode only where no guard call is due: the statement runs in a
+/// transaction that holds the database gate for this very write
+/// ([`Shared::gate_held`]), or it is one the proxy fences alone. A write
+/// that needs a guard call is decided in full, for the gate bookkeeping.
+/// In TPC-B-like transactions that is three writes of four on the fast
+/// path (callgrind, one pgbench client, `-M simple`: the proxy's
+/// instructions per transaction in guard mode fell from 137,700 to
+/// 127,700, proxy mode's being 117,800).
 fn steady(
     ctx: &Ctx,
     s: &mut Shared,
     class: &Classification,
     statement: &Statement,
+    alone: bool,
 ) -> Option<Verdict> {
     let proxy = &ctx.proxy;
-    if (proxy.guard && !class.outside_block) || class.comment != CommentFence::default() {
+    if class.comment != CommentFence::default() {
         return None;
     }
     let (Ok(resource), Ok(token)) = s.settled()? else {
@@ -255,16 +264,24 @@ fn steady(
     if held.resource != *resource || held.token != *token {
         return None;
     }
+    let write: Write = (held.resource.clone(), held.n);
+    let db_guarded = proxy.guard && !class.outside_block && !alone;
+    if db_guarded && !s.gate_held(&write) {
+        return None;
+    }
+    let held = s.steady.as_ref()?;
     let admission = proxy.fencer.admit_held(
         &proxy.counters,
         &held.slot,
         held.resource.as_ref_name(),
         held.n,
     )?;
-    let write: Write = (held.resource.clone(), held.n);
     let (guard, leased_at) = (admission.guard, admission.leased_at);
-    // Proxy mode, or a statement guard mode cannot guard: the proxy alone.
-    ctx.arm(s, leased_at, statement);
+    if !db_guarded {
+        // Proxy mode, or a statement guard mode cannot guard: the proxy
+        // alone, with its last look before the statement is sent.
+        ctx.arm(s, leased_at, statement);
+    }
     let cycle = s.open_cycle();
     cycle.data.guards.push(guard);
     cycle.data.writes.push(write);

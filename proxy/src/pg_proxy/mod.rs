@@ -82,6 +82,8 @@ pub struct PgProxy {
     /// a newer token's first transaction waits in the database for the
     /// older ones (`ZF005` past it).
     guard_wait_ms: u32,
+    /// `guard_wait_ms` as the prepared guard statement's text parameter.
+    guard_wait_text: Box<str>,
     /// Set when `tls_cert`/`tls_key` are configured: SSLRequest is then
     /// answered `S` and the session upgraded; a plaintext startup is
     /// refused.
@@ -119,6 +121,10 @@ impl PgProxy {
             upstream_tls,
             upstream_sslmode: cfg.upstream_sslmode,
             guard_wait_ms: cfg.guard_wait_ms(fencer.drain_timeout()),
+            guard_wait_text: cfg
+                .guard_wait_ms(fencer.drain_timeout())
+                .to_string()
+                .into_boxed_str(),
             fencer,
             checker,
             counters: WriteCounters::new(Protocol::Postgres),

@@ -70,9 +70,10 @@
 //! token, guard_wait)` (installed by `fencepost migrate --guard`) in the
 //! write's own transaction, just before the write: prepended to the same
 //! Query in the simple protocol (one implicit transaction, or the open
-//! block), or as a Parse/Bind/Execute/Close under names of its own just
-//! before the client's Execute, within the same Sync, in the extended
-//! protocol. The function is a shared/exclusive gate per resource
+//! block), or as a Bind/Execute/Close of the session's prepared guard
+//! statement (`state::GuardStatement`, parsed once per server session)
+//! just before the client's Execute, within the same Sync, in the
+//! extended protocol. The function is a shared/exclusive gate per resource
 //! (`migrations/guard/0002_gate.sql`): the mark's own token holds it
 //! shared until the transaction ends, so one leader's transactions run
 //! concurrently, a newer token holds it exclusive, so Postgres drains the

@@ -19,7 +19,7 @@ use super::vars::{Resource, Setting, Token, Vars, View};
 pub(super) type Write = (ResourceName, u64);
 
 /// One unit of work answered by one ReadyForQuery.
-pub(super) type Cycle = cycle::Cycle<CycleData, GuardCall>;
+pub(super) type Cycle = cycle::Cycle<CycleData, Option<GuardCall>>;
 
 /// What the proxy files in a cycle.
 #[derive(Default)]
@@ -41,6 +41,109 @@ pub(super) struct CycleData {
     pub(super) executed: bool,
     /// (resource, token) of the database guard calls sent in this cycle.
     pub(super) guarded: Vec<Write>,
+    /// The cycle parsed the prepared guard statement, at this epoch of
+    /// [`GuardStatement`]: it is ready once the cycle succeeds.
+    pub(super) prepares: Option<u32>,
+}
+
+/// Guard mode's prepared guard statement on the session's server
+/// connection ([`wire::pg::guard::PREPARED`]): parsed once, then run with
+/// Bind/Execute/Close in each guarded transaction of the extended
+/// protocol, so the server does not parse and plan the guard call every
+/// time.
+///
+/// Ready only once a cycle that parsed it succeeded. Anything that may
+/// have dropped it (a client's `DEALLOCATE` or `DISCARD ALL`, a client's
+/// Close of its name, a failed cycle that parsed it) makes it not ready,
+/// and the next guard closes the name (not an error when it does not
+/// exist) and parses it again: never a Bind of a statement that may be
+/// gone, never a Parse of a name that may exist. A client that parses a
+/// statement of its own under the name moves the guard to the next name
+/// ([`GuardStatement::generation`]). If the server still answers that the
+/// statement does not exist (a pooler between the proxy and Postgres that
+/// changes server connections), the session goes back to one-shot guard
+/// calls for good (`off`).
+pub(super) struct GuardStatement {
+    /// Numbers the name ([`wire::pg::guard::prepared_name`]).
+    pub(super) generation: u32,
+    /// The name of this generation, made on first use (an idle session,
+    /// or one in proxy mode, keeps none).
+    name: String,
+    state: Prepared,
+    /// Moves whenever the statement may have been dropped, so a cycle
+    /// that parsed it before cannot make it ready after.
+    epoch: u32,
+    /// The server said the statement does not exist although the proxy
+    /// had it ready: one-shot guard calls from now on.
+    pub(super) off: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Prepared {
+    Absent,
+    /// Parsed in a cycle not answered yet, at this epoch.
+    Pending(u32),
+    Ready,
+}
+
+impl GuardStatement {
+    fn new() -> Self {
+        GuardStatement {
+            generation: 1,
+            name: String::new(),
+            state: Prepared::Absent,
+            epoch: 0,
+            off: false,
+        }
+    }
+
+    /// The statement's (and its portal's) name.
+    pub(super) fn name(&mut self) -> &str {
+        if self.name.is_empty() {
+            self.name = wire::pg::guard::prepared_name(self.generation);
+        }
+        &self.name
+    }
+
+    /// Whether a Bind of it finds it on the server.
+    pub(super) fn ready(&self) -> bool {
+        self.state == Prepared::Ready
+    }
+
+    /// It is being parsed in the open cycle: the epoch to confirm it at.
+    pub(super) fn parsing(&mut self) -> u32 {
+        self.state = Prepared::Pending(self.epoch);
+        self.epoch
+    }
+
+    /// It may be gone from the server.
+    pub(super) fn invalidate(&mut self) {
+        self.state = Prepared::Absent;
+        self.epoch = self.epoch.wrapping_add(1);
+    }
+
+    /// The client uses the name for a statement of its own: the guard
+    /// moves to the next name.
+    pub(super) fn rename(&mut self) {
+        self.invalidate();
+        self.generation = self.generation.wrapping_add(1).max(1);
+        self.name.clear();
+    }
+
+    /// A cycle that parsed it at `epoch` was answered.
+    fn confirm(&mut self, epoch: u32, succeeded: bool) {
+        if self.state == Prepared::Pending(epoch) {
+            self.state = if succeeded {
+                Prepared::Ready
+            } else {
+                Prepared::Absent
+            };
+        }
+        if !succeeded {
+            // Parsed or not, what the cycle left is unknown.
+            self.invalidate();
+        }
+    }
 }
 
 /// One database guard call sent (guard mode): what it compared, for the
@@ -93,7 +196,7 @@ pub(super) struct Steady {
 
 /// State both loops see.
 pub(super) struct Shared {
-    pub(super) cycles: Cycles<CycleData, GuardCall>,
+    pub(super) cycles: Cycles<CycleData, Option<GuardCall>>,
     /// Writes of the open transaction block, from cycles that ended with
     /// status `T`, which its COMMIT must decide again.
     txn_writes: Vec<Write>,
@@ -116,6 +219,8 @@ pub(super) struct Shared {
     /// An answered cycle's data, emptied, for the next cycle: its vectors
     /// keep their capacity, so filing a guard allocates nothing.
     spare: CycleData,
+    /// Guard mode's prepared guard statement.
+    pub(super) guard_statement: GuardStatement,
 }
 
 /// What one server message did to the session.
@@ -143,6 +248,7 @@ impl Shared {
             steady: None,
             armed: None,
             spare: CycleData::default(),
+            guard_statement: GuardStatement::new(),
         }
     }
 
@@ -221,10 +327,20 @@ impl Shared {
     /// cycle: its guards drop (the server has finished its statements), and
     /// its settings and writes join the open transaction or end with it.
     pub(super) fn on_server(&mut self, frame: &Frame) -> Answered {
+        if frame.tag() == b'E' {
+            self.prepared_guard_missing(frame);
+        }
         let answer = self.cycles.on_server(frame);
         let mut answered = Answered {
             replace: answer.replace,
-            guard_refused: answer.guard_refused,
+            // Only a guard call's refusal; the other statements the proxy
+            // adds carry no call.
+            guard_refused: answer.guard_refused.and_then(|r| {
+                Some(GuardRefused {
+                    payload: r.payload?,
+                    current: r.current,
+                })
+            }),
             ready: answer.ended.is_some(),
             started: None,
         };
@@ -237,6 +353,9 @@ impl Shared {
         }
         if let Some(mut c) = ended.cycle {
             answered.started = c.started;
+            if let Some(epoch) = c.prepares.take() {
+                self.guard_statement.confirm(epoch, !ended.failed);
+            }
             if status == b'T' || status == b'E' {
                 self.txn_settings.append(&mut c.settings);
             } else {
@@ -271,5 +390,33 @@ impl Shared {
             self.spare = c;
         }
         answered
+    }
+
+    /// An ErrorResponse saying the prepared guard statement does not
+    /// exist (SQLSTATE 26000 naming it): something between the proxy and
+    /// Postgres dropped it unseen, so the session stops relying on it.
+    fn prepared_guard_missing(&mut self, frame: &Frame) {
+        let g = &mut self.guard_statement;
+        if g.off || g.name.is_empty() {
+            return;
+        }
+        let Ok(wire::pg::frame::BackendMsg::ErrorResponse(fields)) = frame.backend() else {
+            return;
+        };
+        if fields.get(b'C') != Some(b"26000") {
+            return;
+        }
+        let quoted = format!("\"{}\"", g.name);
+        let names_it = fields
+            .get(b'M')
+            .is_some_and(|m| m.windows(quoted.len()).any(|w| w == quoted.as_bytes()));
+        if names_it {
+            tracing::warn!(
+                "the server lost fencepost's prepared guard statement {}; this session sends one-shot guard calls from now on",
+                g.name
+            );
+            g.off = true;
+            g.invalidate();
+        }
     }
 }

@@ -131,6 +131,13 @@ pub struct Classification {
     /// The text is not UTF-8 and holds a `;`: it may be several statements,
     /// and where they start cannot be told (guard mode refuses it).
     pub unsplit: bool,
+    /// Some statement drops prepared statements (`DEALLOCATE`, `DISCARD
+    /// ALL`): guard mode's own prepared guard statement may be gone after
+    /// it, and is parsed again before its next use.
+    pub drops_prepared: bool,
+    /// Some statement is an SQL `PREPARE`: it may take the name of guard
+    /// mode's prepared guard statement.
+    pub prepares: bool,
 }
 
 /// One part of a multi-statement text that guard mode guards on its own.
@@ -205,6 +212,9 @@ impl Classifier {
             Err(_) => Arc::new(Classification {
                 write: true,
                 unsplit: text.contains(&b';'),
+                // Cannot be read: it may drop or make prepared statements.
+                drops_prepared: true,
+                prepares: true,
                 ..Classification::default()
             }),
         }
@@ -320,7 +330,10 @@ impl Classifier {
                 }
                 NodeEnum::DiscardStmt(d) if d.target == DiscardMode::DiscardAll as i32 => {
                     c.settings.push(FenceSetting::ResetAll);
+                    c.drops_prepared = true;
                 }
+                NodeEnum::DeallocateStmt(_) => c.drops_prepared = true,
+                NodeEnum::PrepareStmt(_) => c.prepares = true,
                 _ => {}
             }
         }
@@ -747,8 +760,33 @@ mod tests {
         assert_eq!(a.guard_points, b.guard_points);
         // Not UTF-8: split only when there is nothing to split.
         assert!(c.classify_bytes(b"UPDATE t SET a = '\xe9'; COMMIT").unsplit);
+        assert!(c.classify_bytes(b"DEALLOCATE '\xe9'").drops_prepared);
         assert!(!c.classify_bytes(b"UPDATE t SET a = '\xe9'").unsplit);
         assert!(!c.classify("UPDATE t SET a = 1; COMMIT").unsplit);
+    }
+
+    #[test]
+    fn statements_that_drop_prepared_statements() {
+        let c = classifier();
+        for sql in [
+            "DEALLOCATE ALL",
+            "DEALLOCATE PREPARE s1",
+            "deallocate fencepost_guard_1",
+            "DISCARD ALL",
+            "SELECT 1; DISCARD ALL",
+        ] {
+            assert!(c.classify(sql).drops_prepared, "{sql}");
+        }
+        for sql in [
+            "DISCARD PLANS",
+            "DISCARD TEMP",
+            "SELECT 1",
+            "PREPARE p AS SELECT 1",
+        ] {
+            assert!(!c.classify(sql).drops_prepared, "{sql}");
+        }
+        assert!(c.classify("PREPARE fencepost_guard_1 AS SELECT 1").prepares);
+        assert!(!c.classify("SELECT 1").prepares);
     }
 
     #[test]

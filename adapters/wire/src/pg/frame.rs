@@ -509,6 +509,58 @@ pub fn run_named(name: &str, text: &str) -> Bytes {
     out.freeze()
 }
 
+/// Parse of `name` with parameters of the types `oids` (the guard's
+/// prepared statement, parsed once per server session).
+pub fn parse_typed(name: &str, text: &str, oids: &[u32]) -> Bytes {
+    let mut body = BytesMut::with_capacity(name.len() + text.len() + 4 + 4 * oids.len());
+    body.extend(name.bytes().filter(|&c| c != 0));
+    body.put_u8(0);
+    body.extend(text.bytes().filter(|&c| c != 0));
+    body.put_u8(0);
+    body.put_u16(u16::try_from(oids.len()).unwrap_or(u16::MAX));
+    for oid in oids {
+        body.put_u32(*oid);
+    }
+    Frame::new(b'P', &body).into_raw()
+}
+
+/// Close of a prepared statement (`kind` `S`) or portal (`P`); closing a
+/// name that does not exist is not an error.
+pub fn close(kind: u8, name: &str) -> Bytes {
+    let mut body = BytesMut::with_capacity(name.len() + 2);
+    body.put_u8(kind);
+    body.extend(name.bytes().filter(|&c| c != 0));
+    body.put_u8(0);
+    Frame::new(b'C', &body).into_raw()
+}
+
+/// Runs the prepared statement `statement` with `params` (text format)
+/// in the portal `portal`, appended to `out`: Bind, Execute, then Close of
+/// the portal (a named portal outlives its Execute until the transaction
+/// ends, and a second Bind of its name in the same block would fail). The
+/// server answers BindComplete, the rows, CommandComplete, CloseComplete
+/// (three completions), or an ErrorResponse that discards the rest up to
+/// Sync. The client's unnamed statement and portal are left alone.
+pub fn bind_execute_close(out: &mut BytesMut, statement: &str, portal: &str, params: &[&[u8]]) {
+    let mut body = BytesMut::with_capacity(
+        portal.len() + statement.len() + 8 + params.iter().map(|p| 4 + p.len()).sum::<usize>(),
+    );
+    body.extend(portal.bytes().filter(|&c| c != 0));
+    body.put_u8(0);
+    body.extend(statement.bytes().filter(|&c| c != 0));
+    body.put_u8(0);
+    body.put_u16(0); // parameter formats: all text
+    body.put_u16(u16::try_from(params.len()).unwrap_or(u16::MAX));
+    for p in params {
+        body.put_i32(i32::try_from(p.len()).unwrap_or(i32::MAX));
+        body.extend_from_slice(p);
+    }
+    body.put_u16(0); // result formats: all text
+    out.extend_from_slice(Frame::new(b'B', &body).raw());
+    out.extend_from_slice(&execute(portal));
+    out.extend_from_slice(&close(b'P', portal));
+}
+
 /// Terminate: the polite end of a session.
 pub fn terminate() -> Bytes {
     Frame::new(b'X', &[]).into_raw()
@@ -636,6 +688,31 @@ mod tests {
             tags.push(f.tag());
         }
         assert_eq!(tags, b"PBECC");
+        assert!(buf.is_empty());
+    }
+    #[test]
+    fn a_prepared_statement_run_is_bind_execute_close() {
+        let mut out = BytesMut::new();
+        out.extend_from_slice(&parse_typed("g", "SELECT $1", &[25]));
+        bind_execute_close(&mut out, "g", "p", &[b"ab"]);
+        let mut buf = out;
+        let mut tags = Vec::new();
+        while let Some(f) = split_frame(&mut buf, DEFAULT_MAX_FRAME).unwrap() {
+            match f.client() {
+                Ok(ClientMsg::Parse { name, query }) => {
+                    assert_eq!((name, query), (&b"g"[..], &b"SELECT $1"[..]));
+                    assert!(f.raw().ends_with(&[0, 1, 0, 0, 0, 25]));
+                }
+                Ok(ClientMsg::Bind { portal, statement }) => {
+                    assert_eq!((portal, statement), (&b"p"[..], &b"g"[..]));
+                    assert!(f.raw().ends_with(&[0, 1, 0, 0, 0, 2, b'a', b'b', 0, 0]));
+                }
+                Ok(ClientMsg::Close { kind, name }) => assert_eq!((kind, name), (b'P', &b"p"[..])),
+                _ => {}
+            }
+            tags.push(f.tag());
+        }
+        assert_eq!(tags, b"PBEC");
         assert!(buf.is_empty());
     }
     use proptest::prelude::*;
