@@ -7,7 +7,7 @@
 #                                 [--sweep-rounds N] [--connections C]
 #                                 [--requests N] [--no-callgrind] [--shared-runtime]
 #                                 [--skip-install] [--skip-build] [--keep-tmp]
-#                                 [--only-callgrind]
+#                                 [--only-callgrind] [--sched-counters]
 #
 # Targets (all on 127.0.0.1, on ports picked at start):
 #   direct       wrk -> upstream nginx
@@ -36,6 +36,14 @@
 # --only-callgrind runs just that part (no wrk, no table of throughput):
 # instruction counts are repeatable on a loaded machine, throughput is not.
 #
+# --sched-counters (needs `perf`): around each 1-connection run, the
+# target's processes (a proxy's workers; the upstream's for direct) under
+# `perf stat`, and context switches, CPU migrations and page faults per
+# request written under that run in http_overhead_wrk.txt. A 1 % tail at
+# one connection is a scheduling question (which vCPU wakes, and whether it
+# had halted); these counts say how often each proxy sleeps and moves, on
+# the quiet machine where the tail shows (see BENCHMARKS.md, issue 14).
+#
 # Output: a table on stdout, and in benches/results/:
 #   http_overhead.csv        one row per wrk run (raw figures)
 #   http_overhead.json       runs, medians, ratios, memory, callgrind, environment
@@ -55,6 +63,7 @@ INSTALL=1
 BUILD=1
 KEEP_TMP=0
 ONLY_CALLGRIND=0
+SCHED=0
 
 usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; }
 
@@ -71,6 +80,7 @@ while [ $# -gt 0 ]; do
         --skip-build) BUILD=0; shift ;;
         --keep-tmp) KEEP_TMP=1; shift ;;
         --only-callgrind) ONLY_CALLGRIND=1; CALLGRIND=1; shift ;;
+        --sched-counters) SCHED=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -99,6 +109,7 @@ if [ "$INSTALL" = 1 ] && { ! command -v nginx >/dev/null || ! command -v wrk >/d
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nginx wrk valgrind >/dev/null
 fi
 NEED=(nginx curl python3)
+[ "$SCHED" = 1 ] && NEED+=(perf)
 [ "$ONLY_CALLGRIND" = 1 ] || NEED+=(wrk)
 [ "$CALLGRIND" = 1 ] && NEED+=(valgrind callgrind_control)
 for t in "${NEED[@]}"; do
@@ -294,6 +305,15 @@ done
 # fencepost really fences: an older token is refused.
 expect_status 409 -X PUT -H 'Fencing-Token: 0' --data x "http://127.0.0.1:${PORT[fencepost-1w]}/item"
 
+# The processes that serve a target, comma-separated (for perf stat -p).
+pids_of() { # target
+    case "$1" in
+        nginx-*) pgrep -P "${PID[$1]}" | paste -sd, ;;
+        fencepost-*) echo "${PID[$1]}" ;;
+        *) pgrep -P "$UP_PID" | paste -sd, ;;
+    esac
+}
+
 # RSS of a target: nginx's worker processes summed, fencepost's process.
 rss_of() { # target
     case "$1" in
@@ -330,8 +350,21 @@ run_wrk() { # phase workload target connections round duration
     [ "$workload" = PUT ] && args+=(-s "$TMP/put.lua")
     RUN=$((RUN + 1))
     local out="$TMP/run-$RUN.txt"
+    local perf_pid="" perf_out="$TMP/perf-$RUN.txt"
+    if [ "$SCHED" = 1 ] && [ "$phase" = latency ]; then
+        perf stat -x, -e context-switches,cpu-migrations,page-faults \
+            -p "$(pids_of "$target")" -o "$perf_out" &
+        perf_pid=$!
+        sleep 0.2
+    fi
     if ! timeout --kill-after=5 $((dur + 30)) wrk "${args[@]}" "$url" >"$out" 2>&1; then
         echo "wrk failed for $target $workload c=$conns:" >&2; cat "$out" >&2; exit 1
+    fi
+    if [ -n "$perf_pid" ]; then
+        kill -INT "$perf_pid" 2>/dev/null; wait "$perf_pid" 2>/dev/null || true
+        awk -F, -v n="$(awk '/requests in/ {print $1}' "$out")" \
+            'n > 0 && $3 ~ /^[a-z-]+$/ { printf "%s%s=%.4f", sep, $3, $1 / n; sep = " " }
+             END { print "" }' "$perf_out" | sed 's/^/### per request: /' >>"$out"
     fi
     for pid in "${PIDS[@]}"; do
         kill -0 "$pid" 2>/dev/null || { echo "a server died during the $target run; see $TMP" >&2; exit 1; }

@@ -72,6 +72,7 @@ on_both_paths!(
     a_close_delimited_answer_is_relayed_whole,
     an_invalid_upstream_length_is_a_bad_gateway,
     interim_answers_reach_only_http11_clients,
+    a_non_ascii_target_is_answered,
 );
 
 /// A fencepost server (in-process) with one HTTP proxy (route `/kv/` →
@@ -447,6 +448,27 @@ async fn connect_and_bad_hosts_are_refused(path: DataPath) {
     // HTTP/1.0 needs no Host.
     let answer = env.exchange("GET /kv/1 HTTP/1.0\r\n\r\n").await;
     assert_eq!(status(&answer), 200, "{answer}");
+}
+
+/// Found by AFL on `wire::http1`: the head parser cut the target as a
+/// `str` at byte 7, so a multi-byte character there (`é` at bytes 6-7 of
+/// `/kv/abé`) panicked the connection's task and the client got no
+/// answer at all. Each must be answered, read or write.
+async fn a_non_ascii_target_is_answered(path: DataPath) {
+    let upstream = Upstream::start().await;
+    let env = Env::start("framing-utf8", upstream.addr, path).await;
+    for raw in [
+        "GET /kv/ab\u{e9} HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
+        "PUT /kv/ab\u{e9} HTTP/1.1\r\nHost: p\r\nFencing-Token: 1\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx",
+        "GET abcdef\u{44c7} HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
+    ] {
+        let answer = env.exchange(raw).await;
+        assert!(answer.starts_with("HTTP/1.1 "), "{raw:?}: no answer: {answer:?}");
+        assert!(
+            matches!(status(&answer), 200 | 400),
+            "{raw:?}: {answer}"
+        );
+    }
 }
 
 /// An upstream answer with Content-Length and chunked framing was relayed

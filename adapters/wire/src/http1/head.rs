@@ -440,11 +440,14 @@ pub fn parse_request<'b, 'h>(
         return Err(HeadError::Connect);
     }
     let origin = target.starts_with('/');
-    let absolute = target.len() > 7
-        && (target[..7].eq_ignore_ascii_case("http://")
-            || target
-                .get(..8)
-                .is_some_and(|s| s.eq_ignore_ascii_case("https://")));
+    // Compared as bytes: httparse lets non-ASCII bytes through in the
+    // target, and a `str` cut at byte 7 inside a multi-byte character
+    // panics (a fuzzer found `GET /hz/m?\u{44c7}...`, a client could send it).
+    let t = target.as_bytes();
+    let absolute = t.len() > 7
+        && (t[..7].eq_ignore_ascii_case(b"http://")
+            || t.get(..8)
+                .is_some_and(|s| s.eq_ignore_ascii_case(b"https://")));
     let asterisk = target == "*" && method == "OPTIONS";
     if !(origin || absolute || asterisk) {
         return Err(HeadError::BadTarget);

@@ -198,6 +198,23 @@ fn connect_and_odd_targets_are_refused() {
     assert_eq!(head.path(), "/");
 }
 
+/// Found by AFL (`fuzz/regressions/http1/non-ascii-target-*`): the check
+/// for an absolute form cut the target as a `str` at byte 7, which
+/// panicked when a multi-byte character straddled it, for any target,
+/// origin form too. httparse passes such bytes through; the head must be
+/// decided, not panic.
+#[test]
+fn non_ascii_targets_are_decided_not_panicked_on() {
+    // `é` is bytes 6..8: byte 7 is inside it.
+    let raw = "GET /abcdeé HTTP/1.1\r\nHost: a\r\n\r\n".as_bytes();
+    assert!(request(raw).unwrap().is_some());
+    let raw = "GET abcdef\u{44c7} HTTP/1.1\r\nHost: a\r\n\r\n".as_bytes();
+    assert_eq!(refused(raw), HeadError::BadTarget);
+    // And at byte 8, where `https://` is looked for.
+    let raw = "GET https:/\u{44c7} HTTP/1.1\r\nHost: a\r\n\r\n".as_bytes();
+    assert_eq!(refused(raw), HeadError::BadTarget);
+}
+
 /// The finding: `Connection: Fencing-Token` made the proxy drop
 /// the token on its way upstream. Naming a header the proxy must forward
 /// or frame by is refused.
