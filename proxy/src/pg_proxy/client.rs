@@ -285,11 +285,7 @@ async fn to_server(ctx: &Ctx, sw: &mut ServerWrite, out: &[u8]) -> Result<(), Un
     let fencer = &ctx.proxy.fencer;
     let lapsed = || {
         let mut s = ctx.lock();
-        let write = s
-            .cycles
-            .data()
-            .filter_map(|c| c.writes.last().cloned())
-            .last();
+        let write = s.armed_write();
         Unsent::Lapsed(Stopped {
             write,
             statement: s.armed.take(),
@@ -299,13 +295,7 @@ async fn to_server(ctx: &Ctx, sw: &mut ServerWrite, out: &[u8]) -> Result<(), Un
     // is the residue no look can close; say so (`Fencer::note_sent`).
     let sent = || {
         if !fencer.still_leased(since) {
-            let write = ctx
-                .lock()
-                .cycles
-                .data()
-                .filter_map(|c| c.writes.last().cloned())
-                .last();
-            let (resource, token) = write.unzip();
+            let (resource, token) = ctx.lock().armed_write().unzip();
             fencer.note_sent(
                 since,
                 "postgres",

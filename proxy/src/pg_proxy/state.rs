@@ -252,6 +252,16 @@ impl Shared {
         }
     }
 
+    /// The newest write filed in an open cycle: what a batch armed for
+    /// the last look carries (named when the replica lease lapsed before
+    /// it was sent, or after).
+    pub(super) fn armed_write(&self) -> Option<Write> {
+        self.cycles
+            .data()
+            .filter_map(|c| c.writes.last().cloned())
+            .last()
+    }
+
     /// The cycle new client messages belong to, opened if needed.
     pub(super) fn open_cycle(&mut self) -> &mut Cycle {
         let began_in_block = self.cycles.is_empty() && self.cycles.status() == b'T';

@@ -725,6 +725,7 @@ impl Call<'_, '_, '_, '_> {
                     .send_all(out)
                     .await
                     .map_err(|_| Failure::Broken("the upstream connection failed"))?;
+                self.sent();
                 match bounded(self.timer.as_mut(), within, fresh.read_buf(resp)).await {
                     Err(_) => Err(Failure::TimedOut),
                     Ok(Ok(n)) if n > 0 => Ok(Some(fresh)),
