@@ -7,11 +7,13 @@
 #   bash benches/checker_tier_campaign.sh [--proxy-seed N] [--guard-seed N]
 #                                         [--until HH:MM] [--secs S]
 #                                         [--log FILE] [--skip-build]
-#                                         [--release]
+#                                         [--release] [--nice N]
 #
 # Builds the test binary, then runs a pinned copy of it and of fencepost
 # (FENCEPOST_BIN), so rebuilding the worktree meanwhile changes nothing
-# under the campaign. Runs `nice -n 19`. Stops at the first batch with a
+# under the campaign. Runs `nice -n 19` (--nice N: another niceness; give
+# 0 when the machine has nothing else to do, since a starved replica misses
+# its renewals and tests the lapse path instead of the tier). Stops at the first batch with a
 # violation (its seed is in the log, with the command that replays each
 # run), at --until (UTC, checked between batches), or when the file
 # FILE.stop exists. Then prints the totals (benches/checker_tier_totals.py).
@@ -32,6 +34,7 @@ SECS=5
 LOG=target/checker_tier_campaign.log
 BUILD=1
 PROFILE=debug
+NICE=19
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -42,7 +45,8 @@ while [ $# -gt 0 ]; do
         --log) LOG="$2"; shift 2 ;;
         --skip-build) BUILD=0; shift ;;
         --release) PROFILE=release; shift ;;
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --nice) NICE="$2"; shift 2 ;;
+        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -65,7 +69,7 @@ cp "$IT" "$PIN/it"
 cp target/$PROFILE/fencepost "$PIN/fencepost"
 export FENCEPOST_BIN="$PIN/fencepost"
 export FENCEPOST_CHECKER_RUNS=10 FENCEPOST_CHECKER_SECS="$SECS"
-echo "=== campaign on $(git rev-parse --short HEAD) ($PROFILE) from $(date -u +%H:%M:%S)" >>"$LOG"
+echo "=== campaign on $(git rev-parse --short HEAD) ($PROFILE, nice $NICE) from $(date -u +%H:%M:%S)" >>"$LOG"
 
 past_until() {
     [ -n "$UNTIL" ] && [[ ! "$(date -u +%H:%M)" < "$UNTIL" ]]
@@ -82,7 +86,7 @@ while [ ! -e "$LOG.stop" ] && ! past_until; do
             test=checker::tier::fencing_holds_across_a_tier_in_guard_mode
         fi
         echo "=== batch $mode seed $seed start $(date -u +%H:%M:%S)" >>"$LOG"
-        FENCEPOST_CHECKER_SEED=$seed nice -n 19 "$PIN/it" --exact "$test" --nocapture >>"$LOG" 2>&1
+        FENCEPOST_CHECKER_SEED=$seed nice -n "$NICE" "$PIN/it" --exact "$test" --nocapture >>"$LOG" 2>&1
         rc=$?
         echo "=== batch $mode seed $seed end $(date -u +%H:%M:%S) rc $rc" >>"$LOG"
         if [ $rc -ne 0 ] && sed -n "/=== batch $mode seed $seed start/,\$p" "$LOG" | grep -q "VIOLATION"; then
