@@ -1,26 +1,49 @@
 -- The gate's same-token path made cheaper again (issue 11). Replaces the
 -- three-argument `fencepost.advance` of 0003 in place: same name,
--- signature and semantics, same statements in the same order on every
--- path; the two-argument form (0002) calls it.
+-- signature, results and errors; the two-argument form (0002) calls it.
 --
 -- Why: in `-M simple` the guard call is the only thing guard mode adds
 -- to a TPC-B-like transaction, and it cost the backend 117,000
 -- instructions per transaction over proxy mode (callgrind, one pgbench
--- client; `benches/guard_cost.sh`). Counted per statement of the fast
--- path (Postgres 15 under callgrind, `BEGIN; SELECT advance(...) \;
--- SELECT 1; END;` against `BEGIN; SELECT 1; END;`, 2,000 transactions):
--- the extra statement itself about 27,000, the PL/pgSQL call about
--- 23,000, each read of the mark about 24,000. Two things cost more than
--- they need to: `PERFORM pg_advisory_xact_lock_shared(...)`, a whole
--- SELECT run through SPI (plan-cache check, executor start, run and
--- end), about 5,800 more than the same call as an IF condition (a simple
--- expression, evaluated by PL/pgSQL itself); and the `CONSTANT` key's
--- initializer, evaluated on every call, about 1,300. This file changes
--- only those two: 119,600 -> 112,600 instructions per guarded
--- transaction on that count.
--- The reads, the call and the statement stay: the read after the gate is
--- the guarantee (read-gate-read), the read before it keeps a newer token
--- from holding the gate shared before it asks for it exclusive.
+-- client; `benches/guard_cost.sh`). Counted by part
+-- (`benches/guard_sql_cost.sh`: Postgres 15 under callgrind, `BEGIN;
+-- SELECT advance(...) \; SELECT 1; END;` against `BEGIN; SELECT 1;
+-- END;`, 2,000 transactions): the extra statement itself about 27,000,
+-- the PL/pgSQL call about 21,000, each read of the mark about 24,000.
+-- 0003's same-token path read the mark, took the gate shared, read it
+-- again; the first read only chose the path, so that a newer token never
+-- holds the gate shared before it asks for it exclusive.
+--
+-- This file takes the gate first and reads once, inside a block with an
+-- exception handler (a subtransaction): when the token is not the mark,
+-- the block is left by an exception, which releases the gate it took, and
+-- the rest is 0003's code unchanged, with that read as its `mark`. The
+-- guarantees stay: the read that decides is made after the gate is held
+-- (under READ COMMITTED a fresh snapshot; under REPEATABLE READ /
+-- SERIALIZABLE `FOR SHARE`, a serialization failure for a row changed
+-- after the snapshot); a newer token never holds the gate shared when it
+-- asks for it exclusive; the same errors for the same cases in the same
+-- order, but one: under REPEATABLE READ / SERIALIZABLE a mark changed
+-- after the snapshot now meets the FOR SHARE read whatever the token, so
+-- a stale token there fails with 40001 where 0003 answered ZF001 (both
+-- refusals; the issue allows either). The subtransaction starts and ends without a transaction id
+-- under READ COMMITTED (nothing is written). Two smaller cuts: the gate
+-- is taken in an IF condition, a simple expression PL/pgSQL evaluates
+-- itself, not in a PERFORM, a whole SELECT run through SPI (plan-cache
+-- check, executor start, run and end: about 5,800 more); and the gate's
+-- key is a literal, not a `CONSTANT`, whose initializer runs on every
+-- call (about 1,300).
+--
+-- Same count: 0003's same-token call 119,600 instructions over the plain
+-- transaction, 0003 with only the two smaller cuts 112,600, this file
+-- 92,600 (per part, the block costs about 6,000 and saves a read and a
+-- comparison).
+--
+-- One thing waits where it did not: a stale token's call now asks for
+-- the gate shared before it reads, so while a newer leader's advance
+-- holds the gate exclusive, the stale call waits for it (as every call
+-- arriving during an advance already did) and is then refused ZF001 as
+-- before.
 --
 -- Idempotent: CREATE OR REPLACE only.
 
@@ -30,7 +53,7 @@ LANGUAGE plpgsql
 VOLATILE
 AS $$
 DECLARE
-    gate_ns  integer;  -- the gate's key space, set below (the fast path's literal)
+    gate_ns  integer;  -- the gate's key space, 1717920355 (set below)
     gate_key integer;
     held_at  text;
     mine     text;
@@ -40,16 +63,20 @@ DECLARE
     holders  text;
 BEGIN
     -- The fast path: the token is the mark (the steady state of a
-    -- leader). Read, take the gate shared, read again (FOR SHARE under
-    -- REPEATABLE READ / SERIALIZABLE), as in 0003. The gate is taken in
-    -- an IF, not a PERFORM: a PERFORM runs a whole SELECT through SPI
-    -- (executor start, run and end), an IF condition is a simple
-    -- expression PL/pgSQL evaluates itself. `IS NULL` of the lock's void
-    -- result is never true; the call is what matters, and it is made (a
-    -- volatile function is never folded away). The gate's key is a
-    -- literal here: a DECLARE initializer is evaluated on every call.
-    SELECT m.token INTO mark FROM fencepost.marks AS m WHERE m.resource = p_resource;
-    IF mark = (p_token COLLATE "C") THEN
+    -- leader). Take the gate shared, then read the mark (FOR SHARE under
+    -- REPEATABLE READ / SERIALIZABLE): the read after the gate, as in
+    -- 0003. When the token is the mark, return, holding the gate until
+    -- the transaction ends. Otherwise leave the block by its own
+    -- exception: the block is a subtransaction, and rolling it back
+    -- releases the gate it took (and a FOR SHARE row lock), so the code
+    -- below never asks for the gate exclusive while this call holds it
+    -- shared (no lock upgrade). A gate this transaction took in an
+    -- earlier call is not released: it belongs to the enclosing
+    -- transaction, and the `pg_locks` check below refuses a second token.
+    -- The gate is taken in an IF, not a PERFORM (see the top of the
+    -- file); `IS NULL` of its void result is never true, the call is
+    -- what matters, and a volatile call is never folded away.
+    BEGIN
         IF pg_advisory_xact_lock_shared(1717920355, hashtext(p_resource)) IS NULL THEN
             NULL;
         END IF;
@@ -58,17 +85,19 @@ BEGIN
         ELSE
             SELECT m.token INTO mark FROM fencepost.marks AS m WHERE m.resource = p_resource FOR SHARE;
         END IF;
-        IF mark IS DISTINCT FROM (p_token COLLATE "C") THEN
-            RAISE EXCEPTION USING ERRCODE = 'ZF001',
-                MESSAGE = format(
-                    'stale fencing token for resource %s: presented %s, current %s (refused by the database guard)',
-                    p_resource, p_token::numeric, coalesce(mark::numeric, 0)),
-                HINT = 'a newer leader holds this resource; stop writing and re-acquire the lease';
+        IF mark = (p_token COLLATE "C") THEN
+            RETURN;
         END IF;
-        RETURN;
-    END IF;
+        -- Internal: caught just below, never leaves the function.
+        RAISE EXCEPTION USING ERRCODE = 'ZFX00';
+    EXCEPTION WHEN SQLSTATE 'ZFX00' THEN
+        -- PL/pgSQL variables keep what they were given in the block:
+        -- `mark` is the read above.
+        NULL;
+    END;
 
-    -- Every other case: as 0003.
+    -- Every other case (a newer token, no mark yet, a stale token, a
+    -- second token in one transaction): 0003's code, without the gate.
     gate_ns := 1717920355;
     gate_key := hashtext(p_resource);
     held_at := 'fencepost.gate_' || to_hex(gate_key);
@@ -90,7 +119,7 @@ BEGIN
             HINT = 'a transaction keeps one token per resource; roll back and start a new one';
     END IF;
 
-    -- `mark` is the fast path's read.
+    -- `mark` is the fast path's read (made under the gate, since released).
     IF mark > (p_token COLLATE "C") THEN
         RAISE EXCEPTION USING ERRCODE = 'ZF001',
             MESSAGE = format(
