@@ -88,9 +88,10 @@ BEGIN
         IF mark = (p_token COLLATE "C") THEN
             RETURN;
         END IF;
-        -- Internal: caught just below, never leaves the function.
-        RAISE EXCEPTION USING ERRCODE = 'ZFX00';
-    EXCEPTION WHEN SQLSTATE 'ZFX00' THEN
+        -- Internal (PL/pgSQL's class P0, a code Postgres does not use):
+        -- caught just below, never leaves the function.
+        RAISE EXCEPTION USING ERRCODE = 'P0F00';
+    EXCEPTION WHEN SQLSTATE 'P0F00' THEN
         -- PL/pgSQL variables keep what they were given in the block:
         -- `mark` is the read above.
         NULL;
