@@ -763,7 +763,9 @@ fn call_args(text: &str) -> &str {
 
 /// SQLSTATEs the source sends: literal codes passed to the functions
 /// that build ErrorResponses, every fencing code (`ZF...`) wherever it is
-/// named, and codes the guard's SQL raises.
+/// named, and codes the guard's SQL raises, except one its own handler
+/// catches (`WHEN SQLSTATE '...'`): 0004's fast path leaves its block
+/// by an exception it catches at once, which no client ever sees.
 fn emitted_sqlstates(source: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for callee in ["fatal(", "error_response(", "error_response_with("] {
@@ -779,9 +781,13 @@ fn emitted_sqlstates(source: &str) -> BTreeSet<String> {
             out.insert(lit.to_owned());
         }
     }
+    let caught: BTreeSet<&str> = source
+        .match_indices("WHEN SQLSTATE '")
+        .map(|(i, _)| &source[i + "WHEN SQLSTATE '".len()..][..5])
+        .collect();
     for (i, _) in source.match_indices("ERRCODE = '") {
         let code = &source[i + "ERRCODE = '".len()..][..5];
-        if is_sqlstate(code) {
+        if is_sqlstate(code) && !caught.contains(code) {
             out.insert(code.to_owned());
         }
     }

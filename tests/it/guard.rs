@@ -11,7 +11,8 @@
 //!   or `40001` under REPEATABLE READ / SERIALIZABLE);
 //! - a stream of same-token writers does not starve the advance;
 //! - a guard in a savepoint that rolls back does not leave later writes
-//!   unprotected; a token change within a transaction is refused;
+//!   unprotected; a token change within a transaction is refused; a newer
+//!   token never waits for the gate holding it shared (no lock upgrade);
 //! - an installed 0001 guard is upgraded in place.
 //!
 //! Each test makes its own database and installs the guard with the real
@@ -399,6 +400,73 @@ async fn a_guard_in_a_rolled_back_savepoint_is_taken_again() {
             finish(adv, "the advance").await.expect("advance");
             a.batch_execute("COMMIT").await.expect("commit the advance");
         }
+    }
+}
+
+/// The guard takes the gate shared before it reads the mark (0004); a call
+/// whose token is newer releases that before it asks for the gate
+/// exclusive. Two transactions advancing to the same newer token while an
+/// older one holds the gate: while they wait neither holds the gate
+/// shared (holding it, each would wait for the other: a deadlock,
+/// `40P01`), the first advances once the older one commits and holds the
+/// gate exclusive only, and the second goes on when the first commits: it
+/// finds the mark its own token (READ COMMITTED), or its snapshot predates
+/// the advance (`40001`).
+#[tokio::test]
+async fn a_newer_token_never_waits_holding_the_gate_shared() {
+    let db = guarded("fp_gate_no_upgrade").await;
+    for (i, level) in LEVELS.into_iter().enumerate() {
+        let old = 10 * (i as u64 + 1);
+        let new = old + 1;
+        advance(&direct(&db).await, "r", old).await.expect("mark");
+        let h = direct(&db).await;
+        begin(&h, level).await;
+        advance(&h, "r", old).await.expect("old-token guard");
+        let (a, b) = (Arc::new(direct(&db).await), Arc::new(direct(&db).await));
+        let (pa, pb) = (pid(&a).await, pid(&b).await);
+        begin(&a, level).await;
+        let mut ja = spawn_sql(&a, call("r", new, 20_000));
+        assert!(still_blocked(&mut ja).await, "{level}: no drain");
+        begin(&b, level).await;
+        let mut jb = spawn_sql(&b, call("r", new, 20_000));
+        assert!(
+            still_blocked(&mut jb).await,
+            "{level}: the second advancer did not wait"
+        );
+        for p in [pa, pb] {
+            let locks = gate_locks(&db, p).await;
+            assert!(
+                !locks
+                    .iter()
+                    .any(|(mode, granted)| mode == "ShareLock" && *granted),
+                "{level}: an advancer waits holding the gate shared: {locks:?}"
+            );
+        }
+        h.batch_execute("COMMIT")
+            .await
+            .expect("commit the older transaction");
+        finish(ja, "the first advance")
+            .await
+            .expect("first advance");
+        assert_eq!(
+            gate_locks(&db, pa).await,
+            vec![("ExclusiveLock".to_owned(), true)],
+            "{level}"
+        );
+        assert!(
+            still_blocked(&mut jb).await,
+            "{level}: the second advancer went ahead"
+        );
+        a.batch_execute("COMMIT").await.expect("commit the advance");
+        match finish(jb, "the second advancer").await {
+            Ok(()) => b.batch_execute("COMMIT").await.expect("commit"),
+            Err(e) => {
+                assert_ne!(level, "READ COMMITTED", "{e:?}");
+                assert_eq!(code(&e), "40001", "{level}: {e:?}");
+                b.batch_execute("ROLLBACK").await.expect("rollback");
+            }
+        }
+        assert_eq!(mark(&db, "r").await, Some(new), "{level}");
     }
 }
 

@@ -11,13 +11,16 @@ use crate::StoreError;
 /// every statement is idempotent, so running them all again upgrades an
 /// installed guard in place (`0002` replaces the row-lock `advance` of
 /// `0001` with the shared/exclusive gate, keeping `fencepost.marks`;
-/// `0003` gives the gate a cheaper same-token path).
+/// `0003` gives the gate a cheaper same-token path, `0004` makes that
+/// path cheaper still).
 pub const GUARD_SQL: &str = concat!(
     include_str!("../../../migrations/guard/0001_guard.sql"),
     "\n",
     include_str!("../../../migrations/guard/0002_gate.sql"),
     "\n",
     include_str!("../../../migrations/guard/0003_fast_path.sql"),
+    "\n",
+    include_str!("../../../migrations/guard/0004_cheaper_gate.sql"),
 );
 
 /// Arbitrary key of the advisory lock that keeps two concurrent installs
