@@ -158,7 +158,7 @@ fn cstr<'a>(b: &mut &'a [u8], what: &'static str) -> Result<&'a [u8], FrameError
 
 /// Takes a zero-terminated string off the front of `b`.
 fn take_cstr<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let at = b.iter().position(|&c| c == 0)?;
+    let at = memchr::memchr(0, b)?;
     let (s, rest) = b.split_at(at);
     *b = &rest[1..];
     Some(s)
