@@ -16,6 +16,7 @@ use wire::pg::guard;
 use wire::pg::{Classification, ClientMsg, Frame, FrameError, Recent};
 
 use super::fence::{fence, Verdict};
+use super::gate::Gated;
 use super::readbuf::{ReadBuf, IDLE};
 use super::refusal::{fatal, refuse, sqlstate, Unit};
 use super::session::Ctx;
@@ -121,10 +122,14 @@ pub(super) async fn client_loop(
     // Made once, not per read: each is a registration (a watch receiver, a
     // waiter in the Notify's list) that a loop iteration per message would
     // redo every time. Both end the loop (or stop being polled) once they
-    // fire, so they are never polled after completing.
+    // fire, so they are never polled after completing. Gated: polled only
+    // once they have woken the task, not at every wake (a pending
+    // `Notify` or `watch` takes a lock each time it is polled).
     let mut server_gone = pin!(ctx.server_gone.notified());
     server_gone.as_mut().enable();
-    let mut shutting_down = pin!(shutdown.wait());
+    let mut server_gone = Gated::new(server_gone);
+    let shutting_down = pin!(shutdown.wait());
+    let mut shutting_down = Gated::new(shutting_down);
     let mut closing = false;
     let mut terminated = false;
     // Set when a batch was stopped because the replica lease lapsed since
@@ -211,14 +216,19 @@ pub(super) async fn client_loop(
             break;
         }
         let answered = ctx.answered.notified();
+        // In this order: the gated waits cost a flag's look when they
+        // have not fired, and a client that keeps its socket readable
+        // (pipelining) must not keep the server's end or a shutdown
+        // waiting.
         tokio::select! {
+            biased;
+            () = &mut server_gone => break,
+            () = &mut shutting_down, if !closing => closing = true,
+            () = answered, if closing => {}
             r = cr.read(&mut rb) => match r {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             },
-            () = &mut server_gone => break,
-            () = &mut shutting_down, if !closing => closing = true,
-            () = answered, if closing => {}
         }
     }
     if !terminated {

@@ -95,6 +95,7 @@
 //! ErrorResponse is never hidden.
 
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -105,6 +106,7 @@ use tokio::sync::Notify;
 use wire::pg::StartupKind;
 
 use super::client::client_loop;
+use super::gate::Gated;
 use super::readbuf;
 use super::server::server_loop;
 use super::startup::{
@@ -208,10 +210,12 @@ pub(super) async fn run(
         client_w: tokio::sync::Mutex::new(cw),
         unsent: AtomicU64::new(NOT_ARMED),
     };
-    tokio::join!(
-        client_loop(&ctx, cr, sw, cbuf, shutdown),
-        server_loop(&ctx, sr)
-    );
+    // Each loop polled only when woken for it: a server answer does not
+    // re-poll the client loop's waits, nor a client message the server
+    // loop's (see `gate`).
+    let client = pin!(client_loop(&ctx, cr, sw, cbuf, shutdown));
+    let server = pin!(server_loop(&ctx, sr));
+    tokio::join!(Gated::new(client), Gated::new(server));
 }
 
 /// A session past its startup packet, connected upstream.
