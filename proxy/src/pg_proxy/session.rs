@@ -9,6 +9,8 @@
 //! - `server`: the server loop: answers relayed, swapped or hidden.
 //! - `state` and `vars`: what both loops share, with no I/O; the protocol's
 //!   position in it is [`wire::pg::cycle`], tested on its own.
+//! - `gate`: each loop (and each of the client loop's waits) polled only
+//!   when woken for it, not at every wake of the session's task.
 //!
 //! # Cycles
 //! Postgres answers each simple Query, each Sync (extended protocol) and
@@ -171,7 +173,13 @@ impl Ctx {
     /// client (the client loop only its fatal errors), so the write half
     /// is behind an async mutex, held for one write and flush.
     pub(super) async fn to_client(&self, bytes: &[u8]) -> bool {
-        let mut w = self.client_w.lock().await;
+        // Free but for the client loop's rare fatal errors: take it
+        // without building and polling a lock future (a waiter queued
+        // first keeps its turn: `try_lock` fails while one is).
+        let mut w = match self.client_w.try_lock() {
+            Ok(w) => w,
+            Err(_) => self.client_w.lock().await,
+        };
         // TLS buffers records: flush so the answer leaves now.
         w.write_all(bytes).await.is_ok() && w.flush().await.is_ok()
     }
