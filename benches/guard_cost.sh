@@ -40,6 +40,7 @@ done
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
+. "$HERE/lib.sh"
 log() { printf '[guard-cost %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 PG_BIN="${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}"
 for t in "$PG_BIN/initdb" "$PG_BIN/postgres" "$PG_BIN/pg_ctl"; do
@@ -49,8 +50,7 @@ for t in pgbench psql valgrind callgrind_control; do
     command -v "$t" >/dev/null || { echo "missing tool: $t" >&2; exit 1; }
 done
 if [ "$BUILD" = 1 ]; then
-    log "building fencepost (release)"
-    (cd "$ROOT" && cargo build --release --bin fencepost)
+    build_fencepost
 fi
 FENCEPOST="${FENCEPOST_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/fencepost}"
 [ -x "$FENCEPOST" ] || { echo "no fencepost binary at $FENCEPOST" >&2; exit 1; }
@@ -70,7 +70,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 wait_pg() { # port seconds
     for _ in $(seq $(($2 * 5))); do
         PGCONNECT_TIMEOUT=2 psql -X -h 127.0.0.1 -p "$1" -U postgres -d bench -tAc 'SELECT 1' >/dev/null 2>&1 && return 0

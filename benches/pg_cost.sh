@@ -56,6 +56,7 @@ done
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
+. "$HERE/lib.sh"
 HELPER="$HERE/pg_overhead.py"
 DB="fencepost_cost_$$"
 log() { printf '[cost %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -74,8 +75,7 @@ if [ "$IDLE" = 1 ]; then
     python3 -c 'import psycopg' || { echo "python3 psycopg (3) is needed (apt-get install python3-psycopg)" >&2; exit 1; }
 fi
 if [ "$BUILD" = 1 ]; then
-    log "building fencepost (release)"
-    (cd "$ROOT" && cargo build --release --bin fencepost)
+    build_fencepost
 fi
 FENCEPOST="${FENCEPOST_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/fencepost}"
 [ -x "$FENCEPOST" ] || { echo "no fencepost binary at $FENCEPOST" >&2; exit 1; }
@@ -100,8 +100,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 wait_pg() { # port pid db seconds
     for _ in $(seq $(($4 * 10))); do
         kill -0 "$2" 2>/dev/null || { echo "a server exited during start-up; see $TMP" >&2; exit 1; }

@@ -107,6 +107,7 @@ fi
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
+. "$HERE/lib.sh"
 RESULTS="${RESULTS_DIR:-$HERE/results}"
 HELPER="$HERE/pg_overhead.py"
 PGHOST_=127.0.0.1
@@ -144,8 +145,7 @@ done
 python3 -c 'import psycopg' || { echo "python3 psycopg (3) is needed for the memory figures" >&2; exit 1; }
 
 if [ "$BUILD" = 1 ]; then
-    log "building fencepost (release)"
-    (cd "$ROOT" && cargo build --release --bin fencepost)
+    build_fencepost
 fi
 FENCEPOST="${CARGO_TARGET_DIR:-$ROOT/target}/release/fencepost"
 [ -x "$FENCEPOST" ] || { echo "no fencepost binary at $FENCEPOST" >&2; exit 1; }
@@ -190,11 +190,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
-rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
-hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 wait_pg() { # port, what, pid, db: up to 10 s for a query to answer
     local port="$1" what="$2" pid="$3" db="$4"

@@ -51,6 +51,7 @@ done
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
+. "$HERE/lib.sh"
 FENCEPOST="${FENCEPOST_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/fencepost}"
 [ -x "$FENCEPOST" ] || { echo "no fencepost binary at $FENCEPOST" >&2; exit 1; }
 PGBOUNCER="$(command -v pgbouncer || echo /usr/sbin/pgbouncer)"
@@ -82,9 +83,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
 wait_pg() { # port, pid
     for _ in $(seq 100); do
         kill -0 "$2" 2>/dev/null || { echo "a server exited during start-up (logs in $TMP)" >&2; exit 1; }

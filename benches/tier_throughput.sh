@@ -57,6 +57,7 @@ fi
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
+. "$HERE/lib.sh"
 RESULTS="$HERE/results"
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
@@ -106,9 +107,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
 put() { # port token -> status
     curl -s -o /dev/null -w '%{http_code}' --max-time 5 -X PUT \
         -H "Fencing-Token: $2" -H 'Fencing-Resource: bench' --data x "http://127.0.0.1:$1/item"

@@ -76,6 +76,7 @@ fi
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
+. "$HERE/lib.sh"
 RESULTS="$HERE/results"
 HELPER="$HERE/tls_overhead.py"
 PGUSER_=postgres
@@ -97,8 +98,7 @@ done
 NGINX="$(command -v nginx)"
 
 if [ "$BUILD" = 1 ]; then
-    log "building fencepost (release)"
-    (cd "$ROOT" && cargo build --release --bin fencepost)
+    build_fencepost
 fi
 FENCEPOST="${CARGO_TARGET_DIR:-$ROOT/target}/release/fencepost"
 [ -x "$FENCEPOST" ] || { echo "no fencepost binary at $FENCEPOST" >&2; exit 1; }
@@ -137,17 +137,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
-declare -A TAKEN=()
-port() {
-    local p
-    p="$(free_port)"
-    while [ -n "${TAKEN[$p]:-}" ]; do p="$(free_port)"; done
-    TAKEN[$p]=1
-    echo "$p"
-}
 
 wait_http() { # url, what, pid: up to 10 s for any HTTP answer
     local url="$1" what="$2" pid="$3"

@@ -17,6 +17,7 @@
 
 mod client;
 mod fence;
+mod gate;
 mod readbuf;
 mod refusal;
 mod server;

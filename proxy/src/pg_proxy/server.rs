@@ -1,13 +1,13 @@
 //! The server's half of a session: every message relayed to the client,
 //! swapped (a refusal's error) or hidden (the guard's answers), as the
 //! session's state ([`Shared::on_server`](super::state::Shared::on_server))
-//! says; each ReadyForQuery releases the guards of the cycle it ends.
+//! says, under one lock for all the messages of a read; each ReadyForQuery
+//! releases the guards of the cycle it ends.
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use fencing::{Protocol, Reason};
 use wire::pg::cycle::GuardRefused;
 use wire::pg::frame::{complete_frames, frames};
-use wire::pg::Frame;
 
 use super::readbuf::{ReadBuf, IDLE};
 use super::refusal::fatal;
@@ -22,25 +22,49 @@ pub(super) async fn server_loop(ctx: &Ctx, mut sr: ServerRead) {
     // forwarded as they were read, without a copy.
     let mut out = BytesMut::new();
     let mut client_gone = false;
-    let mut durable: Vec<Durable> = Vec::new();
+    // The database guard's refusals in a batch (guard mode), audited
+    // before the batch is relayed.
+    let mut refusals: Vec<GuardRefused<GuardCall>> = Vec::new();
     loop {
         let (complete, malformed) = complete_frames(&rb.buf, ctx.proxy.max_frame);
         if complete > 0 {
             let batch = rb.buf.split_to(complete).freeze();
             let mut copied = 0;
             let mut rewritten = false;
-            for (at, frame) in frames(&batch) {
-                if let Some(replacement) = on_server_frame(ctx, &frame, &mut durable) {
-                    out.extend_from_slice(&batch[copied..at]);
-                    out.extend_from_slice(&replacement);
-                    copied = at + frame.raw().len();
-                    rewritten = true;
+            let mut ready = false;
+            {
+                // One lock for the batch's bookkeeping, not one a message.
+                let mut s = ctx.lock();
+                for (at, frame) in frames(&batch) {
+                    if s.counted(&frame) {
+                        continue;
+                    }
+                    let answered = s.on_server(&frame);
+                    if let Some(refused) = answered.guard_refused {
+                        refusals.push(refused);
+                    }
+                    if answered.ready {
+                        ready = true;
+                        if let Some(t) = answered.started {
+                            ctx.proxy.counters.latency.record(t.elapsed().as_secs_f64());
+                        }
+                    }
+                    if let Some(replacement) = answered.replace {
+                        out.extend_from_slice(&batch[copied..at]);
+                        out.extend_from_slice(&replacement);
+                        copied = at + frame.raw().len();
+                        rewritten = true;
+                    }
                 }
             }
+            if ready {
+                ctx.answered.notify_waiters();
+            }
             // A guard refusal is answered only once its audit record is
-            // durable.
-            for d in durable.drain(..) {
-                d.await;
+            // durable. Boxed: the audit's future would otherwise size
+            // every session's task.
+            for refused in refusals.drain(..) {
+                Box::pin(guard_refused(ctx, refused)).await;
             }
             let send: &[u8] = if rewritten {
                 out.extend_from_slice(&batch[copied..]);
@@ -85,25 +109,6 @@ fn finish(ctx: &Ctx) {
     ctx.lock().cycles.clear();
     ctx.server_gone.notify_one();
     ctx.answered.notify_waiters();
-}
-
-/// Waits until a guard refusal's audit record is durable.
-type Durable = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
-/// Bookkeeping for one server message; returns a replacement for it, and
-/// adds to `durable` what must be awaited before it is relayed.
-fn on_server_frame(ctx: &Ctx, frame: &Frame, durable: &mut Vec<Durable>) -> Option<Bytes> {
-    let answered = ctx.lock().on_server(frame);
-    if let Some(refused) = answered.guard_refused {
-        durable.push(Box::pin(guard_refused(ctx, refused)));
-    }
-    if answered.ready {
-        if let Some(t) = answered.started {
-            ctx.proxy.counters.latency.record(t.elapsed().as_secs_f64());
-        }
-        ctx.answered.notify_waiters();
-    }
-    answered.replace
 }
 
 /// The proxy had admitted (and counted) this write; the database guard

@@ -9,6 +9,8 @@
 //! - `server`: the server loop: answers relayed, swapped or hidden.
 //! - `state` and `vars`: what both loops share, with no I/O; the protocol's
 //!   position in it is [`wire::pg::cycle`], tested on its own.
+//! - `gate`: each loop (and each of the client loop's waits) polled only
+//!   when woken for it, not at every wake of the session's task.
 //!
 //! # Cycles
 //! Postgres answers each simple Query, each Sync (extended protocol) and
@@ -95,6 +97,7 @@
 //! ErrorResponse is never hidden.
 
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -105,6 +108,7 @@ use tokio::sync::Notify;
 use wire::pg::StartupKind;
 
 use super::client::client_loop;
+use super::gate::Gated;
 use super::readbuf;
 use super::server::server_loop;
 use super::startup::{
@@ -169,7 +173,13 @@ impl Ctx {
     /// client (the client loop only its fatal errors), so the write half
     /// is behind an async mutex, held for one write and flush.
     pub(super) async fn to_client(&self, bytes: &[u8]) -> bool {
-        let mut w = self.client_w.lock().await;
+        // Free but for the client loop's rare fatal errors: take it
+        // without building and polling a lock future (a waiter queued
+        // first keeps its turn: `try_lock` fails while one is).
+        let mut w = match self.client_w.try_lock() {
+            Ok(w) => w,
+            Err(_) => self.client_w.lock().await,
+        };
         // TLS buffers records: flush so the answer leaves now.
         w.write_all(bytes).await.is_ok() && w.flush().await.is_ok()
     }
@@ -208,10 +218,12 @@ pub(super) async fn run(
         client_w: tokio::sync::Mutex::new(cw),
         unsent: AtomicU64::new(NOT_ARMED),
     };
-    tokio::join!(
-        client_loop(&ctx, cr, sw, cbuf, shutdown),
-        server_loop(&ctx, sr)
-    );
+    // Each loop polled only when woken for it: a server answer does not
+    // re-poll the client loop's waits, nor a client message the server
+    // loop's (see `gate`).
+    let client = pin!(client_loop(&ctx, cr, sw, cbuf, shutdown));
+    let server = pin!(server_loop(&ctx, sr));
+    tokio::join!(Gated::new(client), Gated::new(server));
 }
 
 /// A session past its startup packet, connected upstream.

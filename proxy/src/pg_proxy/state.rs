@@ -333,6 +333,13 @@ impl Shared {
         self.cycles.is_empty() && self.cycles.status() == b'I'
     }
 
+    /// [`Shared::on_server`] for a message that only counts (see
+    /// [`Cycles::count_only`]): `true` when it was one, and is relayed as
+    /// it is with nothing else to do.
+    pub(super) fn counted(&mut self, frame: &Frame) -> bool {
+        self.cycles.count_only(frame.tag())
+    }
+
     /// Bookkeeping for one server message. A ReadyForQuery ends the oldest
     /// cycle: its guards drop (the server has finished its statements), and
     /// its settings and writes join the open transaction or end with it.
@@ -370,7 +377,11 @@ impl Shared {
                 self.txn_settings.append(&mut c.settings);
             } else {
                 let settings = std::mem::take(&mut self.txn_settings);
-                if !ended.failed {
+                // With nothing set, committing changes nothing (and would
+                // copy both variables, reference counts and all, for
+                // each statement).
+                let set = !settings.is_empty() || !c.settings.is_empty();
+                if !ended.failed && set {
                     self.vars.commit(settings.iter().chain(c.settings.iter()));
                 }
             }

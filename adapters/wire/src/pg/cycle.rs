@@ -309,6 +309,28 @@ impl<C, S> Cycles<C, S> {
         self.queue.clear();
     }
 
+    /// [`Cycles::on_server`] for a message that changes nothing but the
+    /// count of completions seen, without building an [`Answer`]: `true`
+    /// when `tag` is such a message (not an error, a CommandComplete or a
+    /// ReadyForQuery, with no added statement's answers to hide in the
+    /// oldest cycle), counted and to be relayed as it is. Most of what the
+    /// server sends (row descriptions, rows) is.
+    pub fn count_only(&mut self, tag: u8) -> bool {
+        if matches!(tag, b'E' | b'C' | b'Z') {
+            return false;
+        }
+        match self.queue.front_mut() {
+            Some(c) if !c.strips.is_empty() => false,
+            Some(c) => {
+                if is_completion(tag) {
+                    c.seen += 1;
+                }
+                true
+            }
+            None => true,
+        }
+    }
+
     /// Bookkeeping for one server message.
     pub fn on_server(&mut self, frame: &Frame) -> Answer<C, S> {
         let mut answer = Answer {

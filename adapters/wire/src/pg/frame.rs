@@ -158,7 +158,16 @@ fn cstr<'a>(b: &mut &'a [u8], what: &'static str) -> Result<&'a [u8], FrameError
 
 /// Takes a zero-terminated string off the front of `b`.
 fn take_cstr<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let at = b.iter().position(|&c| c == 0)?;
+    // `memchr` for a query's text; a short string (a name, a command tag)
+    // costs less scanned in place than `memchr`'s set-up (callgrind).
+    // The unnamed statement or portal, which most messages name, at once.
+    let at = if b.first() == Some(&0) {
+        0
+    } else if b.len() <= 32 {
+        b.iter().position(|&c| c == 0)?
+    } else {
+        memchr::memchr(0, b)?
+    };
     let (s, rest) = b.split_at(at);
     *b = &rest[1..];
     Some(s)

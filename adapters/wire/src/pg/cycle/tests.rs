@@ -50,7 +50,16 @@ fn feed(s: &mut Session, frames: Vec<Frame>) -> (String, Vec<Answer<&'static str
     let mut seen = String::new();
     let mut answers = Vec::new();
     for f in frames {
-        let a = s.on_server(&f);
+        // As the session does: most messages only count.
+        let a = if s.count_only(f.tag()) {
+            Answer {
+                replace: None,
+                guard_refused: None,
+                ended: None,
+            }
+        } else {
+            s.on_server(&f)
+        };
         match &a.replace {
             None => seen.push(f.tag() as char),
             Some(b) if b.is_empty() => {}

@@ -1,0 +1,27 @@
+# Shared by the bench scripts (sourced, after they set HERE and ROOT and
+# define `log`): what every one of them repeated word for word.
+
+# A port free on 127.0.0.1 now (the kernel's pick).
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# Distinct free ports, one per server.
+declare -A TAKEN=()
+port() {
+    local p
+    p="$(free_port)"
+    while [ -n "${TAKEN[$p]:-}" ]; do p="$(free_port)"; done
+    TAKEN[$p]=1
+    echo "$p"
+}
+
+# Resident and peak resident memory of a process, in kB (0 once it is gone).
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# The release binary the scripts measure, built from this checkout.
+build_fencepost() {
+    log "building fencepost (release)"
+    (cd "$ROOT" && cargo build --release --bin fencepost)
+}
