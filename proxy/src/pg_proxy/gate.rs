@@ -85,26 +85,42 @@ mod tests {
     use std::pin::pin;
     use std::sync::atomic::AtomicUsize;
 
+    /// What a [`Probe`] records: its polls, whether it may finish, and the
+    /// waker it was last polled with.
+    #[derive(Default)]
+    struct Probed {
+        polls: AtomicUsize,
+        open: AtomicBool,
+        waker: std::sync::Mutex<Option<Waker>>,
+    }
+
+    impl Probed {
+        fn polls(&self) -> usize {
+            self.polls.load(Ordering::SeqCst)
+        }
+
+        fn take_waker(&self) -> Waker {
+            self.waker.lock().unwrap().take().unwrap()
+        }
+    }
+
     /// Counts its polls; ready once `open` is set, registering the waker
     /// it was polled with for whoever sets it.
-    struct Probe<'a> {
-        polls: &'a AtomicUsize,
-        open: &'a AtomicBool,
-        waker: &'a std::sync::Mutex<Option<Waker>>,
-    }
+    struct Probe<'a>(&'a Probed);
 
     impl Future for Probe<'_> {
         type Output = ();
         fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-            self.polls.fetch_add(1, Ordering::SeqCst);
-            if self.open.load(Ordering::SeqCst) {
+            self.0.polls.fetch_add(1, Ordering::SeqCst);
+            if self.0.open.load(Ordering::SeqCst) {
                 return Poll::Ready(());
             }
-            *self.waker.lock().unwrap() = Some(cx.waker().clone());
+            *self.0.waker.lock().unwrap() = Some(cx.waker().clone());
             Poll::Pending
         }
     }
 
+    /// The session's task: counts how often it is woken.
     struct CountWakes(AtomicUsize);
     impl Wake for CountWakes {
         fn wake(self: Arc<Self>) {
@@ -112,65 +128,49 @@ mod tests {
         }
     }
 
+    fn task() -> (Arc<CountWakes>, Waker) {
+        let task = Arc::new(CountWakes(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&task));
+        (task, waker)
+    }
+
     #[test]
     fn polled_first_then_only_when_its_own_waker_fired() {
-        let (polls, open, slot) = (
-            AtomicUsize::new(0),
-            AtomicBool::new(false),
-            std::sync::Mutex::new(None),
-        );
-        let probe = pin!(Probe {
-            polls: &polls,
-            open: &open,
-            waker: &slot,
-        });
+        let probed = Probed::default();
+        let probe = pin!(Probe(&probed));
         let mut gated = pin!(Gated::new(probe));
-        let task = Arc::new(CountWakes(AtomicUsize::new(0)));
-        let task_waker = Waker::from(Arc::clone(&task));
+        let (task, task_waker) = task();
         let mut cx = Context::from_waker(&task_waker);
         assert!(gated.as_mut().poll(&mut cx).is_pending());
-        assert_eq!(
-            polls.load(Ordering::SeqCst),
-            1,
-            "the first poll goes through"
-        );
+        assert_eq!(probed.polls(), 1, "the first poll goes through");
         // The task woken for something else: the probe is left alone.
         for _ in 0..5 {
             assert!(gated.as_mut().poll(&mut cx).is_pending());
         }
-        assert_eq!(polls.load(Ordering::SeqCst), 1);
+        assert_eq!(probed.polls(), 1);
         // Its own waker fires: the task is woken, the probe polled again.
-        open.store(true, Ordering::SeqCst);
-        slot.lock().unwrap().take().unwrap().wake();
+        probed.open.store(true, Ordering::SeqCst);
+        probed.take_waker().wake();
         assert_eq!(task.0.load(Ordering::SeqCst), 1);
         assert!(gated.as_mut().poll(&mut cx).is_ready());
-        assert_eq!(polls.load(Ordering::SeqCst), 2);
+        assert_eq!(probed.polls(), 2);
     }
 
     #[test]
     fn a_wake_before_the_next_poll_is_not_lost() {
-        let (polls, open, slot) = (
-            AtomicUsize::new(0),
-            AtomicBool::new(false),
-            std::sync::Mutex::new(None),
-        );
-        let probe = pin!(Probe {
-            polls: &polls,
-            open: &open,
-            waker: &slot,
-        });
+        let probed = Probed::default();
+        let probe = pin!(Probe(&probed));
         let mut gated = pin!(Gated::new(probe));
-        let task = Arc::new(CountWakes(AtomicUsize::new(0)));
-        let task_waker = Waker::from(Arc::clone(&task));
+        let (_task, task_waker) = task();
         let mut cx = Context::from_waker(&task_waker);
         assert!(gated.as_mut().poll(&mut cx).is_pending());
         // Fired twice while the task had not run: one poll sees it.
-        let w = slot.lock().unwrap().take().unwrap();
+        let w = probed.take_waker();
         w.wake_by_ref();
         w.wake();
         assert!(gated.as_mut().poll(&mut cx).is_pending());
-        assert_eq!(polls.load(Ordering::SeqCst), 2);
+        assert_eq!(probed.polls(), 2);
         assert!(gated.as_mut().poll(&mut cx).is_pending());
-        assert_eq!(polls.load(Ordering::SeqCst), 2);
+        assert_eq!(probed.polls(), 2);
     }
 }
