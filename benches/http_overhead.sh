@@ -8,6 +8,7 @@
 #                                 [--requests N] [--no-callgrind] [--shared-runtime]
 #                                 [--skip-install] [--skip-build] [--keep-tmp]
 #                                 [--only-callgrind] [--sched-counters]
+#                                 [--fixed-order] [--pin-latency CPU|A:B] [--latency-only]
 #
 # Targets (all on 127.0.0.1, on ports picked at start):
 #   direct       wrk -> upstream nginx
@@ -22,12 +23,29 @@
 # The upstream is one nginx instance (static file for GET, `return 200` for
 # PUT), the same for every target.
 #
+# Each round runs the targets in an order rotated one place from the round
+# before (direct first in round 1, nginx-1w first in round 2, ...), so no
+# target always follows the same one or always runs last; --fixed-order
+# keeps the same order every round (the scripts' order before 5 December
+# 2026).
+#
 # Workloads: GET, and PUT of 64 bytes with `Fencing-Token: 1` (equal to the
 # mark, so fencepost's fast path: check, forward). Targets are run
 # interleaved, round after round, so drift (thermal, noisy neighbours) hits
 # all alike: first at --connections (32), then at 1 connection (the latency
 # each proxy adds to direct, p50 and p99). --sweep-rounds N adds a PUT sweep
 # at 1, 8, 32, 128 connections (default 0: off).
+#
+# --pin-latency CPU: every process of a 1-connection run (wrk, the
+# target's workers with all their threads, the upstream's workers) on that
+# one CPU while it runs, and back on every CPU after. --pin-latency A:B
+# puts the target's workers on CPU B and wrk and the upstream on CPU A, so
+# every hop into or out of the proxy crosses CPUs, each time the same way. Unpinned, where the
+# three land decides the run: the same target measured 52-62 us at p50 in
+# one 5 s run and 80-90 us in the next (4 December 2026, 23:50 UTC), as
+# each wake-up crossed to a halted vCPU or did not; pinned, every target
+# is measured on the same path, with no cross-CPU wake-up in it.
+# --latency-only skips the 32-connection runs.
 #
 # Then (unless --no-callgrind) instructions per proxied PUT under callgrind:
 # fencepost (workers = 1) and nginx (one process) are started anew under
@@ -64,8 +82,11 @@ BUILD=1
 KEEP_TMP=0
 ONLY_CALLGRIND=0
 SCHED=0
+FIXED_ORDER=0
+PIN=""
+LATENCY_ONLY=0
 
-usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -81,6 +102,9 @@ while [ $# -gt 0 ]; do
         --keep-tmp) KEEP_TMP=1; shift ;;
         --only-callgrind) ONLY_CALLGRIND=1; CALLGRIND=1; shift ;;
         --sched-counters) SCHED=1; shift ;;
+        --fixed-order) FIXED_ORDER=1; shift ;;
+        --pin-latency) PIN="$2"; shift 2 ;;
+        --latency-only) LATENCY_ONLY=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -90,6 +114,13 @@ for v in "$ROUNDS" "$DURATION" "$CONNS" "$REQUESTS"; do
     [[ "$v" =~ ^[1-9][0-9]*$ ]] || { echo "rounds, duration and connections must be positive integers" >&2; exit 2; }
 done
 # Bounded runtime: refuse absurd settings rather than run for hours.
+if [ -n "$PIN" ]; then
+    [[ "$PIN" =~ ^([0-9]+)(:([0-9]+))?$ ]] || { echo "--pin-latency takes CPU or A:B" >&2; exit 2; }
+    PIN="${BASH_REMATCH[1]}"; PIN_TARGET="${BASH_REMATCH[3]:-$PIN}"
+    for c in "$PIN" "$PIN_TARGET"; do
+        [ "$c" -lt "$(nproc)" ] || { echo "--pin-latency: CPU $c: this machine has $(nproc)" >&2; exit 2; }
+    done
+fi
 if [ "$ROUNDS" -gt 50 ] || [ "$SWEEP_ROUNDS" -gt 50 ] || [ "$DURATION" -gt 300 ]; then
     echo "at most 50 rounds and 300 s per run" >&2; exit 2
 fi
@@ -300,6 +331,17 @@ pids_of() { # target
     esac
 }
 
+# The target's and the upstream's processes, every thread, onto CPUs.
+pin_all() { # cpus-of-the-target cpus-of-the-upstream target
+    local p
+    for p in $(pids_of "$3" | tr , ' '); do
+        taskset -a -p -c "$1" "$p" >/dev/null || { echo "taskset failed for pid $p" >&2; exit 1; }
+    done
+    for p in $(pgrep -P "$UP_PID"); do
+        taskset -a -p -c "$2" "$p" >/dev/null || { echo "taskset failed for pid $p" >&2; exit 1; }
+    done
+}
+
 # RSS of a target: nginx's worker processes summed, fencepost's process.
 rss_of() { # target
     case "$1" in
@@ -343,9 +385,15 @@ run_wrk() { # phase workload target connections round duration
         perf_pid=$!
         sleep 0.2
     fi
-    if ! timeout --kill-after=5 $((dur + 30)) wrk "${args[@]}" "$url" >"$out" 2>&1; then
+    local pin=()
+    if [ -n "$PIN" ] && [ "$phase" = latency ]; then
+        pin_all "$PIN_TARGET" "$PIN" "$target"
+        pin=(taskset -c "$PIN")
+    fi
+    if ! timeout --kill-after=5 $((dur + 30)) "${pin[@]}" wrk "${args[@]}" "$url" >"$out" 2>&1; then
         echo "wrk failed for $target $workload c=$conns:" >&2; cat "$out" >&2; exit 1
     fi
+    [ ${#pin[@]} -gt 0 ] && pin_all "0-$(( $(nproc) - 1 ))" "0-$(( $(nproc) - 1 ))" "$target"
     if [ -n "$perf_pid" ]; then
         kill -INT "$perf_pid" 2>/dev/null; wait "$perf_pid" 2>/dev/null || true
         awk -F, -v n="$(awk '/requests in/ {print $1}' "$out")" \
@@ -374,10 +422,13 @@ N=${#TARGETS[@]}
 total=$(( (4 * ROUNDS + 4 * SWEEP_ROUNDS) * N * DURATION + 2 * N * 2 ))
 log "measuring: ~$((total / 60 + 1)) min of wrk ($ROUNDS rounds x ${DURATION}s, $N targets)"
 
+# The targets of round R, rotated (see the top of the file).
+order() { if [ "$FIXED_ORDER" = 1 ]; then printf '%s\n' "${TARGETS[@]}"; else round_order "$1" "${TARGETS[@]}"; fi; }
 for workload in GET PUT; do
     for t in "${TARGETS[@]}"; do run_wrk warmup "$workload" "$t" "$CONNS" 0 2; done
+    [ "$LATENCY_ONLY" = 1 ] && continue
     for r in $(seq "$ROUNDS"); do
-        for t in "${TARGETS[@]}"; do run_wrk main "$workload" "$t" "$CONNS" "$r" "$DURATION"; done
+        for t in $(order "$r"); do run_wrk main "$workload" "$t" "$CONNS" "$r" "$DURATION"; done
     done
 done
 for t in "${TARGETS[@]:1}"; do MEMORY+=("${t}_after_main_kb=$(rss_of "$t")"); done
@@ -385,14 +436,14 @@ for t in "${TARGETS[@]:1}"; do MEMORY+=("${t}_after_main_kb=$(rss_of "$t")"); do
 # One connection: the latency a proxy adds to each request.
 for workload in GET PUT; do
     for r in $(seq "$ROUNDS"); do
-        for t in "${TARGETS[@]}"; do run_wrk latency "$workload" "$t" 1 "$r" "$DURATION"; done
+        for t in $(order "$r"); do run_wrk latency "$workload" "$t" 1 "$r" "$DURATION"; done
     done
 done
 
 if [ "$SWEEP_ROUNDS" -gt 0 ]; then
     for c in "${SWEEP_CONNS[@]}"; do
         for r in $(seq "$SWEEP_ROUNDS"); do
-            for t in "${TARGETS[@]}"; do run_wrk sweep PUT "$t" "$c" "$r" "$DURATION"; done
+            for t in $(order "$r"); do run_wrk sweep PUT "$t" "$c" "$r" "$DURATION"; done
         done
     done
 fi
@@ -474,4 +525,6 @@ python3 "$HELPER" report \
            "fencepost_commit=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
            "fencepost_log_lines=$FP_LOG_LINES" "loadavg_start=$LOAD_START" "loadavg_end=$LOAD_END" \
            "requests=$REQUESTS" "shared_runtime=$SHARED" "${CALLGRIND_META[@]}" \
+           "order=$([ "$FIXED_ORDER" = 1 ] && echo fixed || echo rotated)" \
+           "pin_latency=${PIN:+wrk and upstream on CPU $PIN, target on CPU ${PIN_TARGET:-$PIN}}" \
     --memory "${MEMORY[@]}"

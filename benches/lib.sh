@@ -25,3 +25,16 @@ build_fencepost() {
     log "building fencepost (release)"
     (cd "$ROOT" && cargo build --release --bin fencepost)
 }
+
+# The targets in the order round R runs them (`round_order R t1 t2 ...`,
+# one per line): rotated one place further each round. A fixed order puts
+# the same target last in every round, where whatever builds up over a
+# round (pgbench's tables and their dead rows, dirty pages waiting for a
+# checkpoint, a warm or throttled CPU) lands on it alone; rotated, it
+# lands on each target in turn and the medians compare like with like.
+round_order() {
+    local r="$1"; shift
+    local n=$# i
+    local -a t=("$@")
+    for ((i = 0; i < n; i++)); do echo "${t[$(( (i + r - 1) % n ))]}"; done
+}

@@ -9,6 +9,7 @@
 #                               [--workloads "select tpcb"] [--no-sweep]
 #                               [--results DIR] [--skip-install]
 #                               [--skip-build] [--keep-tmp]
+#                               [--fixed-order] [--no-reset]
 #
 # Needs the machine's Postgres at 127.0.0.1:5432 (user postgres, trust
 # auth); creates a database fencepost_bench_<pid> there (pgbench -i -s 10)
@@ -32,8 +33,15 @@
 #
 # Workloads: pgbench -S (select-only) and the default TPC-B-like script at
 # -c C -j 2, and -S at one client (select1), each in -M simple, extended and
-# prepared, run interleaved (direct, relay, pgbouncer, fp-proxy, fp-guard,
-# direct, ...) for N rounds; the report ends with issue 13's table (fp-proxy
+# prepared, run interleaved for N rounds, each round in an order rotated
+# one place from the round before (round 1 direct, relay, pgbouncer,
+# fp-proxy, fp-guard; round 2 relay, ..., direct), so that no target
+# always runs last (--fixed-order: the same order every round). Before
+# every measured run the bench database is put back as pgbench itself
+# would without -n, on the server directly rather than through the target:
+# VACUUM pgbench_branches and pgbench_tellers, TRUNCATE pgbench_history,
+# and a CHECKPOINT, so each run starts from the same tables and none pays
+# for another's dirty pages or dead rows (--no-reset: skip it). The report ends with issue 13's table (fp-proxy
 # TPS as a ratio to PgBouncer's and to the relay's, per row and mode). Then
 # -S -M prepared at 1, 8, 32 and 128 clients (levels the server's
 # max_connections cannot hold are skipped and named). fencepost's resident
@@ -64,8 +72,10 @@ FSYNC=""
 WORKLOADS="select tpcb select1"
 NO_SWEEP=0
 RESULTS_DIR=""
+FIXED_ORDER=0
+RESET=1
 
-usage() { sed -n '2,46p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -83,6 +93,8 @@ while [ $# -gt 0 ]; do
         --skip-install) INSTALL=0; shift ;;
         --skip-build) BUILD=0; shift ;;
         --keep-tmp) KEEP_TMP=1; shift ;;
+        --fixed-order) FIXED_ORDER=1; shift ;;
+        --no-reset) RESET=0; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -383,6 +395,16 @@ MANIFEST="$TMP/manifest.tsv"
 : >"$RAW"
 printf 'phase\tworkload\ttarget\tclients\tround\tout\tlogdir\trss_after_kb\n' >"$MANIFEST"
 
+# What pgbench does before a run unless -n (it cannot through PgBouncer's
+# and fencepost's token checks alike, so it runs on the server), and a
+# CHECKPOINT: every run starts from the same tables and clean buffers.
+reset_db() {
+    pg -d "$DB" -q -c 'VACUUM pgbench_branches, pgbench_tellers' -c 'TRUNCATE pgbench_history' \
+        -c 'CHECKPOINT' >/dev/null || { echo "could not reset the bench database before a run" >&2; exit 1; }
+}
+# The targets of round R (see the top of the file).
+order() { if [ "$FIXED_ORDER" = 1 ]; then printf '%s\n' "${TARGETS[@]}"; else round_order "$1" "${TARGETS[@]}"; fi; }
+
 RUN=0
 run_pgbench() { # phase script mode target clients round duration
     local phase="$1" script="$2" mode="$3" target="$4" clients="$5" round="$6" dur="$7"
@@ -390,6 +412,7 @@ run_pgbench() { # phase script mode target clients round duration
     local args=(-n -M "$mode" -c "$clients" -j "$jobs" -T "$dur")
     [ "$script" = select ] || [ "$script" = select1 ] && args+=(-S)
     RUN=$((RUN + 1))
+    [ "$phase" != warmup ] && [ "$RESET" = 1 ] && reset_db
     local dir="$TMP/run-$RUN"
     mkdir -p "$dir"
     local cmd=(pgbench -h 127.0.0.1 -p "${PORT[$target]}" -U "$PGUSER_" "${args[@]}")
@@ -443,7 +466,7 @@ for script in $WORKLOADS; do
     for mode in simple extended prepared; do
         c="$CLIENTS"; [ "$script" = select1 ] && c=1
         for r in $(seq "$ROUNDS"); do
-            for t in "${TARGETS[@]}"; do run_pgbench main "$script" "$mode" "$t" "$c" "$r" "$DURATION"; done
+            for t in $(order "$r"); do run_pgbench main "$script" "$mode" "$t" "$c" "$r" "$DURATION"; done
         done
     done
 done
@@ -451,7 +474,7 @@ FP_RSS_AFTER_MAIN="$(rss_kb "$FP_PID")"
 
 for c in "${SWEEP[@]}"; do
     for r in $(seq "$SWEEP_ROUNDS"); do
-        for t in "${TARGETS[@]}"; do run_pgbench sweep select prepared "$t" "$c" "$r" "$DURATION"; done
+        for t in $(order "$r"); do run_pgbench sweep select prepared "$t" "$c" "$r" "$DURATION"; done
     done
 done
 FP_RSS_AFTER_SWEEP="$(rss_kb "$FP_PID")"
