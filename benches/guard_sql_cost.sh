@@ -5,7 +5,7 @@
 # sent as guard mode sends it in `-M simple` (prepended to the client's
 # statement, in the same Query) and as SQL EXECUTE of a prepared statement:
 #
-#   bash benches/guard_sql_cost.sh [--transactions N] [--keep-tmp]
+#   bash benches/guard_sql_cost.sh [--transactions N] [--alternatives] [--keep-tmp]
 #
 # No proxy: pgbench talks to a throwaway Postgres cluster (initdb, fsync
 # off, autovacuum off) run under `valgrind --tool=callgrind
@@ -18,6 +18,26 @@
 # scripts); benches/guard_cost.sh gives the end-to-end figures per -M
 # mode through fencepost.
 #
+# --alternatives also measures candidate cheaper same-token guards (the
+# mark already the token), in -M simple and in -M prepared, each over
+# plain in the same mode: the current `fencepost.advance`; two plain
+# statements, the gate shared and then `SELECT 1/(SELECT count(*) ...
+# token = ...)::int` (division by zero when the token is not the mark;
+# under READ COMMITTED a new statement takes a new snapshot, after the
+# gate); `guard_sql_hold`, a VOLATILE LANGUAGE sql function of those two
+# statements (each statement of a volatile SQL function takes a new
+# snapshot); `guard_plpgsql_hold`, PL/pgSQL, the gate in an IF, one read,
+# RAISE ZF001 when it differs, no exception block. -M simple sends the
+# guard as 0004 is sent, `BEGIN; <guard> \; SELECT 1; END;`; -M prepared
+# cannot prepare a `\;` compound, so its scripts are separate statements,
+# `BEGIN; <guard statement(s)>; SELECT 1; END;`, with the resource and
+# token as parameters as guard mode's prepared guard has them, against
+# plain's `BEGIN; SELECT 1; END;`. Before the counts it checks with psql
+# (not under callgrind) that each candidate returns when the token is
+# the mark, fails when the mark is newer or older, and, against a transaction
+# that holds the gate exclusive while it raises the mark, waits and then
+# fails; and shows what each does under REPEATABLE READ.
+#
 # Needs the machine's Postgres binaries (PG_BIN, default the newest
 # /usr/lib/postgresql/*/bin), pgbench, psql and valgrind. Runs as root
 # (the cluster runs as user postgres).
@@ -25,11 +45,13 @@ set -euo pipefail
 
 N=2000
 KEEP_TMP=0
+ALTERNATIVES=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --transactions) N="$2"; shift 2 ;;
         --keep-tmp) KEEP_TMP=1; shift ;;
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --alternatives) ALTERNATIVES=1; shift ;;
+        -h|--help) sed -n '2,43p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -82,6 +104,107 @@ BEGIN
 END $$;
 SELECT fencepost.advance('bench', '00000000000000000001', 5000);
 SQL
+
+# --alternatives: the candidate guards, and what each does on the throwaway
+# cluster before it goes under callgrind.
+GATE="pg_advisory_xact_lock_shared(1717920355, hashtext('bench'))"
+READ="SELECT 1/(SELECT count(*) FROM fencepost.marks WHERE resource = 'bench' AND token = '00000000000000000001')::int"
+declare -A CHECK=()
+CHECKS_BAD=0
+if [ "$ALTERNATIVES" = 1 ]; then
+    "${PSQL[@]}" -d bench <<'SQL' >/dev/null
+CREATE FUNCTION public.guard_sql_hold(p_resource text, p_token text)
+RETURNS integer LANGUAGE sql VOLATILE AS $$
+    SELECT pg_advisory_xact_lock_shared(1717920355, hashtext(p_resource));
+    SELECT 1/(SELECT count(*) FROM fencepost.marks WHERE resource = p_resource AND token = p_token)::int;
+$$;
+CREATE FUNCTION public.guard_plpgsql_hold(p_resource text, p_token text)
+RETURNS void LANGUAGE plpgsql VOLATILE AS $$
+DECLARE mark text COLLATE "C";
+BEGIN
+    IF pg_advisory_xact_lock_shared(1717920355, hashtext(p_resource)) IS NULL THEN
+        NULL;
+    END IF;
+    SELECT m.token INTO mark FROM fencepost.marks AS m WHERE m.resource = p_resource;
+    IF mark IS DISTINCT FROM (p_token COLLATE "C") THEN
+        RAISE EXCEPTION USING ERRCODE = 'ZF001',
+            MESSAGE = format('fencing token %s is not the mark %s for resource %s',
+                             p_token, coalesce(mark, 'none'), p_resource);
+    END IF;
+END $$;
+SQL
+    set_mark() { "${PSQL[@]}" -d bench -c "UPDATE fencepost.marks SET token = '$1' WHERE resource = 'bench'"; }
+    # What one transaction of candidate $1 ends with: "returns" or the
+    # SQLSTATE of its error. $2 is BEGIN's options; each further argument
+    # is one Query message (psql -c), so a `;` inside one argument is a
+    # multi-statement simple Query.
+    attempt() {
+        local name="$1" begin="$2" out; shift 2
+        local args=(-c '\set VERBOSITY sqlstate' -c "BEGIN $begin")
+        case "$name" in
+            advance) args+=(-c "SELECT fencepost.advance('bench', '00000000000000000001', 5000); SELECT 1") ;;
+            two) args+=(-c "SELECT $GATE; $READ; SELECT 1") ;;
+            two-separate) args+=(-c "SELECT $GATE" -c "$READ" -c "SELECT 1") ;;
+            sql-fn) args+=(-c "SELECT public.guard_sql_hold('bench', '00000000000000000001'); SELECT 1") ;;
+            plpgsql-fn) args+=(-c "SELECT public.guard_plpgsql_hold('bench', '00000000000000000001'); SELECT 1") ;;
+        esac
+        if out="$("${PSQL[@]}" -d bench "${args[@]}" -c COMMIT 2>&1 >/dev/null)"; then
+            echo returns
+        else
+            grep -o 'ERROR: *[0-9A-Z]\{5\}' <<<"$out" | awk '{print $2; exit}' | grep . || echo "failed: $out"
+        fi
+    }
+    # The same while another transaction holds the gate exclusive and
+    # raises the mark to 2 (as a newer token's advance does), committing
+    # 1.5 s later: "<outcome> after <ms> ms".
+    raced() {
+        local t0 t1 res
+        "${PSQL[@]}" -d bench -c "BEGIN; SELECT pg_advisory_xact_lock(1717920355, hashtext('bench')); UPDATE fencepost.marks SET token = '00000000000000000002' WHERE resource = 'bench'; SELECT pg_sleep(1.5); COMMIT" >/dev/null &
+        local holder=$!
+        for _ in $(seq 100); do
+            [ "$("${PSQL[@]}" -d bench -tAc "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ExclusiveLock' AND granted")" = 1 ] && break
+            sleep 0.05
+        done
+        t0="$(date +%s%N)"; res="$(attempt "$@")"; t1="$(date +%s%N)"
+        wait "$holder"
+        set_mark 00000000000000000001 >/dev/null
+        echo "$res after $(( (t1 - t0) / 1000000 )) ms"
+    }
+    # expect <label> <wanted outcome, a regex> <outcome>
+    expect() {
+        local verdict=ok
+        [[ "$3" =~ ^($2)$ ]] || { verdict=UNEXPECTED; CHECKS_BAD=1; }
+        CHECK[$1]="$3 ($verdict)"
+        log "check $1: $3 ($verdict)"
+    }
+    log "checks of the candidates (psql, not under callgrind)"
+    for c in advance two two-separate sql-fn plpgsql-fn; do
+        expect "$c/equal" returns "$(attempt "$c" "")"
+    done
+    set_mark 00000000000000000002 >/dev/null
+    for c in advance two two-separate sql-fn plpgsql-fn; do
+        expect "$c/mark-newer" 'ZF001|22012' "$(attempt "$c" "")"
+    done
+    # A newer token than the mark (a new leader's first transaction):
+    # advance raises the mark; a same-token guard fails, and its error
+    # ends the client's transaction too.
+    set_mark 00000000000000000000 >/dev/null
+    for c in advance two two-separate sql-fn plpgsql-fn; do
+        if [ "$c" = advance ]; then want=returns; else want='ZF001|22012'; fi
+        expect "$c/token-newer" "$want" "$(attempt "$c" "")"
+        set_mark 00000000000000000000 >/dev/null
+    done
+    set_mark 00000000000000000001 >/dev/null
+    for c in advance two two-separate sql-fn plpgsql-fn; do
+        expect "$c/raced" '(ZF001|22012) after (1[0-9]{3}|[2-9][0-9]{3}) ms' "$(raced "$c" "")"
+    done
+    # Under REPEATABLE READ the snapshot is the transaction's first: taken
+    # by the guard's first statement, before the gate's wait. 0004 reads
+    # FOR SHARE there (40001); the candidates' plain read is shown as it is.
+    for c in advance two two-separate sql-fn plpgsql-fn; do
+        expect "$c/raced-repeatable-read" '.*' "$(raced "$c" "ISOLATION LEVEL REPEATABLE READ")"
+    done
+fi
 su postgres -c "'$PG_BIN/pg_ctl' -D '$TMP/pg/data' stop -w" >/dev/null
 PG_UP=0
 
@@ -101,6 +224,16 @@ BEGIN;
 EXECUTE fencepost_guard_1($ARGS) \\; SELECT 1;
 END;
 EOF
+# --alternatives: -M simple as above; -M prepared as separate statements
+# (pgbench cannot prepare a `\;` compound), the resource and token as
+# parameters (pgbench variables become $n in -M prepared).
+script two "SELECT $GATE \\; $READ \\; SELECT 1;"
+script sql_fn "SELECT public.guard_sql_hold('bench', '00000000000000000001') \\; SELECT 1;"
+script plpgsql_fn "SELECT public.guard_plpgsql_hold('bench', '00000000000000000001') \\; SELECT 1;"
+script advance_p $'SELECT fencepost.advance(:resource, :token, 5000);\nSELECT 1;'
+script two_p $'SELECT pg_advisory_xact_lock_shared(1717920355, hashtext(:resource));\nSELECT 1/(SELECT count(*) FROM fencepost.marks WHERE resource = :resource AND token = :token)::int;\nSELECT 1;'
+script sql_fn_p $'SELECT public.guard_sql_hold(:resource, :token);\nSELECT 1;'
+script plpgsql_fn_p $'SELECT public.guard_plpgsql_hold(:resource, :token);\nSELECT 1;'
 
 log "the cluster under callgrind"
 su postgres -c "cd '$TMP/pg' && exec valgrind --tool=callgrind --trace-children=yes \
@@ -113,12 +246,13 @@ for _ in $(seq 600); do
 done
 
 ir() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
-# Backend instructions of one pgbench run of script $1, $2 transactions:
-# the largest count written after the run started (pgbench's set-up
-# connection writes a small one too).
+# Backend instructions of one pgbench run of script $1, $2 transactions,
+# -M $3 (default simple): the largest count written after the run started
+# (pgbench's set-up connection writes a small one too).
 run() {
     touch "$TMP/marker"; sleep 1.1
-    pgbench -n -h 127.0.0.1 -p "$PORT" -U postgres -M simple -D prepared=0 --random-seed=7 \
+    pgbench -n -h 127.0.0.1 -p "$PORT" -U postgres -M "${3:-simple}" -D prepared=0 \
+        -D resource=bench -D token=00000000000000000001 --random-seed=7 \
         -c 1 -j 1 -t "$2" -f "$TMP/scripts/$1.sql" bench >"$TMP/pgbench.log" 2>&1 \
         || { cat "$TMP/pgbench.log" >&2; exit 1; }
     for _ in $(seq 100); do
@@ -154,3 +288,33 @@ row "SELECT guard_noop(...) (PL/pgSQL call, empty body)" call
 row "SELECT guard_read(...) (the call and one read of the mark)" read
 row "SELECT fencepost.advance(...) (the guard, same token)" advance
 row "EXECUTE fencepost_guard_1(...) (the guard, SQL EXECUTE)" execute
+
+[ "$ALTERNATIVES" = 1 ] || exit 0
+# The candidates: -M simple reuses plain and advance from above.
+measure() {
+    local key="$1" script="$2" mode="$3" b1 b2
+    run "$script" 20 "$mode" >/dev/null
+    b1="$(run "$script" "$small" "$mode")"; b2="$(run "$script" "$N" "$mode")"
+    IR[$key]=$(( (b2 - b1) / (N - small) ))
+    log "$script -M $mode: ${IR[$key]} backend instructions per transaction"
+}
+for s in two sql_fn plpgsql_fn; do measure "$s" "$s" simple; done
+measure plain_p plain prepared
+for s in advance_p two_p sql_fn_p plpgsql_fn_p; do measure "$s" "$s" prepared; done
+
+echo
+echo "candidate same-token guards, backend instructions per transaction over plain in the same -M mode"
+echo "(simple: BEGIN; <guard> \\; SELECT 1; END; prepared: BEGIN; <guard statement(s)>; SELECT 1; END;"
+echo " against plain BEGIN; SELECT 1; END; which is ${IR[plain]} simple, ${IR[plain_p]} prepared):"
+printf '  %-72s %10s %10s\n' "candidate" "simple" "prepared"
+alt() { printf '  %-72s %10d %10d\n' "$1" $(( IR[$2] - IR[plain] )) $(( IR[$3] - IR[plain_p] )); }
+alt "1 fencepost.advance(...) (0004, current)" advance advance_p
+alt "2 SELECT pg_advisory_xact_lock_shared(...); SELECT 1/(count of the mark)" two two_p
+alt "3 guard_sql_hold(...) (LANGUAGE sql VOLATILE, the two statements)" sql_fn sql_fn_p
+alt "4 guard_plpgsql_hold(...) (PL/pgSQL, gate in an IF, no exception block)" plpgsql_fn plpgsql_fn_p
+echo
+echo "checks (psql, not under callgrind; returns or the SQLSTATE; raced: another transaction holds"
+echo "the gate exclusive and raises the mark to 2 for 1.5 s; candidate 2 is 'two' as one Query and"
+echo "'two-separate' as three):"
+for k in $(printf '%s\n' "${!CHECK[@]}" | sort); do printf '  %-40s %s\n' "$k" "${CHECK[$k]}"; done
+[ "$CHECKS_BAD" = 0 ] || { echo "some checks were UNEXPECTED" >&2; exit 1; }
