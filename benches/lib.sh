@@ -38,3 +38,20 @@ round_order() {
     local -a t=("$@")
     for ((i = 0; i < n; i++)); do echo "${t[$(( (i + r - 1) % n ))]}"; done
 }
+
+# A PgBouncer config with session pooling for database DB of the machine's
+# Postgres, listening on 127.0.0.1:PORT, written to INI with its userlist
+# (user postgres, trust) beside it (`pgbouncer_session_ini INI DB PORT
+# [line ...]`; each further argument is one more line of [pgbouncer]).
+pgbouncer_session_ini() {
+    local ini="$1" db="$2" port="$3" dir
+    shift 3
+    dir="$(dirname "$ini")"
+    printf '"postgres" ""\n' >"$dir/userlist.txt"
+    {
+        printf '[databases]\n%s = host=127.0.0.1 port=5432 dbname=%s\n[pgbouncer]\n' "$db" "$db"
+        printf '%s\n' "listen_addr = 127.0.0.1" "listen_port = $port" "unix_socket_dir =" \
+            "auth_type = trust" "auth_file = $dir/userlist.txt" "pool_mode = session" \
+            "ignore_startup_parameters = options,extra_float_digits" "$@"
+    } >"$ini"
+}

@@ -97,20 +97,7 @@ createdb -h 127.0.0.1 -p 5432 -U postgres "$DB"
 pgbench -h 127.0.0.1 -p 5432 -U postgres -i -s 10 -q "$DB" >"$TMP/init.log" 2>&1 || { cat "$TMP/init.log" >&2; exit 1; }
 
 PGB_PORT="$(port)"; FP_PORT="$(port)"
-printf '"postgres" ""\n' >"$TMP/userlist.txt"
-cat >"$TMP/pgbouncer.ini" <<EOF
-[databases]
-$DB = host=127.0.0.1 port=5432 dbname=$DB
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $PGB_PORT
-unix_socket_dir =
-auth_type = trust
-auth_file = $TMP/userlist.txt
-pool_mode = session
-default_pool_size = $((CLIENTS + 4))
-ignore_startup_parameters = options,extra_float_digits
-EOF
+pgbouncer_session_ini "$TMP/pgbouncer.ini" "$DB" "$PGB_PORT" "default_pool_size = $((CLIENTS + 4))"
 cat >"$TMP/fencepost.toml" <<EOF
 store = "sqlite://$TMP/fencepost.db"
 [[postgres]]

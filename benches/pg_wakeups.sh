@@ -99,20 +99,7 @@ DB_CREATED=1
 pgbench -h 127.0.0.1 -U postgres -i -s 1 -q "$DB" >"$TMP/pgbench-init.log" 2>&1
 
 PGB_PORT="$(free_port)"
-printf '"postgres" ""\n' >"$TMP/userlist.txt"
-cat >"$TMP/pgbouncer.ini" <<EOF
-[databases]
-$DB = host=127.0.0.1 port=5432 dbname=$DB
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $PGB_PORT
-unix_socket_dir =
-auth_type = trust
-auth_file = $TMP/userlist.txt
-pool_mode = session
-ignore_startup_parameters = options,extra_float_digits
-logfile = $TMP/pgbouncer.log
-EOF
+pgbouncer_session_ini "$TMP/pgbouncer.ini" "$DB" "$PGB_PORT" "logfile = $TMP/pgbouncer.log"
 chown -R postgres "$TMP" 2>/dev/null || true
 "$PGBOUNCER" -u postgres "$TMP/pgbouncer.ini" >"$TMP/pgbouncer.out" 2>&1 &
 PIDS+=($!)
