@@ -41,8 +41,8 @@
 # would without -n, on the server directly rather than through the target:
 # VACUUM pgbench_branches and pgbench_tellers, TRUNCATE pgbench_history,
 # and a CHECKPOINT, so each run starts from the same tables and none pays
-# for another's dirty pages or dead rows (--no-reset: skip it). The report ends with issue 13's table (fp-proxy
-# TPS as a ratio to PgBouncer's and to the relay's, per row and mode). Then
+# for another's dirty pages or dead rows (--no-reset: skip it). The report
+# ends with issue 13's table (fp-proxy TPS as a ratio to PgBouncer's and to the relay's, per row and mode). Then
 # -S -M prepared at 1, 8, 32 and 128 clients (levels the server's
 # max_connections cannot hold are skipped and named). fencepost's resident
 # memory: idle, with N idle client connections through it (before the
@@ -395,9 +395,9 @@ MANIFEST="$TMP/manifest.tsv"
 : >"$RAW"
 printf 'phase\tworkload\ttarget\tclients\tround\tout\tlogdir\trss_after_kb\n' >"$MANIFEST"
 
-# What pgbench does before a run unless -n (it cannot through PgBouncer's
-# and fencepost's token checks alike, so it runs on the server), and a
-# CHECKPOINT: every run starts from the same tables and clean buffers.
+# What pgbench does before a run unless -n, sent to the server itself (not
+# through the target, so no target's run includes it), and a CHECKPOINT:
+# every run starts from the same tables and clean buffers.
 reset_db() {
     pg -d "$DB" -q -c 'VACUUM pgbench_branches, pgbench_tellers' -c 'TRUNCATE pgbench_history' \
         -c 'CHECKPOINT' >/dev/null || { echo "could not reset the bench database before a run" >&2; exit 1; }
