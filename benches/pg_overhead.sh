@@ -42,8 +42,9 @@
 # VACUUM pgbench_branches and pgbench_tellers, TRUNCATE pgbench_history,
 # and a CHECKPOINT, so each run starts from the same tables and none pays
 # for another's dirty pages or dead rows (--no-reset: skip it). The report
-# ends with issue 13's table (fp-proxy TPS as a ratio to PgBouncer's and to the relay's, per row and mode). Then
-# -S -M prepared at 1, 8, 32 and 128 clients (levels the server's
+# ends with issue 13's table (fp-proxy TPS as a ratio to PgBouncer's and
+# to the relay's, per row and mode). Then -S -M prepared at 1, 8, 32 and
+# 128 clients (levels the server's
 # max_connections cannot hold are skipped and named). fencepost's resident
 # memory: idle, with N idle client connections through it (before the
 # load), and after writes to N distinct resources (after it).
