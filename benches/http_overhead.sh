@@ -40,11 +40,11 @@
 # target's workers with all their threads, the upstream's workers) on that
 # one CPU while it runs, and back on every CPU after. --pin-latency A:B
 # puts the target's workers on CPU B and wrk and the upstream on CPU A, so
-# every hop into or out of the proxy crosses CPUs, each time the same way. Unpinned, where the
-# three land decides the run: the same target measured 52-62 us at p50 in
-# one 5 s run and 80-90 us in the next (4 December 2026, 23:50 UTC), as
-# each wake-up crossed to a halted vCPU or did not; pinned, every target
-# is measured on the same path, with no cross-CPU wake-up in it.
+# every hop into or out of the proxy crosses CPUs, each time the same
+# way. Unpinned, where the three land decides the run: the same target
+# measured 52-62 us at p50 in one 5 s run and 80-90 us in the next (4
+# December 2026, 23:50 UTC), as each wake-up crossed to a halted vCPU or
+# did not; pinned, every target is measured on the same path.
 # --latency-only skips the 32-connection runs.
 #
 # Then (unless --no-callgrind) instructions per proxied PUT under callgrind:
