@@ -43,6 +43,10 @@
 # (the cluster runs as user postgres).
 set -euo pipefail
 
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+. "$HERE/lib.sh"
+
 N=2000
 KEEP_TMP=0
 ALTERNATIVES=0
@@ -51,14 +55,12 @@ while [ $# -gt 0 ]; do
         --transactions) N="$2"; shift 2 ;;
         --keep-tmp) KEEP_TMP=1; shift ;;
         --alternatives) ALTERNATIVES=1; shift ;;
-        -h|--help) sed -n '2,43p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) usage_from_header "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 [[ "$N" =~ ^[1-9][0-9]*$ ]] && [ "$N" -ge 8 ] || { echo "--transactions: an integer of at least 8" >&2; exit 2; }
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(cd "$HERE/.." && pwd)"
 log() { printf '[guard-sql-cost %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 PG_BIN="${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}"
 for t in "$PG_BIN/initdb" "$PG_BIN/postgres" "$PG_BIN/pg_ctl"; do
@@ -81,7 +83,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')"
+PORT="$(free_port)"
 PSQL=(psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres)
 mkdir -p "$TMP/pg/cg" "$TMP/scripts"
 chown -R postgres "$TMP/pg"

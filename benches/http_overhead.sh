@@ -86,7 +86,10 @@ FIXED_ORDER=0
 PIN=""
 LATENCY_ONLY=0
 
-usage() { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0" | sed 's/^# \{0,1\}//'; }
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+. "$HERE/lib.sh"
+usage() { usage_from_header "$0"; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -125,9 +128,6 @@ if [ "$ROUNDS" -gt 50 ] || [ "$SWEEP_ROUNDS" -gt 50 ] || [ "$DURATION" -gt 300 ]
     echo "at most 50 rounds and 300 s per run" >&2; exit 2
 fi
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(cd "$HERE/.." && pwd)"
-. "$HERE/lib.sh"
 RESULTS="$HERE/results"
 HELPER="$HERE/http_overhead.py"
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }

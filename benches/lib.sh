@@ -1,6 +1,12 @@
 # Shared by the bench scripts (sourced, after they set HERE and ROOT and
 # define `log`): what every one of them repeated word for word.
 
+# The script's header comment (every `#` line after the shebang, up to the
+# first line of code), printed as its --help: no line range to keep in step.
+usage_from_header() {
+    awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$1" | sed 's/^# \{0,1\}//'
+}
+
 # A port free on 127.0.0.1 now (the kernel's pick).
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'

@@ -35,6 +35,10 @@ MODES="simple extended prepared"
 WORKLOAD=tpcb
 BUILD=1
 KEEP_TMP=0
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+. "$HERE/lib.sh"
+
 while [ $# -gt 0 ]; do
     case "$1" in
         --transactions) TRANSACTIONS="$2"; shift 2 ;;
@@ -44,7 +48,7 @@ while [ $# -gt 0 ]; do
         --workload) WORKLOAD="$2"; shift 2 ;;
         --skip-build) BUILD=0; shift ;;
         --keep-tmp) KEEP_TMP=1; shift ;;
-        -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) usage_from_header "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -61,10 +65,7 @@ for m in $MODES; do
     case "$m" in simple|extended|prepared) ;; *) echo "--modes: simple, extended, prepared" >&2; exit 2 ;; esac
 done
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(cd "$HERE/.." && pwd)"
 log() { printf '[cpu %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-. "$HERE/lib.sh"
 PGBOUNCER="$(command -v pgbouncer || echo /usr/sbin/pgbouncer)"
 [ -x "$PGBOUNCER" ] || { echo "needs pgbouncer" >&2; exit 1; }
 command -v pgbench >/dev/null || { echo "needs pgbench" >&2; exit 1; }

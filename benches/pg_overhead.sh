@@ -76,7 +76,10 @@ RESULTS_DIR=""
 FIXED_ORDER=0
 RESET=1
 
-usage() { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0" | sed 's/^# \{0,1\}//'; }
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+. "$HERE/lib.sh"
+usage() { usage_from_header "$0"; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -118,9 +121,6 @@ if [ "$ROUNDS" -gt 50 ] || [ "$SWEEP_ROUNDS" -gt 50 ] || [ "$DURATION" -gt 300 ]
     echo "at most 50 rounds, 300 s per run, 5000 idle connections, 100000 resources" >&2; exit 2
 fi
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(cd "$HERE/.." && pwd)"
-. "$HERE/lib.sh"
 RESULTS="${RESULTS_DIR:-$HERE/results}"
 HELPER="$HERE/pg_overhead.py"
 PGHOST_=127.0.0.1
