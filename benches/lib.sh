@@ -7,6 +7,16 @@ usage_from_header() {
     awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$1" | sed 's/^# \{0,1\}//'
 }
 
+# Plain text on every Postgres connection the scripts make, unless a script
+# sets PGSSLMODE itself for one command (tls_overhead.sh does, per target).
+# libpq's default (prefer) would negotiate TLS wherever the far end offers
+# it: with a server that has ssl on (the machine's does), the direct and
+# relay targets would run TLS while PgBouncer and fencepost (no TLS
+# configured) run plain, and pgbench and the backends would spend the
+# difference (pg_cpu.sh measured 40-50 us more pgbench CPU per TPC-B-like
+# transaction through a relay that passed TLS through).
+export PGSSLMODE=disable
+
 # A port free on 127.0.0.1 now (the kernel's pick).
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
