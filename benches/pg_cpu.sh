@@ -193,7 +193,7 @@ for mode in $MODES; do
                 'BEGIN { printf "%.1f,%.1f,%.3f,%.3f,%.1f,%.1f,%.3f", u / hz * 1e6 / x, s / hz * 1e6 / x,
                          v / (x * st), n / (x * st), (C - c) * 1e6 / x, b / hz * 1e6 / x, i / (b + i) }')"
             echo "$mode,$t,$r,$tps,$row" >>"$CSV"
-            log "$mode r$r $t: $tps tps, user/sys us per transaction, switches per statement: $row"
+            log "$mode r$r $t: $tps tps; user,sys us/tx, vol,invol switches/stmt, pgbench,machine us/tx, idle: $row"
         done
     done
 done
