@@ -1280,6 +1280,15 @@ async fn hostile_resource_names_are_refused_everywhere() {
     let t = s.acquire("orders", "a").await;
     let pgc = s.pg(Some(&opts(&t, "orders"))).await;
     pgc.simple_query("INSERT INTO t VALUES (1)").await.unwrap();
+    // The grant's leadership record goes to the audit sink's queue, not
+    // into the store within the acquire: wait for it, or on a slow
+    // machine it lands after `before` and is counted with the refusals'
+    // rows below (seen once in CI: 41 audit rows where 40 were due).
+    eventually(10, || async {
+        (probe.counts().await[2] >= 1).then_some(())
+    })
+    .await
+    .expect("the grant's audit record reaches the store");
     let before = probe.counts().await;
 
     for bad in HOSTILE_RESOURCES {
