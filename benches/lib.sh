@@ -13,7 +13,7 @@ usage_from_header() {
 # it: with a server that has ssl on (the machine's does), the direct and
 # relay targets would run TLS while PgBouncer and fencepost (no TLS
 # configured) run plain, and pgbench and the backends would spend the
-# difference (pg_cpu.sh measured 40-50 us more pgbench CPU per TPC-B-like
+# difference (pg_cpu.sh measured 30-50 us more pgbench CPU per TPC-B-like
 # transaction through a relay that passed TLS through).
 export PGSSLMODE=disable
 

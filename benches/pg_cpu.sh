@@ -184,14 +184,14 @@ for mode in $MODES; do
             [ "$t" = relay ] && sleep 0.5
             read -r u1 s1 < <(ticks "$pid"); read -r v1 n1 < <(switches "$pid")
             tps="$(awk '/^tps = / { print $3 }' <<<"$out")"
-            # socat's per-connection processes, gone by now, took their
-            # switch counts with them: not counted (-1, printed as "-").
-            [ "$t" = relay ] && { v1=$((v0 - CLIENTS * TRANSACTIONS * STMTS)); n1=$((n0 - CLIENTS * TRANSACTIONS * STMTS)); }
             row="$(awk -v x=$((CLIENTS * TRANSACTIONS)) -v st="$STMTS" -v hz="$TICK" \
                 -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v v=$((v1 - v0)) -v n=$((n1 - n0)) \
                 -v c="$c0" -v C="$c1" -v b=$((b1 - b0)) -v i=$((i1 - i0)) \
                 'BEGIN { printf "%.1f,%.1f,%.3f,%.3f,%.1f,%.1f,%.3f", u / hz * 1e6 / x, s / hz * 1e6 / x,
                          v / (x * st), n / (x * st), (C - c) * 1e6 / x, b / hz * 1e6 / x, i / (b + i) }')"
+            # socat's per-connection processes, gone by now, took their
+            # switch counts with them: not counted (-1, printed as "-").
+            [ "$t" = relay ] && row="$(awk -F, -v OFS=, '{ $3 = -1; $4 = -1; print }' <<<"$row")"
             echo "$mode,$t,$r,$tps,$row" >>"$CSV"
             log "$mode r$r $t: $tps tps; user,sys us/tx, vol,invol switches/stmt, pgbench,machine us/tx, idle: $row"
         done
