@@ -83,6 +83,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("postgres", "max_connections"),
     ("postgres", "startup_timeout"),
     ("postgres", "workers"),
+    ("postgres", "engine"),
     ("postgres", "tls_cert"),
     ("postgres", "tls_key"),
     ("postgres", "tls_client_ca"),

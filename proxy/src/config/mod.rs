@@ -31,7 +31,7 @@ pub use self::env::env_help;
 pub use self::fencing::FencingConfig;
 pub use self::http::{DataPath, HttpProxyConfig, Upstream};
 pub use self::log::{LogConfig, LogFormat};
-pub use self::postgres::{Enforce, PgProxyConfig, SslMode};
+pub use self::postgres::{Enforce, PgEngine, PgProxyConfig, SslMode};
 pub use self::tls::ListenerTls;
 
 #[derive(Debug, thiserror::Error)]

@@ -63,6 +63,9 @@ pub struct PgProxyConfig {
     /// [`PgProxyConfig::workers`]).
     #[serde(default, rename = "workers")]
     pub workers_set: Option<usize>,
+    /// How the session threads run their sessions (see [`PgEngine`]).
+    #[serde(default)]
+    pub engine: PgEngine,
     /// TLS towards the upstream server, as libpq's `sslmode` names it.
     #[serde(default)]
     pub upstream_sslmode: SslMode,
@@ -210,6 +213,28 @@ impl TryFrom<String> for Enforce {
             )),
         }
     }
+}
+
+/// How the session threads (`workers`) run their sessions.
+///
+/// `epoll`, the default: each thread runs an epoll loop of its own in
+/// which every session is a state machine, stepped when one of its
+/// sockets is ready; the statements whose decision waits (a newer token's
+/// drain, a store write), the audit and the startup exchange run on the
+/// process's runtime, and the session goes on when they are done. A
+/// statement costs a fraction of the instructions it costs as a tokio
+/// task (BENCHMARKS.md). Sessions that use TLS on either side, and a
+/// listener of a fencing tier, run as tokio tasks whatever this says: the
+/// engine speaks plain TCP only, and the tier's last look before each
+/// write system call is the tasks' (`docs/replicas.md`).
+///
+/// `tokio`: every session a task on its thread's current-thread runtime.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PgEngine {
+    #[default]
+    Epoll,
+    Tokio,
 }
 
 /// TLS towards the upstream server: libpq's `sslmode` values that mean

@@ -44,7 +44,7 @@ static GUARD_NAMES: AtomicU64 = AtomicU64::new(1);
 const UNKNOWN_PORTAL: &str = "(Execute of a portal the proxy did not see bound)";
 
 /// What the client loop makes of one message.
-enum Out {
+pub(super) enum Out {
     /// Send these bytes to the server.
     Send(Bytes),
     /// Send them and stop: the client said goodbye.
@@ -108,7 +108,7 @@ impl Named {
 
 /// What the client loop knows of the client's prepared statements and
 /// portals, to classify an Execute.
-struct ClientSide {
+pub(super) struct ClientSide {
     statements: Named,
     portals: Named,
     /// After a refusal in the extended protocol the server discards
@@ -119,6 +119,17 @@ struct ClientSide {
     recent: Recent,
 }
 
+impl ClientSide {
+    pub(super) fn new() -> ClientSide {
+        ClientSide {
+            statements: Named::default(),
+            portals: Named::default(),
+            skip_until_sync: false,
+            recent: Recent::new(),
+        }
+    }
+}
+
 pub(super) async fn client_loop(
     ctx: &Ctx,
     mut cr: ClientRead,
@@ -127,12 +138,7 @@ pub(super) async fn client_loop(
     shutdown: Shutdown,
 ) {
     let mut rb = ReadBuf::from(buf);
-    let mut side = ClientSide {
-        statements: Named::default(),
-        portals: Named::default(),
-        skip_until_sync: false,
-        recent: Recent::new(),
-    };
+    let mut side = ClientSide::new();
     let mut out = BytesMut::new();
     // Made once, not per read: each is a registration (a watch receiver, a
     // waiter in the Notify's list) that a loop iteration per message would
@@ -425,18 +431,81 @@ enum Send {
 /// One client message: bookkeeping, the decision if it carries a
 /// statement, and the bytes to send for it.
 async fn handle(ctx: &Ctx, side: &mut ClientSide, frame: Frame) -> Result<Out, FrameError> {
+    match handle_now(ctx, side, frame)? {
+        Now::Done(out) => Ok(out),
+        Now::Decide(frame) => decide(ctx, side, frame).await,
+    }
+}
+
+/// What [`handle_now`] made of a message.
+pub(super) enum Now {
+    /// Handled: these bytes go to the server.
+    Done(Out),
+    /// A statement to decide ([`decide`]): a Query, an Execute or a
+    /// fast-path call, whose decision may wait (a newer token's drain).
+    Decide(Frame),
+}
+
+/// The messages whose handling never waits, handled at once; the ones
+/// that carry a statement to decide are given back for [`decide`]. The
+/// epoll engine calls this for every message and builds a decision's
+/// future only for statements.
+pub(super) fn handle_now(
+    ctx: &Ctx,
+    side: &mut ClientSide,
+    frame: Frame,
+) -> Result<Now, FrameError> {
     let send = match frame.client()? {
-        ClientMsg::Query(text) => on_query(ctx, side, &frame, text).await,
+        ClientMsg::Query(_) | ClientMsg::Execute { .. } | ClientMsg::FunctionCall => {
+            return Ok(Now::Decide(frame))
+        }
         ClientMsg::Parse { name, query } => on_parse(ctx, side, name, query),
         ClientMsg::Bind { portal, statement } => on_bind(ctx, side, portal, statement),
-        ClientMsg::Execute { portal, .. } => on_execute(ctx, side, &frame, portal).await,
         ClientMsg::Close { kind, name } => on_close(ctx, side, kind, name),
         ClientMsg::Sync => on_sync(ctx, side),
-        ClientMsg::FunctionCall => on_function_call(ctx).await,
-        ClientMsg::Terminate => return Ok(Out::Last(frame.into_raw())),
+        ClientMsg::Terminate => return Ok(Now::Done(Out::Last(frame.into_raw()))),
         ClientMsg::Other => on_other(ctx, &frame),
     };
-    Ok(Out::Send(match send {
+    Ok(Now::Done(Out::Send(sent(frame, send))))
+}
+
+/// A Query, an Execute or a fast-path call: decided, and the bytes to
+/// send for it.
+pub(super) async fn decide(
+    ctx: &Ctx,
+    side: &mut ClientSide,
+    frame: Frame,
+) -> Result<Out, FrameError> {
+    let send = match frame.client()? {
+        ClientMsg::Query(text) => on_query(ctx, side, &frame, text).await,
+        ClientMsg::Execute { portal, .. } => on_execute(ctx, side, &frame, portal).await,
+        ClientMsg::FunctionCall => on_function_call(ctx).await,
+        // Not given to `decide` by `handle_now`; handled as it would.
+        _ => {
+            return handle_now(ctx, side, frame).map(|now| match now {
+                Now::Done(out) => out,
+                Now::Decide(frame) => Out::Send(frame.into_raw()),
+            })
+        }
+    };
+    Ok(Out::Send(sent(frame, send)))
+}
+
+/// [`decide`] owning what it uses, so that a decision that waits can be
+/// handed to the runtime whole (the epoll engine's sessions); gives the
+/// client side back with the outcome.
+pub(super) async fn decide_owned(
+    ctx: Arc<Ctx>,
+    mut side: ClientSide,
+    frame: Frame,
+) -> (ClientSide, Result<Out, FrameError>) {
+    let out = decide(&ctx, &mut side, frame).await;
+    (side, out)
+}
+
+/// The bytes a handler's [`Send`] stands for.
+fn sent(frame: Frame, send: Send) -> Bytes {
+    match send {
         Send::Same => frame.into_raw(),
         Send::Instead(b) => b,
         Send::Prefixed(b) => {
@@ -445,7 +514,7 @@ async fn handle(ctx: &Ctx, side: &mut ClientSide, frame: Frame) -> Result<Out, F
             out.extend_from_slice(frame.raw());
             out.freeze()
         }
-    }))
+    }
 }
 
 /// A simple Query: one cycle; in guard mode the guard calls go in front of

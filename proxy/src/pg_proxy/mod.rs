@@ -16,6 +16,7 @@
 //! authentication method works as it does against Postgres itself.
 
 mod client;
+mod engine;
 mod fence;
 mod gate;
 mod readbuf;
@@ -38,7 +39,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use wire::pg::Classifier;
 
-use crate::config::{ConfigError, Enforce, PgProxyConfig, SslMode};
+use self::engine::{Engines, Load};
+
+use crate::config::{ConfigError, Enforce, PgEngine, PgProxyConfig, SslMode};
 use crate::error::Error;
 use crate::fencer::{Fencer, TokenChecker};
 use crate::listener::{self, ConnLimit, ConnPermit};
@@ -97,6 +100,10 @@ pub struct PgProxy {
     /// the connections this listener's accept loop hands it; 0 runs the
     /// sessions on the process's runtime.
     workers: usize,
+    /// The session threads are epoll engines (`engine.rs`), not
+    /// current-thread runtimes: `engine = "epoll"`, and nothing the
+    /// engine does not speak (TLS on either side, a tier's last look).
+    epoll: bool,
 }
 
 impl PgProxy {
@@ -118,7 +125,12 @@ impl PgProxy {
             Error::Config(ConfigError::Invalid(format!("postgres upstream TLS: {m}")))
         })?;
         let workers = cfg.workers(fencer.tiered());
+        let epoll = cfg.engine == PgEngine::Epoll
+            && tls.is_none()
+            && upstream_tls.is_none()
+            && !fencer.tiered();
         Ok(Arc::new(PgProxy {
+            epoll,
             upstream_tls,
             upstream_sslmode: cfg.upstream_sslmode,
             guard_wait_ms: cfg.guard_wait_ms(fencer.drain_timeout()),
@@ -171,6 +183,9 @@ impl PgProxy {
         if self.workers == 0 {
             self.serve_on(listener, &shutdown, drain).await;
             return Ok(());
+        }
+        if self.epoll {
+            return self.serve_engines(listener, shutdown, drain).await;
         }
         self.serve_workers(listener, shutdown, drain).await
     }
@@ -289,6 +304,60 @@ impl PgProxy {
         Ok(())
     }
 
+    /// `workers` epoll engines (`engine.rs`). This task accepts (with the
+    /// listener's limit) and runs each connection's startup exchange on
+    /// the process's runtime, then hands the open session to the engine
+    /// with the fewest sessions. At shutdown the engines close their idle
+    /// sessions at once and give busy ones up to `drain`; a startup still
+    /// under way gets the same bound, and a session it opens is closed
+    /// as it would have been.
+    async fn serve_engines(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: Shutdown,
+        drain: Duration,
+    ) -> std::io::Result<()> {
+        let engines = Engines::start(self.workers, &tokio::runtime::Handle::current(), drain)?;
+        let mut startups = JoinSet::new();
+        while let Some((stream, peer, permit)) =
+            listener::next_connection(&listener, &shutdown, &self.limit).await
+        {
+            while startups.try_join_next().is_some() {}
+            let Some((inbox, load)) = engines.pick() else {
+                break;
+            };
+            let (this, shutdown) = (Arc::clone(&self), shutdown.clone());
+            startups.spawn(async move {
+                let Some(open) = Box::pin(session::open(&this, stream, peer)).await else {
+                    return;
+                };
+                match engine::opened(Arc::clone(&this), open, peer, permit, load) {
+                    Ok(opened) => {
+                        if inbox.send(engine::Msg::Open(opened)).is_err() {
+                            tracing::debug!(%peer, "session opened after its engine ended; closed");
+                        }
+                    }
+                    // Not plain TCP on both sides: a task, as on a
+                    // worker thread.
+                    Err(Some(task)) => {
+                        let (open, permit) = *task;
+                        session::run_open(this, open, peer, shutdown).await;
+                        drop(permit);
+                    }
+                    Err(None) => {}
+                }
+            });
+        }
+        drop(listener);
+        engines.tell(|| engine::Msg::Shutdown);
+        listener::Connections::new(Protocol::Postgres.as_str(), startups)
+            .drain(Some(drain))
+            .await;
+        engines.tell(|| engine::Msg::NoMore);
+        engines.join().await;
+        Ok(())
+    }
+
     /// One worker thread's sessions, until the acceptor stops handing it
     /// connections; then they are drained as `serve_on` drains its own.
     async fn worker(
@@ -333,22 +402,6 @@ type Handoff = (std::net::TcpStream, SocketAddr, ConnPermit, Load);
 struct Worker {
     tx: mpsc::UnboundedSender<Handoff>,
     load: Arc<AtomicUsize>,
-}
-
-/// One session's share of a worker's load, given back when it ends.
-struct Load(Arc<AtomicUsize>);
-
-impl Load {
-    fn on(load: &Arc<AtomicUsize>) -> Load {
-        load.fetch_add(1, Ordering::Relaxed);
-        Load(Arc::clone(load))
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// The TLS client towards the server for `upstream_sslmode`; `None` for

@@ -148,6 +148,51 @@ impl ReadBuf {
         Ok(n)
     }
 
+    /// Reads what `s` has, without waiting: the epoll engine's sockets,
+    /// read when epoll has said they are readable. `Ok(None)`: nothing
+    /// was there (`WouldBlock`); `Ok(Some((0, _)))`: the end of the
+    /// stream; otherwise the bytes read and whether the read was short,
+    /// which drained the socket (the engine then waits for its next
+    /// readiness event instead of making a read that would block, as
+    /// [`ReadBuf::fill_from`] does for tokio).
+    ///
+    /// The room is zeroed before the read: without `unsafe` a `Read`
+    /// takes only initialized bytes. That is a `memset` of [`IDLE`] bytes
+    /// for an ordinary read, about as much as a copy of a short
+    /// statement; a burst's larger reads pay in proportion, next to the
+    /// kernel's copy of the same bytes.
+    pub(super) fn try_fill<R: std::io::Read>(
+        &mut self,
+        s: &mut R,
+    ) -> std::io::Result<Option<(usize, bool)>> {
+        self.prepare();
+        let had = self.spare();
+        let len = self.buf.len();
+        self.buf.resize(len + had, 0);
+        loop {
+            match s.read(&mut self.buf[len..]) {
+                Ok(n) => {
+                    self.buf.truncate(len + n);
+                    self.read(n, had);
+                    return Ok(Some((n, n < had)));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.buf.truncate(len);
+                    return match e.kind() {
+                        std::io::ErrorKind::WouldBlock => Ok(None),
+                        _ => Err(e),
+                    };
+                }
+            }
+        }
+    }
+
+    /// The engine waits for the socket: [`ReadBuf::park`].
+    pub(super) fn wait(&mut self) {
+        self.park();
+    }
+
     /// Before a wait: a drained buffer is given up (to the pool when it is
     /// idle-size, freed when a burst that grew it is over); one holding
     /// the start of a message, or grown for a burst still going, is kept.

@@ -4,10 +4,11 @@
 //! says, under one lock for all the messages of a read; each ReadyForQuery
 //! releases the guards of the cycle it ends.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use fencing::{Protocol, Reason};
 use wire::pg::cycle::GuardRefused;
 use wire::pg::frame::{complete_frames, frames};
+use wire::pg::FrameError;
 
 use super::readbuf::{ReadBuf, IDLE};
 use super::refusal::fatal;
@@ -29,34 +30,7 @@ pub(super) async fn server_loop(ctx: &Ctx, mut sr: ServerRead) {
         let (complete, malformed) = complete_frames(&rb.buf, ctx.proxy.max_frame);
         if complete > 0 {
             let batch = rb.buf.split_to(complete).freeze();
-            let mut copied = 0;
-            let mut rewritten = false;
-            let mut ready = false;
-            {
-                // One lock for the batch's bookkeeping, not one a message.
-                let mut s = ctx.lock();
-                for (at, frame) in frames(&batch) {
-                    if s.counted(&frame) {
-                        continue;
-                    }
-                    let answered = s.on_server(&frame);
-                    if let Some(refused) = answered.guard_refused {
-                        refusals.push(refused);
-                    }
-                    if answered.ready {
-                        ready = true;
-                        if let Some(t) = answered.started {
-                            ctx.proxy.counters.latency.record(t.elapsed().as_secs_f64());
-                        }
-                    }
-                    if let Some(replacement) = answered.replace {
-                        out.extend_from_slice(&batch[copied..at]);
-                        out.extend_from_slice(&replacement);
-                        copied = at + frame.raw().len();
-                        rewritten = true;
-                    }
-                }
-            }
+            let Booked { rewritten, ready } = book(ctx, &batch, &mut out, &mut refusals);
             if ready {
                 ctx.answered.notify_waiters();
             }
@@ -66,12 +40,7 @@ pub(super) async fn server_loop(ctx: &Ctx, mut sr: ServerRead) {
             for refused in refusals.drain(..) {
                 Box::pin(guard_refused(ctx, refused)).await;
             }
-            let send: &[u8] = if rewritten {
-                out.extend_from_slice(&batch[copied..]);
-                &out
-            } else {
-                &batch
-            };
+            let send: &[u8] = if rewritten { &out } else { &batch };
             if !send.is_empty() && !client_gone && !ctx.to_client(send).await {
                 // Keep reading: the server's answers still release guards.
                 client_gone = true;
@@ -83,14 +52,9 @@ pub(super) async fn server_loop(ctx: &Ctx, mut sr: ServerRead) {
             }
         }
         if let Some(e) = malformed {
-            tracing::warn!(peer = %ctx.peer, error = %e, "malformed message from the upstream server");
-            ctx.proxy.counters.upstream_errors.increment(1);
+            let fatal = malformed_answer(ctx, &e);
             if !client_gone {
-                ctx.to_client(&fatal(
-                    "08P01",
-                    &format!("fencepost: the upstream server sent a malformed message: {e}"),
-                ))
-                .await;
+                ctx.to_client(&fatal).await;
             }
             finish(ctx);
             return;
@@ -103,9 +67,74 @@ pub(super) async fn server_loop(ctx: &Ctx, mut sr: ServerRead) {
     finish(ctx);
 }
 
+/// What [`book`] found in a batch.
+pub(super) struct Booked {
+    /// A message was swapped or hidden: send `out`, not the batch.
+    pub(super) rewritten: bool,
+    /// The batch held a ReadyForQuery.
+    pub(super) ready: bool,
+}
+
+/// Books a batch of complete messages from the server in the session's
+/// state, under one lock for all of them, not one a message: each
+/// ReadyForQuery releases the guards of the cycle it ends (and records
+/// the statement's latency), the database guard's refusals go to
+/// `refusals` (to be audited before the batch is relayed), and a batch
+/// with a message swapped or hidden is written, rewritten, to `out`;
+/// the rest are relayed as they were read, without a copy.
+pub(super) fn book(
+    ctx: &Ctx,
+    batch: &Bytes,
+    out: &mut BytesMut,
+    refusals: &mut Vec<GuardRefused<GuardCall>>,
+) -> Booked {
+    let mut copied = 0;
+    let mut booked = Booked {
+        rewritten: false,
+        ready: false,
+    };
+    let mut s = ctx.lock();
+    for (at, frame) in frames(batch) {
+        if s.counted(&frame) {
+            continue;
+        }
+        let answered = s.on_server(&frame);
+        if let Some(refused) = answered.guard_refused {
+            refusals.push(refused);
+        }
+        if answered.ready {
+            booked.ready = true;
+            if let Some(t) = answered.started {
+                ctx.proxy.counters.latency.record(t.elapsed().as_secs_f64());
+            }
+        }
+        if let Some(replacement) = answered.replace {
+            out.extend_from_slice(&batch[copied..at]);
+            out.extend_from_slice(&replacement);
+            copied = at + frame.raw().len();
+            booked.rewritten = true;
+        }
+    }
+    if booked.rewritten {
+        out.extend_from_slice(&batch[copied..]);
+    }
+    booked
+}
+
+/// A malformed message from the server: logged and counted; the fatal
+/// error the client gets for it.
+pub(super) fn malformed_answer(ctx: &Ctx, e: &FrameError) -> Bytes {
+    tracing::warn!(peer = %ctx.peer, error = %e, "malformed message from the upstream server");
+    ctx.proxy.counters.upstream_errors.increment(1);
+    fatal(
+        "08P01",
+        &format!("fencepost: the upstream server sent a malformed message: {e}"),
+    )
+}
+
 /// The server side has ended: nothing more will be answered. Guards drop
 /// with the state (the server has closed, so the writes are over).
-fn finish(ctx: &Ctx) {
+pub(super) fn finish(ctx: &Ctx) {
     ctx.lock().cycles.clear();
     ctx.server_gone.notify_one();
     ctx.answered.notify_waiters();
@@ -114,7 +143,7 @@ fn finish(ctx: &Ctx) {
 /// The proxy had admitted (and counted) this write; the database guard
 /// refused it. The refusal is audited and counted where every other one
 /// is, by the fencer.
-fn guard_refused(
+pub(super) fn guard_refused(
     ctx: &Ctx,
     refused: GuardRefused<GuardCall>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {

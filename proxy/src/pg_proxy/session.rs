@@ -128,7 +128,9 @@ pub(super) struct Ctx {
     pub(super) answered: Notify,
     /// Fired when the server side has ended.
     pub(super) server_gone: Notify,
-    client_w: tokio::sync::Mutex<ClientWrite>,
+    /// The client's write half; `None` on the epoll engine, which writes
+    /// to the client itself (`engine/conn.rs`).
+    client_w: Option<tokio::sync::Mutex<ClientWrite>>,
     /// The earliest admission instant ([`Admission::leased_at`]) of the
     /// writes fenced by the proxy alone whose bytes the client loop has
     /// not written to the server yet ([`NOT_ARMED`]: none). The client
@@ -144,6 +146,26 @@ pub(super) struct Ctx {
 pub(super) const NOT_ARMED: u64 = u64::MAX;
 
 impl Ctx {
+    /// A session's context once it is open; `cw` is `None` on the epoll
+    /// engine.
+    pub(super) fn new(
+        proxy: Arc<PgProxy>,
+        peer: SocketAddr,
+        vars: Vars,
+        cw: Option<ClientWrite>,
+    ) -> Ctx {
+        Ctx {
+            proxy,
+            peer,
+            // The server's first ReadyForQuery ends authentication: owed.
+            shared: Mutex::new(Shared::new(vars)),
+            answered: Notify::new(),
+            server_gone: Notify::new(),
+            client_w: cw.map(tokio::sync::Mutex::new),
+            unsent: AtomicU64::new(NOT_ARMED),
+        }
+    }
+
     /// The shared state. A std mutex, never held across an await.
     pub(super) fn lock(&self) -> MutexGuard<'_, Shared> {
         // Nothing below panics while holding it; a poisoned lock still
@@ -173,12 +195,15 @@ impl Ctx {
     /// client (the client loop only its fatal errors), so the write half
     /// is behind an async mutex, held for one write and flush.
     pub(super) async fn to_client(&self, bytes: &[u8]) -> bool {
+        let Some(client_w) = &self.client_w else {
+            return false;
+        };
         // Free but for the client loop's rare fatal errors: take it
         // without building and polling a lock future (a waiter queued
         // first keeps its turn: `try_lock` fails while one is).
-        let mut w = match self.client_w.try_lock() {
+        let mut w = match client_w.try_lock() {
             Ok(w) => w,
-            Err(_) => self.client_w.lock().await,
+            Err(_) => client_w.lock().await,
         };
         // TLS buffers records: flush so the answer leaves now.
         w.write_all(bytes).await.is_ok() && w.flush().await.is_ok()
@@ -200,6 +225,16 @@ pub(super) async fn run(
     let Some(open) = Box::pin(open(&proxy, client, peer)).await else {
         return;
     };
+    run_open(proxy, open, peer, shutdown).await;
+}
+
+/// An open session's two loops, to its end.
+pub(super) async fn run_open(
+    proxy: Arc<PgProxy>,
+    open: Open,
+    peer: SocketAddr,
+    shutdown: Shutdown,
+) {
     let Open {
         cr,
         cw,
@@ -208,16 +243,7 @@ pub(super) async fn run(
         vars,
         cbuf,
     } = open;
-    let ctx = Ctx {
-        proxy,
-        peer,
-        // The server's first ReadyForQuery ends authentication: owed.
-        shared: Mutex::new(Shared::new(vars)),
-        answered: Notify::new(),
-        server_gone: Notify::new(),
-        client_w: tokio::sync::Mutex::new(cw),
-        unsent: AtomicU64::new(NOT_ARMED),
-    };
+    let ctx = Ctx::new(proxy, peer, vars, Some(cw));
     // Each loop polled only when woken for it: a server answer does not
     // re-poll the client loop's waits, nor a client message the server
     // loop's (see `gate`).
@@ -227,21 +253,25 @@ pub(super) async fn run(
 }
 
 /// A session past its startup packet, connected upstream.
-struct Open {
-    cr: ClientRead,
-    cw: ClientWrite,
-    sr: ServerRead,
-    sw: ServerWrite,
-    vars: Vars,
+pub(super) struct Open {
+    pub(super) cr: ClientRead,
+    pub(super) cw: ClientWrite,
+    pub(super) sr: ServerRead,
+    pub(super) sw: ServerWrite,
+    pub(super) vars: Vars,
     /// What the client sent after its startup packet.
-    cbuf: BytesMut,
+    pub(super) cbuf: BytesMut,
 }
 
 /// The startup exchange, the upstream connection and the startup packet
 /// sent on; `None` when the session ends there (a CancelRequest, a client
 /// that left or was refused). The startup packet is dropped here, once
 /// sent: the session keeps only its fencing variables.
-async fn open(proxy: &Arc<PgProxy>, client: TcpStream, peer: SocketAddr) -> Option<Open> {
+pub(super) async fn open(
+    proxy: &Arc<PgProxy>,
+    client: TcpStream,
+    peer: SocketAddr,
+) -> Option<Open> {
     let mut cbuf = BytesMut::with_capacity(readbuf::IDLE);
     let (mut client, startup) = match tokio::time::timeout(
         proxy.startup_timeout,
