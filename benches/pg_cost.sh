@@ -24,10 +24,13 @@
 # Needs the machine's Postgres at 127.0.0.1:5432 (user postgres, trust),
 # pgbench, valgrind, pgbouncer and python3-psycopg (as pg_overhead.sh).
 # Creates a database fencepost_cost_<pid> (pgbench -i -s 1), dropped on exit.
-# FENCEPOST_BIN=path measures another build (e.g. a "before" binary).
+# FENCEPOST_BIN=path measures another build (e.g. a "before" binary);
+# FENCEPOST_ENGINE=tokio (or epoll) sets the listeners' `engine`.
 set -euo pipefail
 
 STATEMENTS=4000
+ENGINE_LINE=""
+[ -n "${FENCEPOST_ENGINE:-}" ] && ENGINE_LINE="engine = \"$FENCEPOST_ENGINE\""
 IDLE_CONNS=1000
 MODES="simple extended prepared"
 WORKLOADS="select"
@@ -45,7 +48,7 @@ while [ $# -gt 0 ]; do
         --no-callgrind) CALLGRIND=0; shift ;;
         --no-idle) IDLE=0; shift ;;
         --keep-tmp) KEEP_TMP=1; shift ;;
-        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -129,6 +132,7 @@ level = "warn"
 listen = "127.0.0.1:$PORT"
 upstream = "127.0.0.1:5432"
 enforce = "proxy"
+$ENGINE_LINE
 EOF
     log "starting fencepost under callgrind"
     (cd "$TMP/cg" && exec env -u RUST_LOG valgrind --tool=callgrind --callgrind-out-file="$TMP/cg/out.%p" \
@@ -197,6 +201,7 @@ listen = "127.0.0.1:$FP_PORT"
 upstream = "127.0.0.1:$PGB_PORT"
 enforce = "proxy"
 max_connections = $((2 * IDLE_CONNS + 100))
+$ENGINE_LINE
 EOF
     env -u RUST_LOG "$FENCEPOST" serve --config "$TMP/idle.toml" >"$TMP/idle/fencepost.log" 2>&1 &
     FP_PID=$!; PIDS+=("$FP_PID")

@@ -8,8 +8,10 @@
 #
 # For each -M mode and round, pgbench runs a fixed number of transactions
 # (-t N per client, C clients, -j 2) through PgBouncer (session pooling),
-# through fencepost proxy mode and through a plain TCP relay (socat, as in
-# pg_overhead.sh), in an order rotated each round; around each run the
+# through fencepost proxy mode (its default epoll engine), through the same
+# proxy with engine = "tokio" (fp-tokio, a second process) and through a
+# plain TCP relay (socat, as in pg_overhead.sh), in an order rotated each
+# round; around each run the
 # proxy's CPU time (utime and stime of /proc/PID/stat, all threads; for
 # socat, which forks a process per connection, its reaped children's too)
 # and its voluntary and involuntary context switches (every thread's
@@ -107,7 +109,7 @@ log "creating $DB (pgbench -i -s 10)"
 createdb -h 127.0.0.1 -p 5432 -U postgres "$DB"
 pgbench -h 127.0.0.1 -p 5432 -U postgres -i -s 10 -q "$DB" >"$TMP/init.log" 2>&1 || { cat "$TMP/init.log" >&2; exit 1; }
 
-PGB_PORT="$(port)"; FP_PORT="$(port)"; RLY_PORT="$(port)"
+PGB_PORT="$(port)"; FP_PORT="$(port)"; RLY_PORT="$(port)"; FPT_PORT="$(port)"
 pgbouncer_session_ini "$TMP/pgbouncer.ini" "$DB" "$PGB_PORT" "default_pool_size = $((CLIENTS + 4))"
 cat >"$TMP/fencepost.toml" <<EOF
 store = "sqlite://$TMP/fencepost.db"
@@ -116,15 +118,21 @@ listen = "127.0.0.1:$FP_PORT"
 upstream = "127.0.0.1:5432"
 enforce = "proxy"
 EOF
+# The same proxy with each session a tokio task (engine = "tokio"), in a
+# process of its own so that each one's CPU is its own.
+sed -e "s/:$FP_PORT\"/:$FPT_PORT\"/" -e 's/fencepost.db/fencepost-tokio.db/' "$TMP/fencepost.toml" >"$TMP/fencepost-tokio.toml"
+echo 'engine = "tokio"' >>"$TMP/fencepost-tokio.toml"
 "$PGBOUNCER" -u postgres "$TMP/pgbouncer.ini" >"$TMP/pgbouncer.out" 2>&1 &
 PGB_PID=$!; PIDS+=("$PGB_PID")
 env -u RUST_LOG "$FENCEPOST" serve --config "$TMP/fencepost.toml" >"$TMP/fencepost.log" 2>&1 &
 FP_PID=$!; PIDS+=("$FP_PID")
+env -u RUST_LOG "$FENCEPOST" serve --config "$TMP/fencepost-tokio.toml" >"$TMP/fencepost-tokio.log" 2>&1 &
+FPT_PID=$!; PIDS+=("$FPT_PID")
 socat "TCP-LISTEN:$RLY_PORT,bind=127.0.0.1,reuseaddr,fork,nodelay" "TCP:127.0.0.1:5432,nodelay" \
     >"$TMP/socat.log" 2>&1 &
 RLY_PID=$!; PIDS+=("$RLY_PID")
 export PGOPTIONS='-c fencing.token=1 -c fencing.resource=bench'
-for p in "$PGB_PORT" "$FP_PORT" "$RLY_PORT"; do
+for p in "$PGB_PORT" "$FP_PORT" "$FPT_PORT" "$RLY_PORT"; do
     up=0
     for _ in $(seq 100); do
         PGCONNECT_TIMEOUT=1 psql -X -h 127.0.0.1 -p "$p" -U postgres -d "$DB" -tAc 'SELECT 1' >/dev/null 2>&1 && { up=1; break; }
@@ -133,9 +141,9 @@ for p in "$PGB_PORT" "$FP_PORT" "$RLY_PORT"; do
     [ "$up" = 1 ] || { echo "nothing answers on port $p; logs in $TMP" >&2; exit 1; }
 done
 
-declare -A PORT=([pgbouncer]="$PGB_PORT" [fencepost]="$FP_PORT" [relay]="$RLY_PORT")
-declare -A PID=([pgbouncer]="$PGB_PID" [fencepost]="$FP_PID" [relay]="$RLY_PID")
-TARGETS=(pgbouncer fencepost relay)
+declare -A PORT=([pgbouncer]="$PGB_PORT" [fencepost]="$FP_PORT" [fp-tokio]="$FPT_PORT" [relay]="$RLY_PORT")
+declare -A PID=([pgbouncer]="$PGB_PID" [fencepost]="$FP_PID" [fp-tokio]="$FPT_PID" [relay]="$RLY_PID")
+TARGETS=(pgbouncer fencepost fp-tokio relay)
 TICK="$(getconf CLK_TCK)"
 # utime and stime, with those of reaped children (socat's per connection).
 ticks() { awk '{ print $14 + $16, $15 + $17 }' "/proc/$1/stat"; }

@@ -28,10 +28,10 @@ sys.dont_write_bytecode = True  # no __pycache__ in benches/
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import http_overhead as hx  # noqa: E402  (bar_panel, _kv)
 
-TARGETS = ["direct", "relay", "pgbouncer", "fp-proxy", "fp-guard"]
-PROXIES = ["relay", "pgbouncer", "fp-proxy", "fp-guard"]
+TARGETS = ["direct", "relay", "pgbouncer", "fp-proxy", "fp-guard", "fp-tokio"]
+PROXIES = ["relay", "pgbouncer", "fp-proxy", "fp-guard", "fp-tokio"]
 COLORS = {"direct": "#888888", "relay": "#e8590c", "pgbouncer": "#2b8a3e", "fp-proxy": "#1c5fb8",
-          "fp-guard": "#7048e8"}
+          "fp-guard": "#7048e8", "fp-tokio": "#74c0fc"}
 MODES = ["simple", "extended", "prepared"]
 hx.COLORS.update(COLORS)
 hx._TEXT_KEYS.update({"pgbouncer", "postgres", "pgbench", "sweep_skipped"})
@@ -140,7 +140,7 @@ def print_table(title, summary, label, order):
                 continue
             rr = f"{s['tps_ratio']:.3f}" if "tps_ratio" in s else "1"
             pr = f"{s['p99_ratio']:.2f}" if s.get("p99_ratio") else ("1" if t == "direct" else "-")
-            vb = f"{s['tps'] / b['tps']:.3f}" if b and t in ("relay", "fp-proxy", "fp-guard") else ""
+            vb = f"{s['tps'] / b['tps']:.3f}" if b and t in ("relay", "fp-proxy", "fp-guard", "fp-tokio") else ""
             print(f"{str(g):<20} {t:<10} {s['tps']:>9.0f} {_ms(s['lat_avg_ms']):>10} {_ms(s['p99_ms']):>10} "
                   f"{rr:>11} {pr:>11} {vb:>13} {s['failed']:>7}")
 
@@ -151,7 +151,7 @@ def issue_table(main, clients):
     target's median TPS as a ratio to PgBouncer's and to the relay's."""
     rows = [(f"select-only, {clients} clients", "select"), (f"TPC-B-like, {clients} clients", "tpcb"),
             ("select-only, 1 client", "select -c1")]
-    for fp in ("fp-proxy", "fp-guard"):
+    for fp in ("fp-proxy", "fp-guard", "fp-tokio"):
         for base in ("pgbouncer", "relay"):
             cells = []
             for label, w in rows:
@@ -173,6 +173,8 @@ def issue_table(main, clients):
 
 def write_svg(path, main, sweep, meta):
     workloads = sorted(main)
+    # The targets this run had (fp-tokio only with --with-tokio).
+    series = [p for p in PROXIES if any(p in v for v in main.values())]
     conns = sorted(sweep)
     W = max(960, 130 * len(workloads) + 80)
     ph = 300
@@ -187,18 +189,18 @@ def write_svg(path, main, sweep, meta):
         return f"{v:.2f}"
 
     parts += hx.bar_panel(0, 40, W, ph, f"TPS ratio to direct per workload (higher is better), "
-                          f"{meta.get('clients')} clients", workloads, PROXIES,
+                          f"{meta.get('clients')} clients", workloads, series,
                           lambda g, s: main.get(g, {}).get(s, {}).get("tps_ratio"), 1.0, ratio)
     if conns:
         parts += hx.bar_panel(0, 40 + ph, W / 2, ph, "-S -M prepared: TPS ratio by clients",
-                              [str(c) for c in conns], PROXIES,
+                              [str(c) for c in conns], series,
                               lambda g, s: sweep.get(int(g), {}).get(s, {}).get("tps_ratio"), 1.0, ratio)
         parts += hx.bar_panel(W / 2, 40 + ph, W / 2, ph, "-S -M prepared: p99 ratio by clients",
-                              [str(c) for c in conns], PROXIES,
+                              [str(c) for c in conns], series,
                               lambda g, s: sweep.get(int(g), {}).get(s, {}).get("p99_ratio"), 1.0, ratio)
     ly = 40 + 2 * ph + 22
     lx = 60
-    for s in PROXIES:
+    for s in series:
         parts.append(f'<rect x="{lx}" y="{ly - 11}" width="14" height="14" fill="{COLORS[s]}"/>')
         parts.append(f'<text x="{lx + 20}" y="{ly}" font-size="13">{s}</text>')
         lx += 130

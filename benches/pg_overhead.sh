@@ -9,7 +9,7 @@
 #                               [--workloads "select tpcb"] [--no-sweep]
 #                               [--results DIR] [--skip-install]
 #                               [--skip-build] [--keep-tmp]
-#                               [--fixed-order] [--no-reset]
+#                               [--fixed-order] [--no-reset] [--with-tokio]
 #
 # Needs the machine's Postgres at 127.0.0.1:5432 (user postgres, trust
 # auth); creates a database fencepost_bench_<pid> there (pgbench -i -s 10)
@@ -28,6 +28,8 @@
 #   fp-proxy   pgbench -> fencepost [[postgres]] enforce="proxy" -> Postgres
 #   fp-guard   pgbench -> fencepost [[postgres]] enforce="database" -> Postgres
 #              (after `fencepost migrate --guard`)
+#   fp-tokio   (--with-tokio) fp-proxy with engine = "tokio": each session a
+#              tokio task instead of a state machine in the epoll engine
 # Every connection carries a valid token: PGOPTIONS='-c fencing.token=1
 # -c fencing.resource=bench' (PgBouncer is told to ignore `options`).
 #
@@ -75,6 +77,7 @@ NO_SWEEP=0
 RESULTS_DIR=""
 FIXED_ORDER=0
 RESET=1
+WITH_TOKIO=0
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
@@ -99,6 +102,7 @@ while [ $# -gt 0 ]; do
         --keep-tmp) KEEP_TMP=1; shift ;;
         --fixed-order) FIXED_ORDER=1; shift ;;
         --no-reset) RESET=0; shift ;;
+        --with-tokio) WITH_TOKIO=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -255,6 +259,7 @@ PGB_PORT="$(free_port)"
 FPP_PORT="$(free_port)"
 FPG_PORT="$(free_port)"
 FPI_PORT="$(free_port)"
+FPT_PORT="$(free_port)"
 RLY_PORT="$(free_port)"
 # distinct ports (free_port can, rarely, hand out the same one twice)
 [ "$(printf '%s\n' "$PGB_PORT" "$FPP_PORT" "$FPG_PORT" "$FPI_PORT" "$RLY_PORT" | sort -u | wc -l)" = 5 ] \
@@ -318,6 +323,16 @@ listen = "127.0.0.1:$FPI_PORT"
 upstream = "127.0.0.1:$PGB_PORT"
 enforce = "proxy"
 EOF
+if [ "$WITH_TOKIO" = 1 ]; then
+    cat >>"$FP/fencepost.toml" <<EOF
+
+[[postgres]]
+listen = "127.0.0.1:$FPT_PORT"
+upstream = "$PGHOST_:$PGPORT_"
+enforce = "proxy"
+engine = "tokio"
+EOF
+fi
 
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
@@ -338,8 +353,9 @@ FP_PID=$!; PIDS+=("$FP_PID")
 wait_pg "$FPP_PORT" fencepost "$FP_PID" "$DB"
 wait_pg "$FPG_PORT" fencepost "$FP_PID" "$DB"
 
-declare -A PORT=([direct]="$PGPORT_" [relay]="$RLY_PORT" [pgbouncer]="$PGB_PORT" [fp-proxy]="$FPP_PORT" [fp-guard]="$FPG_PORT")
+declare -A PORT=([direct]="$PGPORT_" [relay]="$RLY_PORT" [pgbouncer]="$PGB_PORT" [fp-proxy]="$FPP_PORT" [fp-guard]="$FPG_PORT" [fp-tokio]="$FPT_PORT")
 TARGETS=(direct relay pgbouncer fp-proxy fp-guard)
+[ "$WITH_TOKIO" = 1 ] && TARGETS+=(fp-tokio)
 export PGOPTIONS='-c fencing.token=1 -c fencing.resource=bench'
 
 # Sanity: every target runs a write with the token; fencepost refuses a
