@@ -496,9 +496,9 @@ pub(super) async fn decide(
 /// client side back with the outcome.
 pub(super) async fn decide_owned(
     ctx: Arc<Ctx>,
-    mut side: ClientSide,
+    mut side: Box<ClientSide>,
     frame: Frame,
-) -> (ClientSide, Result<Out, FrameError>) {
+) -> (Box<ClientSide>, Result<Out, FrameError>) {
     let out = decide(&ctx, &mut side, frame).await;
     (side, out)
 }

@@ -145,8 +145,9 @@ pub(super) struct Conn {
     s_ready: Ready,
     cin: ReadBuf,
     sin: ReadBuf,
-    /// `None` while a decision that waited is on the runtime.
-    side: Option<ClientSide>,
+    /// `None` while a decision that waited is on the runtime. Boxed: it
+    /// moves into every statement's decision and back, 8 bytes, not 280.
+    side: Option<Box<ClientSide>>,
     /// The client side's batch for the server.
     to_server: Pending,
     /// Relayed answers the client's socket has not taken yet.
@@ -209,7 +210,7 @@ impl Conn {
             s_ready: ready,
             cin: ReadBuf::from(cbuf),
             sin: ReadBuf::new(),
-            side: Some(ClientSide::new()),
+            side: Some(Box::new(ClientSide::new())),
             to_server: Pending::default(),
             to_client: Pending::default(),
             rewritten: BytesMut::new(),
@@ -248,7 +249,7 @@ impl Conn {
     }
 
     /// A decision that waited is done.
-    pub(super) fn decided(&mut self, side: ClientSide, out: Result<Out, FrameError>) {
+    pub(super) fn decided(&mut self, side: Box<ClientSide>, out: Result<Out, FrameError>) {
         self.side = Some(side);
         if !self.client_done {
             self.sent(out);

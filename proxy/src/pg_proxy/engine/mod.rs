@@ -103,7 +103,7 @@ pub(super) enum Msg {
     Open(Box<Opened>),
     /// A decision that waited is done: the session's client side and the
     /// outcome.
-    Decided(Id, Box<(ClientSide, Result<Out, FrameError>)>),
+    Decided(Id, Box<(Box<ClientSide>, Result<Out, FrameError>)>),
     /// The database guard's refusals in a held batch are audited: relay
     /// it.
     Audited(Id),
@@ -311,12 +311,12 @@ impl Drop for Load {
 /// [`decide_owned`](super::client::decide_owned)'s future, named through
 /// this bound since its type has no name.
 pub(super) trait Decision:
-    Future<Output = (ClientSide, Result<Out, FrameError>)> + Send + 'static
+    Future<Output = (Box<ClientSide>, Result<Out, FrameError>)> + Send + 'static
 {
 }
 
 impl<D> Decision for D where
-    D: Future<Output = (ClientSide, Result<Out, FrameError>)> + Send + 'static
+    D: Future<Output = (Box<ClientSide>, Result<Out, FrameError>)> + Send + 'static
 {
 }
 
@@ -325,7 +325,7 @@ pub(super) struct Env<'a, D> {
     pub(super) rt: &'a tokio::runtime::Handle,
     pub(super) inbox: &'a Arc<Inbox>,
     /// Makes a statement's decision.
-    pub(super) decide: fn(Arc<Ctx>, ClientSide, Frame) -> D,
+    pub(super) decide: fn(Arc<Ctx>, Box<ClientSide>, Frame) -> D,
     /// Where decisions are polled first: one allocation per engine, not
     /// one per statement. A decision that is not ready at once takes it
     /// with it to the runtime, and the engine allocates another (only
@@ -435,7 +435,7 @@ fn run_with<D: Decision>(
     inbox: &Arc<Inbox>,
     rt: &tokio::runtime::Handle,
     drain: Duration,
-    decide: fn(Arc<Ctx>, ClientSide, Frame) -> D,
+    decide: fn(Arc<Ctx>, Box<ClientSide>, Frame) -> D,
 ) {
     let mut env = Env {
         rt,
