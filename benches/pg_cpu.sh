@@ -4,14 +4,15 @@
 #
 #   bash benches/pg_cpu.sh [--transactions N] [--clients C] [--rounds R]
 #                          [--modes "simple extended prepared"] [--workload tpcb|select]
-#                          [--skip-build] [--keep-tmp]
+#                          [--variant 'TOML line'] [--skip-build] [--keep-tmp]
 #
 # For each -M mode and round, pgbench runs a fixed number of transactions
 # (-t N per client, C clients, -j 2) through PgBouncer (session pooling),
 # through fencepost proxy mode (its default epoll engine), through the same
-# proxy with engine = "tokio" (fp-tokio, a second process) and through a
-# plain TCP relay (socat, as in pg_overhead.sh), in an order rotated each
-# round; around each run the
+# proxy with engine = "tokio" (fp-tokio, a second process; --variant puts
+# another line in that listener's config instead, e.g. 'workers = 1', and
+# names the target fp-variant) and through a plain TCP relay (socat, as in
+# pg_overhead.sh), in an order rotated each round; around each run the
 # proxy's CPU time (utime and stime of /proc/PID/stat, all threads; for
 # socat, which forks a process per connection, its reaped children's too)
 # and its voluntary and involuntary context switches (every thread's
@@ -46,6 +47,8 @@ MODES="simple extended prepared"
 WORKLOAD=tpcb
 BUILD=1
 KEEP_TMP=0
+VARIANT='engine = "tokio"'
+VT=fp-tokio
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 . "$HERE/lib.sh"
@@ -57,6 +60,7 @@ while [ $# -gt 0 ]; do
         --rounds) ROUNDS="$2"; shift 2 ;;
         --modes) MODES="$2"; shift 2 ;;
         --workload) WORKLOAD="$2"; shift 2 ;;
+        --variant) VARIANT="$2"; VT=fp-variant; shift 2 ;;
         --skip-build) BUILD=0; shift ;;
         --keep-tmp) KEEP_TMP=1; shift ;;
         -h|--help) usage_from_header "$0"; exit 0 ;;
@@ -118,10 +122,11 @@ listen = "127.0.0.1:$FP_PORT"
 upstream = "127.0.0.1:5432"
 enforce = "proxy"
 EOF
-# The same proxy with each session a tokio task (engine = "tokio"), in a
-# process of its own so that each one's CPU is its own.
+# The same proxy with each session a tokio task (engine = "tokio", or the
+# --variant line), in a process of its own so that each one's CPU is its
+# own.
 sed -e "s/:$FP_PORT\"/:$FPT_PORT\"/" -e 's/fencepost.db/fencepost-tokio.db/' "$TMP/fencepost.toml" >"$TMP/fencepost-tokio.toml"
-echo 'engine = "tokio"' >>"$TMP/fencepost-tokio.toml"
+echo "$VARIANT" >>"$TMP/fencepost-tokio.toml"
 "$PGBOUNCER" -u postgres "$TMP/pgbouncer.ini" >"$TMP/pgbouncer.out" 2>&1 &
 PGB_PID=$!; PIDS+=("$PGB_PID")
 env -u RUST_LOG "$FENCEPOST" serve --config "$TMP/fencepost.toml" >"$TMP/fencepost.log" 2>&1 &
@@ -141,9 +146,9 @@ for p in "$PGB_PORT" "$FP_PORT" "$FPT_PORT" "$RLY_PORT"; do
     [ "$up" = 1 ] || { echo "nothing answers on port $p; logs in $TMP" >&2; exit 1; }
 done
 
-declare -A PORT=([pgbouncer]="$PGB_PORT" [fencepost]="$FP_PORT" [fp-tokio]="$FPT_PORT" [relay]="$RLY_PORT")
-declare -A PID=([pgbouncer]="$PGB_PID" [fencepost]="$FP_PID" [fp-tokio]="$FPT_PID" [relay]="$RLY_PID")
-TARGETS=(pgbouncer fencepost fp-tokio relay)
+declare -A PORT=([pgbouncer]="$PGB_PORT" [fencepost]="$FP_PORT" [$VT]="$FPT_PORT" [relay]="$RLY_PORT")
+declare -A PID=([pgbouncer]="$PGB_PID" [fencepost]="$FP_PID" [$VT]="$FPT_PID" [relay]="$RLY_PID")
+TARGETS=(pgbouncer fencepost "$VT" relay)
 TICK="$(getconf CLK_TCK)"
 # utime and stime, with those of reaped children (socat's per connection).
 ticks() { awk '{ print $14 + $16, $15 + $17 }' "/proc/$1/stat"; }

@@ -28,10 +28,10 @@ sys.dont_write_bytecode = True  # no __pycache__ in benches/
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import http_overhead as hx  # noqa: E402  (bar_panel, _kv)
 
-TARGETS = ["direct", "relay", "pgbouncer", "fp-proxy", "fp-guard", "fp-tokio"]
-PROXIES = ["relay", "pgbouncer", "fp-proxy", "fp-guard", "fp-tokio"]
+TARGETS = ["direct", "relay", "pgbouncer", "fp-proxy", "fp-guard", "fp-tokio", "fp-variant"]
+PROXIES = ["relay", "pgbouncer", "fp-proxy", "fp-guard", "fp-tokio", "fp-variant"]
 COLORS = {"direct": "#888888", "relay": "#e8590c", "pgbouncer": "#2b8a3e", "fp-proxy": "#1c5fb8",
-          "fp-guard": "#7048e8", "fp-tokio": "#74c0fc"}
+          "fp-guard": "#7048e8", "fp-tokio": "#74c0fc", "fp-variant": "#15aabf"}
 MODES = ["simple", "extended", "prepared"]
 hx.COLORS.update(COLORS)
 hx._TEXT_KEYS.update({"pgbouncer", "postgres", "pgbench", "sweep_skipped"})
@@ -140,7 +140,7 @@ def print_table(title, summary, label, order):
                 continue
             rr = f"{s['tps_ratio']:.3f}" if "tps_ratio" in s else "1"
             pr = f"{s['p99_ratio']:.2f}" if s.get("p99_ratio") else ("1" if t == "direct" else "-")
-            vb = f"{s['tps'] / b['tps']:.3f}" if b and t in ("relay", "fp-proxy", "fp-guard", "fp-tokio") else ""
+            vb = f"{s['tps'] / b['tps']:.3f}" if b and t in PROXIES else ""
             print(f"{str(g):<20} {t:<10} {s['tps']:>9.0f} {_ms(s['lat_avg_ms']):>10} {_ms(s['p99_ms']):>10} "
                   f"{rr:>11} {pr:>11} {vb:>13} {s['failed']:>7}")
 
@@ -151,7 +151,7 @@ def issue_table(main, clients):
     target's median TPS as a ratio to PgBouncer's and to the relay's."""
     rows = [(f"select-only, {clients} clients", "select"), (f"TPC-B-like, {clients} clients", "tpcb"),
             ("select-only, 1 client", "select -c1")]
-    for fp in ("fp-proxy", "fp-guard", "fp-tokio"):
+    for fp in ("fp-proxy", "fp-guard", "fp-tokio", "fp-variant"):
         for base in ("pgbouncer", "relay"):
             cells = []
             for label, w in rows:

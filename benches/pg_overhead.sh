@@ -10,6 +10,7 @@
 #                               [--results DIR] [--skip-install]
 #                               [--skip-build] [--keep-tmp]
 #                               [--fixed-order] [--no-reset] [--with-tokio]
+#                               [--variant 'TOML line']
 #
 # Needs the machine's Postgres at 127.0.0.1:5432 (user postgres, trust
 # auth); creates a database fencepost_bench_<pid> there (pgbench -i -s 10)
@@ -30,6 +31,8 @@
 #              (after `fencepost migrate --guard`)
 #   fp-tokio   (--with-tokio) fp-proxy with engine = "tokio": each session a
 #              tokio task instead of a state machine in the epoll engine
+#   fp-variant (--variant LINE) fp-proxy with LINE added to its listener,
+#              e.g. 'workers = 1'
 # Every connection carries a valid token: PGOPTIONS='-c fencing.token=1
 # -c fencing.resource=bench' (PgBouncer is told to ignore `options`).
 #
@@ -77,7 +80,8 @@ NO_SWEEP=0
 RESULTS_DIR=""
 FIXED_ORDER=0
 RESET=1
-WITH_TOKIO=0
+VARIANT=""
+VT=""
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
@@ -102,7 +106,8 @@ while [ $# -gt 0 ]; do
         --keep-tmp) KEEP_TMP=1; shift ;;
         --fixed-order) FIXED_ORDER=1; shift ;;
         --no-reset) RESET=0; shift ;;
-        --with-tokio) WITH_TOKIO=1; shift ;;
+        --with-tokio) VARIANT='engine = "tokio"'; VT=fp-tokio; shift ;;
+        --variant) VARIANT="$2"; VT=fp-variant; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -323,14 +328,14 @@ listen = "127.0.0.1:$FPI_PORT"
 upstream = "127.0.0.1:$PGB_PORT"
 enforce = "proxy"
 EOF
-if [ "$WITH_TOKIO" = 1 ]; then
+if [ -n "$VT" ]; then
     cat >>"$FP/fencepost.toml" <<EOF
 
 [[postgres]]
 listen = "127.0.0.1:$FPT_PORT"
 upstream = "$PGHOST_:$PGPORT_"
 enforce = "proxy"
-engine = "tokio"
+$VARIANT
 EOF
 fi
 
@@ -353,9 +358,9 @@ FP_PID=$!; PIDS+=("$FP_PID")
 wait_pg "$FPP_PORT" fencepost "$FP_PID" "$DB"
 wait_pg "$FPG_PORT" fencepost "$FP_PID" "$DB"
 
-declare -A PORT=([direct]="$PGPORT_" [relay]="$RLY_PORT" [pgbouncer]="$PGB_PORT" [fp-proxy]="$FPP_PORT" [fp-guard]="$FPG_PORT" [fp-tokio]="$FPT_PORT")
+declare -A PORT=([direct]="$PGPORT_" [relay]="$RLY_PORT" [pgbouncer]="$PGB_PORT" [fp-proxy]="$FPP_PORT" [fp-guard]="$FPG_PORT")
 TARGETS=(direct relay pgbouncer fp-proxy fp-guard)
-[ "$WITH_TOKIO" = 1 ] && TARGETS+=(fp-tokio)
+if [ -n "$VT" ]; then PORT[$VT]="$FPT_PORT"; TARGETS+=("$VT"); fi
 export PGOPTIONS='-c fencing.token=1 -c fencing.resource=bench'
 
 # Sanity: every target runs a write with the token; fencepost refuses a
