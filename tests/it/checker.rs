@@ -1718,12 +1718,34 @@ fn check(
     landed_max.insert(HTTP_RES, hi);
     // (a) Postgres: committed history order.
     let mut hi = 0u64;
+    // The write that carried `hi`, to name beside a violation.
+    let mut hi_key = "";
     let mut prev_v: Option<i64> = None;
+    // Which proxy carried a write and when, for a violation: what tells a
+    // replica stopped with the write still at the server (the residue
+    // docs/replicas.md names) from a fault in the fencing.
+    let attempt = |k: &str| {
+        by_key.get(k).map_or_else(
+            || "no attempt on record".to_string(),
+            |a| {
+                format!(
+                    "through proxy {}, sent at {} ms, answered at {} ms, {:?}",
+                    a.via, a.sent_ms, a.recv_ms, a.outcome
+                )
+            },
+        )
+    };
     for (id, token, val, key, txid) in history {
         if *token < hi {
             v.push(format!(
-                "postgres: history id {id} ({key}, txid {txid}) committed token {token} after token {hi}"
+                "postgres: history id {id} ({key}, txid {txid}) committed token {token} after token {hi} \
+                 (this write: {}; the token-{hi} write {hi_key}: {})",
+                attempt(key),
+                attempt(hi_key)
             ));
+        }
+        if *token >= hi {
+            hi_key = key.as_str();
         }
         hi = hi.max(*token);
         if let Some(p) = prev_v {

@@ -243,6 +243,18 @@ pub(super) fn opened(
     permit: ConnPermit,
     load: Load,
 ) -> Result<Box<Opened>, Option<Box<(Open, ConnPermit)>>> {
+    let plain = matches!(
+        (&open.cr, &open.cw, &open.sr, &open.sw),
+        (
+            ClientRead::Plain(_),
+            ClientWrite::Plain(_),
+            ServerRead::Plain(_),
+            ServerWrite::Plain(_),
+        )
+    );
+    if !plain {
+        return Err(Some(Box::new((open, permit))));
+    }
     let Open {
         cr,
         cw,
@@ -264,19 +276,8 @@ pub(super) fn opened(
                 return Err(None);
             }
         },
-        (cr, cw, sr, sw) => {
-            return Err(Some(Box::new((
-                Open {
-                    cr,
-                    cw,
-                    sr,
-                    sw,
-                    vars,
-                    cbuf,
-                },
-                permit,
-            ))))
-        }
+        // Not reached: `plain` said so.
+        _ => return Err(None),
     };
     // Off the runtime's reactor, onto the engine's.
     let (client, server) = match (client.into_std(), server.into_std()) {
@@ -523,7 +524,8 @@ fn run_with<D: Decision>(
                 }
                 Msg::Shutdown => {
                     closing = true;
-                    deadline = Some(Instant::now() + drain);
+                    // A drain too long to add to the clock has no deadline.
+                    deadline = Instant::now().checked_add(drain);
                     for (slot, c) in slots.conns.iter_mut().enumerate() {
                         if let Some(c) = c {
                             c.close();
