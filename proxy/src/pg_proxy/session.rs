@@ -11,6 +11,10 @@
 //!   position in it is [`wire::pg::cycle`], tested on its own.
 //! - `gate`: each loop (and each of the client loop's waits) polled only
 //!   when woken for it, not at every wake of the session's task.
+//! - `engine`: the default way the session threads run a session once it
+//!   is open: the same handlers and state as the two loops here, stepped
+//!   by an epoll loop instead of polled as a task (`engine/mod.rs` says
+//!   why and what still runs here: TLS, a tier, `engine = "tokio"`).
 //!
 //! # Cycles
 //! Postgres answers each simple Query, each Sync (extended protocol) and
