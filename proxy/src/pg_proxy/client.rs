@@ -480,12 +480,18 @@ pub(super) async fn decide(
         ClientMsg::Query(text) => on_query(ctx, side, &frame, text).await,
         ClientMsg::Execute { portal, .. } => on_execute(ctx, side, &frame, portal).await,
         ClientMsg::FunctionCall => on_function_call(ctx).await,
-        // Not given to `decide` by `handle_now`; handled as it would.
+        // Not a statement (`handle_now` gives `decide` none of these):
+        // handled as `handle_now` handles it.
         _ => {
-            return handle_now(ctx, side, frame).map(|now| match now {
-                Now::Done(out) => out,
-                Now::Decide(frame) => Out::Send(frame.into_raw()),
-            })
+            return match handle_now(ctx, side, frame)? {
+                Now::Done(out) => Ok(out),
+                // The same frame parsed as a statement there: cannot
+                // happen, and is never sent undecided.
+                Now::Decide(_) => Err(FrameError::Malformed {
+                    what: "client",
+                    why: "parsed as a statement and as none",
+                }),
+            };
         }
     };
     Ok(Out::Send(sent(frame, send)))

@@ -188,15 +188,10 @@ impl ReadBuf {
         }
     }
 
-    /// The engine waits for the socket: [`ReadBuf::park`].
-    pub(super) fn wait(&mut self) {
-        self.park();
-    }
-
     /// Before a wait: a drained buffer is given up (to the pool when it is
     /// idle-size, freed when a burst that grew it is over); one holding
     /// the start of a message, or grown for a burst still going, is kept.
-    fn park(&mut self) {
+    pub(super) fn park(&mut self) {
         if !self.buf.is_empty() {
             return;
         }

@@ -278,10 +278,10 @@ impl Conn {
             }
         }
         if !self.c_ready.read {
-            self.cin.wait();
+            self.cin.park();
         }
         if !self.s_ready.read {
-            self.sin.wait();
+            self.sin.park();
         }
         if self.server_done && self.client_done && (self.client_gone || self.to_client.is_empty()) {
             Step::Ended
@@ -330,8 +330,13 @@ impl Conn {
                             side = s;
                             out
                         }
-                        // Not there (`first_poll` only just put it).
-                        Poll::Ready(None) => return true,
+                        // Not there (`first_poll` only just put it),
+                        // and the client side went with it: end that
+                        // side rather than wait for it forever.
+                        Poll::Ready(None) => {
+                            self.client_done = true;
+                            return true;
+                        }
                         Poll::Pending => {
                             // It waits (a newer token's drain, a store
                             // write): on the runtime, which polls it again
