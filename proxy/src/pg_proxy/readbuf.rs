@@ -35,6 +35,9 @@ use tokio::net::tcp::OwnedReadHalf;
 pub(super) const IDLE: usize = 1024;
 /// The most room one read gets.
 const MAX: usize = 64 * 1024;
+/// The size of an epoll engine thread's read buffer ([`ReadBuf::try_fill`]):
+/// the most room one read gets.
+pub(super) const SCRATCH: usize = MAX;
 /// Drained buffers kept per thread for the next session that has input:
 /// enough for the sessions one thread serves at once, few enough that the
 /// pool's memory stays a fixed few tens of KiB.
@@ -156,34 +159,40 @@ impl ReadBuf {
     /// readiness event instead of making a read that would block, as
     /// [`ReadBuf::fill_from`] does for tokio).
     ///
-    /// The room is zeroed before the read: without `unsafe` a `Read`
-    /// takes only initialized bytes. That is a `memset` of [`IDLE`] bytes
-    /// for an ordinary read, about as much as a copy of a short
-    /// statement; a burst's larger reads pay in proportion, next to the
-    /// kernel's copy of the same bytes.
+    /// The read goes into `scratch`, the engine thread's one buffer of
+    /// [`SCRATCH`] bytes, zeroed once when the thread starts, and what came
+    /// is copied to the end of this buffer. Without `unsafe` a `Read`
+    /// takes only initialized bytes, so reading straight into this buffer
+    /// meant zeroing its room first, every read: a `memset` of [`IDLE`]
+    /// bytes and a resize and truncate around it, about 200 instructions a
+    /// statement (callgrind, TPC-B-like `-M simple`). The copy is of the
+    /// bytes that came, a few hundred for an ordinary statement or answer.
+    /// A read that finds nothing takes no buffer from the pool.
     pub(super) fn try_fill<R: std::io::Read>(
         &mut self,
         s: &mut R,
+        scratch: &mut [u8],
     ) -> std::io::Result<Option<(usize, bool)>> {
-        self.prepare();
-        let had = self.spare();
-        let len = self.buf.len();
-        self.buf.resize(len + had, 0);
+        let had = self.room.min(scratch.len());
         loop {
-            match s.read(&mut self.buf[len..]) {
+            match s.read(&mut scratch[..had]) {
                 Ok(n) => {
-                    self.buf.truncate(len + n);
+                    if n > 0 {
+                        // No `prepare`: the copy reserves what it needs
+                        // (taking the allocation back when nothing points
+                        // into it any more), and `park` gives up a buffer
+                        // grown for a burst that is over.
+                        if self.buf.capacity() == 0 {
+                            self.buf = take();
+                        }
+                        self.buf.extend_from_slice(&scratch[..n]);
+                    }
                     self.read(n, had);
                     return Ok(Some((n, n < had)));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.buf.truncate(len);
-                    return match e.kind() {
-                        std::io::ErrorKind::WouldBlock => Ok(None),
-                        _ => Err(e),
-                    };
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
             }
         }
     }

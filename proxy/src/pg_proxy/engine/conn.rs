@@ -382,7 +382,7 @@ impl Conn {
         if !self.c_ready.read {
             return false;
         }
-        match self.cin.try_fill(&mut self.client) {
+        match self.cin.try_fill(&mut self.client, &mut env.scratch) {
             Ok(Some((0, _))) | Err(_) => {
                 // The client vanished. What it already sent may still be
                 // running: the server's socket is shut for writing, as the
@@ -512,7 +512,7 @@ impl Conn {
         if !self.s_ready.read {
             return false;
         }
-        match self.sin.try_fill(&mut self.server) {
+        match self.sin.try_fill(&mut self.server, &mut env.scratch) {
             Ok(Some((0, _))) | Err(_) => {
                 finish(&self.ctx);
                 self.server_done = true;

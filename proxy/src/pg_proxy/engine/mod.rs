@@ -65,6 +65,7 @@ use wire::pg::{Frame, FrameError};
 
 use self::conn::{Conn, Id, Step};
 use super::client::{decide_owned, ClientSide, Out};
+use super::readbuf::SCRATCH;
 use super::session::{Ctx, Open};
 use super::startup::{ClientRead, ClientWrite, ServerRead, ServerWrite};
 use super::PgProxy;
@@ -338,6 +339,9 @@ pub(super) struct Env<'a, D> {
     /// with it to the runtime, and the engine allocates another (only
     /// then: a drain or a store write, not an ordinary statement).
     room: Pin<Box<Option<D>>>,
+    /// Where every read of this engine's sockets lands first, zeroed once
+    /// ([`ReadBuf::try_fill`](super::readbuf::ReadBuf::try_fill)).
+    pub(super) scratch: Box<[u8]>,
 }
 
 impl<D: Decision> Env<'_, D> {
@@ -449,6 +453,7 @@ fn run_with<D: Decision>(
         inbox,
         decide,
         room: Box::pin(None),
+        scratch: vec![0; SCRATCH].into_boxed_slice(),
     };
     let mut slots = Slots {
         conns: Vec::new(),
