@@ -187,7 +187,9 @@ fn forbidden(
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
-    let mut resp = state.prometheus.render().into_response();
+    let mut body = state.prometheus.render();
+    crate::metrics::latency::render(&mut body);
+    let mut resp = body.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

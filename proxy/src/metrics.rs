@@ -5,8 +5,10 @@
 
 use std::sync::OnceLock;
 
+pub mod latency;
+
 use fencing::{Protocol, Reason};
-use metrics::{Counter, Histogram};
+use metrics::Counter;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub const WRITES: &str = "fencepost_writes_total";
@@ -84,10 +86,6 @@ fn describe() {
         MARK,
         "Current high-water mark (highest admitted token) per resource."
     );
-    metrics::describe_histogram!(
-        REQUEST_SECONDS,
-        "Time from request to response through the proxy."
-    );
     metrics::describe_counter!(
         UPSTREAM_ERRORS,
         "Requests that failed at or on the way to the upstream."
@@ -161,7 +159,8 @@ fn describe() {
 pub struct WriteCounters {
     accepted: Counter,
     refused: [Counter; 5],
-    pub latency: Histogram,
+    /// Request latency (kept apart from the exporter: [`latency`]).
+    pub latency: &'static latency::Latency,
     pub upstream_errors: Counter,
 }
 
@@ -172,7 +171,7 @@ impl WriteCounters {
             accepted: metrics::counter!(WRITES, "protocol" => p, "outcome" => "accepted"),
             refused: Reason::ALL
                 .map(|r| metrics::counter!(WRITES, "protocol" => p, "outcome" => r.as_str())),
-            latency: metrics::histogram!(REQUEST_SECONDS, "protocol" => p),
+            latency: latency::of(protocol),
             upstream_errors: metrics::counter!(UPSTREAM_ERRORS, "protocol" => p),
         }
     }

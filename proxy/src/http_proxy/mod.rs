@@ -363,7 +363,7 @@ impl HttpProxy {
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let resp = self.route(req, peer).await;
-        self.counters.latency.record(start.elapsed().as_secs_f64());
+        self.counters.latency.record(start.elapsed());
         resp
     }
 

@@ -105,7 +105,7 @@ pub(super) fn book(
         if answered.ready {
             booked.ready = true;
             if let Some(t) = answered.started {
-                ctx.proxy.counters.latency.record(t.elapsed().as_secs_f64());
+                ctx.proxy.counters.latency.record(t.elapsed());
             }
         }
         if let Some(replacement) = answered.replace {

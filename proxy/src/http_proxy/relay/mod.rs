@@ -165,10 +165,7 @@ pub async fn serve_connection<C: Client>(
             upstream_timer.as_mut(),
         )
         .await;
-        proxy
-            .counters
-            .latency
-            .record(started.elapsed().as_secs_f64());
+        proxy.counters.latency.record(started.elapsed());
         match next {
             Next::KeepAlive(_) if shutdown.is_fired() => return,
             Next::KeepAlive(Leftover::Head(from)) => {
