@@ -27,7 +27,13 @@
 # gate); `guard_sql_hold`, a VOLATILE LANGUAGE sql function of those two
 # statements (each statement of a volatile SQL function takes a new
 # snapshot); `guard_plpgsql_hold`, PL/pgSQL, the gate in an IF, one read,
-# RAISE ZF001 when it differs, no exception block. -M simple sends the
+# RAISE ZF001 when it differs, no exception block; and two cost probes of
+# a mark kept in a sequence (a sequence is read without a snapshot, so the
+# value after the gate is the latest), not checked candidates (their slow
+# path only raises): `guard_seq`, PL/pgSQL reading the resource's sequence
+# (`fencepost.m_<md5 of the resource>`) with `pg_sequence_last_value`,
+# then the gate, then the sequence again; and `seq_case`, the same as one
+# plain SQL CASE expression, no function of ours. -M simple sends the
 # guard as 0004 is sent, `BEGIN; <guard> \; SELECT 1; END;`; -M prepared
 # cannot prepare a `\;` compound, so its scripts are separate statements,
 # `BEGIN; <guard statement(s)>; SELECT 1; END;`, with the resource and
@@ -135,6 +141,31 @@ BEGIN
     END IF;
 END $$;
 SQL
+    # The sequence probes: the mark (token 1, stored as token - 2^63 so
+    # that a u64 fits a bigint) in the resource's sequence.
+    "${PSQL[@]}" -d bench <<'SQL' >/dev/null
+CREATE SEQUENCE fencepost.m_1d28d258250876fb7dde22a17436ef9c AS bigint
+    MINVALUE -9223372036854775808 NO MAXVALUE NO CYCLE;
+SELECT setval('fencepost.m_1d28d258250876fb7dde22a17436ef9c', -9223372036854775807, true);
+CREATE FUNCTION public.guard_seq(p_resource text, p_token text, p_wait_ms integer)
+RETURNS void LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    seq regclass;
+    v   bigint;
+BEGIN
+    seq := to_regclass('fencepost.m_' || md5(p_resource));
+    v := (p_token::numeric - 9223372036854775808)::bigint;
+    IF pg_sequence_last_value(seq) = v THEN
+        IF pg_advisory_xact_lock_shared(1717920355, hashtext(p_resource)) IS NULL THEN
+            NULL;
+        END IF;
+        IF pg_sequence_last_value(seq) = v THEN
+            RETURN;
+        END IF;
+    END IF;
+    RAISE EXCEPTION 'not the mark (a probe: no slow path)';
+END $$;
+SQL
     set_mark() { "${PSQL[@]}" -d bench -c "UPDATE fencepost.marks SET token = '$1' WHERE resource = 'bench'"; }
     # What one transaction of candidate $1 ends with: "returns" or the
     # SQLSTATE of its error. $2 is BEGIN's options; each further argument
@@ -236,6 +267,20 @@ script advance_p $'SELECT fencepost.advance(:resource, :token, 5000);\nSELECT 1;
 script two_p $'SELECT pg_advisory_xact_lock_shared(1717920355, hashtext(:resource));\nSELECT 1/(SELECT count(*) FROM fencepost.marks WHERE resource = :resource AND token = :token)::int;\nSELECT 1;'
 script sql_fn_p $'SELECT public.guard_sql_hold(:resource, :token);\nSELECT 1;'
 script plpgsql_fn_p $'SELECT public.guard_plpgsql_hold(:resource, :token);\nSELECT 1;'
+# The sequence probes (a mismatch divides by zero, behind a volatile call
+# so that planning does not fold it; they never mismatch here).
+SEQ="to_regclass('fencepost.m_' || md5('bench'))"
+SEQ_P="to_regclass('fencepost.m_' || md5(:resource))"
+V="(('00000000000000000001')::numeric - 9223372036854775808)::bigint"
+V_P="((:token)::numeric - 9223372036854775808)::bigint"
+seq_case() {
+    printf 'SELECT CASE WHEN pg_sequence_last_value(%s) IS DISTINCT FROM %s THEN 1/(random() < 0)::int = 1 WHEN pg_advisory_xact_lock_shared(1717920355, hashtext(%s)) IS NULL THEN NULL WHEN pg_sequence_last_value(%s) = %s THEN true ELSE 1/(random() < 0)::int = 1 END' "$1" "$2" "$3" "$1" "$2"
+}
+script seq_fn "SELECT public.guard_seq('bench', '00000000000000000001', 5000) \\; SELECT 1;"
+script seq_case "$(seq_case "$SEQ" "$V" "'bench'") \\; SELECT 1;"
+script seq_fn_p $'SELECT public.guard_seq(:resource, :token, 5000);\nSELECT 1;'
+script seq_case_p "$(seq_case "$SEQ_P" "$V_P" ":resource");
+SELECT 1;"
 
 log "the cluster under callgrind"
 su postgres -c "cd '$TMP/pg' && exec valgrind --tool=callgrind --trace-children=yes \
@@ -300,9 +345,9 @@ measure() {
     IR[$key]=$(( (b2 - b1) / (N - small) ))
     log "$script -M $mode: ${IR[$key]} backend instructions per transaction"
 }
-for s in two sql_fn plpgsql_fn; do measure "$s" "$s" simple; done
+for s in two sql_fn plpgsql_fn seq_fn seq_case; do measure "$s" "$s" simple; done
 measure plain_p plain prepared
-for s in advance_p two_p sql_fn_p plpgsql_fn_p; do measure "$s" "$s" prepared; done
+for s in advance_p two_p sql_fn_p plpgsql_fn_p seq_fn_p seq_case_p; do measure "$s" "$s" prepared; done
 
 echo
 echo "candidate same-token guards, backend instructions per transaction over plain in the same -M mode"
@@ -314,6 +359,8 @@ alt "1 fencepost.advance(...) (0004, current)" advance advance_p
 alt "2 SELECT pg_advisory_xact_lock_shared(...); SELECT 1/(count of the mark)" two two_p
 alt "3 guard_sql_hold(...) (LANGUAGE sql VOLATILE, the two statements)" sql_fn sql_fn_p
 alt "4 guard_plpgsql_hold(...) (PL/pgSQL, gate in an IF, no exception block)" plpgsql_fn plpgsql_fn_p
+alt "probe: guard_seq(...) (PL/pgSQL; the mark read from a sequence)" seq_fn seq_fn_p
+alt "probe: one SQL CASE over the sequence, the gate between two reads" seq_case seq_case_p
 echo
 echo "checks (psql, not under callgrind; returns or the SQLSTATE; raced: another transaction holds"
 echo "the gate exclusive and raises the mark to 2 for 1.5 s; candidate 2 is 'two' as one Query and"
