@@ -164,8 +164,9 @@ impl ReadBuf {
     /// is copied to the end of this buffer. Without `unsafe` a `Read`
     /// takes only initialized bytes, so reading straight into this buffer
     /// meant zeroing its room first, every read: a `memset` of [`IDLE`]
-    /// bytes and a resize and truncate around it, about 200 instructions a
-    /// statement (callgrind, TPC-B-like `-M simple`). The copy is of the
+    /// bytes and a resize and truncate around it, and reserving the room:
+    /// about 390 instructions a statement in all (callgrind, TPC-B-like
+    /// `-M simple`, 7,440 before; BENCHMARKS.md). The copy is of the
     /// bytes that came, a few hundred for an ordinary statement or answer.
     /// A read that finds nothing takes no buffer from the pool.
     pub(super) fn try_fill<R: std::io::Read>(
