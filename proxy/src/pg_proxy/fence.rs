@@ -63,6 +63,11 @@ pub(super) async fn fence(
         } else {
             Vec::new()
         };
+        if view.is_none() {
+            if let Some(verdict) = steady_commit(ctx, &mut s, &commits, statement) {
+                return verdict;
+            }
+        }
         (view, commits, strict_write)
     };
     if view.is_none() && commits.is_empty() {
@@ -285,6 +290,44 @@ fn steady(
     let cycle = s.open_cycle();
     cycle.data.guards.push(guard);
     cycle.data.writes.push(write);
+    Some(Verdict::Pass)
+}
+
+/// The fast path of a COMMIT (proxy mode): the block wrote under one
+/// write only, the session's steady one, so the COMMIT is admitted again on
+/// the slot the session holds, as [`steady`] admits a write: one CAS, no
+/// decision future boxed for [`Fencer::decide_again`], whose own steady
+/// state is the same CAS after a look-up of the slot. `None`: decide in
+/// full (guard mode, whose gate bookkeeping the full path keeps; writes
+/// under more than one token or resource; the mark moved, a drain is on,
+/// or this replica cannot confirm its lease).
+///
+/// [`Fencer::decide_again`]: crate::fencer::Fencer::decide_again
+fn steady_commit(
+    ctx: &Ctx,
+    s: &mut Shared,
+    commits: &[Write],
+    statement: &Statement,
+) -> Option<Verdict> {
+    let proxy = &ctx.proxy;
+    let [(resource, n)] = commits else {
+        return None;
+    };
+    let held = s.steady.as_ref()?;
+    if proxy.guard || held.resource != *resource || held.n != *n {
+        return None;
+    }
+    let admission = proxy.fencer.admit_held(
+        &proxy.counters,
+        &held.slot,
+        held.resource.as_ref_name(),
+        held.n,
+    )?;
+    let (guard, leased_at) = (admission.guard, admission.leased_at);
+    ctx.arm(s, leased_at, statement);
+    let cycle = s.open_cycle();
+    cycle.data.guards.push(guard);
+    cycle.data.writes.push((resource.clone(), *n));
     Some(Verdict::Pass)
 }
 
