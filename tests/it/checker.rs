@@ -416,13 +416,30 @@ async fn one_run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usize {
             .get(i)
             .copied()
             .unwrap_or_else(|| kinds[rng.gen_range(0..kinds.len())]);
+        // Guard mode must pause a Postgres writer inside a transaction
+        // (asserted below). A writer takes its pause only while it leads,
+        // so a pause that no one has taken yet is armed again, on the
+        // writer leading now, in place of the next fault.
+        let kind = if guard
+            && i > order.len()
+            && faults["pause"] > 0
+            && shared.paused_in_txn.load(Ordering::SeqCst) == 0
+        {
+            "pause"
+        } else {
+            kind
+        };
         i += 1;
         match kind {
             "pause" => {
                 // Guard mode: a Postgres writer, paused inside its
                 // transaction (the case the database's gate must drain).
                 let w = if guard {
-                    rng.gen_range(writers..2 * writers)
+                    // The Postgres writer leading now, when one of these
+                    // does: one that never leads again before the end
+                    // would take no pause at all.
+                    let any = rng.gen_range(writers..2 * writers);
+                    leading_pg_writer(&shared, writers).unwrap_or(any)
                 } else {
                     rng.gen_range(0..2 * writers)
                 };
@@ -1354,6 +1371,15 @@ async fn pg_write(
         }
         other => (other, true),
     }
+}
+
+/// The in-process Postgres writer (index `writers..2 * writers`) that the
+/// newest grant of the Postgres resource went to, if any.
+fn leading_pg_writer(shared: &Shared, writers: usize) -> Option<usize> {
+    let grants = shared.grants.lock().unwrap();
+    let newest = grants.iter().rev().find(|g| g.resource == PG_RES)?;
+    let w: usize = newest.holder.strip_prefix('w')?.parse().ok()?;
+    (writers..2 * writers).contains(&w).then_some(w)
 }
 
 /// One simple-protocol statement through the proxy; the connection is
