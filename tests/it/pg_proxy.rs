@@ -739,6 +739,58 @@ async fn newer_token_waits_for_older_write_still_running() {
     assert_eq!(rows.iter().map(|r| r.1).collect::<Vec<_>>(), vec![1, 2]);
 }
 
+/// Guarantee 2's drain over a COMMIT: an older token's block has written
+/// and its COMMIT is still running at the server (a deferred trigger sleeps
+/// at commit, then writes a row) when a newer token's first write arrives.
+/// The COMMIT is admitted again on the session's held fence slot (the
+/// block wrote under the session's steady write only) and counts as a
+/// write in flight, so the newer write waits for it: the commit's row gets
+/// the lower id.
+#[tokio::test]
+async fn newer_token_waits_for_older_commit_still_running() {
+    let env = Env::start("fp_pg_drain_commit").await;
+    direct(&env.db)
+        .await
+        .batch_execute(
+            "CREATE TABLE d (id bigserial PRIMARY KEY, token int NOT NULL);
+             CREATE TABLE w (v int);
+             CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_sleep(0.6); INSERT INTO d (token) VALUES (1); RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON w
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();",
+        )
+        .await
+        .expect("schema");
+    let old = env.client(Some(&opts(1, "d"))).await;
+    let new = env.client(Some(&opts(2, "d"))).await;
+    simple(&old, "BEGIN; INSERT INTO w VALUES (1)")
+        .await
+        .expect("the older block's write");
+    let slow = tokio::spawn(async move { old.simple_query("COMMIT").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let started = std::time::Instant::now();
+    simple(&new, "INSERT INTO d (token) VALUES (2)")
+        .await
+        .expect("newer write");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the newer write did not wait for the older COMMIT ({:?})",
+        started.elapsed()
+    );
+    slow.await
+        .expect("task")
+        .expect("the older COMMIT was admitted before the newer token");
+    let tokens: Vec<i32> = direct(&env.db)
+        .await
+        .query("SELECT token FROM d ORDER BY id", &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(tokens, vec![1, 2]);
+}
+
 /// Signed tokens through `[[postgres]] verify_key`: the elector's genuine
 /// token in the startup options is admitted, a forged one (number raised,
 /// signature kept) gets ZF003 and an audit record saying "forged", and so

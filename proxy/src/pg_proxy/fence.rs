@@ -54,6 +54,11 @@ pub(super) async fn fence(
                 return verdict;
             }
         }
+        if class.commits && !write {
+            if let Some(verdict) = steady_commit(ctx, &mut s, statement) {
+                return verdict;
+            }
+        }
         // The variables as this statement sees them, its own SETs included;
         // read only for a write.
         let view = write.then(|| s.view());
@@ -63,11 +68,6 @@ pub(super) async fn fence(
         } else {
             Vec::new()
         };
-        if view.is_none() {
-            if let Some(verdict) = steady_commit(ctx, &mut s, &commits, statement) {
-                return verdict;
-            }
-        }
         (view, commits, strict_write)
     };
     if view.is_none() && commits.is_empty() {
@@ -274,49 +274,37 @@ fn steady(
     if db_guarded && !s.gate_held(&write) {
         return None;
     }
-    let held = s.steady.as_ref()?;
-    let admission = proxy.fencer.admit_held(
-        &proxy.counters,
-        &held.slot,
-        held.resource.as_ref_name(),
-        held.n,
-    )?;
-    let (guard, leased_at) = (admission.guard, admission.leased_at);
-    if !db_guarded {
-        // Proxy mode, or a statement guard mode cannot guard: the proxy
-        // alone, with its last look before the statement is sent.
-        ctx.arm(s, leased_at, statement);
-    }
-    let cycle = s.open_cycle();
-    cycle.data.guards.push(guard);
-    cycle.data.writes.push(write);
-    Some(Verdict::Pass)
+    // Proxy mode, or a statement guard mode cannot guard: the proxy
+    // alone, with its last look before the statement is sent.
+    admit_steady(ctx, s, statement, !db_guarded)
 }
 
 /// The fast path of a COMMIT (proxy mode): the block wrote under one
 /// write only, the session's steady one, so the COMMIT is admitted again on
 /// the slot the session holds, as [`steady`] admits a write: one CAS, no
-/// decision future boxed for [`Fencer::decide_again`], whose own steady
-/// state is the same CAS after a look-up of the slot. `None`: decide in
-/// full (guard mode, whose gate bookkeeping the full path keeps; writes
-/// under more than one token or resource; the mark moved, a drain is on,
-/// or this replica cannot confirm its lease).
+/// list of the block's writes and no decision future boxed for
+/// [`Fencer::decide_again`], whose own steady state is the same CAS after
+/// a look-up of the slot. `None`: decide in full (guard mode, whose gate
+/// bookkeeping the full path keeps; writes under more than one token or
+/// resource; the mark moved, a drain is on, or this replica cannot confirm
+/// its lease).
 ///
 /// [`Fencer::decide_again`]: crate::fencer::Fencer::decide_again
-fn steady_commit(
-    ctx: &Ctx,
-    s: &mut Shared,
-    commits: &[Write],
-    statement: &Statement,
-) -> Option<Verdict> {
-    let proxy = &ctx.proxy;
-    let [(resource, n)] = commits else {
-        return None;
-    };
+fn steady_commit(ctx: &Ctx, s: &mut Shared, statement: &Statement) -> Option<Verdict> {
     let held = s.steady.as_ref()?;
-    if proxy.guard || held.resource != *resource || held.n != *n {
+    if ctx.proxy.guard || !s.txn_wrote_only(&held.resource, held.n) {
         return None;
     }
+    admit_steady(ctx, s, statement, true)
+}
+
+/// Admits the session's steady write again on the slot it holds (one
+/// CAS), with the proxy's last look armed when `arm`, and files the guard
+/// and the write in the open cycle. `None` when the CAS does not apply.
+fn admit_steady(ctx: &Ctx, s: &mut Shared, statement: &Statement, arm: bool) -> Option<Verdict> {
+    let proxy = &ctx.proxy;
+    let held = s.steady.as_ref()?;
+    let write: Write = (held.resource.clone(), held.n);
     let admission = proxy.fencer.admit_held(
         &proxy.counters,
         &held.slot,
@@ -324,10 +312,12 @@ fn steady_commit(
         held.n,
     )?;
     let (guard, leased_at) = (admission.guard, admission.leased_at);
-    ctx.arm(s, leased_at, statement);
+    if arm {
+        ctx.arm(s, leased_at, statement);
+    }
     let cycle = s.open_cycle();
     cycle.data.guards.push(guard);
-    cycle.data.writes.push((resource.clone(), *n));
+    cycle.data.writes.push(write);
     Some(Verdict::Pass)
 }
 

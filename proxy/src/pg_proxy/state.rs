@@ -326,6 +326,18 @@ impl Shared {
         keys
     }
 
+    /// Whether the transaction so far wrote, and wrote only under
+    /// `(resource, n)`: [`Shared::txn_write_keys`] would be that one write.
+    /// Allocates nothing (a COMMIT's fast path asks it).
+    pub(super) fn txn_wrote_only(&self, resource: &ResourceName, n: u64) -> bool {
+        let mut writes = self
+            .txn_writes
+            .iter()
+            .chain(self.cycles.data().flat_map(|c| c.writes.iter()))
+            .peekable();
+        writes.peek().is_some() && writes.all(|(r, t)| r == resource && *t == n)
+    }
+
     /// The variables as the next statement sees them: committed, then the
     /// open transaction's settings, then those not answered yet.
     pub(super) fn view(&self) -> View {
