@@ -955,6 +955,92 @@ async fn the_guard_is_taken_before_a_transactions_first_write_only() {
     assert_tokens_never_go_down(&env.db).await;
 }
 
+/// In a transaction block, a simple query's guard runs as the session's
+/// prepared guard statement with a Sync of its own, ahead of the client's
+/// Query (the server neither parses nor plans the call): the statement
+/// shows in `pg_prepared_statements` of a session that never used the
+/// extended protocol. The guard's refusal is the client's error (`ZF001`
+/// from the database guard), not the aborted block's `25P02` that the
+/// client's statement then meets, and the block stays failed until the
+/// client ends it; outside a block (where a Sync would commit the guard
+/// alone first) the refusal is the same.
+#[tokio::test]
+async fn a_simple_query_in_a_block_runs_the_prepared_guard_ahead_of_it() {
+    let env = TwoProxies::start("fp_gate_simple_ahead").await;
+    for (i, level) in LEVELS.iter().enumerate() {
+        let old = 10 + 2 * i as u64;
+        let c = env.client(0, old, level).await;
+        // Autocommit: prepended to the text, nothing prepared.
+        c.simple_query(&format!("INSERT INTO h (token) VALUES ({old})"))
+            .await
+            .expect("autocommit write");
+        assert_eq!(
+            count_prepared_guards(&c).await,
+            0,
+            "{level}: prepared outside a block"
+        );
+        c.simple_query("BEGIN").await.expect("begin");
+        c.simple_query(&format!("INSERT INTO h (token) VALUES ({old})"))
+            .await
+            .expect("write in a block");
+        assert_eq!(
+            count_prepared_guards(&c).await,
+            1,
+            "{level}: the block's guard was not the prepared statement"
+        );
+        c.simple_query("COMMIT").await.expect("commit");
+
+        // A newer token through the other proxy, which the first never
+        // hears of: only the database can refuse the old one now.
+        let newer = env.client(1, old + 1, level).await;
+        newer
+            .simple_query(&format!("INSERT INTO h (token) VALUES ({})", old + 1))
+            .await
+            .expect("the newer leader's write");
+        c.simple_query("BEGIN").await.expect("begin");
+        let err = c
+            .simple_query(&format!("INSERT INTO h (token) VALUES ({old})"))
+            .await
+            .expect_err("a stale write in a block landed");
+        let refused_by_guard = err
+            .as_db_error()
+            .is_some_and(|d| d.message().contains("database guard"));
+        assert!(
+            (code(&err) == "ZF001" && refused_by_guard) || code(&err) == "40001",
+            "{level}: not the guard's refusal: {err:?}"
+        );
+        let after = c
+            .simple_query("SELECT 1")
+            .await
+            .expect_err("the block went on after the refusal");
+        assert_eq!(code(&after), "25P02", "{level}: {after:?}");
+        c.simple_query("ROLLBACK").await.expect("rollback");
+        let err = c
+            .simple_query(&format!("INSERT INTO h (token) VALUES ({old})"))
+            .await
+            .expect_err("a stale autocommit write landed");
+        assert_eq!(code(&err), "ZF001", "{level}: {err:?}");
+    }
+    assert_tokens_never_go_down(&env.db).await;
+}
+
+/// Guard mode's prepared guard statements on the session of `c`.
+async fn count_prepared_guards(c: &Client) -> i64 {
+    let rows = c
+        .simple_query(
+            "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'fencepost\\_guard\\_%'",
+        )
+        .await
+        .expect("prepared statements");
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .and_then(|v| v.parse().ok())
+        .expect("a count")
+}
+
 /// A write after `ROLLBACK TO SAVEPOINT` is guarded again: the gate taken
 /// inside the savepoint was released by the rollback, and the write must
 /// hold it (a newer token's advance then waits for the transaction).

@@ -464,9 +464,50 @@ pub(super) fn handle_now(
         ClientMsg::Close { kind, name } => on_close(ctx, side, kind, name),
         ClientMsg::Sync => on_sync(ctx, side),
         ClientMsg::Terminate => return Ok(Now::Done(Out::Last(frame.into_raw()))),
-        ClientMsg::Other => on_other(ctx, &frame),
+        ClientMsg::Other => on_other(ctx, frame.tag()),
     };
     Ok(Now::Done(Out::Send(sent(frame, send))))
+}
+
+/// [`handle_now`] for a message still in the read buffer (`raw`, one
+/// whole message): when it is one that never waits and never goes
+/// through a decision (not a statement, not Terminate), handled, and the
+/// bytes to send for it appended to `out`; `Ok(false)` for the others,
+/// which [`handle_now`] takes as frames of their own. The epoll engine
+/// handles most extended-protocol messages (Bind, Describe, Sync) so,
+/// without cutting a frame off the buffer (a reference count up and down
+/// and a `Bytes` per message).
+pub(super) fn handle_in_place(
+    ctx: &Ctx,
+    side: &mut ClientSide,
+    raw: &[u8],
+    out: &mut BytesMut,
+) -> Result<bool, FrameError> {
+    // Statements and Terminate by their tag, before a decode (a Query's
+    // would scan its whole text, which `handle_now` decodes again).
+    if matches!(raw.first(), Some(b'Q' | b'E' | b'F' | b'X')) {
+        return Ok(false);
+    }
+    let send = match frame::client_msg(raw)? {
+        ClientMsg::Query(_)
+        | ClientMsg::Execute { .. }
+        | ClientMsg::FunctionCall
+        | ClientMsg::Terminate => return Ok(false),
+        ClientMsg::Parse { name, query } => on_parse(ctx, side, name, query),
+        ClientMsg::Bind { portal, statement } => on_bind(ctx, side, portal, statement),
+        ClientMsg::Close { kind, name } => on_close(ctx, side, kind, name),
+        ClientMsg::Sync => on_sync(ctx, side),
+        ClientMsg::Other => on_other(ctx, raw[0]),
+    };
+    match send {
+        Send::Same => out.extend_from_slice(raw),
+        Send::Instead(b) => out.extend_from_slice(&b),
+        Send::Prefixed(b) => {
+            out.extend_from_slice(&b);
+            out.extend_from_slice(raw);
+        }
+    }
+    Ok(true)
 }
 
 /// A Query, an Execute or a fast-path call: decided, and the bytes to
@@ -544,6 +585,12 @@ async fn on_query(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, text: &[u8]) 
             Verdict::Pass => Send::Same,
             Verdict::Admitted(plan) if plan.iter().all(|(at, _)| *at == 0) => {
                 let mut s = ctx.lock();
+                if taken.is_none() {
+                    if let Some(b) = guard_ahead(&mut s, &ctx.proxy, &plan, &statement, frame) {
+                        drop(s);
+                        return finish_query(ctx, Send::Instead(b));
+                    }
+                }
                 let cycle = s.open_cycle();
                 // One guard statement per admitted (resource, token).
                 let mut body = Vec::with_capacity(text.len() + 96 * plan.len());
@@ -569,11 +616,77 @@ async fn on_query(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, text: &[u8]) 
             },
         }
     };
+    prefixed(taken, finish_query(ctx, send))
+}
+
+/// The Query's cycle: a statement sent, and closed (a Query ends its unit).
+fn finish_query(ctx: &Ctx, send: Send) -> Send {
     let mut s = ctx.lock();
     let cycle = s.open_cycle();
     cycle.data.executed = true;
     cycle.close();
-    prefixed(taken, send)
+    send
+}
+
+/// Guard mode, a Query whose guard calls all go in front of it, run in a
+/// transaction block: the calls go ahead as the session's prepared guard
+/// statement (Bind, Execute, Close) with a Sync of their own, in a cycle of
+/// the proxy's own ([`wire::pg::cycle::Cycles::insert_own`]), and the
+/// Query goes as the client sent it. The server neither parses nor plans
+/// the call, as in the extended protocol (prepended to the text it is a
+/// statement of its own: about 27,000 backend instructions,
+/// `benches/guard_sql_cost.sh`). A Sync does not end a block, so the guard
+/// and the client's statement run in one transaction, as a prepended call
+/// does; an error of the guard's is what the client sees, in place of the
+/// aborted block's error that its statement then gets.
+///
+/// Only when the server is known to be in the block: the Query's cycle
+/// opened with nothing else in flight after a ReadyForQuery that said `T`,
+/// and nothing sent in it yet. Outside a block a Sync would commit the
+/// guard's own implicit transaction before the statement ran (and a
+/// pipelining client's Query may run in a block not begun yet): there the
+/// calls are prepended to the text. `None` then, and when the session has
+/// given the prepared statement up.
+fn guard_ahead(
+    s: &mut Shared,
+    proxy: &PgProxy,
+    plan: &[(u32, Write)],
+    statement: &Statement,
+    frame: &Frame,
+) -> Option<Bytes> {
+    let open = s.open_cycle();
+    if !open.data.began_in_block || !open.is_fresh() || s.guard_statement.off {
+        return None;
+    }
+    // The calls' writes hold the gate once the proxy's cycle succeeds.
+    let guarded = std::mem::take(&mut s.open_cycle().data.guarded);
+    let mut out = BytesMut::with_capacity(96 * plan.len() + 5 + frame.raw().len());
+    let mut owed = Vec::with_capacity(plan.len());
+    let mut prepares = None;
+    for (_, (r, t)) in plan {
+        let (n, epoch) = guard_extended(&mut out, s, proxy, r, *t);
+        prepares = prepares.or(epoch);
+        owed.push(n);
+    }
+    out.extend_from_slice(frame::SYNC);
+    let own = s.insert_own_cycle()?;
+    // Swapped, not moved: each cycle's box keeps a list with room.
+    let mut guarded = guarded;
+    std::mem::swap(&mut own.data.guarded, &mut guarded);
+    own.data.prepares = prepares;
+    for ((_, (r, t)), n) in plan.iter().zip(owed) {
+        own.hide_extended(
+            n,
+            Some(GuardCall {
+                resource: r.clone(),
+                token: *t,
+                statement: statement.clone(),
+            }),
+        );
+    }
+    s.open_cycle().data.guarded = guarded;
+    out.extend_from_slice(frame.raw());
+    Some(out.freeze())
 }
 
 /// An SQL `PREPARE` that may name the prepared guard statement (its text
@@ -762,7 +875,10 @@ async fn on_execute(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, portal: &[u
             let mut out = BytesMut::new();
             // One statement: every guard goes before it.
             for (_, (r, t)) in writes {
-                let owed = guard_extended(&mut out, &mut s, &ctx.proxy, &r, t);
+                let (owed, prepares) = guard_extended(&mut out, &mut s, &ctx.proxy, &r, t);
+                if prepares.is_some() {
+                    s.open_cycle().data.prepares = prepares;
+                }
                 s.open_cycle().hide_extended(
                     owed,
                     Some(GuardCall {
@@ -783,12 +899,13 @@ async fn on_execute(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, portal: &[u
 }
 
 /// Appends one guard call to an extended batch, before the client's
-/// Execute; returns the completions the server owes for it. The session's
-/// prepared guard statement when it is ready (Bind, Execute, Close of the
-/// portal: the server neither parses nor plans the call); otherwise Close
-/// of its name and Parse first, which make it ready once the cycle
-/// succeeds; one-shot under a unique name when the session has given the
-/// prepared statement up ([`GuardStatement`]).
+/// Execute; returns the completions the server owes for it, and the epoch
+/// of [`GuardStatement`] to confirm when the cycle it goes in parsed the
+/// statement. The session's prepared guard statement when it is ready
+/// (Bind, Execute, Close of the portal: the server neither parses nor
+/// plans the call); otherwise Close of its name and Parse first, which
+/// make it ready once that cycle succeeds; one-shot under a unique name
+/// when the session has given the prepared statement up.
 ///
 /// [`GuardStatement`]: super::state::GuardStatement
 fn guard_extended(
@@ -797,7 +914,7 @@ fn guard_extended(
     proxy: &PgProxy,
     resource: &ResourceName,
     token: u64,
-) -> u32 {
+) -> (u32, Option<u32>) {
     let g = &mut s.guard_statement;
     if g.off {
         let name = format!(
@@ -808,9 +925,10 @@ fn guard_extended(
             &name,
             &guard::call(resource.as_str(), token, proxy.guard_wait_ms),
         ));
-        return RUN_NAMED_COMPLETIONS;
+        return (RUN_NAMED_COMPLETIONS, None);
     }
     let mut owed = 3;
+    let mut prepares = None;
     if !g.ready() {
         let epoch = g.parsing();
         out.extend_from_slice(&frame::close(b'S', g.name()));
@@ -820,7 +938,7 @@ fn guard_extended(
             &guard::PREPARED_TYPES,
         ));
         owed += 2;
-        s.open_cycle().data.prepares = Some(epoch);
+        prepares = Some(epoch);
     }
     let g = &mut s.guard_statement;
     let name = g.name();
@@ -834,7 +952,7 @@ fn guard_extended(
             proxy.guard_wait_text.as_bytes(),
         ],
     );
-    owed
+    (owed, prepares)
 }
 
 fn on_close(ctx: &Ctx, side: &mut ClientSide, kind: u8, name: &[u8]) -> Send {
@@ -879,9 +997,9 @@ async fn on_function_call(ctx: &Ctx) -> Send {
 
 /// Everything else passes as it is (Flush, COPY data, passwords and
 /// SASL belong to no new cycle); a Describe is owed its completion.
-fn on_other(ctx: &Ctx, frame: &Frame) -> Send {
-    if owes_completion(frame.tag()) {
-        ctx.lock().open_cycle().sent(frame.tag());
+fn on_other(ctx: &Ctx, tag: u8) -> Send {
+    if owes_completion(tag) {
+        ctx.lock().open_cycle().sent(tag);
     }
     Send::Same
 }

@@ -95,10 +95,10 @@ pub(super) fn book(
     };
     let mut s = ctx.lock();
     for (at, frame) in frames(batch) {
-        if s.counted(&frame) {
+        if s.counted(frame) {
             continue;
         }
-        let answered = s.on_server(&frame);
+        let answered = s.on_server(frame);
         if let Some(refused) = answered.guard_refused {
             refusals.push(refused);
         }

@@ -74,12 +74,16 @@
 //! # Guard mode (`enforce = "database"`)
 //! After the proxy admits a write, it also sends `fencepost.advance(resource,
 //! token, guard_wait)` (installed by `fencepost migrate --guard`) in the
-//! write's own transaction, just before the write: prepended to the same
-//! Query in the simple protocol (one implicit transaction, or the open
-//! block), or as a Bind/Execute/Close of the session's prepared guard
+//! write's own transaction, just before the write. In the extended
+//! protocol it is a Bind/Execute/Close of the session's prepared guard
 //! statement (`state::GuardStatement`, parsed once per server session)
-//! just before the client's Execute, within the same Sync, in the
-//! extended protocol. The function is a shared/exclusive gate per resource
+//! just before the client's Execute, within the same Sync. In the simple
+//! protocol, inside a transaction block the server is known to be in, it
+//! is the same Bind/Execute/Close with a Sync of its own just before the
+//! client's Query, in a cycle of the proxy's own whose answers the client
+//! never sees (a Sync does not end a block; `client::guard_ahead`);
+//! elsewhere it is prepended to the same Query (one implicit transaction).
+//! The function is a shared/exclusive gate per resource
 //! (`migrations/guard/0002_gate.sql`): the mark's own token holds it
 //! shared until the transaction ends, so one leader's transactions run
 //! concurrently, a newer token holds it exclusive, so Postgres drains the
@@ -98,7 +102,8 @@
 //! The guard's answers are hidden from the client by position: the cycle
 //! counts the completions the client's own messages are owed, and drops
 //! what the server sends for the guard between them (a strip). Its
-//! ErrorResponse is never hidden.
+//! ErrorResponse is never hidden; in a cycle of the proxy's own it is
+//! shown in place of the error the client's statement then meets.
 
 use std::net::SocketAddr;
 use std::pin::pin;

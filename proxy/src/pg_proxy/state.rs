@@ -10,6 +10,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use fencing::{InflightGuard, Presented, ResourceName, Slot};
 use wire::pg::cycle::{self, Cycles, GuardRefused};
+use wire::pg::frame::FrameRef;
 use wire::pg::{ClientMsg, Frame};
 
 use super::vars::{Resource, Setting, Token, Vars, View};
@@ -283,6 +284,17 @@ impl Shared {
         })
     }
 
+    /// A cycle of the proxy's own before the open one ([`Cycles::insert_own`]),
+    /// its data from the spare: inside the block the open cycle began in,
+    /// no latency of its own (the client's statement is timed).
+    pub(super) fn insert_own_cycle(&mut self) -> Option<&mut Cycle> {
+        let mut data = self.spare.take().unwrap_or_default();
+        data.started = None;
+        data.began_in_block = true;
+        data.executed = true;
+        self.cycles.insert_own(data)
+    }
+
     /// Whether the next statement, sent now in the open cycle, runs in a
     /// transaction that already holds the database guard of `write`, so a
     /// guard call for it would only find the gate held and return: the
@@ -357,14 +369,15 @@ impl Shared {
     /// [`Shared::on_server`] for a message that only counts (see
     /// [`Cycles::count_only`]): `true` when it was one, and is relayed as
     /// it is with nothing else to do.
-    pub(super) fn counted(&mut self, frame: &Frame) -> bool {
+    pub(super) fn counted(&mut self, frame: FrameRef<'_>) -> bool {
         self.cycles.count_only(frame.tag())
     }
 
     /// Bookkeeping for one server message. A ReadyForQuery ends the oldest
     /// cycle: its guards drop (the server has finished its statements), and
     /// its settings and writes join the open transaction or end with it.
-    pub(super) fn on_server(&mut self, frame: &Frame) -> Answered {
+    #[inline(always)]
+    pub(super) fn on_server(&mut self, frame: FrameRef<'_>) -> Answered {
         if frame.tag() == b'E' {
             self.prepared_guard_missing(frame);
         }
@@ -437,7 +450,7 @@ impl Shared {
     /// An ErrorResponse saying the prepared guard statement does not
     /// exist (SQLSTATE 26000 naming it): something between the proxy and
     /// Postgres dropped it unseen, so the session stops relying on it.
-    fn prepared_guard_missing(&mut self, frame: &Frame) {
+    fn prepared_guard_missing(&mut self, frame: FrameRef<'_>) {
         let g = &mut self.guard_statement;
         if g.off || g.name.is_empty() {
             return;

@@ -209,53 +209,46 @@ impl Frame {
 
     /// Decodes the front-end messages the proxy acts on.
     pub fn client(&self) -> Result<ClientMsg<'_>, FrameError> {
-        let mut b = &self.raw[5..];
-        Ok(match self.tag() {
-            b'Q' => ClientMsg::Query(cstr(&mut b, "Query")?),
-            b'P' => {
-                let name = cstr(&mut b, "Parse")?;
-                let query = cstr(&mut b, "Parse")?;
-                ClientMsg::Parse { name, query }
-            }
-            b'B' => {
-                let portal = cstr(&mut b, "Bind")?;
-                let statement = cstr(&mut b, "Bind")?;
-                ClientMsg::Bind { portal, statement }
-            }
-            b'E' => {
-                let portal = cstr(&mut b, "Execute")?;
-                if b.len() != 4 {
-                    return Err(FrameError::Malformed {
-                        what: "Execute",
-                        why: "row limit is not 4 bytes",
-                    });
-                }
-                ClientMsg::Execute {
-                    portal,
-                    max_rows: b.get_u32(),
-                }
-            }
-            b'C' => {
-                let Some((&kind, mut rest)) = b.split_first() else {
-                    return Err(FrameError::Malformed {
-                        what: "Close",
-                        why: "empty",
-                    });
-                };
-                ClientMsg::Close {
-                    kind,
-                    name: cstr(&mut rest, "Close")?,
-                }
-            }
-            b'S' => ClientMsg::Sync,
-            b'X' => ClientMsg::Terminate,
-            b'F' => ClientMsg::FunctionCall,
-            _ => ClientMsg::Other,
-        })
+        client_msg(&self.raw)
     }
 
     /// Decodes the back-end messages the proxy acts on.
     pub fn backend(&self) -> Result<BackendMsg<'_>, FrameError> {
+        self.borrowed().backend()
+    }
+
+    /// The message borrowed, as [`frames`] gives one.
+    pub fn borrowed(&self) -> FrameRef<'_> {
+        FrameRef { raw: &self.raw }
+    }
+}
+
+/// A message where it lies in a batch ([`frames`]), or a [`Frame`]
+/// borrowed: what the proxy reads of a server message, without a `Bytes`
+/// of its own (a reference count up and down per message). Always one
+/// whole message: made only by [`frames`] and [`Frame::borrowed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRef<'a> {
+    raw: &'a [u8],
+}
+
+impl<'a> FrameRef<'a> {
+    pub fn tag(&self) -> u8 {
+        self.raw[0]
+    }
+
+    /// The body, without tag and length.
+    pub fn body(&self) -> &'a [u8] {
+        &self.raw[5..]
+    }
+
+    /// The exact bytes of the message.
+    pub fn raw(&self) -> &'a [u8] {
+        self.raw
+    }
+
+    /// Decodes the back-end messages the proxy acts on.
+    pub fn backend(&self) -> Result<BackendMsg<'a>, FrameError> {
         let b = &self.raw[5..];
         Ok(match self.tag() {
             b'Z' => match b {
@@ -278,6 +271,60 @@ impl Frame {
             _ => BackendMsg::Other,
         })
     }
+}
+
+/// Decodes a front-end message from its bytes as read (tag, length, body;
+/// [`message_len`] long): a message still in the read buffer, with no
+/// [`Frame`] of its own.
+pub fn client_msg(raw: &[u8]) -> Result<ClientMsg<'_>, FrameError> {
+    let (Some(&tag), Some(mut b)) = (raw.first(), raw.get(5..)) else {
+        return Err(FrameError::Malformed {
+            what: "client",
+            why: "shorter than a message header",
+        });
+    };
+    Ok(match tag {
+        b'Q' => ClientMsg::Query(cstr(&mut b, "Query")?),
+        b'P' => {
+            let name = cstr(&mut b, "Parse")?;
+            let query = cstr(&mut b, "Parse")?;
+            ClientMsg::Parse { name, query }
+        }
+        b'B' => {
+            let portal = cstr(&mut b, "Bind")?;
+            let statement = cstr(&mut b, "Bind")?;
+            ClientMsg::Bind { portal, statement }
+        }
+        b'E' => {
+            let portal = cstr(&mut b, "Execute")?;
+            if b.len() != 4 {
+                return Err(FrameError::Malformed {
+                    what: "Execute",
+                    why: "row limit is not 4 bytes",
+                });
+            }
+            ClientMsg::Execute {
+                portal,
+                max_rows: b.get_u32(),
+            }
+        }
+        b'C' => {
+            let Some((&kind, mut rest)) = b.split_first() else {
+                return Err(FrameError::Malformed {
+                    what: "Close",
+                    why: "empty",
+                });
+            };
+            ClientMsg::Close {
+                kind,
+                name: cstr(&mut rest, "Close")?,
+            }
+        }
+        b'S' => ClientMsg::Sync,
+        b'X' => ClientMsg::Terminate,
+        b'F' => ClientMsg::FunctionCall,
+        _ => ClientMsg::Other,
+    })
 }
 
 /// Front-end messages; strings borrow from the frame and are raw bytes
@@ -383,6 +430,13 @@ pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, Fram
 }
 
 /// The length (tag included) of the complete message at the start of
+/// `buf`, `None` if it is not all there yet; the checks of
+/// [`split_frame`], for a caller that handles the message where it lies.
+pub fn message_len(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
+    frame_len(buf, max)
+}
+
+/// The length (tag included) of the complete message at the start of
 /// `buf`; `None` if it is not all there yet.
 fn frame_len(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
     if buf.len() < 5 {
@@ -417,13 +471,13 @@ pub fn complete_frames(buf: &[u8], max: usize) -> (usize, Option<FrameError>) {
 }
 
 /// The messages of `batch` (complete ones only, as [`complete_frames`]
-/// measured), each with its offset; they share `batch`'s bytes.
-pub fn frames(batch: &Bytes) -> impl Iterator<Item = (usize, Frame)> + '_ {
+/// measured), each with its offset, borrowed where they lie.
+pub fn frames(batch: &[u8]) -> impl Iterator<Item = (usize, FrameRef<'_>)> + '_ {
     let mut at = 0;
     std::iter::from_fn(move || {
         let n = frame_len(&batch[at..], usize::MAX).ok().flatten()?;
-        let f = Frame {
-            raw: batch.slice(at..at + n),
+        let f = FrameRef {
+            raw: &batch[at..at + n],
         };
         at += n;
         Some((at - n, f))
@@ -570,6 +624,10 @@ pub fn bind_execute_close(out: &mut BytesMut, statement: &str, portal: &str, par
     out.extend_from_slice(&close(b'P', portal));
 }
 
+/// Sync: ends an extended-protocol unit (commits an implicit
+/// transaction; inside a block, only answers ReadyForQuery).
+pub const SYNC: &[u8] = &[b'S', 0, 0, 0, 4];
+
 /// Terminate: the polite end of a session.
 pub fn terminate() -> Bytes {
     Frame::new(b'X', &[]).into_raw()
@@ -672,8 +730,8 @@ mod tests {
             let g = split_frame(&mut one_by_one, DEFAULT_MAX_FRAME)
                 .unwrap()
                 .unwrap();
-            assert_eq!(f, g);
-            assert_eq!(&batch[at..at + f.raw().len()], &f.raw()[..]);
+            assert_eq!(f, g.borrowed());
+            assert_eq!(&batch[at..at + f.raw().len()], f.raw());
             n += 1;
         }
         assert_eq!(n, 2);

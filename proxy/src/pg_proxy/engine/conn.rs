@@ -16,7 +16,7 @@ use std::net::Shutdown as Half;
 use std::sync::Arc;
 use std::task::Poll;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf as _, Bytes, BytesMut};
 use mio::net::TcpStream;
 use wire::pg::cycle::GuardRefused;
 use wire::pg::frame::{self, complete_frames, split_frame};
@@ -24,7 +24,7 @@ use wire::pg::FrameError;
 
 use super::{register, Decision, Env, Load, Msg, Opened};
 use crate::listener::ConnPermit;
-use crate::pg_proxy::client::{handle_now, ClientSide, Now, Out};
+use crate::pg_proxy::client::{handle_in_place, handle_now, ClientSide, Now, Out};
 use crate::pg_proxy::readbuf::{ReadBuf, IDLE};
 use crate::pg_proxy::refusal::fatal;
 use crate::pg_proxy::server::{book, finish, guard_refused, malformed_answer, Booked};
@@ -312,6 +312,35 @@ impl Conn {
         };
         let max = self.ctx.proxy.max_frame;
         loop {
+            // Most messages are handled where they lie and copied to the
+            // batch; statements are cut off as frames of their own.
+            match frame::message_len(&self.cin.buf, max) {
+                Ok(Some(n)) => {
+                    match handle_in_place(
+                        &self.ctx,
+                        &mut side,
+                        &self.cin.buf[..n],
+                        &mut self.to_server.buf,
+                    ) {
+                        Ok(true) => {
+                            self.cin.buf.advance(n);
+                            continue;
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            self.side = Some(side);
+                            self.malformed(&e);
+                            return true;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.side = Some(side);
+                    self.malformed(&e);
+                    return true;
+                }
+            }
             let frame = match split_frame(&mut self.cin.buf, max) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,

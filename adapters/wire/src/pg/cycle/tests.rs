@@ -58,7 +58,7 @@ fn feed(s: &mut Session, frames: Vec<Frame>) -> (String, Vec<Answer<&'static str
                 ended: None,
             }
         } else {
-            s.on_server(&f)
+            s.on_server(f.borrowed())
         };
         match &a.replace {
             None => seen.push(f.tag() as char),
@@ -580,4 +580,110 @@ fn a_clients_own_error_before_an_inserted_guard_is_not_the_guards() {
     let (seen, answers) = feed(&mut s, frames);
     assert_eq!(seen, "EZ");
     assert!(answers.iter().all(|a| a.guard_refused.is_none()));
+}
+
+/// A session inside a transaction block (its last ReadyForQuery said `T`).
+fn in_block() -> Session {
+    let mut s = session();
+    send(&mut s, "begin", "Q");
+    let (seen, _) = feed(&mut s, vec![complete("BEGIN"), ready(b'T')]);
+    assert_eq!(seen, "CZ");
+    s
+}
+
+/// The client's Query opened, the proxy's own guard cycle put before it
+/// (Bind, Execute, Close, Sync), the Query closed.
+fn guard_ahead_of_query(s: &mut Session) {
+    s.open_with(|| "update");
+    let own = s
+        .insert_own("guard")
+        .expect("the open cycle is alone and fresh");
+    own.hide_extended(3, "update");
+    send(s, "update", "Q");
+}
+
+#[test]
+fn a_cycle_of_the_proxys_own_is_hidden_whole_ready_for_query_included() {
+    let mut s = in_block();
+    guard_ahead_of_query(&mut s);
+    // The guard: BindComplete, DataRow, CommandComplete, CloseComplete,
+    // ReadyForQuery; then the client's UPDATE.
+    let mut frames = msgs("2 D C 3");
+    frames.push(ready(b'T'));
+    frames.push(complete("UPDATE 1"));
+    frames.push(ready(b'T'));
+    let (seen, answers) = feed(&mut s, frames);
+    assert_eq!(seen, "CZ");
+    assert_eq!(
+        ended(&answers),
+        [(b'T', Some("guard"), false), (b'T', Some("update"), false)]
+    );
+    assert!(s.is_empty() && s.status() == b'T');
+}
+
+#[test]
+fn the_own_cycles_error_takes_the_place_of_the_clients_aborted_block_error() {
+    let mut s = in_block();
+    guard_ahead_of_query(&mut s);
+    let stale = error(
+        "ZF001",
+        "stale fencing token for resource r: presented 5, current 9 (refused by the database guard)",
+    );
+    let stale_raw = stale.raw().clone();
+    let mut frames = msgs("2");
+    frames.push(stale);
+    frames.push(ready(b'E'));
+    frames.push(error(
+        "25P02",
+        "current transaction is aborted, commands ignored until end of transaction block",
+    ));
+    frames.push(ready(b'E'));
+    let (seen, answers) = feed(&mut s, frames);
+    // The client sees one error, the guard's, and one ReadyForQuery.
+    assert_eq!(seen, "E!Z");
+    let shown: Vec<_> = answers
+        .iter()
+        .filter_map(|a| a.replace.as_ref())
+        .filter(|b| !b.is_empty())
+        .collect();
+    assert_eq!(shown, [&stale_raw]);
+    let refused: Vec<_> = answers
+        .iter()
+        .filter_map(|a| a.guard_refused.as_ref())
+        .map(|g| (g.payload, g.current))
+        .collect();
+    assert_eq!(refused, [("update", Some(9))]);
+    assert_eq!(
+        ended(&answers),
+        [(b'E', Some("guard"), true), (b'E', Some("update"), true)]
+    );
+    // Nothing is carried past the cycle it was for.
+    send(&mut s, "rollback", "Q");
+    let (seen, _) = feed(&mut s, vec![error("42601", "syntax error"), ready(b'E')]);
+    assert_eq!(seen, "EZ");
+}
+
+#[test]
+fn a_fatal_error_of_the_own_cycle_is_shown_at_once() {
+    let mut s = in_block();
+    guard_ahead_of_query(&mut s);
+    let fatal = from_raw(&error_response("FATAL", "57P01", "terminating connection"));
+    let (seen, _) = feed(&mut s, vec![fatal]);
+    assert_eq!(seen, "E");
+}
+
+#[test]
+fn no_own_cycle_goes_before_a_cycle_with_something_sent_or_another_in_flight() {
+    let mut s = in_block();
+    send(&mut s, "parse", "P");
+    assert!(
+        s.insert_own("guard").is_none(),
+        "the open cycle has a Parse in it"
+    );
+    send(&mut s, "parse", "S");
+    s.open_with(|| "next");
+    assert!(
+        s.insert_own("guard").is_none(),
+        "a cycle is still in flight"
+    );
 }
