@@ -877,13 +877,18 @@ async fn guard_calls(c: &Client) -> i64 {
         )
         .await
         .expect("guard calls");
+    first_number(&rows)
+}
+
+/// The first column of a simple query's first row, as a number.
+fn first_number(rows: &[tokio_postgres::SimpleQueryMessage]) -> i64 {
     rows.iter()
         .find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
             _ => None,
         })
         .and_then(|v| v.parse().ok())
-        .expect("a count")
+        .expect("a number")
 }
 
 /// A client of proxy 0 with token 3, the mark already at 3 (so the gate is
@@ -962,8 +967,9 @@ async fn the_guard_is_taken_before_a_transactions_first_write_only() {
 /// extended protocol. The guard's refusal is the client's error (`ZF001`
 /// from the database guard), not the aborted block's `25P02` that the
 /// client's statement then meets, and the block stays failed until the
-/// client ends it; outside a block (where a Sync would commit the guard
-/// alone first) the refusal is the same.
+/// client ends it. Outside a block (where a Sync would commit the guard
+/// alone first), and in the Query that begins one, the guard is prepended
+/// to the text as before, and an autocommit refusal is the same `ZF001`.
 #[tokio::test]
 async fn a_simple_query_in_a_block_runs_the_prepared_guard_ahead_of_it() {
     let env = TwoProxies::start("fp_gate_simple_ahead").await;
@@ -979,15 +985,26 @@ async fn a_simple_query_in_a_block_runs_the_prepared_guard_ahead_of_it() {
             0,
             "{level}: prepared outside a block"
         );
-        c.simple_query("BEGIN").await.expect("begin");
-        c.simple_query(&format!("INSERT INTO h (token) VALUES ({old})"))
-            .await
-            .expect("write in a block");
-        assert_eq!(
-            count_prepared_guards(&c).await,
-            1,
-            "{level}: the block's guard was not the prepared statement"
-        );
+        // The Query that begins the block: the server has not said it is
+        // in one, so the guard is prepended. The block's next write is
+        // guarded again (the proxy does not know the first guard ran in
+        // the block), now as the prepared statement.
+        let insert = format!("INSERT INTO h (token) VALUES ({old})");
+        for (sql, prepared, why) in [
+            (
+                format!("BEGIN; {insert}"),
+                0,
+                "before the server said the block had begun",
+            ),
+            (insert.clone(), 1, "not for a write in the block"),
+        ] {
+            c.simple_query(&sql).await.expect(&sql);
+            assert_eq!(
+                count_prepared_guards(&c).await,
+                prepared,
+                "{level}: {sql}: the guard statement prepared {why}"
+            );
+        }
         c.simple_query("COMMIT").await.expect("commit");
 
         // A newer token through the other proxy, which the first never
@@ -1032,13 +1049,7 @@ async fn count_prepared_guards(c: &Client) -> i64 {
         )
         .await
         .expect("prepared statements");
-    rows.iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .and_then(|v| v.parse().ok())
-        .expect("a count")
+    first_number(&rows)
 }
 
 /// A write after `ROLLBACK TO SAVEPOINT` is guarded again: the gate taken
