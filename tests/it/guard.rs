@@ -877,18 +877,13 @@ async fn guard_calls(c: &Client) -> i64 {
         )
         .await
         .expect("guard calls");
-    first_number(&rows)
-}
-
-/// The first column of a simple query's first row, as a number.
-fn first_number(rows: &[tokio_postgres::SimpleQueryMessage]) -> i64 {
     rows.iter()
         .find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
             _ => None,
         })
         .and_then(|v| v.parse().ok())
-        .expect("a number")
+        .expect("a count")
 }
 
 /// A client of proxy 0 with token 3, the mark already at 3 (so the gate is
@@ -981,7 +976,7 @@ async fn a_simple_query_in_a_block_runs_the_prepared_guard_ahead_of_it() {
             .await
             .expect("autocommit write");
         assert_eq!(
-            count_prepared_guards(&c).await,
+            guard_statements(&c).await.len(),
             0,
             "{level}: prepared outside a block"
         );
@@ -1000,7 +995,7 @@ async fn a_simple_query_in_a_block_runs_the_prepared_guard_ahead_of_it() {
         ] {
             c.simple_query(&sql).await.expect(&sql);
             assert_eq!(
-                count_prepared_guards(&c).await,
+                guard_statements(&c).await.len(),
                 prepared,
                 "{level}: {sql}: the guard statement prepared {why}"
             );
@@ -1039,17 +1034,6 @@ async fn a_simple_query_in_a_block_runs_the_prepared_guard_ahead_of_it() {
         assert_eq!(code(&err), "ZF001", "{level}: {err:?}");
     }
     assert_tokens_never_go_down(&env.db).await;
-}
-
-/// Guard mode's prepared guard statements on the session of `c`.
-async fn count_prepared_guards(c: &Client) -> i64 {
-    let rows = c
-        .simple_query(
-            "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'fencepost\\_guard\\_%'",
-        )
-        .await
-        .expect("prepared statements");
-    first_number(&rows)
 }
 
 /// A write after `ROLLBACK TO SAVEPOINT` is guarded again: the gate taken
@@ -1479,7 +1463,7 @@ async fn a_write_after_a_fast_path_call_in_a_block_is_guarded() {
     );
 }
 
-// ------------------------------ the prepared guard statement (extended protocol)
+// ------------------------------------------------- the prepared guard statement
 
 /// The prepared guard statements of this session, as Postgres lists them.
 async fn guard_statements(c: &Client) -> Vec<String> {
@@ -1523,7 +1507,9 @@ async fn extended_block(env: &TwoProxies, c: &Client, p: i32, what: &str) {
 /// again), an SQL `PREPARE` under the guard's name (the client gets the
 /// name, the guard moves to the next), and a drop the proxy cannot see (a
 /// `DEALLOCATE` inside a `DO` block: the server's 26000 fails that one
-/// write, and the session falls back to one-shot guard calls).
+/// write, and the session falls back to one-shot guard calls; so it does
+/// when the write was a simple query in a block, whose guard goes ahead as
+/// the prepared statement).
 #[tokio::test]
 async fn the_prepared_guard_statement_survives_what_the_client_does_to_it() {
     let env = TwoProxies::start("fp_gate_prepared").await;
@@ -1584,6 +1570,41 @@ async fn the_prepared_guard_statement_survives_what_the_client_does_to_it() {
     for round in 0..2 {
         extended_block(&env, &c, p, &format!("one-shot guard {round}")).await;
     }
+    assert!(guard_statements(&c).await.is_empty());
+
+    // The same loss under a simple query in a block, whose guard goes
+    // ahead as the prepared statement: the server's 26000 is the
+    // client's error (not the aborted block's 25P02), and the session
+    // goes on with guards prepended to its text.
+    let (c, p) = counted_client(&env, "READ COMMITTED").await;
+    let insert = "INSERT INTO h (token) VALUES (3)";
+    c.batch_execute(&format!("BEGIN; {insert}; {insert}; COMMIT"))
+        .await
+        .expect("a block");
+    c.batch_execute("BEGIN").await.expect("begin");
+    c.batch_execute(insert).await.expect("a write in a block");
+    c.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(guard_statements(&c).await, vec!["fencepost_guard_1"]);
+    c.batch_execute("DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$")
+        .await
+        .expect("a DEALLOCATE in a DO block");
+    c.batch_execute("BEGIN").await.expect("begin");
+    let lost = c
+        .batch_execute(insert)
+        .await
+        .expect_err("a Bind of the lost guard statement");
+    assert_eq!(code(&lost), "26000", "{lost}");
+    c.batch_execute("ROLLBACK").await.expect("rollback");
+    c.batch_execute("BEGIN").await.expect("begin");
+    c.batch_execute(insert)
+        .await
+        .expect("a write, the guard prepended");
+    assert_eq!(
+        gate_locks(&env.db, p).await,
+        vec![("ShareLock".to_string(), true)],
+        "a write without the gate after the loss"
+    );
+    c.batch_execute("COMMIT").await.expect("commit");
     assert!(guard_statements(&c).await.is_empty());
     assert_tokens_never_go_down(&env.db).await;
 }
