@@ -349,6 +349,7 @@ impl<C, S> Cycles<C, S> {
     /// The server is gone: nothing more will be answered.
     pub fn clear(&mut self) {
         self.queue.clear();
+        self.carried = None;
     }
 
     /// [`Cycles::on_server`] for a message that changes nothing but the
