@@ -715,28 +715,42 @@ async fn newer_token_waits_for_older_write_still_running() {
             .await
             .map(|_| ())
     });
+    newer_write_waits_for(&env, &new, slow, "the older write").await;
+}
+
+/// Token 2's write on `new`, sent while `older` (token 1's statement,
+/// which writes its row of `d` after sleeping 0.6 s) runs: it must wait at
+/// least 300 ms, the older statement must have been admitted, and the
+/// older row must get the lower id.
+async fn newer_write_waits_for(
+    env: &Env,
+    new: &Client,
+    older: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    what: &str,
+) {
     tokio::time::sleep(Duration::from_millis(150)).await;
     let started = std::time::Instant::now();
-    simple(&new, "INSERT INTO d (token) VALUES (2)")
+    simple(new, "INSERT INTO d (token) VALUES (2)")
         .await
         .expect("newer write");
     assert!(
         started.elapsed() >= Duration::from_millis(300),
-        "the newer write did not wait for the older one ({:?})",
+        "the newer write did not wait for {what} ({:?})",
         started.elapsed()
     );
-    slow.await
-        .expect("task")
-        .expect("older write admitted before the newer token");
-    let rows: Vec<(i64, i32)> = direct(&env.db)
+    older
         .await
-        .query("SELECT id, token FROM d ORDER BY id", &[])
+        .expect("task")
+        .unwrap_or_else(|e| panic!("{what} was not admitted before the newer token: {e}"));
+    let tokens: Vec<i32> = direct(&env.db)
+        .await
+        .query("SELECT token FROM d ORDER BY id", &[])
         .await
         .expect("rows")
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| r.get(0))
         .collect();
-    assert_eq!(rows.iter().map(|r| r.1).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(tokens, vec![1, 2]);
 }
 
 /// Guarantee 2's drain over a COMMIT: an older token's block has written
@@ -767,28 +781,7 @@ async fn newer_token_waits_for_older_commit_still_running() {
         .await
         .expect("the older block's write");
     let slow = tokio::spawn(async move { old.simple_query("COMMIT").await.map(|_| ()) });
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let started = std::time::Instant::now();
-    simple(&new, "INSERT INTO d (token) VALUES (2)")
-        .await
-        .expect("newer write");
-    assert!(
-        started.elapsed() >= Duration::from_millis(300),
-        "the newer write did not wait for the older COMMIT ({:?})",
-        started.elapsed()
-    );
-    slow.await
-        .expect("task")
-        .expect("the older COMMIT was admitted before the newer token");
-    let tokens: Vec<i32> = direct(&env.db)
-        .await
-        .query("SELECT token FROM d ORDER BY id", &[])
-        .await
-        .expect("rows")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(tokens, vec![1, 2]);
+    newer_write_waits_for(&env, &new, slow, "the older COMMIT").await;
 }
 
 /// Signed tokens through `[[postgres]] verify_key`: the elector's genuine

@@ -448,25 +448,42 @@ pub(super) enum Now {
 
 /// The messages whose handling never waits, handled at once; the ones
 /// that carry a statement to decide are given back for [`decide`]. The
-/// epoll engine calls this for every message and builds a decision's
-/// future only for statements.
+/// epoll engine calls this for the messages [`handle_in_place`] leaves
+/// (statements and Terminate), and builds a decision's future only for
+/// statements.
 pub(super) fn handle_now(
     ctx: &Ctx,
     side: &mut ClientSide,
     frame: Frame,
 ) -> Result<Now, FrameError> {
-    let send = match frame.client()? {
-        ClientMsg::Query(_) | ClientMsg::Execute { .. } | ClientMsg::FunctionCall => {
-            return Ok(Now::Decide(frame))
-        }
+    let tag = frame.tag();
+    let send = on_message(ctx, side, frame.client()?, tag);
+    Ok(match send {
+        Some(send) => Now::Done(Out::Send(sent(frame, send))),
+        None if tag == b'X' => Now::Done(Out::Last(frame.into_raw())),
+        None => Now::Decide(frame),
+    })
+}
+
+/// A message that never waits, handled: what to send for it. `None` for
+/// a statement (Query, Execute, fast-path call), which is decided, and for
+/// Terminate, which ends the client side. Inlined into both callers (and
+/// `Shared::open_cycle` marked `#[inline]`): out of line, the two cost
+/// about 80 instructions a statement more at `-M extended` and `-M
+/// prepared` (callgrind, TPC-B-like, 7,463 against 7,385).
+#[inline(always)]
+fn on_message(ctx: &Ctx, side: &mut ClientSide, msg: ClientMsg<'_>, tag: u8) -> Option<Send> {
+    Some(match msg {
+        ClientMsg::Query(_)
+        | ClientMsg::Execute { .. }
+        | ClientMsg::FunctionCall
+        | ClientMsg::Terminate => return None,
         ClientMsg::Parse { name, query } => on_parse(ctx, side, name, query),
         ClientMsg::Bind { portal, statement } => on_bind(ctx, side, portal, statement),
         ClientMsg::Close { kind, name } => on_close(ctx, side, kind, name),
         ClientMsg::Sync => on_sync(ctx, side),
-        ClientMsg::Terminate => return Ok(Now::Done(Out::Last(frame.into_raw()))),
-        ClientMsg::Other => on_other(ctx, frame.tag()),
-    };
-    Ok(Now::Done(Out::Send(sent(frame, send))))
+        ClientMsg::Other => on_other(ctx, tag),
+    })
 }
 
 /// [`handle_now`] for a message still in the read buffer (`raw`, one
@@ -485,19 +502,14 @@ pub(super) fn handle_in_place(
 ) -> Result<bool, FrameError> {
     // Statements and Terminate by their tag, before a decode (a Query's
     // would scan its whole text, which `handle_now` decodes again).
-    if matches!(raw.first(), Some(b'Q' | b'E' | b'F' | b'X')) {
+    let Some(&tag) = raw
+        .first()
+        .filter(|t| !matches!(t, b'Q' | b'E' | b'F' | b'X'))
+    else {
         return Ok(false);
-    }
-    let send = match frame::client_msg(raw)? {
-        ClientMsg::Query(_)
-        | ClientMsg::Execute { .. }
-        | ClientMsg::FunctionCall
-        | ClientMsg::Terminate => return Ok(false),
-        ClientMsg::Parse { name, query } => on_parse(ctx, side, name, query),
-        ClientMsg::Bind { portal, statement } => on_bind(ctx, side, portal, statement),
-        ClientMsg::Close { kind, name } => on_close(ctx, side, kind, name),
-        ClientMsg::Sync => on_sync(ctx, side),
-        ClientMsg::Other => on_other(ctx, raw[0]),
+    };
+    let Some(send) = on_message(ctx, side, frame::client_msg(raw)?, tag) else {
+        return Ok(false);
     };
     match send {
         Send::Same => out.extend_from_slice(raw),
@@ -659,7 +671,7 @@ fn guard_ahead(
         return None;
     }
     // The calls' writes hold the gate once the proxy's cycle succeeds.
-    let guarded = std::mem::take(&mut s.open_cycle().data.guarded);
+    let mut guarded = std::mem::take(&mut s.open_cycle().data.guarded);
     let mut out = BytesMut::with_capacity(96 * plan.len() + 5 + frame.raw().len());
     let mut owed = Vec::with_capacity(plan.len());
     let mut prepares = None;
@@ -670,9 +682,9 @@ fn guard_ahead(
     }
     out.extend_from_slice(frame::SYNC);
     let own = s.insert_own_cycle()?;
-    // Swapped, not moved: each cycle's box keeps a list with room.
-    let mut guarded = guarded;
-    std::mem::swap(&mut own.data.guarded, &mut guarded);
+    // Appended, and the emptied list given back: each cycle's box keeps a
+    // list with room.
+    own.data.guarded.append(&mut guarded);
     own.data.prepares = prepares;
     for ((_, (r, t)), n) in plan.iter().zip(owed) {
         own.hide_extended(

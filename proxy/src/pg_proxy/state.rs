@@ -272,6 +272,7 @@ impl Shared {
     }
 
     /// The cycle new client messages belong to, opened if needed.
+    #[inline]
     pub(super) fn open_cycle(&mut self) -> &mut Cycle {
         let began_in_block = self.cycles.is_empty() && self.cycles.status() == b'T';
         let spare = &mut self.spare;

@@ -431,9 +431,18 @@ pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, Fram
 
 /// The length (tag included) of the complete message at the start of
 /// `buf`, `None` if it is not all there yet; the checks of
-/// [`split_frame`], for a caller that handles the message where it lies.
+/// [`split_frame`], for a caller that handles the message where it lies
+/// and cuts it off ([`cut_frame`]) only if it must keep it.
 pub fn message_len(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
     frame_len(buf, max)
+}
+
+/// Cuts the first `len` bytes off `buf` as a frame: `len` is what
+/// [`message_len`] said of `buf`, so they are one whole message.
+pub fn cut_frame(buf: &mut BytesMut, len: usize) -> Frame {
+    Frame {
+        raw: buf.split_to(len).freeze(),
+    }
 }
 
 /// The length (tag included) of the complete message at the start of

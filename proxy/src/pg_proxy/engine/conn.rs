@@ -19,7 +19,7 @@ use std::task::Poll;
 use bytes::{Buf as _, Bytes, BytesMut};
 use mio::net::TcpStream;
 use wire::pg::cycle::GuardRefused;
-use wire::pg::frame::{self, complete_frames, split_frame};
+use wire::pg::frame::{self, complete_frames};
 use wire::pg::FrameError;
 
 use super::{register, Decision, Env, Load, Msg, Opened};
@@ -314,42 +314,30 @@ impl Conn {
         loop {
             // Most messages are handled where they lie and copied to the
             // batch; statements are cut off as frames of their own.
-            match frame::message_len(&self.cin.buf, max) {
-                Ok(Some(n)) => {
-                    match handle_in_place(
-                        &self.ctx,
-                        &mut side,
-                        &self.cin.buf[..n],
-                        &mut self.to_server.buf,
-                    ) {
-                        Ok(true) => {
-                            self.cin.buf.advance(n);
-                            continue;
-                        }
-                        Ok(false) => {}
-                        Err(e) => {
-                            self.side = Some(side);
-                            self.malformed(&e);
-                            return true;
-                        }
-                    }
-                }
+            let step = frame::message_len(&self.cin.buf, max).and_then(|n| match n {
+                None => Ok(None),
+                Some(n) => handle_in_place(
+                    &self.ctx,
+                    &mut side,
+                    &self.cin.buf[..n],
+                    &mut self.to_server.buf,
+                )
+                .map(|handled| Some((n, handled))),
+            });
+            let n = match step {
                 Ok(None) => break,
-                Err(e) => {
-                    self.side = Some(side);
-                    self.malformed(&e);
-                    return true;
+                Ok(Some((n, true))) => {
+                    self.cin.buf.advance(n);
+                    continue;
                 }
-            }
-            let frame = match split_frame(&mut self.cin.buf, max) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
+                Ok(Some((n, false))) => n,
                 Err(e) => {
                     self.side = Some(side);
                     self.malformed(&e);
                     return true;
                 }
             };
+            let frame = frame::cut_frame(&mut self.cin.buf, n);
             let out = match handle_now(&self.ctx, &mut side, frame) {
                 Ok(Now::Done(out)) => Ok(out),
                 Ok(Now::Decide(frame)) => {
