@@ -243,14 +243,14 @@ fn placed(
 /// comment) is admitted on the slot the session holds, with one CAS and no
 /// allocation. `None`: decide in full.
 ///
-/// In guard mode only where no guard call is due: the statement runs in a
-/// transaction that holds the database gate for this very write
-/// ([`Shared::gate_held`]), or it is one the proxy fences alone. A write
-/// that needs a guard call is decided in full, for the gate bookkeeping.
-/// In TPC-B-like transactions that is three writes of four on the fast
-/// path (callgrind, one pgbench client, `-M simple`: the proxy's
-/// instructions per transaction in guard mode fell from 137,700 to
-/// 127,700, proxy mode's being 117,800).
+/// In guard mode the statement runs in a transaction that holds the
+/// database gate for this very write ([`Shared::gate_held`]), or it is
+/// one the proxy fences alone; or it is the write that takes the gate,
+/// admitted the same way with its guard call planned
+/// ([`steady_guarded`]). In TPC-B-like transactions the first kind alone
+/// put three writes of four on the fast path (callgrind, one pgbench
+/// client, `-M simple`: the proxy's instructions per transaction in guard
+/// mode fell from 137,700 to 127,700, proxy mode's being 117,800).
 fn steady(
     ctx: &Ctx,
     s: &mut Shared,
@@ -272,28 +272,77 @@ fn steady(
     let write: Write = (held.resource.clone(), held.n);
     let db_guarded = proxy.guard && !class.outside_block && !alone;
     if db_guarded && !s.gate_held(&write) {
-        return None;
+        return steady_guarded(ctx, s, class, write);
     }
     // Proxy mode, or a statement guard mode cannot guard: the proxy
     // alone, with its last look before the statement is sent.
     admit_steady(ctx, s, statement, !db_guarded)
 }
 
-/// The fast path of a COMMIT (proxy mode): the block wrote under one
-/// write only, the session's steady one, so the COMMIT is admitted again on
-/// the slot the session holds, as [`steady`] admits a write: one CAS, no
-/// list of the block's writes and no decision future boxed for
+/// Guard mode, the steady write whose transaction does not hold the
+/// database gate yet (a leader's every transaction's first write): admitted
+/// on the slot the session holds, as [`steady`] admits the rest, with one
+/// guard call in front of the statement. What [`fence`]'s full path plans
+/// for it, without the decision's future, the list of the block's writes
+/// and the resource's name made three times: that path cost 6,900
+/// instructions a TPC-B-like transaction more than proxy mode's steady one
+/// (callgrind, one pgbench client, `-M prepared`). `None` for a text of
+/// several statements (its guards go where [`placed`] puts them) and
+/// whenever [`admit_steady`] would give up.
+fn steady_guarded(
+    ctx: &Ctx,
+    s: &mut Shared,
+    class: &Classification,
+    write: Write,
+) -> Option<Verdict> {
+    if !class.guard_points.is_empty() {
+        return None;
+    }
+    let proxy = &ctx.proxy;
+    let held = s.steady.as_ref()?;
+    let guard = proxy
+        .fencer
+        .admit_held(
+            &proxy.counters,
+            &held.slot,
+            held.resource.as_ref_name(),
+            held.n,
+        )?
+        .guard;
+    // The database guard checks the write in its own transaction: no
+    // last look by the proxy (the full path arms none here either).
+    let cycle = s.open_cycle();
+    cycle.data.guards.push(guard);
+    cycle.data.guarded.push(write.clone());
+    cycle.data.writes.push(write.clone());
+    Some(Verdict::Admitted(vec![(0, write)]))
+}
+
+/// The fast path of a COMMIT: the block wrote under one write only, the
+/// session's steady one, so the COMMIT is admitted again on the slot the
+/// session holds, as [`steady`] admits a write: one CAS, no list of the
+/// block's writes and no decision future boxed for
 /// [`Fencer::decide_again`], whose own steady state is the same CAS after
-/// a look-up of the slot. `None`: decide in full (guard mode, whose gate
-/// bookkeeping the full path keeps; writes under more than one token or
-/// resource; the mark moved, a drain is on, or this replica cannot confirm
+/// a look-up of the slot. In guard mode only while the block holds the
+/// database gate for that write (no guard call is due). `None`: decide in
+/// full (writes under more than one token or resource; guard mode without
+/// the gate; the mark moved, a drain is on, or this replica cannot confirm
 /// its lease).
 ///
 /// [`Fencer::decide_again`]: crate::fencer::Fencer::decide_again
 fn steady_commit(ctx: &Ctx, s: &mut Shared, statement: &Statement) -> Option<Verdict> {
     let held = s.steady.as_ref()?;
-    if ctx.proxy.guard || !s.txn_wrote_only(&held.resource, held.n) {
+    if !s.txn_wrote_only(&held.resource, held.n) {
         return None;
+    }
+    if ctx.proxy.guard {
+        // The block holds the database gate for its one write: the full
+        // path would plan no guard call either, and arms no last look.
+        let write: Write = (held.resource.clone(), held.n);
+        if !s.gate_held(&write) {
+            return None;
+        }
+        return admit_steady(ctx, s, statement, false);
     }
     admit_steady(ctx, s, statement, true)
 }
