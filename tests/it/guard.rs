@@ -1036,6 +1036,61 @@ async fn a_simple_query_in_a_block_runs_the_prepared_guard_ahead_of_it() {
     assert_tokens_never_go_down(&env.db).await;
 }
 
+/// A client that pipelines Queries behind a write whose guard goes ahead
+/// of it (on the epoll engine, without a Sync of its own): the next Query
+/// waits in the proxy until the guard has answered. When the guard
+/// refuses, the server skips everything up to the Sync the proxy then
+/// sends, so a Query sent on before that would be lost and the client
+/// would wait for its answer forever; here it gets the aborted block's
+/// `25P02`, and a same-token pipeline runs whole.
+#[tokio::test]
+async fn a_query_pipelined_behind_a_guard_that_went_ahead_waits_for_it() {
+    let env = TwoProxies::start("fp_gate_pipelined").await;
+    for (i, level) in LEVELS.iter().enumerate() {
+        let old = 10 + 2 * i as u64;
+        let c = env.client(0, old, level).await;
+        let insert = format!("INSERT INTO h (token) VALUES ({old})");
+        c.simple_query("BEGIN").await.expect("begin");
+        // Both futures polled together: tokio-postgres sends the second
+        // Query before the first is answered.
+        let (a, b) = tokio::join!(c.simple_query(&insert), c.simple_query("SELECT 1"));
+        a.expect("a same-token write in a pipeline");
+        b.expect("the Query pipelined behind it");
+        assert_eq!(
+            guard_statements(&c).await.len(),
+            1,
+            "{level}: the guard did not go ahead as the prepared statement"
+        );
+        c.simple_query("COMMIT").await.expect("commit");
+
+        let newer = env.client(1, old + 1, level).await;
+        newer
+            .simple_query(&format!("INSERT INTO h (token) VALUES ({})", old + 1))
+            .await
+            .expect("the newer leader's write");
+        c.simple_query("BEGIN").await.expect("begin");
+        let pipelined = tokio::time::timeout(PATIENCE, async {
+            tokio::join!(c.simple_query(&insert), c.simple_query("SELECT 1"))
+        })
+        .await
+        .expect("a Query pipelined behind a refused guard was never answered");
+        let err = pipelined.0.expect_err("a stale write in a block landed");
+        assert!(
+            code(&err) == "ZF001" || code(&err) == "40001",
+            "{level}: not the guard's refusal: {err:?}"
+        );
+        let after = pipelined
+            .1
+            .expect_err("the block went on after the refusal");
+        assert_eq!(code(&after), "25P02", "{level}: {after:?}");
+        c.simple_query("ROLLBACK").await.expect("rollback");
+        c.simple_query("SELECT 1")
+            .await
+            .expect("the session after the rollback");
+    }
+    assert_tokens_never_go_down(&env.db).await;
+}
+
 /// A write after `ROLLBACK TO SAVEPOINT` is guarded again: the gate taken
 /// inside the savepoint was released by the rollback, and the write must
 /// hold it (a newer token's advance then waits for the transaction).

@@ -117,6 +117,13 @@ pub(super) struct ClientSide {
     /// The texts this session classified lately: a repeated one is
     /// answered without the shared cache.
     recent: Recent,
+    /// A guard went ahead of the last Query without a Sync of its own
+    /// ([`guard_ahead`]): nothing more of the client's may go to the
+    /// server until that guard's cycle has ended (the epoll engine looks
+    /// at [`Cycles::unsynced_in_flight`], then clears this).
+    ///
+    /// [`Cycles::unsynced_in_flight`]: wire::pg::cycle::Cycles::unsynced_in_flight
+    pub(super) awaits_own: bool,
 }
 
 impl ClientSide {
@@ -126,6 +133,7 @@ impl ClientSide {
             portals: Named::default(),
             skip_until_sync: false,
             recent: Recent::new(),
+            awaits_own: false,
         }
     }
 }
@@ -598,8 +606,11 @@ async fn on_query(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, text: &[u8]) 
             Verdict::Admitted(plan) if plan.iter().all(|(at, _)| *at == 0) => {
                 let mut s = ctx.lock();
                 if taken.is_none() {
-                    if let Some(b) = guard_ahead(&mut s, &ctx.proxy, &plan, &statement, frame) {
+                    let unsynced = ctx.on_engine();
+                    let ahead = guard_ahead(&mut s, &ctx.proxy, &plan, &statement, frame, unsynced);
+                    if let Some(b) = ahead {
                         drop(s);
+                        side.awaits_own = unsynced;
                         return finish_query(ctx, Send::Instead(b));
                     }
                 }
@@ -642,15 +653,26 @@ fn finish_query(ctx: &Ctx, send: Send) -> Send {
 
 /// Guard mode, a Query whose guard calls all go in front of it, run in a
 /// transaction block: the calls go ahead as the session's prepared guard
-/// statement (Bind, Execute, Close) with a Sync of their own, in a cycle of
-/// the proxy's own ([`wire::pg::cycle::Cycles::insert_own`]), and the
-/// Query goes as the client sent it. The server neither parses nor plans
-/// the call, as in the extended protocol (prepended to the text it is a
-/// statement of its own: about 27,000 backend instructions,
-/// `benches/guard_sql_cost.sh`). A Sync does not end a block, so the guard
-/// and the client's statement run in one transaction, as a prepended call
-/// does; an error of the guard's is what the client sees, in place of the
-/// aborted block's error that its statement then gets.
+/// statement (Bind, Execute, Close), in a cycle of the proxy's own
+/// ([`wire::pg::cycle::Cycles::insert_own`]), and the Query goes as the
+/// client sent it. The server neither parses nor plans the call, as in
+/// the extended protocol (prepended to the text it is a statement of its
+/// own: about 27,000 backend instructions, `benches/guard_sql_cost.sh`).
+/// The guard and the client's statement run in the block's transaction,
+/// as a prepended call does; an error of the guard's is what the client
+/// sees.
+///
+/// On the epoll engine (`unsynced`) the proxy's cycle has no Sync
+/// ([`wire::pg::cycle::Cycles::insert_own_unsynced`]): the server flushes
+/// nothing before the Query's ReadyForQuery, so the guard's answers come
+/// with the Query's, one read and one wake-up of the proxy fewer per
+/// guarded transaction, and no Sync for the server to answer. When the
+/// guard fails, the server skips the Query up to a Sync, which the engine
+/// then sends; the client sends nothing more meanwhile
+/// ([`ClientSide::awaits_own`]). Elsewhere (a TLS session's tasks) the
+/// cycle has a Sync of its own, which does not end a block; the guard's
+/// error then takes the place of the aborted block's error that the
+/// client's statement meets.
 ///
 /// Only when the server is known to be in the block: the Query's cycle
 /// opened with nothing else in flight after a ReadyForQuery that said `T`,
@@ -665,6 +687,7 @@ fn guard_ahead(
     plan: &[(u32, Write)],
     statement: &Statement,
     frame: &Frame,
+    unsynced: bool,
 ) -> Option<Bytes> {
     let open = s.open_cycle();
     if !open.data.began_in_block || !open.is_fresh() || s.guard_statement.off {
@@ -680,8 +703,10 @@ fn guard_ahead(
         prepares = prepares.or(epoch);
         owed.push(n);
     }
-    out.extend_from_slice(frame::SYNC);
-    let own = s.insert_own_cycle()?;
+    if !unsynced {
+        out.extend_from_slice(frame::SYNC);
+    }
+    let own = s.insert_own_cycle(unsynced)?;
     // Appended, and the emptied list given back: each cycle's box keeps a
     // list with room.
     own.data.guarded.append(&mut guarded);
@@ -884,7 +909,7 @@ async fn on_execute(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, portal: &[u
         }
         Verdict::Pass => Send::Same,
         Verdict::Admitted(writes) => {
-            let mut out = BytesMut::new();
+            let mut out = BytesMut::with_capacity(128 * writes.len() + frame.raw().len());
             // One statement: every guard goes before it.
             for (_, (r, t)) in writes {
                 let (owed, prepares) = guard_extended(&mut out, &mut s, &ctx.proxy, &r, t);

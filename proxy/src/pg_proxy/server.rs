@@ -30,7 +30,11 @@ pub(super) async fn server_loop(ctx: &Ctx, mut sr: ServerRead) {
         let (complete, malformed) = complete_frames(&rb.buf, ctx.proxy.max_frame);
         if complete > 0 {
             let batch = rb.buf.split_to(complete).freeze();
-            let Booked { rewritten, ready } = book(ctx, &batch, &mut out, &mut refusals);
+            // No `sync` here: a task's session sends no unsynced cycle
+            // (`client.rs` `guard_ahead`).
+            let Booked {
+                rewritten, ready, ..
+            } = book(ctx, &batch, &mut out, &mut refusals);
             if ready {
                 ctx.answered.notify_waiters();
             }
@@ -73,6 +77,9 @@ pub(super) struct Booked {
     pub(super) rewritten: bool,
     /// The batch held a ReadyForQuery.
     pub(super) ready: bool,
+    /// Send a Sync to the server ([`wire::pg::cycle::Cycles::take_sync`];
+    /// only on the epoll engine, whose sessions send unsynced own cycles).
+    pub(super) sync: bool,
 }
 
 /// Books a batch of complete messages from the server in the session's
@@ -92,6 +99,7 @@ pub(super) fn book(
     let mut booked = Booked {
         rewritten: false,
         ready: false,
+        sync: false,
     };
     let mut s = ctx.lock();
     for (at, frame) in frames(batch) {
@@ -118,6 +126,7 @@ pub(super) fn book(
     if booked.rewritten {
         out.extend_from_slice(&batch[copied..]);
     }
+    booked.sync = s.cycles.take_sync();
     booked
 }
 

@@ -175,6 +175,13 @@ impl Ctx {
         }
     }
 
+    /// The session runs on the epoll engine, which writes to the client
+    /// itself and sends the Sync an unsynced own cycle's failure asks for
+    /// ([`wire::pg::cycle::Cycles::insert_own_unsynced`]).
+    pub(super) fn on_engine(&self) -> bool {
+        self.client_w.is_none()
+    }
+
     /// The shared state. A std mutex, never held across an await.
     pub(super) fn lock(&self) -> MutexGuard<'_, Shared> {
         // Nothing below panics while holding it; a poisoned lock still

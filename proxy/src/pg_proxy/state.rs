@@ -285,15 +285,20 @@ impl Shared {
         })
     }
 
-    /// A cycle of the proxy's own before the open one ([`Cycles::insert_own`]),
-    /// its data from the spare: inside the block the open cycle began in,
-    /// no latency of its own (the client's statement is timed).
-    pub(super) fn insert_own_cycle(&mut self) -> Option<&mut Cycle> {
+    /// A cycle of the proxy's own before the open one ([`Cycles::insert_own`],
+    /// or [`Cycles::insert_own_unsynced`] when `unsynced`), its data from
+    /// the spare: inside the block the open cycle began in, no latency of
+    /// its own (the client's statement is timed).
+    pub(super) fn insert_own_cycle(&mut self, unsynced: bool) -> Option<&mut Cycle> {
         let mut data = self.spare.take().unwrap_or_default();
         data.started = None;
         data.began_in_block = true;
         data.executed = true;
-        self.cycles.insert_own(data)
+        if unsynced {
+            self.cycles.insert_own_unsynced(data)
+        } else {
+            self.cycles.insert_own(data)
+        }
     }
 
     /// Whether the next statement, sent now in the open cycle, runs in a

@@ -39,6 +39,11 @@
 //! error (the client's statement, run after it in the failed block, fails
 //! with `current transaction is aborted`), so the client sees the error
 //! that stopped it, as if the added statement had been part of its own.
+//! A [`Cycles::insert_own_unsynced`] cycle has no Sync: the server flushes
+//! its answers with the client's, and it ends with its last hidden answer;
+//! when it fails, the server skips the client's Query until the Sync the
+//! caller then sends, whose ReadyForQuery ends the client's cycle with the
+//! carried error shown just before it.
 
 use std::collections::VecDeque;
 
@@ -86,6 +91,10 @@ pub struct Cycle<C, S> {
     /// The proxy's own cycle ([`Cycles::insert_own`]): nothing of it
     /// reaches the client.
     own: bool,
+    /// The proxy's own cycle sent without a Sync of its own
+    /// ([`Cycles::insert_own_unsynced`]): it ends with its last hidden
+    /// answer, or with its error, not with a ReadyForQuery.
+    unsynced: bool,
     /// Characters prepended to this cycle's Query, which error positions
     /// in the client's text must not count.
     position_shift: u32,
@@ -131,6 +140,7 @@ impl<C, S> Cycle<C, S> {
             rolled_back: false,
             committed: false,
             own: false,
+            unsynced: false,
             position_shift: 0,
             inserted: Vec::new(),
             data,
@@ -235,6 +245,8 @@ pub struct Cycles<C, S> {
     /// The error that ended the proxy's own cycle, for the next cycle's
     /// first error (see [`Cycles::insert_own`]).
     carried: Option<Bytes>,
+    /// A Sync is owed to the server ([`Cycles::take_sync`]).
+    sync: bool,
 }
 
 /// What [`Cycles::on_server`] made of one server message.
@@ -246,7 +258,8 @@ pub struct Answer<C, S> {
     /// The message is the database guard's stale-token refusal of the
     /// statement added with this payload.
     pub guard_refused: Option<GuardRefused<S>>,
-    /// The message is a ReadyForQuery.
+    /// The message is a ReadyForQuery, or the last answer (or the error)
+    /// of the proxy's own cycle sent without a Sync.
     pub ended: Option<Ended<C>>,
 }
 
@@ -286,6 +299,7 @@ impl<C: Default, S> Cycles<C, S> {
             queue: VecDeque::from([Cycle::new(true, C::default())]),
             status: b'I',
             carried: None,
+            sync: false,
         }
     }
 }
@@ -326,6 +340,38 @@ impl<C, S> Cycles<C, S> {
         self.queue.front_mut()
     }
 
+    /// [`Cycles::insert_own`] for a cycle sent without a Sync, just before
+    /// the client's simple Query: the server flushes nothing of it until
+    /// the Query's ReadyForQuery, so its answers come in the same read as
+    /// the client's (one read and one wake-up fewer, and no Sync for the
+    /// server to answer). It ends with its last hidden answer, reported
+    /// as [`Ended`] with the last status. An error ends it too, reported
+    /// as failed with status `E`; the server then skips the client's Query,
+    /// so the caller must send a Sync ([`Cycles::take_sync`]), whose
+    /// ReadyForQuery ends the client's cycle with the carried error shown
+    /// before it, as the client's own error. The caller sends nothing
+    /// more of the client's until the cycle has ended
+    /// ([`Cycles::unsynced_in_flight`]): the server would skip that too.
+    pub fn insert_own_unsynced(&mut self, data: C) -> Option<&mut Cycle<C, S>> {
+        let own = self.insert_own(data)?;
+        own.unsynced = true;
+        Some(own)
+    }
+
+    /// A cycle of the proxy's own sent without a Sync has not ended yet.
+    pub fn unsynced_in_flight(&self) -> bool {
+        self.queue.iter().any(|c| c.unsynced)
+    }
+
+    /// Whether to send a Sync to the server now (asked once per batch of
+    /// answers, after them): the proxy's own cycle sent without one
+    /// failed, and the server skips everything up to a Sync, the client's
+    /// Query after it included. The ReadyForQuery that answers it ends the
+    /// client's cycle, with the carried error before it.
+    pub fn take_sync(&mut self) -> bool {
+        std::mem::take(&mut self.sync)
+    }
+
     /// The data of every cycle not answered yet, oldest first.
     pub fn data(&self) -> impl Iterator<Item = &C> {
         self.queue.iter().map(|c| &c.data)
@@ -350,6 +396,7 @@ impl<C, S> Cycles<C, S> {
     pub fn clear(&mut self) {
         self.queue.clear();
         self.carried = None;
+        self.sync = false;
     }
 
     /// [`Cycles::on_server`] for a message that changes nothing but the
@@ -387,6 +434,15 @@ impl<C, S> Cycles<C, S> {
         };
         if let Some(hidden) = self.strip(frame, &mut answer) {
             answer.replace = Some(hidden);
+            if self
+                .queue
+                .front()
+                .is_some_and(|c| c.unsynced && c.strips.is_empty())
+            {
+                // Its last hidden answer: over, with no ReadyForQuery.
+                let status = self.status;
+                answer.ended = self.end_unsynced(status, false);
+            }
             return answer;
         }
         let Ok(msg) = frame.backend() else {
@@ -399,6 +455,7 @@ impl<C, S> Cycles<C, S> {
                     return answer;
                 };
                 cycle.error_seen = true;
+                let unsynced = cycle.unsynced;
                 if cycle.own {
                     // Carried to the client's statement that follows (an
                     // error that ends the session is shown at once).
@@ -409,6 +466,12 @@ impl<C, S> Cycles<C, S> {
                     if !ends_session {
                         self.carried = Some(Bytes::copy_from_slice(frame.raw()));
                         answer.replace = Some(Bytes::new());
+                        if unsynced {
+                            // The server skips up to a Sync: the client's
+                            // Query too. The block is aborted.
+                            answer.ended = self.end_unsynced(b'E', true);
+                            self.sync = true;
+                        }
                     }
                     return answer;
                 }
@@ -447,18 +510,19 @@ impl<C, S> Cycles<C, S> {
             BackendMsg::ReadyForQuery(status) => {
                 self.status = status;
                 let cycle = self.queue.pop_front();
+                let mut carried = false;
                 if cycle.as_ref().is_some_and(|c| c.own) {
                     answer.replace = Some(Bytes::new());
-                } else {
-                    // Never used (the client's statement always fails
-                    // after it): not kept past the cycle it was for.
-                    self.carried = None;
+                } else if let Some(error) = self.carried.take() {
+                    answer.replace = Some(carried_before(&error, frame.raw()));
+                    carried = true;
                 }
                 answer.ended = Some(Ended {
                     status,
-                    failed: cycle
-                        .as_ref()
-                        .is_some_and(|c| c.error_seen || c.rolled_back),
+                    failed: carried
+                        || cycle
+                            .as_ref()
+                            .is_some_and(|c| c.error_seen || c.rolled_back),
                     txn_ended: cycle.as_ref().is_some_and(|c| c.rolled_back || c.committed),
                     cycle: cycle.map(|c| c.data),
                 });
@@ -466,6 +530,20 @@ impl<C, S> Cycles<C, S> {
             BackendMsg::Other => {}
         }
         answer
+    }
+
+    /// Ends the unsynced own cycle at the front, which has no ReadyForQuery
+    /// of its own: what [`Ended`] reports for it.
+    #[cold]
+    #[inline(never)]
+    fn end_unsynced(&mut self, status: u8, failed: bool) -> Option<Ended<C>> {
+        let cycle = self.queue.pop_front()?;
+        Some(Ended {
+            status,
+            cycle: Some(cycle.data),
+            failed,
+            txn_ended: false,
+        })
     }
 
     /// Hides the answers of added statements: returns an empty replacement
@@ -536,6 +614,21 @@ impl<C, S> Cycles<C, S> {
             }
         }
     }
+}
+
+/// The ReadyForQuery of the cycle after an unsynced own cycle that failed
+/// (the server skipped its Query; this answers the proxy's Sync), with the
+/// carried error before it: the client's error. After a synced own cycle
+/// the client's statement fails, and its error took the carried one's
+/// place. Out of line: [`Cycles::on_server`] is inlined into the
+/// session's booking loop, which every statement runs.
+#[cold]
+#[inline(never)]
+fn carried_before(error: &[u8], ready: &[u8]) -> Bytes {
+    let mut both = Vec::with_capacity(error.len() + ready.len());
+    both.extend_from_slice(error);
+    both.extend_from_slice(ready);
+    Bytes::from(both)
 }
 
 #[cfg(test)]

@@ -687,3 +687,84 @@ fn no_own_cycle_goes_before_a_cycle_with_something_sent_or_another_in_flight() {
         "a cycle is still in flight"
     );
 }
+
+/// [`guard_ahead_of_query`] without the own cycle's Sync (Bind, Execute,
+/// Close, then the client's Query).
+fn unsynced_guard_ahead_of_query(s: &mut Session) {
+    s.open_with(|| "update");
+    let own = s
+        .insert_own_unsynced("guard")
+        .expect("the open cycle is alone and fresh");
+    own.hide_extended(3, "update");
+    send(s, "update", "Q");
+}
+
+#[test]
+fn an_unsynced_own_cycle_ends_with_its_last_hidden_answer() {
+    let mut s = in_block();
+    unsynced_guard_ahead_of_query(&mut s);
+    assert!(s.unsynced_in_flight());
+    // The guard's BindComplete, DataRow, CommandComplete, CloseComplete,
+    // then the client's UPDATE: one ReadyForQuery in all.
+    let mut frames = msgs("2 D C 3");
+    frames.push(complete("UPDATE 1"));
+    frames.push(ready(b'T'));
+    let (seen, answers) = feed(&mut s, frames);
+    assert_eq!(seen, "CZ");
+    assert_eq!(
+        ended(&answers),
+        [(b'T', Some("guard"), false), (b'T', Some("update"), false)]
+    );
+    // Ended at the CloseComplete, before the client's answers.
+    assert!(answers[3].ended.is_some() && answers[..3].iter().all(|a| a.ended.is_none()));
+    assert!(!s.take_sync());
+    assert!(!s.unsynced_in_flight() && s.is_empty() && s.status() == b'T');
+}
+
+#[test]
+fn an_unsynced_own_cycles_error_asks_for_a_sync_and_is_the_clients_error() {
+    let mut s = in_block();
+    unsynced_guard_ahead_of_query(&mut s);
+    let stale = error(
+        "ZF001",
+        "stale fencing token for resource r: presented 5, current 9 (refused by the database guard)",
+    );
+    let stale_raw = stale.raw().clone();
+    // The guard's BindComplete, then its error; the server skips the
+    // rest up to the proxy's Sync, which it answers alone.
+    let (seen, answers) = feed(&mut s, vec![msgs("2").remove(0), stale]);
+    assert_eq!(seen, "");
+    assert!(s.take_sync(), "no Sync asked for");
+    assert!(!s.take_sync(), "a Sync asked for twice");
+    assert_eq!(ended(&answers), [(b'E', Some("guard"), true)]);
+    let refused: Vec<_> = answers
+        .iter()
+        .filter_map(|a| a.guard_refused.as_ref())
+        .map(|g| (g.payload, g.current))
+        .collect();
+    assert_eq!(refused, [("update", Some(9))]);
+    assert!(!s.unsynced_in_flight());
+    let ready_e = ready(b'E');
+    let mut expect = stale_raw.to_vec();
+    expect.extend_from_slice(ready_e.raw());
+    let (seen, answers) = feed(&mut s, vec![ready_e]);
+    // The client sees the guard's error, then the ReadyForQuery.
+    assert_eq!(seen, "E!");
+    assert_eq!(answers[0].replace.as_deref(), Some(&expect[..]));
+    assert_eq!(ended(&answers), [(b'E', Some("update"), true)]);
+    assert!(s.is_empty() && s.status() == b'E');
+    // Nothing is carried past the cycle it was for.
+    send(&mut s, "rollback", "Q");
+    let (seen, _) = feed(&mut s, vec![complete("ROLLBACK"), ready(b'I')]);
+    assert_eq!(seen, "CZ");
+}
+
+#[test]
+fn an_unsynced_own_cycles_fatal_error_is_shown_at_once() {
+    let mut s = in_block();
+    unsynced_guard_ahead_of_query(&mut s);
+    let fatal = from_raw(&error_response("FATAL", "57P01", "terminating connection"));
+    let (seen, _) = feed(&mut s, vec![fatal]);
+    assert_eq!(seen, "E");
+    assert!(!s.take_sync());
+}
