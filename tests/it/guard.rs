@@ -1002,14 +1002,7 @@ async fn a_simple_query_in_a_block_runs_the_prepared_guard_ahead_of_it() {
         }
         c.simple_query("COMMIT").await.expect("commit");
 
-        // A newer token through the other proxy, which the first never
-        // hears of: only the database can refuse the old one now.
-        let newer = env.client(1, old + 1, level).await;
-        newer
-            .simple_query(&format!("INSERT INTO h (token) VALUES ({})", old + 1))
-            .await
-            .expect("the newer leader's write");
-        c.simple_query("BEGIN").await.expect("begin");
+        newer_leader_then_begin(&env, &c, old, level).await;
         let err = c
             .simple_query(&format!("INSERT INTO h (token) VALUES ({old})"))
             .await
@@ -1034,6 +1027,18 @@ async fn a_simple_query_in_a_block_runs_the_prepared_guard_ahead_of_it() {
         assert_eq!(code(&err), "ZF001", "{level}: {err:?}");
     }
     assert_tokens_never_go_down(&env.db).await;
+}
+
+/// A newer token's write through the other proxy, which the first never
+/// hears of (only the database can refuse the old one now); then `c`, a
+/// client of the first with token `old`, begins a block.
+async fn newer_leader_then_begin(env: &TwoProxies, c: &Client, old: u64, level: &str) {
+    let newer = env.client(1, old + 1, level).await;
+    newer
+        .simple_query(&format!("INSERT INTO h (token) VALUES ({})", old + 1))
+        .await
+        .expect("the newer leader's write");
+    c.simple_query("BEGIN").await.expect("begin");
 }
 
 /// A client that pipelines Queries behind a write whose guard goes ahead
@@ -1063,12 +1068,7 @@ async fn a_query_pipelined_behind_a_guard_that_went_ahead_waits_for_it() {
         );
         c.simple_query("COMMIT").await.expect("commit");
 
-        let newer = env.client(1, old + 1, level).await;
-        newer
-            .simple_query(&format!("INSERT INTO h (token) VALUES ({})", old + 1))
-            .await
-            .expect("the newer leader's write");
-        c.simple_query("BEGIN").await.expect("begin");
+        newer_leader_then_begin(&env, &c, old, level).await;
         let pipelined = tokio::time::timeout(PATIENCE, async {
             tokio::join!(c.simple_query(&insert), c.simple_query("SELECT 1"))
         })

@@ -425,8 +425,7 @@ impl Conn {
     /// ([`ClientSide::awaits_own`]): whether its cycle is still in flight.
     /// If it fails, the server skips everything up to the Sync the server
     /// side then sends, so nothing more of the client's goes before that.
-    /// Out of line: rare, and inlined it cost every statement (about 50
-    /// instructions at `-M prepared`, callgrind).
+    /// Out of line: rare (once per guarded transaction, while it waits).
     #[cold]
     #[inline(never)]
     fn awaits_own(&self, side: &mut ClientSide) -> bool {

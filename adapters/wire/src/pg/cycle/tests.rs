@@ -73,6 +73,15 @@ fn feed(s: &mut Session, frames: Vec<Frame>) -> (String, Vec<Answer<&'static str
     (seen, answers)
 }
 
+/// The guard refusals reported: (payload, the mark the error named).
+fn refused(answers: &[Answer<&'static str, &'static str>]) -> Vec<(&'static str, Option<u64>)> {
+    answers
+        .iter()
+        .filter_map(|a| a.guard_refused.as_ref())
+        .map(|g| (g.payload, g.current))
+        .collect()
+}
+
 fn ended(answers: &[Answer<&'static str, &'static str>]) -> Vec<(u8, Option<&'static str>, bool)> {
     answers
         .iter()
@@ -184,11 +193,7 @@ fn the_guards_stale_refusal_is_shown_and_reported() {
     // The guard's ErrorResponse is the client's answer; the server skips
     // the rest up to Sync.
     assert_eq!(seen, "12EZ");
-    let refused: Vec<_> = answers
-        .iter()
-        .filter_map(|a| a.guard_refused.as_ref())
-        .map(|g| (g.payload, g.current))
-        .collect();
+    let refused = refused(&answers);
     assert_eq!(refused, [("w", Some(9))]);
     assert_eq!(ended(&answers), [(b'I', Some("w"), true)]);
 }
@@ -594,31 +599,21 @@ fn in_block() -> Session {
 /// The client's Query opened, the proxy's own guard cycle put before it
 /// (Bind, Execute, Close, Sync), the Query closed.
 fn guard_ahead_of_query(s: &mut Session) {
-    s.open_with(|| "update");
-    let own = s
-        .insert_own("guard")
-        .expect("the open cycle is alone and fresh");
-    own.hide_extended(3, "update");
-    send(s, "update", "Q");
+    own_ahead_of_query(s, true);
 }
 
-#[test]
-fn a_cycle_of_the_proxys_own_is_hidden_whole_ready_for_query_included() {
-    let mut s = in_block();
-    guard_ahead_of_query(&mut s);
-    // The guard: BindComplete, DataRow, CommandComplete, CloseComplete,
-    // ReadyForQuery; then the client's UPDATE.
-    let mut frames = msgs("2 D C 3");
-    frames.push(ready(b'T'));
-    frames.push(complete("UPDATE 1"));
-    frames.push(ready(b'T'));
-    let (seen, answers) = feed(&mut s, frames);
-    assert_eq!(seen, "CZ");
-    assert_eq!(
-        ended(&answers),
-        [(b'T', Some("guard"), false), (b'T', Some("update"), false)]
-    );
-    assert!(s.is_empty() && s.status() == b'T');
+/// [`guard_ahead_of_query`], with the own cycle's Sync or without it (Bind,
+/// Execute, Close, then the client's Query).
+fn own_ahead_of_query(s: &mut Session, synced: bool) {
+    s.open_with(|| "update");
+    let own = if synced {
+        s.insert_own("guard")
+    } else {
+        s.insert_own_unsynced("guard")
+    };
+    own.expect("the open cycle is alone and fresh")
+        .hide_extended(3, "update");
+    send(s, "update", "Q");
 }
 
 #[test]
@@ -647,11 +642,7 @@ fn the_own_cycles_error_takes_the_place_of_the_clients_aborted_block_error() {
         .filter(|b| !b.is_empty())
         .collect();
     assert_eq!(shown, [&stale_raw]);
-    let refused: Vec<_> = answers
-        .iter()
-        .filter_map(|a| a.guard_refused.as_ref())
-        .map(|g| (g.payload, g.current))
-        .collect();
+    let refused = refused(&answers);
     assert_eq!(refused, [("update", Some(9))]);
     assert_eq!(
         ended(&answers),
@@ -688,43 +679,44 @@ fn no_own_cycle_goes_before_a_cycle_with_something_sent_or_another_in_flight() {
     );
 }
 
-/// [`guard_ahead_of_query`] without the own cycle's Sync (Bind, Execute,
-/// Close, then the client's Query).
-fn unsynced_guard_ahead_of_query(s: &mut Session) {
-    s.open_with(|| "update");
-    let own = s
-        .insert_own_unsynced("guard")
-        .expect("the open cycle is alone and fresh");
-    own.hide_extended(3, "update");
-    send(s, "update", "Q");
-}
-
+/// With a Sync of its own the proxy's cycle ends at its ReadyForQuery;
+/// without one, at its last hidden answer, before the client's answers.
+/// The client sees neither.
 #[test]
-fn an_unsynced_own_cycle_ends_with_its_last_hidden_answer() {
-    let mut s = in_block();
-    unsynced_guard_ahead_of_query(&mut s);
-    assert!(s.unsynced_in_flight());
-    // The guard's BindComplete, DataRow, CommandComplete, CloseComplete,
-    // then the client's UPDATE: one ReadyForQuery in all.
-    let mut frames = msgs("2 D C 3");
-    frames.push(complete("UPDATE 1"));
-    frames.push(ready(b'T'));
-    let (seen, answers) = feed(&mut s, frames);
-    assert_eq!(seen, "CZ");
-    assert_eq!(
-        ended(&answers),
-        [(b'T', Some("guard"), false), (b'T', Some("update"), false)]
-    );
-    // Ended at the CloseComplete, before the client's answers.
-    assert!(answers[3].ended.is_some() && answers[..3].iter().all(|a| a.ended.is_none()));
-    assert!(!s.take_sync());
-    assert!(!s.unsynced_in_flight() && s.is_empty() && s.status() == b'T');
+fn a_cycle_of_the_proxys_own_is_hidden_whole_with_or_without_its_sync() {
+    for synced in [true, false] {
+        let mut s = in_block();
+        own_ahead_of_query(&mut s, synced);
+        assert_eq!(s.unsynced_in_flight(), !synced);
+        // The guard: BindComplete, DataRow, CommandComplete, CloseComplete
+        // (and its ReadyForQuery); then the client's UPDATE.
+        let mut frames = msgs("2 D C 3");
+        if synced {
+            frames.push(ready(b'T'));
+        }
+        frames.push(complete("UPDATE 1"));
+        frames.push(ready(b'T'));
+        let (seen, answers) = feed(&mut s, frames);
+        assert_eq!(seen, "CZ", "synced {synced}");
+        assert_eq!(
+            ended(&answers),
+            [(b'T', Some("guard"), false), (b'T', Some("update"), false)],
+            "synced {synced}"
+        );
+        let own_end = if synced { 4 } else { 3 };
+        assert!(
+            answers[own_end].ended.is_some()
+                && answers[..own_end].iter().all(|a| a.ended.is_none())
+        );
+        assert!(!s.take_sync());
+        assert!(!s.unsynced_in_flight() && s.is_empty() && s.status() == b'T');
+    }
 }
 
 #[test]
 fn an_unsynced_own_cycles_error_asks_for_a_sync_and_is_the_clients_error() {
     let mut s = in_block();
-    unsynced_guard_ahead_of_query(&mut s);
+    own_ahead_of_query(&mut s, false);
     let stale = error(
         "ZF001",
         "stale fencing token for resource r: presented 5, current 9 (refused by the database guard)",
@@ -737,11 +729,7 @@ fn an_unsynced_own_cycles_error_asks_for_a_sync_and_is_the_clients_error() {
     assert!(s.take_sync(), "no Sync asked for");
     assert!(!s.take_sync(), "a Sync asked for twice");
     assert_eq!(ended(&answers), [(b'E', Some("guard"), true)]);
-    let refused: Vec<_> = answers
-        .iter()
-        .filter_map(|a| a.guard_refused.as_ref())
-        .map(|g| (g.payload, g.current))
-        .collect();
+    let refused = refused(&answers);
     assert_eq!(refused, [("update", Some(9))]);
     assert!(!s.unsynced_in_flight());
     let ready_e = ready(b'E');
@@ -762,7 +750,7 @@ fn an_unsynced_own_cycles_error_asks_for_a_sync_and_is_the_clients_error() {
 #[test]
 fn an_unsynced_own_cycles_fatal_error_is_shown_at_once() {
     let mut s = in_block();
-    unsynced_guard_ahead_of_query(&mut s);
+    own_ahead_of_query(&mut s, false);
     let fatal = from_raw(&error_response("FATAL", "57P01", "terminating connection"));
     let (seen, _) = feed(&mut s, vec![fatal]);
     assert_eq!(seen, "E");
