@@ -79,10 +79,11 @@
 //! statement (`state::GuardStatement`, parsed once per server session)
 //! just before the client's Execute, within the same Sync. In the simple
 //! protocol, inside a transaction block the server is known to be in, it
-//! is the same Bind/Execute/Close with a Sync of its own just before the
-//! client's Query, in a cycle of the proxy's own whose answers the client
-//! never sees (a Sync does not end a block; `client::guard_ahead`);
-//! elsewhere it is prepended to the same Query (one implicit transaction).
+//! is the same Bind/Execute/Close just before the client's Query (on the
+//! epoll engine with no Sync between them, over TLS with a Sync of its
+//! own, which does not end a block), in a cycle of the proxy's own whose
+//! answers the client never sees (`client::guard_ahead`); elsewhere it is
+//! prepended to the same Query (one implicit transaction).
 //! The function is a shared/exclusive gate per resource
 //! (`migrations/guard/0002_gate.sql`): the mark's own token holds it
 //! shared until the transaction ends, so one leader's transactions run
