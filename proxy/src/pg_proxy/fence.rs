@@ -272,7 +272,7 @@ fn steady(
     let write: Write = (held.resource.clone(), held.n);
     let db_guarded = proxy.guard && !class.outside_block && !alone;
     if db_guarded && !s.gate_held(&write) {
-        return steady_guarded(ctx, s, class, write);
+        return steady_guarded(ctx, s, class, statement, write);
     }
     // Proxy mode, or a statement guard mode cannot guard: the proxy
     // alone, with its last look before the statement is sent.
@@ -293,28 +293,16 @@ fn steady_guarded(
     ctx: &Ctx,
     s: &mut Shared,
     class: &Classification,
+    statement: &Statement,
     write: Write,
 ) -> Option<Verdict> {
     if !class.guard_points.is_empty() {
         return None;
     }
-    let proxy = &ctx.proxy;
-    let held = s.steady.as_ref()?;
-    let guard = proxy
-        .fencer
-        .admit_held(
-            &proxy.counters,
-            &held.slot,
-            held.resource.as_ref_name(),
-            held.n,
-        )?
-        .guard;
     // The database guard checks the write in its own transaction: no
     // last look by the proxy (the full path arms none here either).
-    let cycle = s.open_cycle();
-    cycle.data.guards.push(guard);
-    cycle.data.guarded.push(write.clone());
-    cycle.data.writes.push(write.clone());
+    admit_steady(ctx, s, statement, false)?;
+    s.open_cycle().data.guarded.push(write.clone());
     Some(Verdict::Admitted(vec![(0, write)]))
 }
 
@@ -335,16 +323,17 @@ fn steady_commit(ctx: &Ctx, s: &mut Shared, statement: &Statement) -> Option<Ver
     if !s.txn_wrote_only(&held.resource, held.n) {
         return None;
     }
-    if ctx.proxy.guard {
-        // The block holds the database gate for its one write: the full
-        // path would plan no guard call either, and arms no last look.
+    // Guard mode: the block must hold the database gate for its one write;
+    // the full path would then plan no guard call either, and arms no last
+    // look.
+    let guard = ctx.proxy.guard;
+    if guard {
         let write: Write = (held.resource.clone(), held.n);
         if !s.gate_held(&write) {
             return None;
         }
-        return admit_steady(ctx, s, statement, false);
     }
-    admit_steady(ctx, s, statement, true)
+    admit_steady(ctx, s, statement, !guard)
 }
 
 /// Admits the session's steady write again on the slot it holds (one
