@@ -15,7 +15,7 @@ use wire::pg::frame::{self, split_frame};
 use wire::pg::guard;
 use wire::pg::{Classification, ClientMsg, Frame, FrameError, Recent};
 
-use super::fence::{fence, Verdict};
+use super::fence::{fence_full, fence_now, Full, Verdict};
 use super::gate::Gated;
 use super::readbuf::{ReadBuf, IDLE};
 use super::refusal::{fatal, refuse, sqlstate, Unit};
@@ -457,8 +457,8 @@ pub(super) enum Now {
 /// The messages whose handling never waits, handled at once; the ones
 /// that carry a statement to decide are given back for [`decide`]. The
 /// epoll engine calls this for the messages [`handle_in_place`] leaves
-/// (statements and Terminate), and builds a decision's future only for
-/// statements.
+/// (statements and Terminate), then [`decide_now`] for statements, and
+/// builds a decision's future only for those the fencer decides in full.
 pub(super) fn handle_now(
     ctx: &Ctx,
     side: &mut ClientSide,
@@ -531,21 +531,68 @@ pub(super) fn handle_in_place(
 }
 
 /// A Query, an Execute or a fast-path call: decided, and the bytes to
-/// send for it.
+/// send for it ([`decide_now`], then [`decide_later`] when it must).
 pub(super) async fn decide(
     ctx: &Ctx,
     side: &mut ClientSide,
     frame: Frame,
 ) -> Result<Out, FrameError> {
-    let send = match frame.client()? {
-        ClientMsg::Query(text) => on_query(ctx, side, &frame, text).await,
-        ClientMsg::Execute { portal, .. } => on_execute(ctx, side, &frame, portal).await,
-        ClientMsg::FunctionCall => on_function_call(ctx).await,
+    match decide_now(ctx, side, frame)? {
+        Decided::Ready(out) => Ok(out),
+        Decided::Later(frame, later) => decide_later(ctx, side, frame, later).await,
+    }
+}
+
+/// What [`decide_now`] made of a statement.
+pub(super) enum Decided {
+    /// Decided: these bytes go to the server.
+    Ready(Out),
+    /// The fencer must decide it in full, which may wait (a newer token's
+    /// drain, a store write): [`decide_later`] does, with what the part
+    /// that never waits gathered.
+    Later(Frame, Later),
+}
+
+/// What a statement's part that never waits ([`fence_now`] and what goes
+/// before it) leaves to [`decide_later`]: its classification, the guard
+/// name its SQL takes, and the fencer's inputs. The statement itself is
+/// made again from the frame.
+pub(super) enum Later {
+    Query {
+        class: Arc<Classification>,
+        taken: Option<Bytes>,
+        full: Box<Full>,
+    },
+    Execute {
+        /// `None`: a portal the proxy never saw bound.
+        class: Option<Arc<Classification>>,
+        statement: Statement,
+        taken: Option<Bytes>,
+        full: Box<Full>,
+    },
+    FunctionCall(Box<Full>),
+}
+
+/// A statement decided where that never waits: a read, a leader's steady
+/// write or COMMIT, a refusal the classification alone makes; almost
+/// every statement. The epoll engine builds a future ([`decide_owned`])
+/// only for a [`Decided::Later`]: building one for each statement, moving
+/// it into place and polling it cost about 300 instructions a statement
+/// (callgrind, TPC-B-like, one client).
+pub(super) fn decide_now(
+    ctx: &Ctx,
+    side: &mut ClientSide,
+    frame: Frame,
+) -> Result<Decided, FrameError> {
+    let now = match frame.client()? {
+        ClientMsg::Query(text) => query_now(ctx, side, &frame, text),
+        ClientMsg::Execute { portal, .. } => execute_now(ctx, side, &frame, portal),
+        ClientMsg::FunctionCall => function_call_now(ctx),
         // Not a statement (`handle_now` gives `decide` none of these):
         // handled as `handle_now` handles it.
         _ => {
             return match handle_now(ctx, side, frame)? {
-                Now::Done(out) => Ok(out),
+                Now::Done(out) => Ok(Decided::Ready(out)),
                 // The same frame parsed as a statement there: cannot
                 // happen, and is never sent undecided.
                 Now::Decide(_) => Err(FrameError::Malformed {
@@ -555,18 +602,72 @@ pub(super) async fn decide(
             };
         }
     };
+    Ok(match now {
+        Ok(send) => Decided::Ready(Out::Send(sent(frame, send))),
+        Err(later) => Decided::Later(frame, later),
+    })
+}
+
+/// The rest of a statement [`decide_now`] left: the fencer's full
+/// decision, then what the handler makes of its verdict.
+pub(super) async fn decide_later(
+    ctx: &Ctx,
+    side: &mut ClientSide,
+    frame: Frame,
+    later: Later,
+) -> Result<Out, FrameError> {
+    let send = match later {
+        Later::Query { class, taken, full } => {
+            let ClientMsg::Query(text) = frame.client()? else {
+                return Err(NOT_THE_STATEMENT);
+            };
+            let statement = Statement::Query(frame.clone());
+            let verdict = fence_full(ctx, &class, &statement, Unit::Query, false, full).await;
+            query_verdict(ctx, side, &frame, text, &class, taken, &statement, verdict)
+        }
+        Later::Execute {
+            class,
+            statement,
+            taken,
+            full,
+        } => {
+            let class = class.as_deref().unwrap_or(&UNKNOWN);
+            let verdict = fence_full(ctx, class, &statement, Unit::Execute, false, full).await;
+            execute_verdict(ctx, side, &frame, class, taken, statement, verdict)
+        }
+        Later::FunctionCall(full) => {
+            let verdict = fence_full(
+                ctx,
+                &FUNCTION_CALL,
+                &FUNCTION_CALL_STATEMENT,
+                Unit::Query,
+                true,
+                full,
+            )
+            .await;
+            function_call_verdict(ctx, verdict)
+        }
+    };
     Ok(Out::Send(sent(frame, send)))
 }
 
-/// [`decide`] owning what it uses, so that a decision that waits can be
-/// handed to the runtime whole (the epoll engine's sessions); gives the
-/// client side back with the outcome.
+/// [`decide_later`] given a frame whose statement is not the one
+/// [`decide_now`] began: cannot happen (the same bytes parse the same).
+const NOT_THE_STATEMENT: FrameError = FrameError::Malformed {
+    what: "client",
+    why: "a statement decided in two parts parsed differently",
+};
+
+/// [`decide_later`] owning what it uses, so that a decision that waits
+/// can be handed to the runtime whole (the epoll engine's sessions);
+/// gives the client side back with the outcome.
 pub(super) async fn decide_owned(
     ctx: Arc<Ctx>,
     mut side: Box<ClientSide>,
     frame: Frame,
+    later: Later,
 ) -> (Box<ClientSide>, Result<Out, FrameError>) {
-    let out = decide(&ctx, &mut side, frame).await;
+    let out = decide_later(&ctx, &mut side, frame, later).await;
     (side, out)
 }
 
@@ -588,56 +689,77 @@ fn sent(frame: Frame, send: Send) -> Bytes {
 /// the client's text, in the same implicit transaction (or the same block),
 /// or, in a text of several statements that ends a transaction or rolls
 /// back to a savepoint, also between its statements (see
-/// [`wire::pg::classify::GuardPoint`]).
-async fn on_query(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, text: &[u8]) -> Send {
+/// [`wire::pg::classify::GuardPoint`]). `Err`: the fencer decides in full
+/// ([`decide_later`]).
+fn query_now(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, text: &[u8]) -> Result<Send, Later> {
     side.skip_until_sync = false;
     let class = side.recent.classify(&ctx.proxy.classifier, text);
     if class.drops_prepared {
         ctx.lock().guard_statement.invalidate();
     }
     let taken = sql_takes_guard_name(ctx, &class, text);
+    if ctx.proxy.guard && class.unsplit {
+        let send = Send::Instead(unguardable(ctx, &class, NOT_UTF8));
+        return Ok(prefixed(taken, finish_query(ctx, send)));
+    }
     let statement = Statement::Query(frame.clone());
-    let send = if ctx.proxy.guard && class.unsplit {
-        Send::Instead(unguardable(ctx, &class, NOT_UTF8))
-    } else {
-        match fence(ctx, &class, &statement, Unit::Query, false).await {
-            Verdict::Refused(b) => Send::Instead(b),
-            Verdict::Pass => Send::Same,
-            Verdict::Admitted(plan) if plan.iter().all(|(at, _)| *at == 0) => {
-                let mut s = ctx.lock();
-                if taken.is_none() {
-                    let unsynced = ctx.on_engine();
-                    let ahead = guard_ahead(&mut s, &ctx.proxy, &plan, &statement, frame, unsynced);
-                    if let Some(b) = ahead {
-                        drop(s);
-                        side.awaits_own = unsynced;
-                        return finish_query(ctx, Send::Instead(b));
-                    }
+    match fence_now(ctx, &class, &statement, false) {
+        Ok(verdict) => Ok(query_verdict(
+            ctx, side, frame, text, &class, taken, &statement, verdict,
+        )),
+        Err(full) => Err(Later::Query { class, taken, full }),
+    }
+}
+
+/// What a Query's verdict sends.
+#[allow(clippy::too_many_arguments)]
+fn query_verdict(
+    ctx: &Ctx,
+    side: &mut ClientSide,
+    frame: &Frame,
+    text: &[u8],
+    class: &Classification,
+    taken: Option<Bytes>,
+    statement: &Statement,
+    verdict: Verdict,
+) -> Send {
+    let send = match verdict {
+        Verdict::Refused(b) => Send::Instead(b),
+        Verdict::Pass => Send::Same,
+        Verdict::Admitted(plan) if plan.iter().all(|(at, _)| *at == 0) => {
+            let mut s = ctx.lock();
+            if taken.is_none() {
+                let unsynced = ctx.on_engine();
+                let ahead = guard_ahead(&mut s, &ctx.proxy, &plan, statement, frame, unsynced);
+                if let Some(b) = ahead {
+                    drop(s);
+                    side.awaits_own = unsynced;
+                    return finish_query(ctx, Send::Instead(b));
                 }
-                let cycle = s.open_cycle();
-                // One guard statement per admitted (resource, token).
-                let mut body = Vec::with_capacity(text.len() + 96 * plan.len());
-                for (_, (r, t)) in plan {
-                    body.extend_from_slice(
-                        guard::call(r.as_str(), t, ctx.proxy.guard_wait_ms).as_bytes(),
-                    );
-                    body.extend_from_slice(b";\n");
-                    cycle.hide_simple(Some(GuardCall {
-                        resource: r,
-                        token: t,
-                        statement: statement.clone(),
-                    }));
-                }
-                cycle.shift_positions(u32::try_from(body.len()).unwrap_or(u32::MAX));
-                body.extend_from_slice(text);
-                body.push(0);
-                Send::Instead(Frame::new(b'Q', &body).into_raw())
             }
-            Verdict::Admitted(plan) => match guards_between(ctx, text, plan, &statement) {
-                Some(b) => Send::Instead(b),
-                None => Send::Instead(unguardable(ctx, &class, UNSPLIT)),
-            },
+            let cycle = s.open_cycle();
+            // One guard statement per admitted (resource, token).
+            let mut body = Vec::with_capacity(text.len() + 96 * plan.len());
+            for (_, (r, t)) in plan {
+                body.extend_from_slice(
+                    guard::call(r.as_str(), t, ctx.proxy.guard_wait_ms).as_bytes(),
+                );
+                body.extend_from_slice(b";\n");
+                cycle.hide_simple(Some(GuardCall {
+                    resource: r,
+                    token: t,
+                    statement: statement.clone(),
+                }));
+            }
+            cycle.shift_positions(u32::try_from(body.len()).unwrap_or(u32::MAX));
+            body.extend_from_slice(text);
+            body.push(0);
+            Send::Instead(Frame::new(b'Q', &body).into_raw())
         }
+        Verdict::Admitted(plan) => match guards_between(ctx, text, plan, statement) {
+            Some(b) => Send::Instead(b),
+            None => Send::Instead(unguardable(ctx, class, UNSPLIT)),
+        },
     };
     prefixed(taken, finish_query(ctx, send))
 }
@@ -876,28 +998,54 @@ fn on_bind(ctx: &Ctx, side: &mut ClientSide, portal: &[u8], statement: &[u8]) ->
 /// Execute: the portal's statement decided; in guard mode the guard runs
 /// just before it, before the same Sync, in the same (implicit or
 /// explicit) transaction, under names of its own so the client's unnamed
-/// statement and portal are left alone.
-async fn on_execute(ctx: &Ctx, side: &mut ClientSide, frame: &Frame, portal: &[u8]) -> Send {
+/// statement and portal are left alone. `Err`: the fencer decides in full
+/// ([`decide_later`]).
+fn execute_now(
+    ctx: &Ctx,
+    side: &mut ClientSide,
+    frame: &Frame,
+    portal: &[u8],
+) -> Result<Send, Later> {
     if side.skip_until_sync {
         ctx.lock().open_cycle().data.executed = true;
-        return Send::Same;
+        return Ok(Send::Same);
     }
     ctx.lock().open_cycle();
-    // A portal the proxy never saw bound is unknown: a write.
-    let unknown = Classification {
-        write: true,
-        ..Classification::default()
-    };
-    let (class, statement) = match side.portals.get(portal).cloned() {
-        Some(Prepared { class, text }) => (Some(class), Statement::Text(text)),
+    let (class, statement) = match side.portals.get(portal) {
+        Some(Prepared { class, text }) => (Some(Arc::clone(class)), Statement::Text(text.clone())),
         None => (None, Statement::Label(UNKNOWN_PORTAL)),
     };
-    let class = class.as_deref().unwrap_or(&unknown);
+    let known = class.as_deref().unwrap_or(&UNKNOWN);
     let taken = match &statement {
-        Statement::Text(text) => sql_takes_guard_name(ctx, class, text),
+        Statement::Text(text) => sql_takes_guard_name(ctx, known, text),
         _ => None,
     };
-    let verdict = fence(ctx, class, &statement, Unit::Execute, false).await;
+    match fence_now(ctx, known, &statement, false) {
+        Ok(verdict) => Ok(execute_verdict(
+            ctx, side, frame, known, taken, statement, verdict,
+        )),
+        Err(full) => Err(Later::Execute {
+            class,
+            statement,
+            taken,
+            full,
+        }),
+    }
+}
+
+/// A portal the proxy never saw bound is unknown: a write.
+static UNKNOWN: Classification = Classification::UNKNOWN_WRITE;
+
+/// What an Execute's verdict sends.
+fn execute_verdict(
+    ctx: &Ctx,
+    side: &mut ClientSide,
+    frame: &Frame,
+    class: &Classification,
+    taken: Option<Bytes>,
+    statement: Statement,
+    verdict: Verdict,
+) -> Send {
     let mut s = ctx.lock();
     if class.drops_prepared {
         s.guard_statement.invalidate();
@@ -1017,14 +1165,24 @@ fn on_sync(ctx: &Ctx, side: &mut ClientSide) -> Send {
 
 /// A fast-path call can do anything: a write. In guard mode it is fenced
 /// by the proxy only: the fast-path protocol has no way to run a second
-/// statement in the same implicit transaction.
-async fn on_function_call(ctx: &Ctx) -> Send {
-    let class = Classification {
-        write: true,
-        ..Classification::default()
-    };
-    let statement = Statement::Label("(fast-path function call)");
-    let send = match fence(ctx, &class, &statement, Unit::Query, true).await {
+/// statement in the same implicit transaction. `Err`: the fencer decides
+/// in full ([`decide_later`]).
+fn function_call_now(ctx: &Ctx) -> Result<Send, Later> {
+    match fence_now(ctx, &FUNCTION_CALL, &FUNCTION_CALL_STATEMENT, true) {
+        Ok(verdict) => Ok(function_call_verdict(ctx, verdict)),
+        Err(full) => Err(Later::FunctionCall(full)),
+    }
+}
+
+/// A fast-path call, for the fencer: a write.
+static FUNCTION_CALL: Classification = Classification::UNKNOWN_WRITE;
+
+/// A fast-path call, for the audit.
+const FUNCTION_CALL_STATEMENT: Statement = Statement::Label("(fast-path function call)");
+
+/// What a fast-path call's verdict sends.
+fn function_call_verdict(ctx: &Ctx, verdict: Verdict) -> Send {
+    let send = match verdict {
         Verdict::Refused(b) => Send::Instead(b),
         Verdict::Pass | Verdict::Admitted(_) => Send::Same,
     };

@@ -10,10 +10,10 @@ use wire::pg::{Classification, CommentFence};
 use super::refusal::{refusal_error, refuse, Unit};
 use super::session::{Ctx, NOT_ARMED};
 use super::state::{Shared, Statement, Steady, Write};
-use super::vars::Setting;
+use super::vars::{Setting, View};
 use crate::fencer::{Decision, Refusal, WriteInfo};
 
-/// What [`fence`] made of a statement.
+/// What [`fence_now`] or [`fence_full`] made of a statement.
 pub(super) enum Verdict {
     /// Nothing to decide (a read), or admitted in proxy mode: send it.
     Pass,
@@ -25,54 +25,91 @@ pub(super) enum Verdict {
     Refused(Bytes),
 }
 
-/// Files the statement's SETs, decides its write (and a COMMIT's writes)
-/// through the fencer, and files guards and writes in the open cycle.
+/// What [`fence_now`] leaves to [`fence_full`]: the statement's write as
+/// the session's variables present it (its own SETs included), the
+/// block's writes a COMMIT must find still current, and whether the
+/// statement counts as a write only under `strict`.
+pub(super) struct Full {
+    view: Option<View>,
+    commits: Vec<Write>,
+    strict_write: bool,
+}
+
+/// A statement's fencing, the part that never waits, run once per
+/// statement: files the statement's SETs and its block state, and decides
+/// a read, a steady write and a steady COMMIT ([`steady`],
+/// [`steady_commit`]), which is almost every statement of a leader.
+/// `Err`: the decision needs the fencer in full ([`fence_full`], which may
+/// wait: a newer token's drain, a store write), with what this part
+/// gathered. Apart so that the epoll engine builds no future for the
+/// statements decided here.
+///
 /// `alone`: the statement is fenced by the proxy alone in guard mode too
 /// (a fast-path call, which no guard call can accompany): no guard is
 /// planned or filed for it, and its admission is looked at again before
 /// it is sent, as in proxy mode ([`Ctx::arm`]).
-pub(super) async fn fence(
+pub(super) fn fence_now(
+    ctx: &Ctx,
+    class: &Classification,
+    statement: &Statement,
+    alone: bool,
+) -> Result<Verdict, Box<Full>> {
+    let mut s = ctx.lock();
+    if !class.settings.is_empty() {
+        let settings = class.settings.iter().map(Setting::parse);
+        s.open_cycle().data.settings.extend(settings);
+    }
+    let strict_write = ctx.proxy.strict && class.data && (class.data_in_block || s.in_block);
+    if let Some(b) = class.block_after {
+        s.in_block = b;
+    }
+    let write = class.write || strict_write;
+    if write && !class.commits {
+        if let Some(verdict) = steady(ctx, &mut s, class, statement, alone) {
+            return Ok(verdict);
+        }
+    }
+    if class.commits && !write {
+        if let Some(verdict) = steady_commit(ctx, &mut s, statement) {
+            return Ok(verdict);
+        }
+    }
+    // The variables as this statement sees them, its own SETs included;
+    // read only for a write.
+    let view = write.then(|| s.view());
+    // The block's writes must still be current when it commits.
+    let commits = if class.commits {
+        s.txn_write_keys()
+    } else {
+        Vec::new()
+    };
+    if view.is_none() && commits.is_empty() {
+        return Ok(Verdict::Pass);
+    }
+    // Boxed: the slow path's, and as large as the variables' view.
+    Err(Box::new(Full {
+        view,
+        commits,
+        strict_write,
+    }))
+}
+
+/// The rest of a statement's fencing: the fencer's full decision (which
+/// may wait) on what [`fence_now`] gathered, and the guards and writes
+/// filed in the open cycle.
+pub(super) async fn fence_full(
     ctx: &Ctx,
     class: &Classification,
     statement: &Statement,
     unit: Unit,
     alone: bool,
+    full: Box<Full>,
 ) -> Verdict {
-    let (view, commits, strict_write) = {
-        let mut s = ctx.lock();
-        if !class.settings.is_empty() {
-            let settings = class.settings.iter().map(Setting::parse);
-            s.open_cycle().data.settings.extend(settings);
-        }
-        let strict_write = ctx.proxy.strict && class.data && (class.data_in_block || s.in_block);
-        if let Some(b) = class.block_after {
-            s.in_block = b;
-        }
-        let write = class.write || strict_write;
-        if write && !class.commits {
-            if let Some(verdict) = steady(ctx, &mut s, class, statement, alone) {
-                return verdict;
-            }
-        }
-        if class.commits && !write {
-            if let Some(verdict) = steady_commit(ctx, &mut s, statement) {
-                return verdict;
-            }
-        }
-        // The variables as this statement sees them, its own SETs included;
-        // read only for a write.
-        let view = write.then(|| s.view());
-        // The block's writes must still be current when it commits.
-        let commits = if class.commits {
-            s.txn_write_keys()
-        } else {
-            Vec::new()
-        };
-        (view, commits, strict_write)
-    };
-    if view.is_none() && commits.is_empty() {
-        return Verdict::Pass;
-    }
+    let Full {
+        view,
+        commits,
+        strict_write,
+    } = *full;
     // A leading comment's values win over the session's.
     let own = view.as_ref().map(|v| {
         let mut presented = v.input();
@@ -282,7 +319,7 @@ fn steady(
 /// Guard mode, the steady write whose transaction does not hold the
 /// database gate yet (a leader's every transaction's first write): admitted
 /// on the slot the session holds, as [`steady`] admits the rest, with one
-/// guard call in front of the statement. What [`fence`]'s full path plans
+/// guard call in front of the statement. What [`fence_full`] plans
 /// for it, without the decision's future, the list of the block's writes
 /// and the resource's name made three times: that path cost 6,900
 /// instructions a TPC-B-like transaction more than proxy mode's steady one

@@ -166,6 +166,28 @@ pub struct GuardPoint {
 }
 
 impl Classification {
+    /// A statement the proxy cannot see (an Execute of a portal it never
+    /// saw bound, a fast-path function call): a write, and nothing else
+    /// known. A constant, so that it is not built for each statement.
+    pub const UNKNOWN_WRITE: Classification = Classification {
+        write: true,
+        commits: false,
+        single_commit: false,
+        settings: Vec::new(),
+        comment: CommentFence {
+            token: None,
+            resource: None,
+        },
+        data: false,
+        data_in_block: false,
+        block_after: None,
+        outside_block: false,
+        guard_points: Vec::new(),
+        unsplit: false,
+        drops_prepared: false,
+        prepares: false,
+    };
+
     /// Depends on the statement's structure alone (no fencing settings, no
     /// comment values), so it may be cached by [`shape`]; otherwise only by
     /// the exact text.
@@ -742,6 +764,15 @@ mod tests {
 
     fn classifier() -> Classifier {
         Classifier::new(DEFAULT_WRITE_FUNCTIONS, 1 << 20)
+    }
+
+    #[test]
+    fn an_unknown_write_is_a_write_and_nothing_else() {
+        let write = Classification {
+            write: true,
+            ..Classification::default()
+        };
+        assert_eq!(Classification::UNKNOWN_WRITE, write);
     }
 
     #[test]

@@ -24,7 +24,9 @@ use wire::pg::FrameError;
 
 use super::{register, Decision, Env, Load, Msg, Opened};
 use crate::listener::ConnPermit;
-use crate::pg_proxy::client::{handle_in_place, handle_now, ClientSide, Now, Out};
+use crate::pg_proxy::client::{
+    decide_now, handle_in_place, handle_now, ClientSide, Decided, Now, Out,
+};
 use crate::pg_proxy::readbuf::{ReadBuf, IDLE};
 use crate::pg_proxy::refusal::fatal;
 use crate::pg_proxy::server::{book, finish, guard_refused, malformed_answer, Booked};
@@ -342,10 +344,14 @@ impl Conn {
                 }
             };
             let frame = frame::cut_frame(&mut self.cin.buf, n);
-            let out = match handle_now(&self.ctx, &mut side, frame) {
-                Ok(Now::Done(out)) => Ok(out),
-                Ok(Now::Decide(frame)) => {
-                    let decision = (env.decide)(Arc::clone(&self.ctx), side, frame);
+            let now = handle_now(&self.ctx, &mut side, frame).and_then(|now| match now {
+                Now::Done(out) => Ok(Decided::Ready(out)),
+                Now::Decide(frame) => decide_now(&self.ctx, &mut side, frame),
+            });
+            let out = match now {
+                Ok(Decided::Ready(out)) => Ok(out),
+                Ok(Decided::Later(frame, later)) => {
+                    let decision = (env.decide)(Arc::clone(&self.ctx), side, frame, later);
                     match env.first_poll(decision) {
                         Poll::Ready(Some((s, out))) => {
                             side = s;

@@ -25,15 +25,19 @@
 //! - The engine thread steps each session ([`conn::Conn::drive`]) when one
 //!   of its sockets is ready or a message for it arrives, until it can go
 //!   no further without waiting.
-//! - A statement's decision ([`decide`](super::client::decide)) is first
-//!   polled on the engine thread; almost every one is ready at once (a
-//!   read, a write with the current token). One that is not (a newer
-//!   token waiting for the drain, a store write) is spawned on the
-//!   process's runtime, and its outcome comes back through the inbox; the
-//!   session's client side waits for it meanwhile, its server side does
-//!   not (the drain may wait for exactly those answers). So does the
-//!   audit of the database guard's refusals, before the batch that
-//!   carries them is relayed.
+//! - A statement is decided on the engine thread, without a future
+//!   ([`decide_now`](super::client::decide_now)), when the part of its
+//!   decision that never waits can: a read, a write or COMMIT with the
+//!   session's current token. Otherwise the rest of its decision
+//!   ([`decide_owned`](super::client::decide_owned): the fencer's in
+//!   full) is polled once on the engine thread, and most are ready then
+//!   (a session's first write). One that is not (a newer token waiting
+//!   for the drain, a store write) is spawned on the process's runtime,
+//!   and its outcome comes back through the inbox; the session's client
+//!   side waits for it meanwhile, its server side does not (the drain
+//!   may wait for exactly those answers). So does the audit of the
+//!   database guard's refusals, before the batch that carries them is
+//!   relayed.
 //! - The engine thread has entered the process's runtime, so the futures
 //!   it polls find tokio's timers and spawn onto that runtime.
 //!
@@ -64,7 +68,7 @@ use mio::{Events, Interest, Token};
 use wire::pg::{Frame, FrameError};
 
 use self::conn::{Conn, Id, Step};
-use super::client::{decide_owned, ClientSide, Out};
+use super::client::{decide_owned, ClientSide, Later, Out};
 use super::readbuf::SCRATCH;
 use super::session::{Ctx, Open};
 use super::startup::{ClientRead, ClientWrite, ServerRead, ServerWrite};
@@ -315,7 +319,7 @@ impl Drop for Load {
     }
 }
 
-/// A statement's decision as the engine runs it:
+/// A statement's full decision as the engine runs it:
 /// [`decide_owned`](super::client::decide_owned)'s future, named through
 /// this bound since its type has no name.
 pub(super) trait Decision:
@@ -332,8 +336,9 @@ impl<D> Decision for D where
 pub(super) struct Env<'a, D> {
     pub(super) rt: &'a tokio::runtime::Handle,
     pub(super) inbox: &'a Arc<Inbox>,
-    /// Makes a statement's decision.
-    pub(super) decide: fn(Arc<Ctx>, Box<ClientSide>, Frame) -> D,
+    /// Makes the rest of a statement's decision, when
+    /// [`decide_now`](super::client::decide_now) left it.
+    pub(super) decide: fn(Arc<Ctx>, Box<ClientSide>, Frame, Later) -> D,
     /// Where decisions are polled first: one allocation per engine, not
     /// one per statement. A decision that is not ready at once takes it
     /// with it to the runtime, and the engine allocates another (only
@@ -446,7 +451,7 @@ fn run_with<D: Decision>(
     inbox: &Arc<Inbox>,
     rt: &tokio::runtime::Handle,
     drain: Duration,
-    decide: fn(Arc<Ctx>, Box<ClientSide>, Frame) -> D,
+    decide: fn(Arc<Ctx>, Box<ClientSide>, Frame, Later) -> D,
 ) {
     let mut env = Env {
         rt,
