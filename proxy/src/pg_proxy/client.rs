@@ -465,6 +465,11 @@ pub(super) fn handle_now(
     frame: Frame,
 ) -> Result<Now, FrameError> {
     let tag = frame.tag();
+    // A statement by its tag: [`decide_now`] decodes it (decoding a
+    // Query here too scanned its whole text twice).
+    if matches!(tag, b'Q' | b'E' | b'F') {
+        return Ok(Now::Decide(frame));
+    }
     let send = on_message(ctx, side, frame.client()?, tag);
     Ok(match send {
         Some(send) => Now::Done(Out::Send(sent(frame, send))),
