@@ -582,7 +582,7 @@ pub(super) enum Later {
 /// write or COMMIT, a refusal the classification alone makes; almost
 /// every statement. The epoll engine builds a future ([`decide_owned`])
 /// only for a [`Decided::Later`]: building one for each statement, moving
-/// it into place and polling it cost about 300 instructions a statement
+/// it into place and polling it cost 350-400 instructions a statement
 /// (callgrind, TPC-B-like, one client).
 pub(super) fn decide_now(
     ctx: &Ctx,
