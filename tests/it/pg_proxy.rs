@@ -398,6 +398,53 @@ async fn psql_with_token_in_connection_string() {
     assert_eq!(env.rows().await, vec![5]);
 }
 
+/// A fast-path function call (libpq's large-object calls, here psql's
+/// `\lo_import`, several calls in one session) is a write: a current
+/// token's calls run, a stale token's first call is refused with `ZF001`
+/// and no large object is left of it.
+#[tokio::test]
+async fn a_stale_fast_path_call_is_refused_with_zf001() {
+    let env = Env::start("fp_pg_fastpath").await;
+    let dir = TempDir::new("fp_pg_fastpath_file");
+    let file = dir.path().join("object");
+    std::fs::write(&file, b"a large object").expect("write the file");
+    let import = |token: u64| {
+        let out = Command::new("psql")
+            .arg(env.conninfo(Some(&opts(token, "r"))))
+            .args([
+                "-X",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-v",
+                "VERBOSITY=verbose",
+                "-c",
+            ])
+            .arg(format!("\\lo_import {}", file.display()))
+            .output()
+            .expect("run psql");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let objects = || async {
+        let n: i64 = direct(&env.db)
+            .await
+            .query_one("SELECT count(*) FROM pg_largeobject_metadata", &[])
+            .await
+            .expect("count large objects")
+            .get(0);
+        n
+    };
+    let (st, err) = import(5);
+    assert_eq!(st, 0, "the current token's import: {err}");
+    assert_eq!(objects().await, 1);
+    let (st, err) = import(4);
+    assert_ne!(st, 0, "a stale token's import ran");
+    assert!(err.contains("ZF001"), "{err}");
+    assert_eq!(objects().await, 1, "a stale token's import left an object");
+}
+
 /// A v3 startup packet for `user` and `database`.
 fn startup_packet(user: &str, database: &str) -> Vec<u8> {
     let mut body = Vec::new();
