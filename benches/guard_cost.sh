@@ -4,7 +4,7 @@
 # counts a loaded machine does not move (issue 11):
 #
 #   bash benches/guard_cost.sh [--transactions N] [--modes "simple extended prepared"]
-#                              [--skip-build] [--keep-tmp]
+#                              [--profiles DIR] [--skip-build] [--keep-tmp]
 #
 # A throwaway Postgres cluster (initdb, fsync off, autovacuum off) runs
 # under `valgrind --tool=callgrind --trace-children=yes`, so every backend
@@ -20,23 +20,32 @@
 # the newest /usr/lib/postgresql/*/bin), pgbench, psql, valgrind and
 # callgrind_control. Runs as root (the cluster runs as user postgres).
 # FENCEPOST_BIN=path measures another build (e.g. a "before" binary).
+# --profiles DIR keeps the backend's callgrind file of each N-transaction
+# run as DIR/backend-<mode>-<proxy|guard>.out, to see where the guard's
+# instructions go: `python3 benches/callgrind_diff.py --per N
+# DIR/backend-prepared-proxy.out DIR/backend-prepared-guard.out`.
 set -euo pipefail
 
 N=1200
 MODES="simple extended prepared"
 BUILD=1
 KEEP_TMP=0
+PROFILES=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --transactions) N="$2"; shift 2 ;;
         --modes) MODES="$2"; shift 2 ;;
         --skip-build) BUILD=0; shift ;;
         --keep-tmp) KEEP_TMP=1; shift ;;
-        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --profiles) PROFILES="$2"; shift 2 ;;
+        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 [[ "$N" =~ ^[1-9][0-9]*$ ]] && [ "$N" -ge 8 ] || { echo "--transactions: an integer of at least 8" >&2; exit 2; }
+if [ -n "$PROFILES" ]; then
+    mkdir -p "$PROFILES" && PROFILES="$(cd "$PROFILES" && pwd)"
+fi
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
@@ -124,7 +133,8 @@ export PGOPTIONS='-c fencing.token=1 -c fencing.resource=bench'
 ir() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
 # One pgbench run of $3 transactions in mode $2 at port $1: "backend proxy"
 # instructions. The backend's file is the largest one written during the
-# run (pgbench's set-up connection writes a small one too).
+# run (pgbench's set-up connection writes a small one too); with
+# --profiles, kept there as $4 when $4 is given.
 run() {
     touch "$TMP/marker"; sleep 1.1
     callgrind_control -z "$FP_PID" >/dev/null 2>&1
@@ -141,7 +151,13 @@ run() {
     done
     sleep 2
     for f in $(find "$TMP/pg/cg" -name 'be.*' -newer "$TMP/marker"); do
-        v="$(ir "$f")"; [ "${v:-0}" -gt "$backend" ] && backend="$v"
+        v="$(ir "$f")"
+        if [ "${v:-0}" -gt "$backend" ]; then
+            backend="$v"
+            if [ -n "$PROFILES" ] && [ -n "${4:-}" ]; then
+                cp "$f" "$PROFILES/$4"
+            fi
+        fi
         rm -f "$f"
     done
     echo "$backend $proxy"
@@ -154,7 +170,7 @@ for m in $MODES; do
         port="$PROXY_PORT"; [ "$target" = guard ] && port="$GUARD_PORT"
         run "$port" "$m" 50 >/dev/null   # warm: caches, the fence slot
         read -r b1 p1 < <(run "$port" "$m" "$small")
-        read -r b2 p2 < <(run "$port" "$m" "$N")
+        read -r b2 p2 < <(run "$port" "$m" "$N" "backend-$m-$target.out")
         BE["$m $target"]=$(( (b2 - b1) / (N - small) ))
         FP["$m $target"]=$(( (p2 - p1) / (N - small) ))
         log "$m $target: backend ${BE["$m $target"]}, proxy ${FP["$m $target"]} instructions per transaction"
