@@ -4,7 +4,8 @@
 # counts a loaded machine does not move (issue 11):
 #
 #   bash benches/guard_cost.sh [--transactions N] [--modes "simple extended prepared"]
-#                              [--profiles DIR] [--skip-build] [--keep-tmp]
+#                              [--profiles DIR] [--guard-sql FILE]
+#                              [--skip-build] [--keep-tmp]
 #
 # A throwaway Postgres cluster (initdb, fsync off, autovacuum off) runs
 # under `valgrind --tool=callgrind --trace-children=yes`, so every backend
@@ -24,6 +25,9 @@
 # run as DIR/backend-<mode>-<proxy|guard>.out, to see where the guard's
 # instructions go: `python3 benches/callgrind_diff.py --per N
 # DIR/backend-prepared-proxy.out DIR/backend-prepared-guard.out`.
+# --guard-sql FILE runs FILE with psql on the throwaway cluster after the
+# guard is installed and the mark set, to count another guard in its
+# place (benches/guard_c_probe/swap.sql: a C cost probe).
 set -euo pipefail
 
 N=1200
@@ -31,6 +35,7 @@ MODES="simple extended prepared"
 BUILD=1
 KEEP_TMP=0
 PROFILES=""
+GUARD_SQL=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --transactions) N="$2"; shift 2 ;;
@@ -38,11 +43,16 @@ while [ $# -gt 0 ]; do
         --skip-build) BUILD=0; shift ;;
         --keep-tmp) KEEP_TMP=1; shift ;;
         --profiles) PROFILES="$2"; shift 2 ;;
-        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --guard-sql) GUARD_SQL="$2"; shift 2 ;;
+        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 [[ "$N" =~ ^[1-9][0-9]*$ ]] && [ "$N" -ge 8 ] || { echo "--transactions: an integer of at least 8" >&2; exit 2; }
+if [ -n "$GUARD_SQL" ] && [ ! -r "$GUARD_SQL" ]; then
+    echo "--guard-sql: cannot read $GUARD_SQL" >&2; exit 2
+fi
+[ -n "$GUARD_SQL" ] && GUARD_SQL="$(cd "$(dirname "$GUARD_SQL")" && pwd)/$(basename "$GUARD_SQL")"
 if [ -n "$PROFILES" ]; then
     mkdir -p "$PROFILES" && PROFILES="$(cd "$PROFILES" && pwd)"
 fi
@@ -98,6 +108,9 @@ pgbench -h 127.0.0.1 -p "$PG_PORT" -U postgres -i -s 1 -q bench >"$TMP/init.log"
 "$FENCEPOST" migrate --guard "postgres://postgres@127.0.0.1:$PG_PORT/bench" >"$TMP/migrate.log" 2>&1
 psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d bench \
     -c "SELECT fencepost.advance('bench', '00000000000000000001', 5000)" >/dev/null
+if [ -n "$GUARD_SQL" ]; then
+    psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres -d bench -f "$GUARD_SQL" >/dev/null
+fi
 su postgres -c "'$PG_BIN/pg_ctl' -D '$TMP/pg/data' stop -w" >/dev/null
 
 log "the cluster under callgrind"
