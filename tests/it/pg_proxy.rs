@@ -360,40 +360,44 @@ async fn extended_protocol_is_fenced_at_execute() {
     assert_eq!(env.rows().await, vec![3, 33]);
 }
 
+/// Runs one psql command (`-c`) against `conninfo`, stopping at the first
+/// error with verbose messages (the SQLSTATE in them): its exit status and
+/// its standard error.
+fn psql(conninfo: &str, command: &str) -> (i32, String) {
+    let out = Command::new("psql")
+        .arg(conninfo)
+        .args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            "VERBOSITY=verbose",
+            "-c",
+            command,
+        ])
+        .output()
+        .expect("run psql");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[tokio::test]
 async fn psql_with_token_in_connection_string() {
     let env = Env::start("fp_pg_psql").await;
-    let run = |conninfo: String, sql: &'static str| {
-        let out = Command::new("psql")
-            .arg(conninfo)
-            .args([
-                "-X",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-v",
-                "VERBOSITY=verbose",
-                "-c",
-                sql,
-            ])
-            .output()
-            .expect("run psql");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let (st, err) = run(
-        env.conninfo(Some(&opts(5, "r"))),
+    let (st, err) = psql(
+        &env.conninfo(Some(&opts(5, "r"))),
         "INSERT INTO t VALUES (5)",
     );
     assert_eq!(st, 0, "{err}");
-    let (st, err) = run(
-        env.conninfo(Some(&opts(4, "r"))),
+    let (st, err) = psql(
+        &env.conninfo(Some(&opts(4, "r"))),
         "INSERT INTO t VALUES (4)",
     );
     assert_ne!(st, 0);
     assert!(err.contains("ZF001"), "{err}");
-    let (st, err) = run(env.conninfo(None), "SELECT * FROM t");
+    let (st, err) = psql(&env.conninfo(None), "SELECT * FROM t");
     assert_eq!(st, 0, "{err}");
     assert_eq!(env.rows().await, vec![5]);
 }
@@ -409,22 +413,9 @@ async fn a_stale_fast_path_call_is_refused_with_zf001() {
     let file = dir.path().join("object");
     std::fs::write(&file, b"a large object").expect("write the file");
     let import = |token: u64| {
-        let out = Command::new("psql")
-            .arg(env.conninfo(Some(&opts(token, "r"))))
-            .args([
-                "-X",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-v",
-                "VERBOSITY=verbose",
-                "-c",
-            ])
-            .arg(format!("\\lo_import {}", file.display()))
-            .output()
-            .expect("run psql");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
+        psql(
+            &env.conninfo(Some(&opts(token, "r"))),
+            &format!("\\lo_import {}", file.display()),
         )
     };
     let objects = || async {
