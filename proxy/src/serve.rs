@@ -527,8 +527,19 @@ pub async fn migrate(args: MigrateArgs) -> Result<ExitCode, Error> {
     if let Some(url) = &args.guard {
         // The protected database, not the store: only the guard's schema
         // goes there.
-        store::guard::install(url).await?;
+        let extension = store::guard::install(url).await?;
         println!("installed the fencepost guard (schema fencepost) in {url}");
+        match extension {
+            store::guard::Extension::Installed => println!(
+                "the fencepost_guard extension is installed: fencepost.advance_fast is there for [[postgres]] guard_extension = true"
+            ),
+            store::guard::Extension::Unavailable => println!(
+                "the server has no fencepost_guard extension: guard mode calls fencepost.advance (leave guard_extension unset)"
+            ),
+            store::guard::Extension::Refused(why) => println!(
+                "the server has the fencepost_guard extension, but creating it failed ({why}): a superuser can run CREATE EXTENSION fencepost_guard; until then leave guard_extension unset"
+            ),
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let config = Config::load(args.config.as_deref())?;

@@ -27,9 +27,25 @@ pub const GUARD_SQL: &str = concat!(
 /// from racing on `CREATE ... IF NOT EXISTS` (which is not atomic).
 const INSTALL_LOCK: i64 = 0x6665_6e63_6570_6f73; // "fencepos"
 
+/// What [`install`] did about the `fencepost_guard` extension
+/// (`deploy/fencepost_guard/`: the same-token check in C, which a proxy
+/// calls with `[[postgres]] guard_extension = true`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Extension {
+    /// Created now or before: `fencepost.advance_fast` exists.
+    Installed,
+    /// The server does not have it (`pg_available_extensions`).
+    Unavailable,
+    /// The server has it, but creating it failed (a C extension needs a
+    /// superuser): the server's message.
+    Refused(String),
+}
+
 /// Installs (or re-installs) the guard into the database at `url`, in one
-/// transaction, so a failed install leaves nothing half made.
-pub async fn install(url: &str) -> Result<(), StoreError> {
+/// transaction, so a failed install leaves nothing half made. Then, when
+/// the server has the `fencepost_guard` extension, creates it (in a
+/// savepoint: a role that may not create it keeps the guard it installed).
+pub async fn install(url: &str) -> Result<Extension, StoreError> {
     let mut conn = sqlx::PgConnection::connect(url).await?;
     let mut tx = conn.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -37,7 +53,30 @@ pub async fn install(url: &str) -> Result<(), StoreError> {
         .execute(&mut *tx)
         .await?;
     sqlx::raw_sql(GUARD_SQL).execute(&mut *tx).await?;
+    let available: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'fencepost_guard')",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let extension = if available {
+        let mut sp = tx.begin().await?;
+        match sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS fencepost_guard")
+            .execute(&mut *sp)
+            .await
+        {
+            Ok(_) => {
+                sp.commit().await?;
+                Extension::Installed
+            }
+            Err(e) => {
+                sp.rollback().await?;
+                Extension::Refused(e.to_string())
+            }
+        }
+    } else {
+        Extension::Unavailable
+    };
     tx.commit().await?;
     conn.close().await?;
-    Ok(())
+    Ok(extension)
 }
