@@ -75,6 +75,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("postgres", "upstream"),
     ("postgres", "enforce"),
     ("postgres", "guard_wait"),
+    ("postgres", "guard_extension"),
     ("postgres", "verify_key"),
     ("postgres", "allow_plain_tokens"),
     ("postgres", "strict"),

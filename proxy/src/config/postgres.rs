@@ -22,6 +22,15 @@ pub struct PgProxyConfig {
     /// drain_timeout` (see [`PgProxyConfig::guard_wait_ms`]).
     #[serde(default, with = "humantime_serde::option")]
     pub guard_wait: Option<Duration>,
+    /// Guard mode: call `fencepost.advance_fast` of the `fencepost_guard`
+    /// extension (`deploy/fencepost_guard/`) instead of
+    /// `fencepost.advance`: the same guarantees and errors, with the
+    /// same-token check in C, about half its cost to the server. The
+    /// extension must be created in the protected database (`fencepost
+    /// migrate --guard` does it when the server has it); without it every
+    /// guarded write fails (`42883`), none is admitted unguarded.
+    #[serde(default)]
+    pub guard_extension: bool,
     /// Public key file: when set, tokens must be signed by the elector.
     pub verify_key: Option<PathBuf>,
     /// Accept plain decimal tokens even though `verify_key` is set.

@@ -747,7 +747,8 @@ fn query_verdict(
             let mut body = Vec::with_capacity(text.len() + 96 * plan.len());
             for (_, (r, t)) in plan {
                 body.extend_from_slice(
-                    guard::call(r.as_str(), t, ctx.proxy.guard_wait_ms).as_bytes(),
+                    guard::call(ctx.proxy.guard_fn, r.as_str(), t, ctx.proxy.guard_wait_ms)
+                        .as_bytes(),
                 );
                 body.extend_from_slice(b";\n");
                 cycle.hide_simple(Some(GuardCall {
@@ -943,7 +944,7 @@ fn guards_between(
         body.extend_from_slice(&text.as_bytes()[copied..at]);
         chars += u32::try_from(text[copied..at].chars().count()).ok()?;
         copied = at;
-        let mut call = guard::call(r.as_str(), t, ctx.proxy.guard_wait_ms);
+        let mut call = guard::call(ctx.proxy.guard_fn, r.as_str(), t, ctx.proxy.guard_wait_ms);
         call.push_str(";\n");
         body.extend_from_slice(call.as_bytes());
         // Statements of the client's answered before this one.
@@ -1113,7 +1114,12 @@ fn guard_extended(
         );
         out.extend_from_slice(&frame::run_named(
             &name,
-            &guard::call(resource.as_str(), token, proxy.guard_wait_ms),
+            &guard::call(
+                proxy.guard_fn,
+                resource.as_str(),
+                token,
+                proxy.guard_wait_ms,
+            ),
         ));
         return (RUN_NAMED_COMPLETIONS, None);
     }
@@ -1124,7 +1130,7 @@ fn guard_extended(
         out.extend_from_slice(&frame::close(b'S', g.name()));
         out.extend_from_slice(&frame::parse_typed(
             g.name(),
-            guard::PREPARED,
+            proxy.guard_fn.prepared(),
             &guard::PREPARED_TYPES,
         ));
         owed += 2;

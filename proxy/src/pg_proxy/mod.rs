@@ -86,6 +86,10 @@ pub struct PgProxy {
     /// a newer token's first transaction waits in the database for the
     /// older ones (`ZF005` past it).
     guard_wait_ms: u32,
+    /// The function the guard calls: `fencepost.advance`, or the
+    /// `fencepost_guard` extension's `fencepost.advance_fast` with
+    /// `guard_extension = true`.
+    guard_fn: wire::pg::guard::GuardFn,
     /// `guard_wait_ms` as the prepared guard statement's text parameter.
     guard_wait_text: Box<str>,
     /// Set when `tls_cert`/`tls_key` are configured: SSLRequest is then
@@ -134,6 +138,11 @@ impl PgProxy {
             upstream_tls,
             upstream_sslmode: cfg.upstream_sslmode,
             guard_wait_ms: cfg.guard_wait_ms(fencer.drain_timeout()),
+            guard_fn: if cfg.guard_extension {
+                wire::pg::guard::GuardFn::Extension
+            } else {
+                wire::pg::guard::GuardFn::Sql
+            },
             guard_wait_text: cfg
                 .guard_wait_ms(fencer.drain_timeout())
                 .to_string()

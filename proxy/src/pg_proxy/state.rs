@@ -54,7 +54,7 @@ pub(super) struct CycleData {
 }
 
 /// Guard mode's prepared guard statement on the session's server
-/// connection ([`wire::pg::guard::PREPARED`]): parsed once, then run with
+/// connection ([`wire::pg::guard::GuardFn::prepared`]): parsed once, then run with
 /// Bind/Execute/Close in each guarded transaction of the extended
 /// protocol, so the server does not parse and plan the guard call every
 /// time.

@@ -5,31 +5,59 @@
 
 use super::frame::ErrorFields;
 
+/// Which function the guard call runs: `fencepost.advance` (PL/pgSQL,
+/// `migrations/guard/`), or `fencepost.advance_fast` of the
+/// `fencepost_guard` extension (`deploy/fencepost_guard/`: the same-token
+/// check in C, every other case handed to `fencepost.advance`), which a
+/// proxy calls with `[[postgres]] guard_extension = true`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuardFn {
+    /// `fencepost.advance`: the guard as installed by `migrate --guard`.
+    Sql,
+    /// `fencepost.advance_fast`: `guard_extension = true`.
+    Extension,
+}
+
+impl GuardFn {
+    /// The function's qualified name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            GuardFn::Sql => "fencepost.advance",
+            GuardFn::Extension => "fencepost.advance_fast",
+        }
+    }
+
+    /// The guard call as a prepared statement, parsed once per server
+    /// session and then run with Bind/Execute for each guarded transaction
+    /// (`enforce = "database"`, extended protocol): the server parses,
+    /// analyses and plans the call once, not once per transaction.
+    /// Measured on the backend (the server under callgrind, pgbench
+    /// TPC-B-like, one client, instructions per transaction over proxy
+    /// mode's): a named Parse/Bind/Execute/Close/Close per transaction cost
+    /// 145,000 (`-M prepared`, over 311,000) and 146,000 (`-M extended`);
+    /// the prepared statement's Bind/Execute/Close costs 97,000 and 87,000.
+    pub const fn prepared(self) -> &'static str {
+        match self {
+            GuardFn::Sql => "SELECT fencepost.advance($1, $2, $3)",
+            GuardFn::Extension => "SELECT fencepost.advance_fast($1, $2, $3)",
+        }
+    }
+}
+
 /// The guard call for one admitted write. `resource` has already been
 /// validated as a resource name (`[A-Za-z0-9._:/-]`), so it needs no
 /// escaping beyond quotes; the token is a number. `wait_ms` bounds how
 /// long a newer token waits for the older-token transactions still in
 /// flight (`[[postgres]] guard_wait`); past it the guard raises `ZF005`.
-pub fn call(resource: &str, token: u64, wait_ms: u32) -> String {
+pub fn call(f: GuardFn, resource: &str, token: u64, wait_ms: u32) -> String {
     format!(
-        "SELECT fencepost.advance('{}', '{token:020}', {wait_ms})",
+        "SELECT {}('{}', '{token:020}', {wait_ms})",
+        f.name(),
         resource.replace('\'', "''")
     )
 }
 
-/// The guard call as a prepared statement, parsed once per server session
-/// and then run with Bind/Execute for each guarded transaction
-/// (`enforce = "database"`, extended protocol): the server parses,
-/// analyses and plans `SELECT fencepost.advance(...)` once, not once per
-/// transaction. Measured on the backend (the server under callgrind,
-/// pgbench TPC-B-like, one client, instructions per transaction over
-/// proxy mode's): a named Parse/Bind/Execute/Close/Close per transaction
-/// cost 145,000 (`-M prepared`, over 311,000) and 146,000 (`-M
-/// extended`); the prepared statement's Bind/Execute/Close costs 97,000
-/// and 87,000.
-pub const PREPARED: &str = "SELECT fencepost.advance($1, $2, $3)";
-
-/// Parameter types of [`PREPARED`]: `text`, `text`, `integer`.
+/// Parameter types of [`GuardFn::prepared`]: `text`, `text`, `integer`.
 pub const PREPARED_TYPES: [u32; 3] = [25, 25, 23];
 
 /// The prefix of the prepared guard statement's name (and its portal's):
@@ -49,7 +77,7 @@ pub fn is_prepared_name(name: &[u8], generation: u32) -> bool {
         .is_some_and(|rest| rest == generation.to_string().as_bytes())
 }
 
-/// The token as [`PREPARED`]'s second parameter: the guard's 20 digits.
+/// The token as [`GuardFn::prepared`]'s second parameter: the guard's 20 digits.
 pub fn token_digits(token: u64) -> [u8; 20] {
     let mut digits = [b'0'; 20];
     let mut t = token;
@@ -89,6 +117,7 @@ fn current_mark(message: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::super::frame::{error_response, BackendMsg, Frame};
+    use super::GuardFn;
 
     fn fields_of(code: &str, message: &str, check: impl FnOnce(Option<Option<u64>>)) {
         let raw = error_response("ERROR", code, message);
@@ -133,9 +162,21 @@ mod tests {
     #[test]
     fn call_pads_and_quotes() {
         assert_eq!(
-            super::call("orders", 5, 5000),
+            super::call(GuardFn::Sql, "orders", 5, 5000),
             "SELECT fencepost.advance('orders', '00000000000000000005', 5000)"
         );
-        assert!(super::call("a'b", u64::MAX, 1).contains("'a''b', '18446744073709551615', 1)"));
+        assert_eq!(
+            super::call(GuardFn::Extension, "orders", 5, 5000),
+            "SELECT fencepost.advance_fast('orders', '00000000000000000005', 5000)"
+        );
+        assert!(super::call(GuardFn::Sql, "a'b", u64::MAX, 1)
+            .contains("'a''b', '18446744073709551615', 1)"));
+        for f in [GuardFn::Sql, GuardFn::Extension] {
+            assert_eq!(
+                f.prepared(),
+                format!("SELECT {}($1, $2, $3)", f.name()),
+                "{f:?}"
+            );
+        }
     }
 }
