@@ -88,6 +88,9 @@
 //! mark (`fencepost.marks`) for the Postgres resource; audit records are
 //! read from both stores, each checked against its own process's lifetimes
 //! (the second process is never killed).
+//! `fencing_holds_in_guard_mode_with_the_extension_through_two_proxies` is
+//! the same with `guard_extension = true` on both proxies: the guard is
+//! the `fencepost_guard` extension's `fencepost.advance_fast`.
 //!
 //! A refusal whose record is missing where it must exist is excused only
 //! while the serve logs name at least as many records the audit sink
@@ -247,6 +250,9 @@ enum Mode {
     /// tokens), both Postgres proxies in `enforce = "database"`: only the
     /// database's guard orders writes across them.
     Guard,
+    /// [`Mode::Guard`] with `guard_extension = true` on both proxies: the
+    /// `fencepost_guard` extension's C guard.
+    GuardExtension,
     /// Straight at the storage: the checker's self-test.
     Bypass,
     /// Three replicas on one Postgres store, `enforce = "proxy"`
@@ -272,6 +278,17 @@ async fn fencing_holds_under_faults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fencing_holds_in_guard_mode_through_two_proxies() {
     campaign(Mode::Guard, "checker, guard mode through two proxies").await;
+}
+
+/// The same with the `fencepost_guard` extension's guard
+/// (`guard_extension = true` on both proxies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fencing_holds_in_guard_mode_with_the_extension_through_two_proxies() {
+    campaign(
+        Mode::GuardExtension,
+        "checker, guard mode with the extension through two proxies",
+    )
+    .await;
 }
 
 /// Runs the campaign the environment asks for (seconds, runs, writers,
@@ -325,7 +342,8 @@ async fn the_checker_catches_writes_that_bypass_the_proxies() {
 /// self-test.
 async fn one_run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usize {
     let bypass = mode == Mode::Bypass;
-    let guard = mode == Mode::Guard;
+    let guard = matches!(mode, Mode::Guard | Mode::GuardExtension);
+    let extension = mode == Mode::GuardExtension;
     let mut rng = StdRng::seed_from_u64(seed);
     let db = TestDb::create("fpcheck").await;
     let direct = create_register(&db.url).await;
@@ -348,7 +366,11 @@ async fn one_run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usize {
             .set("elector_watch", format!("http://{elector}"))
             .set("watch_resources", vec![HTTP_RES]),
     );
-    let pg = conf.postgres(Section::to("127.0.0.1:5432").set("enforce", enforce));
+    let pg = conf.postgres(
+        Section::to("127.0.0.1:5432")
+            .set("enforce", enforce)
+            .set("guard_extension", extension),
+    );
     // Guard mode: a second process, its own store, one guard-mode proxy.
     let dir2 = TempDir::new("fp-checker2");
     let mut conf2 = Conf::sqlite(dir2.path());
@@ -356,7 +378,11 @@ async fn one_run(seed: u64, secs: u64, writers: usize, mode: Mode) -> usize {
         .set("audit", "flush_interval", "20ms")
         .set("fencing", "store_timeout", "3s")
         .set("fencing", "drain_timeout", "10s");
-    let pg2 = conf2.postgres(Section::to("127.0.0.1:5432").set("enforce", "database"));
+    let pg2 = conf2.postgres(
+        Section::to("127.0.0.1:5432")
+            .set("enforce", "database")
+            .set("guard_extension", extension),
+    );
     let mut server2 = if guard {
         Some(Server::run(dir2.path(), conf2).await)
     } else {

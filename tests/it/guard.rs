@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::{code, direct, opts, Conf, Section, Server, TempDir, TestDb};
 use tokio_postgres::{Client, NoTls};
+use wire::pg::guard::GuardFn;
 
 const LEVELS: [&str; 3] = ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"];
 /// Long enough that a wait this long means "blocked", on a loaded machine.
@@ -35,6 +36,13 @@ async fn guarded(prefix: &str) -> TestDb {
     let db = TestDb::create(prefix).await;
     let (rc, out, err) = crate::support::run_cli(&["migrate", "--guard", &db.url], &[]);
     assert_eq!(rc, 0, "migrate --guard: {out}{err}");
+    // Half of these tests run the extension's guard: the server must have
+    // it (`.ci/run` builds and installs deploy/fencepost_guard/).
+    assert!(
+        out.contains("the fencepost_guard extension is installed"),
+        "migrate --guard did not create the fencepost_guard extension \
+         (make -C deploy/fencepost_guard install): {out}{err}"
+    );
     direct(&db)
         .await
         .batch_execute("CREATE TABLE w (id bigserial PRIMARY KEY, token int NOT NULL)")
@@ -43,12 +51,20 @@ async fn guarded(prefix: &str) -> TestDb {
     db
 }
 
-fn call(resource: &str, token: u64, wait_ms: u32) -> String {
-    format!("SELECT fencepost.advance('{resource}', '{token:020}', {wait_ms})")
+fn call(f: GuardFn, resource: &str, token: u64, wait_ms: u32) -> String {
+    format!(
+        "SELECT {}('{resource}', '{token:020}', {wait_ms})",
+        f.name()
+    )
 }
 
-async fn advance(c: &Client, resource: &str, token: u64) -> Result<(), tokio_postgres::Error> {
-    c.batch_execute(&call(resource, token, 10_000)).await
+async fn advance(
+    f: GuardFn,
+    c: &Client,
+    resource: &str,
+    token: u64,
+) -> Result<(), tokio_postgres::Error> {
+    c.batch_execute(&call(f, resource, token, 10_000)).await
 }
 
 async fn mark(db: &TestDb, resource: &str) -> Option<u64> {
@@ -126,11 +142,10 @@ async fn finish<T>(h: tokio::task::JoinHandle<T>, what: &str) -> T {
         .expect("task")
 }
 
-#[tokio::test]
-async fn same_token_transactions_run_concurrently_and_write_nothing() {
+async fn same_token_transactions_run_concurrently_and_write_nothing(f: GuardFn) {
     let db = guarded("fp_gate_same").await;
     let seed = direct(&db).await;
-    advance(&seed, "r", 5).await.expect("first mark");
+    advance(f, &seed, "r", 5).await.expect("first mark");
     let before = mark_version(&db, "r").await;
     for level in LEVELS {
         let mut open = Vec::new();
@@ -140,7 +155,7 @@ async fn same_token_transactions_run_concurrently_and_write_nothing() {
             // Each call must return while the others' transactions are
             // open: a serializing guard would block the second one forever.
             tokio::time::timeout(PATIENCE, async {
-                advance(&c, "r", 5).await.expect("same-token guard");
+                advance(f, &c, "r", 5).await.expect("same-token guard");
                 c.batch_execute("INSERT INTO w (token) VALUES (5)")
                     .await
                     .expect("write");
@@ -175,24 +190,25 @@ async fn same_token_transactions_run_concurrently_and_write_nothing() {
     }
 }
 
-#[tokio::test]
-async fn a_newer_token_waits_for_every_older_transaction_in_flight() {
+async fn a_newer_token_waits_for_every_older_transaction_in_flight(f: GuardFn) {
     let db = guarded("fp_gate_drain").await;
     for (i, level) in LEVELS.into_iter().enumerate() {
         let old = 10 * (i as u64 + 1);
         let new = old + 1;
-        advance(&direct(&db).await, "r", old).await.expect("mark");
+        advance(f, &direct(&db).await, "r", old)
+            .await
+            .expect("mark");
         let (h1, h2) = (direct(&db).await, direct(&db).await);
         for h in [&h1, &h2] {
             begin(h, level).await;
-            advance(h, "r", old).await.expect("old-token guard");
+            advance(f, h, "r", old).await.expect("old-token guard");
             h.batch_execute(&format!("INSERT INTO w (token) VALUES ({old})"))
                 .await
                 .expect("old write");
         }
         let a = Arc::new(direct(&db).await);
         begin(&a, level).await;
-        let mut adv = spawn_sql(&a, call("r", new, 20_000));
+        let mut adv = spawn_sql(&a, call(f, "r", new, 20_000));
         assert!(
             still_blocked(&mut adv).await,
             "{level}: the advance did not wait"
@@ -217,18 +233,19 @@ async fn a_newer_token_waits_for_every_older_transaction_in_flight() {
 /// REPEATABLE READ / SERIALIZABLE its snapshot was taken before the wait,
 /// so only the guard's `FOR SHARE` re-read catches the advance (40001);
 /// a plain re-read would see the old mark and let it commit.
-#[tokio::test]
-async fn an_older_token_waiting_on_the_advance_cannot_commit() {
+async fn an_older_token_waiting_on_the_advance_cannot_commit(f: GuardFn) {
     let db = guarded("fp_gate_after").await;
     for (i, level) in LEVELS.into_iter().enumerate() {
         let old = 10 * (i as u64 + 1);
-        advance(&direct(&db).await, "r", old).await.expect("mark");
+        advance(f, &direct(&db).await, "r", old)
+            .await
+            .expect("mark");
         let a = direct(&db).await;
         begin(&a, level).await;
-        advance(&a, "r", old + 1).await.expect("advance");
+        advance(f, &a, "r", old + 1).await.expect("advance");
         let w = Arc::new(direct(&db).await);
         begin(&w, level).await;
-        let mut guard = spawn_sql(&w, call("r", old, 20_000));
+        let mut guard = spawn_sql(&w, call(f, "r", old, 20_000));
         assert!(
             still_blocked(&mut guard).await,
             "{level}: an older-token guard went past a held advance"
@@ -250,21 +267,22 @@ async fn an_older_token_waiting_on_the_advance_cannot_commit() {
 /// A writer whose transaction (and, under REPEATABLE READ, snapshot)
 /// began before the advance committed, and whose guard comes after it:
 /// no wait at all, and still no commit.
-#[tokio::test]
-async fn an_older_token_whose_snapshot_predates_the_advance_cannot_commit() {
+async fn an_older_token_whose_snapshot_predates_the_advance_cannot_commit(f: GuardFn) {
     let db = guarded("fp_gate_snap").await;
     for (i, level) in LEVELS.into_iter().enumerate() {
         let old = 10 * (i as u64 + 1);
-        advance(&direct(&db).await, "r", old).await.expect("mark");
+        advance(f, &direct(&db).await, "r", old)
+            .await
+            .expect("mark");
         let w = direct(&db).await;
         begin(&w, level).await;
         w.batch_execute("SELECT count(*) FROM w")
             .await
             .expect("snapshot");
-        advance(&direct(&db).await, "r", old + 1)
+        advance(f, &direct(&db).await, "r", old + 1)
             .await
             .expect("advance, autocommit");
-        let err = advance(&w, "r", old)
+        let err = advance(f, &w, "r", old)
             .await
             .expect_err("an older token after the advance");
         let expected = if level == "READ COMMITTED" {
@@ -281,10 +299,9 @@ async fn an_older_token_whose_snapshot_predates_the_advance_cannot_commit() {
 /// exclusive one, so writers that keep the gate shared without a gap do
 /// not keep a newer token out: its advance gets the gate once those in
 /// flight when it arrived have ended, well within its wait.
-#[tokio::test]
-async fn a_stream_of_same_token_writers_does_not_starve_the_advance() {
+async fn a_stream_of_same_token_writers_does_not_starve_the_advance(f: GuardFn) {
     let db = guarded("fp_gate_starve").await;
-    advance(&direct(&db).await, "r", 5).await.expect("mark");
+    advance(f, &direct(&db).await, "r", 5).await.expect("mark");
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
     for _ in 0..8 {
@@ -295,7 +312,7 @@ async fn a_stream_of_same_token_writers_does_not_starve_the_advance() {
             while !stop.load(Ordering::Relaxed) {
                 let r = async {
                     c.batch_execute("BEGIN").await?;
-                    advance(&c, "r", 5).await?;
+                    advance(f, &c, "r", 5).await?;
                     c.batch_execute("INSERT INTO w (token) VALUES (5); SELECT pg_sleep(0.03)")
                         .await?;
                     c.batch_execute("COMMIT").await
@@ -318,7 +335,7 @@ async fn a_stream_of_same_token_writers_does_not_starve_the_advance() {
     a.batch_execute("BEGIN").await.expect("begin");
     let started = Instant::now();
     // 15 s of patience: starved, it would fail with ZF005 after them.
-    a.batch_execute(&call("r", 6, 15_000))
+    a.batch_execute(&call(f, "r", 6, 15_000))
         .await
         .expect("the advance got the gate amid continuous same-token writers");
     let took = started.elapsed();
@@ -350,8 +367,7 @@ async fn a_stream_of_same_token_writers_does_not_starve_the_advance() {
 /// so is the memo that lets a repeated call skip the gate): the next call
 /// takes the gate again, and the advance must wait for the transaction.
 /// Released (RELEASE) or taken at top level first, the gate stays held.
-#[tokio::test]
-async fn a_guard_in_a_rolled_back_savepoint_is_taken_again() {
+async fn a_guard_in_a_rolled_back_savepoint_is_taken_again(f: GuardFn) {
     let db = guarded("fp_gate_savepoint").await;
     let mut token = 10;
     for level in LEVELS {
@@ -370,12 +386,14 @@ async fn a_guard_in_a_rolled_back_savepoint_is_taken_again() {
             ),
         ] {
             token += 10;
-            advance(&direct(&db).await, "r", token).await.expect("mark");
+            advance(f, &direct(&db).await, "r", token)
+                .await
+                .expect("mark");
             let w = direct(&db).await;
             let w_pid = pid(&w).await;
             begin(&w, level).await;
             for step in script.split("; ") {
-                let sql = step.replace("{g}", &call("r", token, 10_000));
+                let sql = step.replace("{g}", &call(f, "r", token, 10_000));
                 w.batch_execute(&sql).await.expect(&sql);
                 if step == "ROLLBACK TO s" && name.starts_with("rolled back") {
                     assert!(
@@ -391,7 +409,7 @@ async fn a_guard_in_a_rolled_back_savepoint_is_taken_again() {
             );
             let a = Arc::new(direct(&db).await);
             a.batch_execute("BEGIN").await.expect("begin");
-            let mut adv = spawn_sql(&a, call("r", token + 1, 20_000));
+            let mut adv = spawn_sql(&a, call(f, "r", token + 1, 20_000));
             assert!(
                 still_blocked(&mut adv).await,
                 "{level}, {name}: the advance did not wait for a guarded transaction"
@@ -412,23 +430,24 @@ async fn a_guard_in_a_rolled_back_savepoint_is_taken_again() {
 /// gate exclusive only, and the second goes on when the first commits: it
 /// finds the mark its own token (READ COMMITTED), or its snapshot predates
 /// the advance (`40001`).
-#[tokio::test]
-async fn a_newer_token_never_waits_holding_the_gate_shared() {
+async fn a_newer_token_never_waits_holding_the_gate_shared(f: GuardFn) {
     let db = guarded("fp_gate_no_upgrade").await;
     for (i, level) in LEVELS.into_iter().enumerate() {
         let old = 10 * (i as u64 + 1);
         let new = old + 1;
-        advance(&direct(&db).await, "r", old).await.expect("mark");
+        advance(f, &direct(&db).await, "r", old)
+            .await
+            .expect("mark");
         let h = direct(&db).await;
         begin(&h, level).await;
-        advance(&h, "r", old).await.expect("old-token guard");
+        advance(f, &h, "r", old).await.expect("old-token guard");
         let (a, b) = (Arc::new(direct(&db).await), Arc::new(direct(&db).await));
         let (pa, pb) = (pid(&a).await, pid(&b).await);
         begin(&a, level).await;
-        let mut ja = spawn_sql(&a, call("r", new, 20_000));
+        let mut ja = spawn_sql(&a, call(f, "r", new, 20_000));
         assert!(still_blocked(&mut ja).await, "{level}: no drain");
         begin(&b, level).await;
-        let mut jb = spawn_sql(&b, call("r", new, 20_000));
+        let mut jb = spawn_sql(&b, call(f, "r", new, 20_000));
         assert!(
             still_blocked(&mut jb).await,
             "{level}: the second advancer did not wait"
@@ -476,20 +495,19 @@ async fn a_newer_token_never_waits_holding_the_gate_shared() {
 /// after waiting for the gate (another transaction holds it shared
 /// throughout, so an exclusive request would wait, then fail with
 /// `ZF005`), and nothing is advanced.
-#[tokio::test]
-async fn a_token_change_within_a_transaction_is_refused() {
+async fn a_token_change_within_a_transaction_is_refused(f: GuardFn) {
     let db = guarded("fp_gate_change").await;
-    advance(&direct(&db).await, "r", 5).await.expect("mark");
+    advance(f, &direct(&db).await, "r", 5).await.expect("mark");
     let other = direct(&db).await;
     other.batch_execute("BEGIN").await.expect("begin");
-    advance(&other, "r", 5).await.expect("another holder");
+    advance(f, &other, "r", 5).await.expect("another holder");
     for level in LEVELS {
         let w = direct(&db).await;
         begin(&w, level).await;
-        advance(&w, "r", 5).await.expect("guard");
+        advance(f, &w, "r", 5).await.expect("guard");
         let started = Instant::now();
         let err = w
-            .batch_execute(&call("r", 6, 5_000))
+            .batch_execute(&call(f, "r", 6, 5_000))
             .await
             .expect_err("a second token");
         assert!(
@@ -508,32 +526,33 @@ async fn a_token_change_within_a_transaction_is_refused() {
     }
     other.batch_execute("COMMIT").await.expect("commit");
     // Another resource in the same transaction is independent.
-    advance(&direct(&db).await, "q", 9).await.expect("mark q");
+    advance(f, &direct(&db).await, "q", 9)
+        .await
+        .expect("mark q");
     let w = direct(&db).await;
     w.batch_execute("BEGIN").await.expect("begin");
-    advance(&w, "r", 5).await.expect("r");
-    advance(&w, "q", 9).await.expect("q, another resource");
+    advance(f, &w, "r", 5).await.expect("r");
+    advance(f, &w, "q", 9).await.expect("q, another resource");
     w.batch_execute("COMMIT").await.expect("commit");
 }
 
 /// The advance waits at most its bound; then `ZF005` names the backends
 /// that held the gate, nothing is advanced, and the caller's own
 /// `lock_timeout` is back in force after a successful advance.
-#[tokio::test]
-async fn the_drain_is_bounded_and_names_who_held_it() {
+async fn the_drain_is_bounded_and_names_who_held_it(f: GuardFn) {
     let db = guarded("fp_gate_wait").await;
-    advance(&direct(&db).await, "r", 5).await.expect("mark");
+    advance(f, &direct(&db).await, "r", 5).await.expect("mark");
     let h = direct(&db).await;
     let h_pid = pid(&h).await;
     h.batch_execute("SET application_name = 'old-leader-7'; BEGIN")
         .await
         .expect("begin");
-    advance(&h, "r", 5).await.expect("old guard");
+    advance(f, &h, "r", 5).await.expect("old guard");
     let a = direct(&db).await;
     a.batch_execute("BEGIN").await.expect("begin");
     let started = Instant::now();
     let err = a
-        .batch_execute(&call("r", 6, 300))
+        .batch_execute(&call(f, "r", 6, 300))
         .await
         .expect_err("past its wait");
     let took = started.elapsed();
@@ -554,7 +573,9 @@ async fn the_drain_is_bounded_and_names_who_held_it() {
     a.batch_execute("SET lock_timeout = '7s'; BEGIN")
         .await
         .expect("begin");
-    a.batch_execute(&call("r", 6, 300)).await.expect("advance");
+    a.batch_execute(&call(f, "r", 6, 300))
+        .await
+        .expect("advance");
     let lt: String = a
         .query_one("SHOW lock_timeout", &[])
         .await
@@ -564,6 +585,82 @@ async fn the_drain_is_bounded_and_names_who_held_it() {
     a.batch_execute("COMMIT").await.expect("commit");
     assert_eq!(mark(&db, "r").await, Some(6));
 }
+
+/// A role that may not read `fencepost.marks` gets Postgres's `42501`
+/// from the guard, even when its token is the mark (the extension's C
+/// check reads the mark without the executor, so it checks the privilege
+/// itself); granted `SELECT`, the same call passes.
+async fn a_role_that_may_not_read_the_marks_is_refused(f: GuardFn) {
+    let db = guarded("fp_gate_acl").await;
+    let c = direct(&db).await;
+    advance(f, &c, "r", 5).await.expect("mark");
+    let role = format!("{}_noread", db.name);
+    c.batch_execute(&format!(
+        "CREATE ROLE {role}; GRANT USAGE ON SCHEMA fencepost TO {role}"
+    ))
+    .await
+    .expect("a role without SELECT on the marks");
+    c.batch_execute(&format!("SET ROLE {role}; BEGIN"))
+        .await
+        .expect("set role");
+    let err = advance(f, &c, "r", 5)
+        .await
+        .expect_err("no SELECT on fencepost.marks");
+    assert_eq!(code(&err), "42501", "{err:?}");
+    c.batch_execute("ROLLBACK; RESET ROLE")
+        .await
+        .expect("reset");
+    c.batch_execute(&format!(
+        "GRANT SELECT ON fencepost.marks TO {role}; SET ROLE {role}"
+    ))
+    .await
+    .expect("grant");
+    advance(f, &c, "r", 5)
+        .await
+        .expect("with SELECT, the mark's own token passes");
+    c.batch_execute(&format!(
+        "RESET ROLE; DROP OWNED BY {role}; DROP ROLE {role}"
+    ))
+    .await
+    .expect("drop the role");
+}
+
+/// Every SQL-level test above, once for each guard function: the PL/pgSQL
+/// `fencepost.advance` and the `fencepost_guard` extension's
+/// `fencepost.advance_fast`, which must keep every one of its promises.
+macro_rules! for_each_guard {
+    ($($name:ident),* $(,)?) => {
+        mod plpgsql {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::GuardFn::Sql).await
+                }
+            )*
+        }
+        mod extension {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::GuardFn::Extension).await
+                }
+            )*
+        }
+    };
+}
+
+for_each_guard!(
+    same_token_transactions_run_concurrently_and_write_nothing,
+    a_newer_token_waits_for_every_older_transaction_in_flight,
+    an_older_token_waiting_on_the_advance_cannot_commit,
+    an_older_token_whose_snapshot_predates_the_advance_cannot_commit,
+    a_stream_of_same_token_writers_does_not_starve_the_advance,
+    a_guard_in_a_rolled_back_savepoint_is_taken_again,
+    a_newer_token_never_waits_holding_the_gate_shared,
+    a_token_change_within_a_transaction_is_refused,
+    the_drain_is_bounded_and_names_who_held_it,
+    a_role_that_may_not_read_the_marks_is_refused,
+);
 
 /// A database whose guard an older fencepost installed (0001: the row-lock
 /// upsert) is upgraded in place by `migrate --guard`: the marks stay, and
@@ -581,6 +678,15 @@ async fn migrate_upgrades_an_installed_guard_in_place() {
     let (rc, out, err) = crate::support::run_cli(&["migrate", "--guard", &db.url], &[]);
     assert_eq!(rc, 0, "migrate --guard: {out}{err}");
     assert_eq!(mark(&db, "r").await, Some(7), "the upgrade lost the mark");
+    let fast: bool = d
+        .query_one(
+            "SELECT to_regprocedure('fencepost.advance_fast(text,text,integer)') IS NOT NULL",
+            &[],
+        )
+        .await
+        .expect("advance_fast")
+        .get(0);
+    assert!(fast, "the upgrade did not create the extension: {out}");
     let version = mark_version(&db, "r").await;
     let (c1, c2) = (direct(&db).await, direct(&db).await);
     for c in [&c1, &c2] {
@@ -617,6 +723,51 @@ async fn migrate_upgrades_an_installed_guard_in_place() {
     assert_eq!(code(&stale), "ZF001");
 }
 
+/// `migrate --guard` run as a role that may create the schema but not a C
+/// extension: the guard is installed all the same (the extension is
+/// created in a savepoint after it), the extension is not, and the output
+/// says why.
+#[tokio::test]
+async fn migrate_as_a_role_that_may_not_create_the_extension_installs_the_guard() {
+    let db = TestDb::create("fp_gate_ext_refused").await;
+    let role = format!("{}_owner", db.name);
+    let d = direct(&db).await;
+    d.batch_execute(&format!(
+        "CREATE ROLE {role}; GRANT CREATE ON DATABASE {} TO {role}",
+        db.name
+    ))
+    .await
+    .expect("a role that may create schemas");
+    // The startup option makes the superuser's connection act as the role.
+    let url = format!("{}?options=-c%20role%3D{role}", db.url);
+    let (rc, out, err) = crate::support::run_cli(&["migrate", "--guard", &url], &[]);
+    assert_eq!(rc, 0, "migrate --guard: {out}{err}");
+    assert!(
+        out.contains("installed the fencepost guard")
+            && out.contains("creating it failed")
+            && out.contains("permission denied"),
+        "{out}{err}"
+    );
+    let (owner, fast): (String, bool) = d
+        .query_one(
+            "SELECT nspowner::regrole::text,
+                    to_regprocedure('fencepost.advance_fast(text,text,integer)') IS NOT NULL
+               FROM pg_namespace WHERE nspname = 'fencepost'",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .expect("the guard's schema");
+    assert_eq!(owner, role, "the guard was not installed as the role");
+    assert!(!fast, "the extension was created without a superuser");
+    advance(GuardFn::Sql, &d, "r", 5)
+        .await
+        .expect("the installed guard works");
+    d.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .await
+        .expect("drop the role");
+}
+
 // ------------------------------------------------- through two guard proxies
 
 /// Two `fencepost serve` processes with separate SQLite stores (neither
@@ -632,6 +783,11 @@ struct TwoProxies {
 
 impl TwoProxies {
     async fn start(prefix: &str) -> TwoProxies {
+        TwoProxies::start_with(prefix, GuardFn::Sql).await
+    }
+
+    /// Proxies whose guard call is `f` (`guard_extension`).
+    async fn start_with(prefix: &str, f: GuardFn) -> TwoProxies {
         let db = guarded(prefix).await;
         direct(&db)
             .await
@@ -657,7 +813,8 @@ impl TwoProxies {
             let listen = conf.postgres(
                 Section::to("127.0.0.1:5432")
                     .set("enforce", "database")
-                    .set("guard_wait", "15s"),
+                    .set("guard_wait", "15s")
+                    .set("guard_extension", f == GuardFn::Extension),
             );
             servers.push(Server::run(dir.path(), conf).await);
             dirs.push(dir);
@@ -757,8 +914,13 @@ async fn same_token_blocks_through_two_proxies_do_not_wait_for_each_other() {
 /// transaction commits after a newer one, in INSERT or in COMMIT order,
 /// and the refusals come from the database (the proxies' stores never
 /// learn each other's tokens).
-async fn failovers_through_two_proxies(level: &'static str) {
-    let env = TwoProxies::start(&format!("fp_gate_two_{}", &level[..4].to_lowercase())).await;
+async fn failovers_through_two_proxies(level: &'static str, f: GuardFn) {
+    let prefix = format!(
+        "fp_gate_two_{}{}",
+        &level[..4].to_lowercase(),
+        if f == GuardFn::Extension { "_c" } else { "" }
+    );
+    let env = TwoProxies::start_with(&prefix, f).await;
     const EPOCHS: u64 = 5;
     const PER_EPOCH: u64 = 4;
     let env = Arc::new(env);
@@ -847,17 +1009,34 @@ async fn failovers_through_two_proxies(level: &'static str) {
 
 #[tokio::test]
 async fn failovers_through_two_proxies_read_committed() {
-    failovers_through_two_proxies("READ COMMITTED").await;
+    failovers_through_two_proxies("READ COMMITTED", GuardFn::Sql).await;
 }
 
 #[tokio::test]
 async fn failovers_through_two_proxies_repeatable_read() {
-    failovers_through_two_proxies("REPEATABLE READ").await;
+    failovers_through_two_proxies("REPEATABLE READ", GuardFn::Sql).await;
 }
 
 #[tokio::test]
 async fn failovers_through_two_proxies_serializable() {
-    failovers_through_two_proxies("SERIALIZABLE").await;
+    failovers_through_two_proxies("SERIALIZABLE", GuardFn::Sql).await;
+}
+
+/// The same through proxies with `guard_extension = true`: their guard
+/// call is the extension's `fencepost.advance_fast`.
+#[tokio::test]
+async fn failovers_through_two_extension_proxies_read_committed() {
+    failovers_through_two_proxies("READ COMMITTED", GuardFn::Extension).await;
+}
+
+#[tokio::test]
+async fn failovers_through_two_extension_proxies_repeatable_read() {
+    failovers_through_two_proxies("REPEATABLE READ", GuardFn::Extension).await;
+}
+
+#[tokio::test]
+async fn failovers_through_two_extension_proxies_serializable() {
+    failovers_through_two_proxies("SERIALIZABLE", GuardFn::Extension).await;
 }
 
 // ------------------------------ the guard before a transaction's first write
@@ -866,15 +1045,22 @@ async fn failovers_through_two_proxies_serializable() {
 /// Postgres counts them (`track_functions = 'pl'`): within one transaction
 /// block nothing is reported, so differences count the block's calls.
 async fn guard_calls(c: &Client) -> i64 {
+    calls_of(c, GuardFn::Sql).await
+}
+
+/// Calls of `f` as [`guard_calls`] counts them (`track_functions = 'all'`
+/// for the extension's C function).
+async fn calls_of(c: &Client, f: GuardFn) -> i64 {
     // A simple query: an extended one's statement would be closed after
     // it by a message the client does not wait for, and a write sent
     // while that is in flight is guarded (the proxy cannot yet know the
     // block it runs in).
     let rows = c
-        .simple_query(
+        .simple_query(&format!(
             "SELECT coalesce(pg_stat_get_xact_function_calls(
-                       'fencepost.advance(text,text,integer)'::regprocedure), 0)",
-        )
+                           '{}(text,text,integer)'::regprocedure), 0)",
+            f.name()
+        ))
         .await
         .expect("guard calls");
     rows.iter()
@@ -895,6 +1081,54 @@ async fn counted_client(env: &TwoProxies, level: &str) -> (Client, i32) {
         .expect("first write of token 3");
     let p = pid(&c).await;
     (c, p)
+}
+
+/// A proxy with `guard_extension = true` guards a write with the
+/// extension's `fencepost.advance_fast`, never `fencepost.advance` (which
+/// the C function calls for what it hands on, as Postgres does not count:
+/// a call through fmgr, not the executor), and the write holds the gate.
+#[tokio::test]
+async fn an_extension_proxys_same_token_guard_stays_in_c() {
+    let env = TwoProxies::start_with("fp_gate_ext_calls", GuardFn::Extension).await;
+    for level in LEVELS {
+        let (c, p) = counted_client(&env, level).await;
+        c.batch_execute("SET track_functions = 'all'")
+            .await
+            .expect("track C functions");
+        let insert = c
+            .prepare("INSERT INTO h (token) VALUES ($1)")
+            .await
+            .expect("prepare");
+        for extended in [false, true] {
+            c.batch_execute("BEGIN").await.expect("begin");
+            let before = (
+                calls_of(&c, GuardFn::Extension).await,
+                calls_of(&c, GuardFn::Sql).await,
+            );
+            if extended {
+                c.execute(&insert, &[&3i32]).await.expect("write");
+            } else {
+                c.batch_execute("INSERT INTO h (token) VALUES (3)")
+                    .await
+                    .expect("write");
+            }
+            assert_eq!(
+                gate_locks(&env.db, p).await,
+                vec![("ShareLock".to_owned(), true)],
+                "{level}, extended {extended}: the write does not hold the gate shared"
+            );
+            let after = (
+                calls_of(&c, GuardFn::Extension).await,
+                calls_of(&c, GuardFn::Sql).await,
+            );
+            assert_eq!(
+                (after.0 - before.0, after.1 - before.1),
+                (1, 0),
+                "{level}, extended {extended}: (advance_fast, advance) calls"
+            );
+            c.batch_execute("COMMIT").await.expect("commit");
+        }
+    }
 }
 
 /// The proxy guards a transaction before its first write, not before each:
@@ -1124,7 +1358,7 @@ async fn a_write_after_rollback_to_a_savepoint_is_guarded_again() {
         );
         let a = Arc::new(direct(&env.db).await);
         a.batch_execute("BEGIN").await.expect("begin");
-        let mut adv = spawn_sql(&a, call("h", token + 1, 20_000));
+        let mut adv = spawn_sql(&a, call(GuardFn::Sql, "h", token + 1, 20_000));
         assert!(
             still_blocked(&mut adv).await,
             "{level}: the advance did not wait for the guarded transaction"
