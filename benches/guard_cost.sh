@@ -5,6 +5,7 @@
 #
 #   bash benches/guard_cost.sh [--transactions N] [--modes "simple extended prepared"]
 #                              [--profiles DIR] [--guard-sql FILE]
+#                              [--guard-extension]
 #                              [--skip-build] [--keep-tmp]
 #
 # A throwaway Postgres cluster (initdb, fsync off, autovacuum off) runs
@@ -27,7 +28,10 @@
 # DIR/backend-prepared-proxy.out DIR/backend-prepared-guard.out`.
 # --guard-sql FILE runs FILE with psql on the throwaway cluster after the
 # guard is installed and the mark set, to count another guard in its
-# place (benches/guard_c_probe/swap.sql: a C cost probe).
+# place. --guard-extension sets guard_extension = true on the guard-mode
+# listener: the fencepost_guard extension's C guard
+# (deploy/fencepost_guard/, installed first: make -C
+# deploy/fencepost_guard with_llvm=no install).
 set -euo pipefail
 
 N=1200
@@ -36,6 +40,7 @@ BUILD=1
 KEEP_TMP=0
 PROFILES=""
 GUARD_SQL=""
+GUARD_EXT=false
 while [ $# -gt 0 ]; do
     case "$1" in
         --transactions) N="$2"; shift 2 ;;
@@ -44,7 +49,8 @@ while [ $# -gt 0 ]; do
         --keep-tmp) KEEP_TMP=1; shift ;;
         --profiles) PROFILES="$2"; shift 2 ;;
         --guard-sql) GUARD_SQL="$2"; shift 2 ;;
-        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --guard-extension) GUARD_EXT=true; shift ;;
+        -h|--help) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -106,6 +112,10 @@ su postgres -c "'$PG_BIN/pg_ctl' -D '$TMP/pg/data' -o '-p $PG_PORT -k $TMP/pg -c
 psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c "CREATE DATABASE bench"
 pgbench -h 127.0.0.1 -p "$PG_PORT" -U postgres -i -s 1 -q bench >"$TMP/init.log" 2>&1
 "$FENCEPOST" migrate --guard "postgres://postgres@127.0.0.1:$PG_PORT/bench" >"$TMP/migrate.log" 2>&1
+if [ "$GUARD_EXT" = true ] && ! grep -q "fencepost_guard extension is installed" "$TMP/migrate.log"; then
+    echo "--guard-extension: the server has no fencepost_guard extension:" >&2
+    cat "$TMP/migrate.log" >&2; exit 1
+fi
 psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d bench \
     -c "SELECT fencepost.advance('bench', '00000000000000000001', 5000)" >/dev/null
 if [ -n "$GUARD_SQL" ]; then
@@ -134,6 +144,7 @@ enforce = "proxy"
 listen = "127.0.0.1:$GUARD_PORT"
 upstream = "127.0.0.1:$PG_PORT"
 enforce = "database"
+guard_extension = $GUARD_EXT
 EOF
 log "fencepost under callgrind (proxy mode on $PROXY_PORT, guard mode on $GUARD_PORT)"
 (cd "$TMP/fp" && exec env -u RUST_LOG valgrind --tool=callgrind --callgrind-out-file="$TMP/fp/out.%p" \

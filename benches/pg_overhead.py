@@ -28,10 +28,10 @@ sys.dont_write_bytecode = True  # no __pycache__ in benches/
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import http_overhead as hx  # noqa: E402  (bar_panel, _kv)
 
-TARGETS = ["direct", "relay", "pgbouncer", "fp-proxy", "fp-guard", "fp-tokio", "fp-variant"]
-PROXIES = ["relay", "pgbouncer", "fp-proxy", "fp-guard", "fp-tokio", "fp-variant"]
+TARGETS = ["direct", "relay", "pgbouncer", "fp-proxy", "fp-guard", "fp-guard-c", "fp-tokio", "fp-variant"]
+PROXIES = ["relay", "pgbouncer", "fp-proxy", "fp-guard", "fp-guard-c", "fp-tokio", "fp-variant"]
 COLORS = {"direct": "#888888", "relay": "#e8590c", "pgbouncer": "#2b8a3e", "fp-proxy": "#1c5fb8",
-          "fp-guard": "#7048e8", "fp-tokio": "#74c0fc", "fp-variant": "#15aabf"}
+          "fp-guard": "#7048e8", "fp-guard-c": "#be4bdb", "fp-tokio": "#74c0fc", "fp-variant": "#15aabf"}
 MODES = ["simple", "extended", "prepared"]
 hx.COLORS.update(COLORS)
 hx._TEXT_KEYS.update({"pgbouncer", "postgres", "pgbench", "sweep_skipped"})
@@ -151,8 +151,10 @@ def issue_table(main, clients):
     target's median TPS as a ratio to PgBouncer's and to the relay's."""
     rows = [(f"select-only, {clients} clients", "select"), (f"TPC-B-like, {clients} clients", "tpcb"),
             ("select-only, 1 client", "select -c1")]
-    for fp in ("fp-proxy", "fp-guard", "fp-tokio", "fp-variant"):
-        for base in ("pgbouncer", "relay"):
+    for fp in ("fp-proxy", "fp-guard", "fp-guard-c", "fp-tokio", "fp-variant"):
+        # Guard mode also against proxy mode (issue 11's other ratio).
+        bases = ("pgbouncer", "relay") if fp == "fp-proxy" else ("pgbouncer", "relay", "fp-proxy")
+        for base in bases:
             cells = []
             for label, w in rows:
                 got = []

@@ -10,7 +10,7 @@
 #                               [--results DIR] [--skip-install]
 #                               [--skip-build] [--keep-tmp]
 #                               [--fixed-order] [--no-reset] [--with-tokio]
-#                               [--variant 'TOML line']
+#                               [--variant 'TOML line'] [--guard-extension]
 #
 # Needs the machine's Postgres at 127.0.0.1:5432 (user postgres, trust
 # auth); creates a database fencepost_bench_<pid> there (pgbench -i -s 10)
@@ -33,6 +33,10 @@
 #              tokio task instead of a state machine in the epoll engine
 #   fp-variant (--variant LINE) fp-proxy with LINE added to its listener,
 #              e.g. 'workers = 1'
+#   fp-guard-c (--guard-extension) fp-guard with guard_extension = true: the
+#              fencepost_guard extension's C guard (deploy/fencepost_guard/,
+#              installed in the server first: make -C deploy/fencepost_guard
+#              install)
 # Every connection carries a valid token: PGOPTIONS='-c fencing.token=1
 # -c fencing.resource=bench' (PgBouncer is told to ignore `options`).
 #
@@ -82,6 +86,7 @@ FIXED_ORDER=0
 RESET=1
 VARIANT=""
 VT=""
+GX=0
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
@@ -108,6 +113,7 @@ while [ $# -gt 0 ]; do
         --no-reset) RESET=0; shift ;;
         --with-tokio) VARIANT='engine = "tokio"'; VT=fp-tokio; shift ;;
         --variant) VARIANT="$2"; VT=fp-variant; shift 2 ;;
+        --guard-extension) GX=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -255,6 +261,10 @@ timeout 600 pgbench -h "$PGHOST_" -p "$PGPORT_" -U "$PGUSER_" -i -s "$SCALE" -q 
     || { cat "$TMP/pgbench-init.log" >&2; exit 1; }
 "$FENCEPOST" migrate --guard "postgres://$PGUSER_@$PGHOST_:$PGPORT_/$DB" >"$TMP/migrate.log" 2>&1 \
     || { cat "$TMP/migrate.log" >&2; exit 1; }
+if [ "$GX" = 1 ] && ! grep -q "fencepost_guard extension is installed" "$TMP/migrate.log"; then
+    echo "--guard-extension: the server has no fencepost_guard extension (make -C deploy/fencepost_guard install):" >&2
+    cat "$TMP/migrate.log" >&2; exit 1
+fi
 
 MAX_CONN="$(pg -d postgres -tAc 'SHOW max_connections')"
 RESERVED="$(pg -d postgres -tAc 'SHOW superuser_reserved_connections')"
@@ -265,6 +275,7 @@ FPP_PORT="$(free_port)"
 FPG_PORT="$(free_port)"
 FPI_PORT="$(free_port)"
 FPT_PORT="$(free_port)"
+FPX_PORT="$(free_port)"
 RLY_PORT="$(free_port)"
 # distinct ports (free_port can, rarely, hand out the same one twice)
 [ "$(printf '%s\n' "$PGB_PORT" "$FPP_PORT" "$FPG_PORT" "$FPI_PORT" "$RLY_PORT" | sort -u | wc -l)" = 5 ] \
@@ -328,6 +339,16 @@ listen = "127.0.0.1:$FPI_PORT"
 upstream = "127.0.0.1:$PGB_PORT"
 enforce = "proxy"
 EOF
+if [ "$GX" = 1 ]; then
+    cat >>"$FP/fencepost.toml" <<EOF
+
+[[postgres]]
+listen = "127.0.0.1:$FPX_PORT"
+upstream = "$PGHOST_:$PGPORT_"
+enforce = "database"
+guard_extension = true
+EOF
+fi
 if [ -n "$VT" ]; then
     cat >>"$FP/fencepost.toml" <<EOF
 
@@ -361,6 +382,7 @@ wait_pg "$FPG_PORT" fencepost "$FP_PID" "$DB"
 declare -A PORT=([direct]="$PGPORT_" [relay]="$RLY_PORT" [pgbouncer]="$PGB_PORT" [fp-proxy]="$FPP_PORT" [fp-guard]="$FPG_PORT")
 TARGETS=(direct relay pgbouncer fp-proxy fp-guard)
 if [ -n "$VT" ]; then PORT[$VT]="$FPT_PORT"; TARGETS+=("$VT"); fi
+if [ "$GX" = 1 ]; then PORT[fp-guard-c]="$FPX_PORT"; TARGETS+=(fp-guard-c); fi
 export PGOPTIONS='-c fencing.token=1 -c fencing.resource=bench'
 
 # Sanity: every target runs a write with the token; fencepost refuses a
@@ -369,7 +391,9 @@ for t in "${TARGETS[@]}"; do
     pg -p "${PORT[$t]}" -d "$DB" -c 'UPDATE pgbench_branches SET bbalance = bbalance WHERE bid = 1' >/dev/null \
         || { echo "sanity check failed: a tokened write through $t" >&2; exit 1; }
 done
-for t in fp-proxy fp-guard; do
+GUARDED=(fp-proxy fp-guard)
+[ "$GX" = 1 ] && GUARDED+=(fp-guard-c)
+for t in "${GUARDED[@]}"; do
     out="$(PGOPTIONS='' psql -X -h 127.0.0.1 -p "${PORT[$t]}" -U "$PGUSER_" -d "$DB" -v VERBOSITY=verbose \
         -c 'UPDATE pgbench_branches SET bbalance = bbalance WHERE bid = 1' 2>&1 || true)"
     grep -q ZF002 <<<"$out" || { echo "sanity check failed: $t did not refuse a write without a token: $out" >&2; exit 1; }
