@@ -625,9 +625,11 @@ async fn a_role_that_may_not_read_the_marks_is_refused(f: GuardFn) {
     .expect("drop the role");
 }
 
-/// Every SQL-level test above, once for each guard function: the PL/pgSQL
+/// Every test listed, once for each guard function: the PL/pgSQL
 /// `fencepost.advance` and the `fencepost_guard` extension's
-/// `fencepost.advance_fast`, which must keep every one of its promises.
+/// `fencepost.advance_fast`, which must keep every one of its promises
+/// (the SQL-level tests above, and the failovers through two proxies
+/// below, whose proxies then have `guard_extension = true`).
 macro_rules! for_each_guard {
     ($($name:ident),* $(,)?) => {
         mod plpgsql {
@@ -660,6 +662,9 @@ for_each_guard!(
     a_token_change_within_a_transaction_is_refused,
     the_drain_is_bounded_and_names_who_held_it,
     a_role_that_may_not_read_the_marks_is_refused,
+    failovers_through_two_proxies_read_committed,
+    failovers_through_two_proxies_repeatable_read,
+    failovers_through_two_proxies_serializable,
 );
 
 /// A database whose guard an older fencepost installed (0001: the row-lock
@@ -1007,36 +1012,16 @@ async fn failovers_through_two_proxies(level: &'static str, f: GuardFn) {
     println!("{level}: {landed} rows landed, {refused} refused ({by_guard} by the database)");
 }
 
-#[tokio::test]
-async fn failovers_through_two_proxies_read_committed() {
-    failovers_through_two_proxies("READ COMMITTED", GuardFn::Sql).await;
+async fn failovers_through_two_proxies_read_committed(f: GuardFn) {
+    failovers_through_two_proxies("READ COMMITTED", f).await;
 }
 
-#[tokio::test]
-async fn failovers_through_two_proxies_repeatable_read() {
-    failovers_through_two_proxies("REPEATABLE READ", GuardFn::Sql).await;
+async fn failovers_through_two_proxies_repeatable_read(f: GuardFn) {
+    failovers_through_two_proxies("REPEATABLE READ", f).await;
 }
 
-#[tokio::test]
-async fn failovers_through_two_proxies_serializable() {
-    failovers_through_two_proxies("SERIALIZABLE", GuardFn::Sql).await;
-}
-
-/// The same through proxies with `guard_extension = true`: their guard
-/// call is the extension's `fencepost.advance_fast`.
-#[tokio::test]
-async fn failovers_through_two_extension_proxies_read_committed() {
-    failovers_through_two_proxies("READ COMMITTED", GuardFn::Extension).await;
-}
-
-#[tokio::test]
-async fn failovers_through_two_extension_proxies_repeatable_read() {
-    failovers_through_two_proxies("REPEATABLE READ", GuardFn::Extension).await;
-}
-
-#[tokio::test]
-async fn failovers_through_two_extension_proxies_serializable() {
-    failovers_through_two_proxies("SERIALIZABLE", GuardFn::Extension).await;
+async fn failovers_through_two_proxies_serializable(f: GuardFn) {
+    failovers_through_two_proxies("SERIALIZABLE", f).await;
 }
 
 // ------------------------------ the guard before a transaction's first write
