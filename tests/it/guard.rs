@@ -1068,6 +1068,30 @@ async fn counted_client(env: &TwoProxies, level: &str) -> (Client, i32) {
     (c, p)
 }
 
+/// One write of token 3, a simple query or (`extended`) the prepared
+/// `insert`, after which the session `p` holds the gate shared.
+async fn write_holding_the_gate(
+    env: &TwoProxies,
+    c: &Client,
+    p: i32,
+    insert: &tokio_postgres::Statement,
+    extended: bool,
+    level: &str,
+) {
+    if extended {
+        c.execute(insert, &[&3i32]).await.expect("write");
+    } else {
+        c.batch_execute("INSERT INTO h (token) VALUES (3)")
+            .await
+            .expect("write");
+    }
+    assert_eq!(
+        gate_locks(&env.db, p).await,
+        vec![("ShareLock".to_owned(), true)],
+        "{level}, extended {extended}: a write without the gate held shared"
+    );
+}
+
 /// A proxy with `guard_extension = true` guards a write with the
 /// extension's `fencepost.advance_fast`, never `fencepost.advance` (which
 /// the C function calls for what it hands on, as Postgres does not count:
@@ -1090,18 +1114,7 @@ async fn an_extension_proxys_same_token_guard_stays_in_c() {
                 calls_of(&c, GuardFn::Extension).await,
                 calls_of(&c, GuardFn::Sql).await,
             );
-            if extended {
-                c.execute(&insert, &[&3i32]).await.expect("write");
-            } else {
-                c.batch_execute("INSERT INTO h (token) VALUES (3)")
-                    .await
-                    .expect("write");
-            }
-            assert_eq!(
-                gate_locks(&env.db, p).await,
-                vec![("ShareLock".to_owned(), true)],
-                "{level}, extended {extended}: the write does not hold the gate shared"
-            );
+            write_holding_the_gate(&env, &c, p, &insert, extended, level).await;
             let after = (
                 calls_of(&c, GuardFn::Extension).await,
                 calls_of(&c, GuardFn::Sql).await,
@@ -1150,18 +1163,7 @@ async fn the_guard_is_taken_before_a_transactions_first_write_only() {
             c.batch_execute("BEGIN").await.expect("begin");
             let before = guard_calls(&c).await;
             for _ in 0..3 {
-                if extended {
-                    c.execute(&insert, &[&3i32]).await.expect("write");
-                } else {
-                    c.batch_execute("INSERT INTO h (token) VALUES (3)")
-                        .await
-                        .expect("write");
-                }
-                assert_eq!(
-                    gate_locks(&env.db, p).await,
-                    vec![("ShareLock".to_string(), true)],
-                    "{level}: a write without the gate"
-                );
+                write_holding_the_gate(&env, &c, p, &insert, extended, level).await;
             }
             assert_eq!(
                 guard_calls(&c).await - before,
