@@ -537,7 +537,7 @@ pub async fn migrate(args: MigrateArgs) -> Result<ExitCode, Error> {
                 "the server has no fencepost_guard extension: guard mode calls fencepost.advance (leave guard_extension unset)"
             ),
             store::guard::Extension::Refused(why) => println!(
-                "the server has the fencepost_guard extension, but creating it failed ({why}): a superuser can run CREATE EXTENSION fencepost_guard; until then leave guard_extension unset"
+                "the server has the fencepost_guard extension, but creating or updating it failed ({why}): a superuser can run CREATE EXTENSION fencepost_guard (or ALTER EXTENSION fencepost_guard UPDATE); until then leave guard_extension unset"
             ),
         }
         return Ok(ExitCode::SUCCESS);

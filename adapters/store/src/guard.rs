@@ -36,15 +36,17 @@ pub enum Extension {
     Installed,
     /// The server does not have it (`pg_available_extensions`).
     Unavailable,
-    /// The server has it, but creating it failed (a C extension needs a
-    /// superuser): the server's message.
+    /// The server has it, but creating it (or updating it to the
+    /// server's version) failed (a C extension needs a superuser): the
+    /// server's message.
     Refused(String),
 }
 
 /// Installs (or re-installs) the guard into the database at `url`, in one
 /// transaction, so a failed install leaves nothing half made. Then, when
-/// the server has the `fencepost_guard` extension, creates it (in a
-/// savepoint: a role that may not create it keeps the guard it installed).
+/// the server has the `fencepost_guard` extension, creates it or updates
+/// it to the installed version (in a savepoint: a role that may not
+/// create it keeps the guard it installed).
 pub async fn install(url: &str) -> Result<Extension, StoreError> {
     let mut conn = sqlx::PgConnection::connect(url).await?;
     let mut tx = conn.begin().await?;
@@ -53,28 +55,36 @@ pub async fn install(url: &str) -> Result<Extension, StoreError> {
         .execute(&mut *tx)
         .await?;
     sqlx::raw_sql(GUARD_SQL).execute(&mut *tx).await?;
-    let available: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'fencepost_guard')",
+    // The version the server has, and the one this database has (if any).
+    let versions: Option<(String, Option<String>)> = sqlx::query_as(
+        "SELECT default_version, installed_version FROM pg_available_extensions
+          WHERE name = 'fencepost_guard'",
     )
-    .fetch_one(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    let extension = if available {
-        let mut sp = tx.begin().await?;
-        match sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS fencepost_guard")
-            .execute(&mut *sp)
-            .await
-        {
-            Ok(_) => {
-                sp.commit().await?;
-                Extension::Installed
-            }
-            Err(e) => {
-                sp.rollback().await?;
-                Extension::Refused(e.to_string())
+    let extension = match versions {
+        None => Extension::Unavailable,
+        Some((server, Some(here))) if server == here => Extension::Installed,
+        Some((_, here)) => {
+            // Not created yet, or created by an older fencepost: create
+            // it, or update it to the server's version.
+            let sql = if here.is_none() {
+                "CREATE EXTENSION IF NOT EXISTS fencepost_guard"
+            } else {
+                "ALTER EXTENSION fencepost_guard UPDATE"
+            };
+            let mut sp = tx.begin().await?;
+            match sqlx::raw_sql(sql).execute(&mut *sp).await {
+                Ok(_) => {
+                    sp.commit().await?;
+                    Extension::Installed
+                }
+                Err(e) => {
+                    sp.rollback().await?;
+                    Extension::Refused(e.to_string())
+                }
             }
         }
-    } else {
-        Extension::Unavailable
     };
     tx.commit().await?;
     conn.close().await?;
