@@ -108,6 +108,15 @@ async fn gate_locks(db: &TestDb, pid: i32) -> Vec<(String, bool)> {
         .collect()
 }
 
+/// Asserts that backend `pid` holds the gate shared, and only that.
+async fn assert_gate_shared(db: &TestDb, pid: i32, what: &str) {
+    assert_eq!(
+        gate_locks(db, pid).await,
+        vec![("ShareLock".to_owned(), true)],
+        "{what}"
+    );
+}
+
 async fn pid(c: &Client) -> i32 {
     c.query_one("SELECT pg_backend_pid()", &[])
         .await
@@ -402,11 +411,12 @@ async fn a_guard_in_a_rolled_back_savepoint_is_taken_again(f: GuardFn) {
                     );
                 }
             }
-            assert_eq!(
-                gate_locks(&db, w_pid).await,
-                vec![("ShareLock".to_string(), true)],
-                "{level}, {name}: the gate is not held for the transaction's write"
-            );
+            assert_gate_shared(
+                &db,
+                w_pid,
+                &format!("{level}, {name}: the gate is not held for the transaction's write"),
+            )
+            .await;
             let a = Arc::new(direct(&db).await);
             a.batch_execute("BEGIN").await.expect("begin");
             let mut adv = spawn_sql(&a, call(f, "r", token + 1, 20_000));
@@ -1092,11 +1102,12 @@ async fn write_holding_the_gate(
             .await
             .expect("write");
     }
-    assert_eq!(
-        gate_locks(&env.db, p).await,
-        vec![("ShareLock".to_owned(), true)],
-        "{level}, extended {extended}: a write without the gate held shared"
-    );
+    assert_gate_shared(
+        &env.db,
+        p,
+        &format!("{level}, extended {extended}: a write without the gate held shared"),
+    )
+    .await;
 }
 
 /// A proxy with `guard_extension = true` guards a write with the
@@ -1345,11 +1356,12 @@ async fn a_write_after_rollback_to_a_savepoint_is_guarded_again() {
         c.execute(&insert, &[])
             .await
             .expect("write after rollback to");
-        assert_eq!(
-            gate_locks(&env.db, p).await,
-            vec![("ShareLock".to_string(), true)],
-            "{level}: a write after ROLLBACK TO without the gate"
-        );
+        assert_gate_shared(
+            &env.db,
+            p,
+            &format!("{level}: a write after ROLLBACK TO without the gate"),
+        )
+        .await;
         let a = Arc::new(direct(&env.db).await);
         a.batch_execute("BEGIN").await.expect("begin");
         let mut adv = spawn_sql(&a, call(GuardFn::Sql, "h", token + 1, 20_000));
@@ -1382,11 +1394,12 @@ async fn a_write_after_commit_and_chain_is_guarded_again() {
         c.batch_execute("INSERT INTO h (token) VALUES (3)")
             .await
             .expect("write in the chained transaction");
-        assert_eq!(
-            gate_locks(&env.db, p).await,
-            vec![("ShareLock".to_string(), true)],
-            "{level}: a write in the chained transaction without the gate"
-        );
+        assert_gate_shared(
+            &env.db,
+            p,
+            &format!("{level}: a write in the chained transaction without the gate"),
+        )
+        .await;
         assert_eq!(guard_calls(&c).await - before, 1, "{level}");
         c.batch_execute("COMMIT").await.expect("commit");
     }
@@ -1628,11 +1641,12 @@ async fn a_guard_inside_a_query_is_in_the_new_transaction_and_hidden() {
                  BEGIN; SELECT $x$ ; END; $x$; \
                  INSERT INTO h (token) VALUES (3) RETURNING token; SELECT 42";
         let through = c.simple_query(q).await.expect("through the proxy");
-        assert_eq!(
-            gate_locks(&env.db, p).await,
-            vec![("ShareLock".to_string(), true)],
-            "{level}: the write after COMMIT; BEGIN runs without the gate"
-        );
+        assert_gate_shared(
+            &env.db,
+            p,
+            &format!("{level}: the write after COMMIT; BEGIN runs without the gate"),
+        )
+        .await;
         c.batch_execute("COMMIT").await.expect("commit");
         let direct_answers = alone.simple_query(q).await.expect("without the proxy");
         alone.batch_execute("COMMIT").await.expect("commit");
@@ -1669,14 +1683,8 @@ async fn a_query_not_in_utf8_with_several_statements_is_refused_whole() {
         let mut cmd = tokio::process::Command::new("psql");
         cmd.env("PGCLIENTENCODING", "LATIN1")
             .arg(conninfo)
-            .args([
-                "-X",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-v",
-                "VERBOSITY=verbose",
-                "-c",
-            ])
+            .args(crate::support::PSQL_STRICT)
+            .arg("-c")
             .arg(OsString::from_vec(sql.to_vec()));
         async move {
             let out = cmd.output().await.expect("run psql");
@@ -1774,11 +1782,7 @@ async fn extended_block(env: &TwoProxies, c: &Client, p: i32, what: &str) {
     c.execute(&insert, &[&3i32])
         .await
         .unwrap_or_else(|e| panic!("{what}: the guarded write failed: {e}"));
-    assert_eq!(
-        gate_locks(&env.db, p).await,
-        vec![("ShareLock".to_string(), true)],
-        "{what}: a write without the gate"
-    );
+    assert_gate_shared(&env.db, p, &format!("{what}: a write without the gate")).await;
     c.batch_execute("COMMIT").await.expect("commit");
 }
 
@@ -1882,11 +1886,7 @@ async fn the_prepared_guard_statement_survives_what_the_client_does_to_it() {
     c.batch_execute(insert)
         .await
         .expect("a write, the guard prepended");
-    assert_eq!(
-        gate_locks(&env.db, p).await,
-        vec![("ShareLock".to_string(), true)],
-        "a write without the gate after the loss"
-    );
+    assert_gate_shared(&env.db, p, "a write without the gate after the loss").await;
     c.batch_execute("COMMIT").await.expect("commit");
     assert!(guard_statements(&c).await.is_empty());
     assert_tokens_never_go_down(&env.db).await;

@@ -366,15 +366,8 @@ async fn extended_protocol_is_fenced_at_execute() {
 fn psql(conninfo: &str, command: &str) -> (i32, String) {
     let out = Command::new("psql")
         .arg(conninfo)
-        .args([
-            "-X",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-v",
-            "VERBOSITY=verbose",
-            "-c",
-            command,
-        ])
+        .args(crate::support::PSQL_STRICT)
+        .args(["-c", command])
         .output()
         .expect("run psql");
     (
@@ -1316,7 +1309,7 @@ async fn psql_over_tls_with_sslmode_require() {
     let run = |conninfo: String, sql: &str| {
         let out = Command::new("psql")
             .arg(conninfo)
-            .args(["-X", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose"])
+            .args(crate::support::PSQL_STRICT)
             .args(["-c", sql])
             .output()
             .expect("run psql");

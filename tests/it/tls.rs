@@ -31,7 +31,7 @@ use crate::support::{
 fn psql(conninfo: &str, sql: &str) -> (i32, String) {
     let out = Command::new("psql")
         .arg(conninfo)
-        .args(["-X", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose"])
+        .args(crate::support::PSQL_STRICT)
         .args(["-c", sql])
         .env("PGCONNECT_TIMEOUT", "10")
         .output()

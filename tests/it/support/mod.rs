@@ -51,6 +51,10 @@ pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
+/// psql's flags for a test's command: no psqlrc, stop at the first error,
+/// verbose errors (so the SQLSTATE is in the output).
+pub const PSQL_STRICT: [&str; 5] = ["-X", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose"];
+
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
