@@ -8,6 +8,7 @@ to N distinct resources, through fencepost (needs psycopg 3).
     python3 benches/pg_overhead.py parse PGBENCH_OUTPUT LOG_DIR      # one run, as JSON
     python3 benches/pg_overhead.py hold --dsn DSN --count N --ready FILE --seconds S
     python3 benches/pg_overhead.py resources --dsn DSN --count N [--threads T]
+    python3 benches/pg_overhead.py paired CSV [CSV ...] [--fp T] [--base T ...] [--clients C]
 
 The chart reuses the bar panels of benches/http_overhead.py.
 """
@@ -16,6 +17,7 @@ import argparse
 import csv
 import glob
 import json
+import math
 import os
 import re
 import statistics
@@ -173,6 +175,76 @@ def issue_table(main, clients):
                 print(f"| {label} | {' | '.join(got)} |")
 
 
+def median_ci(values, level=0.9):
+    """The median of `values` and a distribution-free confidence interval
+    for it: the k-th smallest and k-th largest values, k the largest whose
+    interval still holds the median with at least `level` (the binomial
+    order-statistic interval; it assumes nothing of the spread's shape).
+    Returns (median, low, high, confidence); low and high are None when
+    there are too few values for `level`."""
+    xs = sorted(values)
+    n = len(xs)
+    med = statistics.median(xs)
+    # P(Binomial(n, 1/2) <= j), cumulated.
+    cdf, acc = [], 0.0
+    for j in range(n + 1):
+        acc += math.comb(n, j) / 2 ** n
+        cdf.append(acc)
+    best = None
+    for k in range(1, n // 2 + 1):
+        conf = 1 - 2 * cdf[k - 1]
+        if conf >= level:
+            best = (k, conf)
+    if best is None:
+        return med, None, None, None
+    k, conf = best
+    return med, xs[k - 1], xs[n - k], conf
+
+
+def paired(runs, fp, base):
+    """Per workload, `fp`'s TPS over `base`'s in each round, paired: both ran
+    in the same round, minutes apart at most, so the machine's drift from one
+    minute to the next (up to 1.7x here) cancels out of each ratio, where a
+    ratio of medians mixes rounds. Returns {workload: [ratio per round]}."""
+    tps = {}
+    for r in runs:
+        if r["phase"] == "main":
+            tps[(r["workload"], r["round"], r["target"])] = r["tps"]
+    out = {}
+    for (w, rnd, t), v in tps.items():
+        if t == fp and (w, rnd, base) in tps and tps[(w, rnd, base)] > 0:
+            out.setdefault(w, []).append(v / tps[(w, rnd, base)])
+    return out
+
+
+def paired_table(runs, clients, fp="fp-proxy", bases=("pgbouncer", "relay")):
+    """Issue 13's table from paired rounds: per cell the median of the
+    per-round ratios, an interval of at least 90 % confidence for it, and in
+    how many rounds fp was ahead."""
+    rows = [(f"select-only, {clients} clients", "select"), (f"TPC-B-like, {clients} clients", "tpcb"),
+            ("select-only, 1 client", "select -c1")]
+    for base in bases:
+        ratios = paired(runs, fp, base)
+        if not ratios:
+            continue
+        print(f"\n{fp} TPS / {base} TPS, paired by round: median [interval of at least 90 % confidence] (rounds ahead / rounds)")
+        print(f"| workload | {' | '.join(MODES)} |")
+        print("|---|" + "---|" * len(MODES))
+        for label, w in rows:
+            cells = []
+            for m in MODES:
+                xs = ratios.get(f"{w} -M {m}")
+                if not xs:
+                    cells.append("-")
+                    continue
+                med, lo, hi, _ = median_ci(xs)
+                ci = f" [{lo:.2f}, {hi:.2f}]" if lo is not None else ""
+                ahead = sum(1 for x in xs if x >= 1.0)
+                cells.append(f"{med:.2f}{ci} ({ahead}/{len(xs)})")
+            if any(c != "-" for c in cells):
+                print(f"| {label} | {' | '.join(cells)} |")
+
+
 def write_svg(path, main, sweep, meta):
     workloads = sorted(main)
     # The targets this run had (fp-tokio only with --with-tokio).
@@ -238,6 +310,7 @@ def report(args):
     print_table(f"Medians, pgbench -c {meta.get('clients')} -j 2, {meta.get('rounds')} rounds x "
                 f"{meta.get('duration_s')} s", main, "workload", sorted(main))
     issue_table(main, meta.get("clients"))
+    paired_table(runs, meta.get("clients"))
     if sweep:
         print_table(f"-S -M prepared by client count, medians of {meta.get('sweep_rounds')} round(s)",
                     sweep, "clients", sorted(sweep))
@@ -309,6 +382,20 @@ def resources(args):
         sys.exit("resource writes failed: " + errors[0])
 
 
+def paired_cmd(args):
+    """The paired table over the runs of one or more saved pg_overhead.csv
+    files (their rounds pooled: each round is paired within its own file)."""
+    runs = []
+    for i, path in enumerate(args.csv):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if row["phase"] != "main" or not row["tps"]:
+                    continue
+                runs.append({"phase": "main", "workload": row["workload"], "target": row["target"],
+                             "round": f"{i}:{row['round']}", "tps": float(row["tps"])})
+    paired_table(runs, args.clients, args.fp, tuple(args.base))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -329,6 +416,11 @@ def main():
     s.add_argument("--dsn", required=True)
     s.add_argument("--count", type=int, required=True)
     s.add_argument("--threads", type=int, default=4)
+    q = sub.add_parser("paired")
+    q.add_argument("csv", nargs="+")
+    q.add_argument("--fp", default="fp-proxy")
+    q.add_argument("--base", nargs="+", default=["pgbouncer", "relay"])
+    q.add_argument("--clients", type=int, default=8)
     args = ap.parse_args()
     if args.cmd == "report":
         report(args)
@@ -336,6 +428,8 @@ def main():
         print(json.dumps(parse_run(args.out, args.logdir), indent=2))
     elif args.cmd == "hold":
         hold(args)
+    elif args.cmd == "paired":
+        paired_cmd(args)
     else:
         resources(args)
 

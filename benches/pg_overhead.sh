@@ -11,6 +11,7 @@
 #                               [--skip-build] [--keep-tmp]
 #                               [--fixed-order] [--no-reset] [--with-tokio]
 #                               [--variant 'TOML line'] [--guard-extension]
+#                               [--targets "direct relay pgbouncer fp-proxy fp-guard"]
 #
 # Needs the machine's Postgres at 127.0.0.1:5432 (user postgres, trust
 # auth); creates a database fencepost_bench_<pid> there (pgbench -i -s 10)
@@ -37,6 +38,11 @@
 #              fencepost_guard extension's C guard (deploy/fencepost_guard/,
 #              installed in the server first: make -C deploy/fencepost_guard
 #              install)
+# --targets picks which of the first five run (default all five; fp-tokio,
+# fp-variant and fp-guard-c come with their own options): issue 13's
+# comparison needs only pgbouncer, relay and fp-proxy, and a round without
+# guard mode is a fifth shorter, so a run of the same length has more
+# rounds.
 # Every connection carries a valid token: PGOPTIONS='-c fencing.token=1
 # -c fencing.resource=bench' (PgBouncer is told to ignore `options`).
 #
@@ -87,6 +93,7 @@ RESET=1
 VARIANT=""
 VT=""
 GX=0
+PICKED="direct relay pgbouncer fp-proxy fp-guard"
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
@@ -114,6 +121,7 @@ while [ $# -gt 0 ]; do
         --with-tokio) VARIANT='engine = "tokio"'; VT=fp-tokio; shift ;;
         --variant) VARIANT="$2"; VT=fp-variant; shift 2 ;;
         --guard-extension) GX=1; shift ;;
+        --targets) PICKED="$2"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -123,6 +131,18 @@ case "$FSYNC" in
     on|off) [ "$PRIVATE" = 1 ] || { echo "--fsync needs --private-server (it sets the private cluster's fsync)" >&2; exit 2; } ;;
     *) echo "--fsync takes on or off" >&2; exit 2 ;;
 esac
+for t in $PICKED; do
+    case "$t" in
+        direct|relay|pgbouncer|fp-proxy|fp-guard) ;;
+        *) echo "--targets: direct, relay, pgbouncer, fp-proxy and/or fp-guard, not $t" >&2; exit 2 ;;
+    esac
+done
+[ -n "$PICKED" ] || { echo "--targets: at least one target" >&2; exit 2; }
+# Whether the list $1 (words apart by spaces) holds the word $2.
+holds() { case " $1 " in *" $2 "*) return 0 ;; *) return 1 ;; esac; }
+if [ "$GX" = 1 ] && ! holds "$PICKED" fp-guard; then
+    echo "--guard-extension compares fp-guard-c with fp-guard: keep fp-guard in --targets" >&2; exit 2
+fi
 for w in $WORKLOADS; do
     [ "$w" = select ] || [ "$w" = tpcb ] || [ "$w" = select1 ] \
         || { echo "--workloads: select, tpcb and/or select1, not $w" >&2; exit 2; }
@@ -380,7 +400,10 @@ wait_pg "$FPP_PORT" fencepost "$FP_PID" "$DB"
 wait_pg "$FPG_PORT" fencepost "$FP_PID" "$DB"
 
 declare -A PORT=([direct]="$PGPORT_" [relay]="$RLY_PORT" [pgbouncer]="$PGB_PORT" [fp-proxy]="$FPP_PORT" [fp-guard]="$FPG_PORT")
-TARGETS=(direct relay pgbouncer fp-proxy fp-guard)
+TARGETS=()
+for t in direct relay pgbouncer fp-proxy fp-guard; do
+    holds "$PICKED" "$t" && TARGETS+=("$t")
+done
 if [ -n "$VT" ]; then PORT[$VT]="$FPT_PORT"; TARGETS+=("$VT"); fi
 if [ "$GX" = 1 ]; then PORT[fp-guard-c]="$FPX_PORT"; TARGETS+=(fp-guard-c); fi
 export PGOPTIONS='-c fencing.token=1 -c fencing.resource=bench'
@@ -391,8 +414,10 @@ for t in "${TARGETS[@]}"; do
     pg -p "${PORT[$t]}" -d "$DB" -c 'UPDATE pgbench_branches SET bbalance = bbalance WHERE bid = 1' >/dev/null \
         || { echo "sanity check failed: a tokened write through $t" >&2; exit 1; }
 done
-GUARDED=(fp-proxy fp-guard)
-[ "$GX" = 1 ] && GUARDED+=(fp-guard-c)
+GUARDED=()
+for t in fp-proxy fp-guard fp-guard-c; do
+    holds "${TARGETS[*]}" "$t" && GUARDED+=("$t")
+done
 for t in "${GUARDED[@]}"; do
     out="$(PGOPTIONS='' psql -X -h 127.0.0.1 -p "${PORT[$t]}" -U "$PGUSER_" -d "$DB" -v VERBOSITY=verbose \
         -c 'UPDATE pgbench_branches SET bbalance = bbalance WHERE bid = 1' 2>&1 || true)"
