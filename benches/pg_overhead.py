@@ -147,32 +147,40 @@ def print_table(title, summary, label, order):
                   f"{rr:>11} {pr:>11} {vb:>13} {s['failed']:>7}")
 
 
+def issue_rows(clients):
+    """Issue 13's rows: (label, workload prefix)."""
+    return [(f"select-only, {clients} clients", "select"), (f"TPC-B-like, {clients} clients", "tpcb"),
+            ("select-only, 1 client", "select -c1")]
+
+
+def print_cells(title, clients, cell):
+    """A markdown table of issue 13's rows by -M mode, `cell(workload)` in
+    each ("-" for none); rows with no cell, and tables with no row, are left
+    out."""
+    lines = []
+    for label, w in issue_rows(clients):
+        got = [cell(f"{w} -M {m}") for m in MODES]
+        if any(c != "-" for c in got):
+            lines.append(f"| {label} | {' | '.join(got)} |")
+    if lines:
+        print(f"\n{title}")
+        print(f"| workload | {' | '.join(MODES)} |")
+        print("|---|" + "---|" * len(MODES))
+        print("\n".join(lines))
+
+
 def issue_table(main, clients):
     """Issue 13's table: for each row (select-only and TPC-B-like at the main
     client count, select-only at one client) and -M mode, a fencepost
     target's median TPS as a ratio to PgBouncer's and to the relay's."""
-    rows = [(f"select-only, {clients} clients", "select"), (f"TPC-B-like, {clients} clients", "tpcb"),
-            ("select-only, 1 client", "select -c1")]
     for fp in ("fp-proxy", "fp-guard", "fp-guard-c", "fp-tokio", "fp-variant"):
         # Guard mode also against proxy mode (issue 11's other ratio).
         bases = ("pgbouncer", "relay") if fp == "fp-proxy" else ("pgbouncer", "relay", "fp-proxy")
         for base in bases:
-            cells = []
-            for label, w in rows:
-                got = []
-                for m in MODES:
-                    g = main.get(f"{w} -M {m}", {})
-                    a, b = g.get(fp), g.get(base)
-                    got.append(f"{a['tps'] / b['tps']:.2f}" if a and b else "-")
-                if any(c != "-" for c in got):
-                    cells.append((label, got))
-            if not cells:
-                continue
-            print(f"\n{fp} TPS / {base} TPS (medians)")
-            print(f"| workload | {' | '.join(MODES)} |")
-            print("|---|" + "---|" * len(MODES))
-            for label, got in cells:
-                print(f"| {label} | {' | '.join(got)} |")
+            def cell(w, fp=fp, base=base):
+                a, b = main.get(w, {}).get(fp), main.get(w, {}).get(base)
+                return f"{a['tps'] / b['tps']:.2f}" if a and b else "-"
+            print_cells(f"{fp} TPS / {base} TPS (medians)", clients, cell)
 
 
 def median_ci(values, level=0.9):
@@ -221,28 +229,18 @@ def paired_table(runs, clients, fp="fp-proxy", bases=("pgbouncer", "relay")):
     """Issue 13's table from paired rounds: per cell the median of the
     per-round ratios, an interval of at least 90 % confidence for it, and in
     how many rounds fp was ahead."""
-    rows = [(f"select-only, {clients} clients", "select"), (f"TPC-B-like, {clients} clients", "tpcb"),
-            ("select-only, 1 client", "select -c1")]
     for base in bases:
         ratios = paired(runs, fp, base)
-        if not ratios:
-            continue
-        print(f"\n{fp} TPS / {base} TPS, paired by round: median [interval of at least 90 % confidence] (rounds ahead / rounds)")
-        print(f"| workload | {' | '.join(MODES)} |")
-        print("|---|" + "---|" * len(MODES))
-        for label, w in rows:
-            cells = []
-            for m in MODES:
-                xs = ratios.get(f"{w} -M {m}")
-                if not xs:
-                    cells.append("-")
-                    continue
-                med, lo, hi, _ = median_ci(xs)
-                ci = f" [{lo:.2f}, {hi:.2f}]" if lo is not None else ""
-                ahead = sum(1 for x in xs if x >= 1.0)
-                cells.append(f"{med:.2f}{ci} ({ahead}/{len(xs)})")
-            if any(c != "-" for c in cells):
-                print(f"| {label} | {' | '.join(cells)} |")
+
+        def cell(w, ratios=ratios):
+            xs = ratios.get(w)
+            if not xs:
+                return "-"
+            med, lo, hi, _ = median_ci(xs)
+            ci = f" [{lo:.2f}, {hi:.2f}]" if lo is not None else ""
+            return f"{med:.2f}{ci} ({sum(1 for x in xs if x >= 1.0)}/{len(xs)})"
+        print_cells(f"{fp} TPS / {base} TPS, paired by round: median [interval of at least 90 % "
+                    "confidence] (rounds ahead / rounds)", clients, cell)
 
 
 def write_svg(path, main, sweep, meta):
